@@ -1,0 +1,227 @@
+"""Noise schedules and the Gaussian diffusion process (Ho et al. 2020, "DDPM").
+
+Notation follows the paper: β_t the noise schedule, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s.
+Timesteps are 0-based indices t ∈ {0, …, T−1}; index t stands for the paper's step t+1.
+Schedules are computed in float64 and stored as float32 buffers.
+
+Samplers: ancestral DDPM (Algorithm 2) and DDIM (Song et al. 2021, eq. 12), both with
+classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+DEFAULT_GUIDANCE_SCALE = 3.0
+
+
+def linear_beta_schedule(beta_start, beta_end, timesteps):
+    """β_t evenly spaced from beta_start to beta_end (Ho et al. 2020, §4)."""
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(timesteps, s=0.008):
+    """ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2); β_t = 1 − ᾱ_t/ᾱ_{t−1} ≤ 0.999
+    (Nichol & Dhariwal 2021, eq. 17)."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)
+    f = torch.cos((steps / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=0.999)
+
+
+def sigmoid_beta_schedule(beta_start, beta_end, timesteps):
+    """β_t = beta_start + (beta_end − beta_start) · sigmoid(x_t), x_t evenly spaced on [−6, 6]."""
+    x = torch.linspace(-6, 6, timesteps, dtype=torch.float64)
+    return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
+
+
+def scaled_beta_range(timesteps):
+    """Ho et al.'s β range (1e-4, 0.02) is for T = 1000; scale it so other T give the same ᾱ_T."""
+    scale = 1000 / timesteps
+    return 1e-4 * scale, min(0.02 * scale, 0.999)
+
+
+def make_schedule(name, timesteps):
+    """β for the CLI's --schedule name: 'linear', 'cosine' or 'sigmoid'."""
+    if name == "cosine":
+        return cosine_beta_schedule(timesteps)
+    beta_start, beta_end = scaled_beta_range(timesteps)
+    if name == "linear":
+        return linear_beta_schedule(beta_start, beta_end, timesteps)
+    if name == "sigmoid":
+        return sigmoid_beta_schedule(beta_start, beta_end, timesteps)
+    raise ValueError(f"unknown schedule {name!r}")
+
+
+def extract(a, t, shape):
+    """a[t] reshaped to broadcast over a batch of the given shape: (N,) -> (N, 1, 1, 1)."""
+    return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(shape) - 1)))
+
+
+def guided_eps(model, x, t, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE):
+    """ε̂(x_t, t, c) with classifier-free guidance, both branches in one forward of the 2N batch.
+
+    w = 0: unconditional; w = 1: plain conditional; w > 1: amplified class.
+    """
+    num_classes = getattr(model, "num_classes", None)
+    if class_labels is None or num_classes is None:
+        return model(x, t, class_labels)
+    if guidance_scale == 1:
+        return model(x, t, class_labels)
+    null = torch.full_like(class_labels, num_classes)
+    if guidance_scale == 0:
+        return model(x, t, null)
+    eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null])).chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+class Diffusion(nn.Module):
+    """The forward process q(x_t | x_0), the loss, and the reverse-process samplers."""
+
+    def __init__(self, timesteps, get_noise_schedule, img_size, device="cpu"):
+        super().__init__()
+        betas = torch.as_tensor(get_noise_schedule(timesteps), dtype=torch.float64)
+        if betas.shape != (timesteps,) or not ((betas > 0) & (betas < 1)).all():
+            raise ValueError(f"the schedule must give {timesteps} values with 0 < β < 1")
+        self.timesteps = timesteps
+        self.img_size = img_size
+        alphas = 1 - betas
+        alphas_cumprod = torch.cumprod(alphas, 0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        # β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)   (eq. 7)
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
+            "posterior_variance": posterior_variance,
+            # β̃_0 = 0: log-variance clipped to β̃_1 so it stays finite
+            "posterior_log_variance_clipped": torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
+            # μ̃_t = coef1 · x_0 + coef2 · x_t   (eq. 7)
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+        self.to(device)
+
+    # forward process -----------------------------------------------------------------
+
+    def q_sample(self, x_zero, t, noise=None):
+        """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε   (eq. 4)."""
+        if noise is None:
+            noise = torch.randn_like(x_zero)
+        return (extract(self.sqrt_alphas_cumprod, t, x_zero.shape) * x_zero
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_zero.shape) * noise)
+
+    def q_posterior_mean_variance(self, x_zero, x_t, t):
+        """Mean, variance and log-variance of q(x_{t−1} | x_t, x_0)   (eqs. 6–7)."""
+        mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_zero
+                + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        return (mean, extract(self.posterior_variance, t, x_t.shape),
+                extract(self.posterior_log_variance_clipped, t, x_t.shape))
+
+    def predict_start_from_noise(self, x_t, t, noise):
+        """x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, eq. 4 solved for x_0."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    # training ---------------------------------------------------------------------------
+
+    def p_losses(self, denoise_model, x_zero, t, noise=None, loss_type="l2", class_labels=None):
+        """The simplified objective ‖ε − ε_θ(x_t, t)‖ (eq. 14), with an L1, L2 or Huber norm."""
+        if noise is None:
+            noise = torch.randn_like(x_zero)
+        x_t = self.q_sample(x_zero, t, noise)
+        predicted_noise = denoise_model(x_t, t, class_labels)
+        if loss_type == "l1":
+            return F.l1_loss(predicted_noise, noise)
+        if loss_type == "l2":
+            return F.mse_loss(predicted_noise, noise)
+        if loss_type == "huber":
+            return F.smooth_l1_loss(predicted_noise, noise)
+        raise ValueError(f"unknown loss_type {loss_type!r}; use 'l1', 'l2' or 'huber'")
+
+    # reverse process ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def p_sample(self, model, x, t, t_index, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                 clip_denoised=True, noise=None):
+        """One ancestral step x_t → x_{t−1} (Algorithm 2) with variance β̃_t; no noise at t_index 0.
+
+        clip_denoised clamps the implied x̂_0 to [−1, 1] before forming the posterior mean
+        (Ho et al.'s released sampler); without it the step is eq. 11 exactly.
+        """
+        eps = guided_eps(model, x, t, class_labels, guidance_scale)
+        x_zero = self.predict_start_from_noise(x, t, eps)
+        if clip_denoised:
+            x_zero = x_zero.clamp(-1, 1)
+        mean, _, log_variance = self.q_posterior_mean_variance(x_zero, x, t)
+        if t_index == 0:
+            return mean
+        if noise is None:
+            noise = torch.randn_like(x)
+        return mean + (0.5 * log_variance).exp() * noise
+
+    @torch.no_grad()
+    def ddim_step(self, model, x, t, t_prev, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                  eta=0.0, clip_denoised=True, noise=None):
+        """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); t_prev = −1 means x_0."""
+        eps = guided_eps(model, x, t, class_labels, guidance_scale)
+        x_zero = self.predict_start_from_noise(x, t, eps)
+        if clip_denoised:
+            x_zero = x_zero.clamp(-1, 1)
+            # ε consistent with the clipped x̂_0, so the deterministic path stays on it
+            eps = (extract(self.sqrt_recip_alphas_cumprod, t, x.shape) * x - x_zero) / \
+                extract(self.sqrt_recipm1_alphas_cumprod, t, x.shape)
+        if t_prev < 0:
+            return x_zero
+        alpha_bar = extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar_prev = self.alphas_cumprod[t_prev]
+        # σ_t(η) = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (eq. 16)
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+        x_prev = alpha_bar_prev.sqrt() * x_zero + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x_prev = x_prev + sigma * (torch.randn_like(x) if noise is None else noise)
+        return x_prev
+
+    def sampling_timesteps(self, steps):
+        """`steps` timestep indices, evenly spaced from T−1 down to 0 (DDIM's sub-sequence τ)."""
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"sampling steps must be in 1..{self.timesteps}, got {steps}")
+        return torch.linspace(self.timesteps - 1, 0, steps).round().long().tolist()
+
+    @torch.no_grad()
+    def sample(self, model, image_size, batch_size=16, channels=3, class_labels=None,
+               guidance_scale=DEFAULT_GUIDANCE_SCALE, sampler="ddpm", sampling_steps=None, eta=0.0,
+               noise=None, clip_denoised=True, progress=False):
+        """The full reverse process from x_T ~ N(0, I); returns x_0, (batch_size, channels, H, W) in [−1, 1].
+
+        sampler 'ddpm' runs all T ancestral steps; 'ddim' runs `sampling_steps` of them (default T).
+        """
+        device = self.betas.device
+        shape = (batch_size, channels, image_size, image_size)
+        x = torch.randn(shape, device=device) if noise is None else noise.to(device)
+        if class_labels is not None:
+            class_labels = class_labels.to(device)
+        if sampler == "ddpm":
+            steps = list(range(self.timesteps - 1, -1, -1))
+        elif sampler == "ddim":
+            steps = self.sampling_timesteps(sampling_steps or self.timesteps)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
+        for i, step in enumerate(tqdm(steps, desc=f"sampling ({sampler})", leave=False, disable=not progress)):
+            t = torch.full((batch_size,), step, device=device, dtype=torch.long)
+            if sampler == "ddpm":
+                x = self.p_sample(model, x, t, step, class_labels, guidance_scale, clip_denoised)
+            else:
+                t_prev = steps[i + 1] if i + 1 < len(steps) else -1
+                x = self.ddim_step(model, x, t, t_prev, class_labels, guidance_scale, eta, clip_denoised)
+        return x.clamp(-1, 1)
