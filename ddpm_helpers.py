@@ -110,8 +110,15 @@ def load_dataset(data_dir):
     and classes. An image-folder tree (data_dir/train/<class>/*, data_dir/test/<class>/*) is read when
     present; otherwise torchvision's CIFAR-10 is downloaded into data_dir.
     """
-    if os.path.isdir(data_dir) and _is_image_folder_layout(data_dir):
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir!r} is a file, not a folder")
+    if _is_image_folder_layout(data_dir):
         return _load_image_folders(data_dir)
+    present = [s for s in ("train", "test") if os.path.isdir(os.path.join(data_dir, s))]
+    if present:
+        raise UserError(f"--data_dir {data_dir!r} holds {present[0]}/ but not "
+                        f"{'test' if present[0] == 'train' else 'train'}/: an image-folder dataset needs both "
+                        "train/<class>/*.png|jpg and test/<class>/*.png|jpg")
     return _load_torchvision_cifar10(data_dir)
 
 

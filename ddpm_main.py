@@ -114,8 +114,11 @@ def check_args(args, parser):
         parser.error(f"--eta must be in [0, 1], got {args.eta}")
     if any(m < 1 for m in args.dim_mults):
         parser.error(f"--dim_mults must be positive integers, got {args.dim_mults}")
-    if args.sampling_steps is not None and args.sampling_steps < 1:
-        parser.error(f"--sampling_steps must be at least 1, got {args.sampling_steps}")
+    if args.sampling_steps is not None:
+        if args.sampler != "ddim":
+            parser.error("--sampling_steps applies to --sampler ddim (DDPM always runs all T steps)")
+        if args.sampling_steps < 1 or (not args.inference and args.sampling_steps > args.timesteps):
+            parser.error(f"--sampling_steps must be in 1..--timesteps ({args.timesteps}), got {args.sampling_steps}")
     if args.sample_classes is not None:
         args.sample_classes = parse_classes(args.sample_classes, len(CIFAR10_CLASSES), parser.error)
     if args.inference and not args.model_path:
@@ -381,6 +384,8 @@ def inference(args):
                         "drop --conditional or use a checkpoint trained with --conditional")
     if args.sample_classes is not None and num_classes is not None and max(args.sample_classes) >= num_classes:
         raise UserError(f"--sample_classes: the model knows classes 0-{num_classes - 1}")
+    if args.sampling_steps is not None and args.sampling_steps > config["timesteps"]:
+        raise UserError(f"--sampling_steps {args.sampling_steps} is more than the model's T = {config['timesteps']}")
     if num_classes is not None and not args.conditional:
         print("note: conditional checkpoint sampled without --conditional: drawing unconditional samples "
               "(null label); add --conditional for class-guided samples", file=sys.stderr)

@@ -1,0 +1,173 @@
+"""The diffusion process pinned to closed forms: forward marginals, posterior, reverse process, guidance."""
+import pytest
+import torch
+from torch import nn
+
+from ddpm_diffusion import Diffusion, cosine_beta_schedule, extract, guided_eps, linear_beta_schedule
+
+
+@pytest.fixture
+def diffusion():
+    return Diffusion(100, cosine_beta_schedule, 8)
+
+
+def test_extract_broadcasts_per_example():
+    a = torch.arange(10.0)
+    out = extract(a, torch.tensor([3, 7]), (2, 3, 4, 4))
+    assert out.shape == (2, 1, 1, 1) and out.flatten().tolist() == [3.0, 7.0]
+
+
+def test_q_sample_closed_form(diffusion):
+    x0 = torch.full((2, 3, 8, 8), 0.5)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([10, 90])
+    ab = torch.cumprod(1 - cosine_beta_schedule(100), 0)
+    expected = torch.stack([ab[i].sqrt() * x0[j] + (1 - ab[i]).sqrt() * noise[j] for j, i in enumerate(t)])
+    assert torch.allclose(diffusion.q_sample(x0, t, noise), expected.float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [0, 30, 99])
+def test_q_sample_mean_and_variance_over_draws(diffusion, step):
+    torch.manual_seed(0)
+    x0 = torch.full((20000, 1, 2, 2), -0.4)
+    t = torch.full((20000,), step)
+    xt = diffusion.q_sample(x0, t)
+    ab = diffusion.alphas_cumprod[step].item()
+    assert xt.mean().item() == pytest.approx(ab ** 0.5 * -0.4, abs=0.01)
+    assert xt.var().item() == pytest.approx(1 - ab, rel=0.02, abs=2e-4)
+
+
+def test_posterior_matches_closed_form(diffusion):
+    b = cosine_beta_schedule(100)
+    a = 1 - b
+    ab = torch.cumprod(a, 0)
+    x0, xt = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    t = torch.tensor([1, 50, 99])
+    mean, var, log_var = diffusion.q_posterior_mean_variance(x0, xt, t)
+    for j, i in enumerate(t.tolist()):
+        # μ̃_t = √ᾱ_{t−1} β_t / (1 − ᾱ_t) x_0 + √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) x_t ;  β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) β_t
+        c0 = ab[i - 1].sqrt() * b[i] / (1 - ab[i])
+        ct = a[i].sqrt() * (1 - ab[i - 1]) / (1 - ab[i])
+        assert torch.allclose(mean[j], (c0 * x0[j] + ct * xt[j]).float(), atol=1e-5)
+        beta_tilde = ((1 - ab[i - 1]) / (1 - ab[i]) * b[i]).item()
+        assert var[j].item() == pytest.approx(beta_tilde, rel=1e-5)
+        assert log_var[j].exp().item() == pytest.approx(beta_tilde, rel=1e-4)
+    _, var0, log_var0 = diffusion.q_posterior_mean_variance(x0, xt, torch.tensor([0, 0, 0]))
+    assert (var0 == 0).all() and torch.isfinite(log_var0).all()
+
+
+def test_predict_start_from_noise_inverts_q_sample(diffusion):
+    x0, noise, t = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8), torch.tensor([0, 5, 50, 99])
+    assert torch.allclose(diffusion.predict_start_from_noise(diffusion.q_sample(x0, t, noise), t, noise), x0,
+                          atol=2e-3)
+
+
+class GaussianOptimalEps(nn.Module):
+    """E[ε | x_t] when x_0 ~ N(mu, s²) per pixel: √(1−ᾱ)(x_t − √ᾱ mu) / (ᾱ s² + 1 − ᾱ)."""
+    num_classes = None
+
+    def __init__(self, diffusion, mu, s):
+        super().__init__()
+        self.d, self.mu, self.s = diffusion, mu, s
+
+    def forward(self, x, t, class_labels=None):
+        ab = extract(self.d.alphas_cumprod, t, x.shape)
+        return (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.s ** 2 + 1 - ab)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_reverse_process_reproduces_gaussian_data(sampler):
+    """With the optimal ε for Gaussian data, T = 1000 reverse steps give back the data's mean and std."""
+    d = Diffusion(1000, cosine_beta_schedule, 4)
+    mu, s = 0.2, 0.3  # almost all mass inside [−1, 1], where sample() clamps its output
+    torch.manual_seed(0)
+    x = d.sample(GaussianOptimalEps(d, mu, s), 4, batch_size=4000, channels=1, sampler=sampler,
+                 clip_denoised=False)
+    assert x.shape == (4000, 1, 4, 4)
+    assert x.mean().item() == pytest.approx(mu, abs=0.005)
+    assert x.std().item() == pytest.approx(s, rel=0.02)
+
+
+def test_ddim_error_shrinks_with_more_steps():
+    d = Diffusion(100, cosine_beta_schedule, 4)
+    noise = torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    errors = [abs(d.sample(GaussianOptimalEps(d, 0.2, 0.3), 4, 4000, 1, sampler="ddim", sampling_steps=n,
+                           noise=noise, clip_denoised=False).std().item() - 0.3) for n in (10, 25, 100)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.015
+
+
+def test_p_sample_is_algorithm_2(diffusion):
+    """x_{t−1} = 1/√α_t (x_t − β_t/√(1−ᾱ_t) ε_θ) + √β̃_t z   (Algorithm 2, line 4, with σ_t² = β̃_t)."""
+    d = Diffusion(100, lambda T: linear_beta_schedule(1e-3, 0.2, T), 8)
+    model = GaussianOptimalEps(d, 0.1, 0.7)
+    x, z = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for step in (60, 0):
+        t = torch.full((2,), step)
+        beta, ab = d.betas[step], d.alphas_cumprod[step]
+        expected = (x - beta / (1 - ab).sqrt() * model(x, t)) / (1 - beta).sqrt()
+        if step > 0:
+            expected = expected + d.posterior_variance[step].sqrt() * z
+        out = d.p_sample(model, x, t, step, clip_denoised=False, noise=z)
+        assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_ddim_with_eta_one_is_ddpm_step(diffusion):
+    model = GaussianOptimalEps(diffusion, 0.0, 0.6)
+    x, z = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    t = torch.full((2,), 40)
+    ddpm = diffusion.p_sample(model, x, t, 40, clip_denoised=False, noise=z)
+    ddim = diffusion.ddim_step(model, x, t, 39, eta=1.0, clip_denoised=False, noise=z)
+    assert torch.allclose(ddpm, ddim, atol=1e-5)
+
+
+class ClassShift(nn.Module):
+    """ε = x · 0.1 + label (null label: 10), so guided combinations are easy to read."""
+    num_classes = 10
+
+    def forward(self, x, t, class_labels=None):
+        labels = torch.full_like(t, 10) if class_labels is None else class_labels
+        return x * 0.1 + labels.float().view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.0, 7.5])
+def test_classifier_free_guidance(w):
+    model = ClassShift()
+    x, t, labels = torch.randn(3, 3, 4, 4), torch.tensor([1, 2, 3]), torch.tensor([0, 4, 9])
+    eps_uncond = model(x, t, torch.full_like(labels, 10))
+    eps_cond = model(x, t, labels)
+    out = guided_eps(model, x, t, labels, w)
+    assert torch.allclose(out, eps_uncond + w * (eps_cond - eps_uncond), atol=1e-5)
+    if w == 0:
+        assert torch.equal(out, eps_uncond)
+    if w == 1:
+        assert torch.equal(out, eps_cond)
+
+
+def test_guidance_uses_one_batched_forward():
+    calls = []
+
+    class Recorder(ClassShift):
+        def forward(self, x, t, class_labels=None):
+            calls.append(len(x))
+            return super().forward(x, t, class_labels)
+
+    guided_eps(Recorder(), torch.randn(5, 3, 4, 4), torch.zeros(5, dtype=torch.long), torch.arange(5), 3.0)
+    assert calls == [10]
+
+
+def test_p_losses_types(diffusion):
+    x0, noise, t = torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8), torch.tensor([3, 4])
+    zero_model = ClassShift()
+    zero_model.forward = lambda x, t, c=None: torch.zeros_like(x)  # predicts ε = 0: error is exactly 1
+    assert diffusion.p_losses(zero_model, x0, t, noise, "l2").item() == pytest.approx(1.0)
+    assert diffusion.p_losses(zero_model, x0, t, noise, "l1").item() == pytest.approx(1.0)
+    assert diffusion.p_losses(zero_model, x0, t, noise, "huber").item() == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        diffusion.p_losses(zero_model, x0, t, noise, "l3")
+
+
+def test_sample_shape_and_range(diffusion):
+    model = ClassShift()
+    out = diffusion.sample(model, 8, batch_size=3, class_labels=torch.tensor([0, 1, 2]), guidance_scale=2.0)
+    assert out.shape == (3, 3, 8, 8) and out.min() >= -1 and out.max() <= 1
