@@ -240,6 +240,30 @@ def save_individual_pngs(images, folder, labels=None, classes=None):
     return paths
 
 
+def save_labelled_grid(images, path, row_labels, col_labels):
+    """A grid of images in [−1, 1] with a label beside each row and above each column."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    rows, cols = len(row_labels), len(col_labels)
+    size = images.shape[-1]
+    grid = make_grid(images.float().cpu(), nrow=cols, normalize=True, value_range=(-1, 1), padding=2)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.75 * cols, 0.6 + 0.75 * rows), dpi=100)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    centres = lambda n: [2 + (size + 2) * i + size / 2 for i in range(n)]
+    ax.set_yticks(centres(rows), row_labels)
+    ax.set_xticks(centres(cols), col_labels, rotation=45, ha="left")
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_loss_history(history, path, title=""):
     """Train / validation / test loss per epoch as a PNG."""
     import matplotlib

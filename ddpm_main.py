@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from ddpm_diffusion import DEFAULT_GUIDANCE_SCALE, Diffusion, make_schedule
 from ddpm_helpers import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CIFAR10_CLASSES, Denoiser, DeviceLoader,
                           UserError, atomic_torch_save, environment_versions, load_checkpoint, load_dataset,
-                          plot_loss_history, save_grid, save_individual_pngs, stderr_is_terminal,
-                          to_uint8, train_val_split, write_json)
+                          plot_loss_history, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
+                          to_model_range, to_uint8, train_val_split, write_json)
 from ddpm_model import UNet, UNetConfig
 
 EVAL_SEED = 1234          # fixed t and noise for validation / test losses, comparable across epochs
@@ -32,6 +32,10 @@ GRID_UNCONDITIONAL = 64   # images in the per-epoch grid of an unconditional mod
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. the loss diverged): reported as one line, exit status 1."""
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM during training: state saved, reported with how to resume; exit status 130."""
 
 
 # --------------------------------------------------------------------------------------- CLI
@@ -73,12 +77,18 @@ def build_parser():
     g.add_argument("--models_dir", default="models", help="checkpoints go to <models_dir>/<run_name>/")
     g.add_argument("--log_interval", type=int, default=100, help="steps between loss read-outs (and NaN checks)")
     g.add_argument("--no_compile", action="store_true", help="do not torch.compile the model on CUDA")
+    g.add_argument("--resume", metavar="PATH|auto",
+                   help="continue from a last.pt ('auto': <models_dir>/<run_name>/last.pt); --epochs sets the end")
+    g.add_argument("--time_budget_min", type=float,
+                   help="stop training after this many minutes of training steps, then finish cleanly")
 
     g = p.add_argument_group("inference")
     g.add_argument("--inference", action="store_true", help="sample from --model_path instead of training")
     g.add_argument("--model_path", help="checkpoint to sample from")
     g.add_argument("--num_samples", type=int, default=64, help="images to generate")
     g.add_argument("--sample_classes", help="comma list of class indices, cycled to --num_samples (default 0-9)")
+    g.add_argument("--guidance_sweep", type=float_list, metavar="W,W,...",
+                   help="write one grid: a row per guidance scale, a column per class, from the same noise")
 
     g = p.add_argument_group("sampling (inference and the per-epoch grids)")
     g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
@@ -121,6 +131,15 @@ def check_args(args, parser):
             parser.error(f"--sampling_steps must be in 1..--timesteps ({args.timesteps}), got {args.sampling_steps}")
     if args.sample_classes is not None:
         args.sample_classes = parse_classes(args.sample_classes, len(CIFAR10_CLASSES), parser.error)
+    if args.time_budget_min is not None and not args.time_budget_min > 0:
+        parser.error(f"--time_budget_min must be greater than 0, got {args.time_budget_min}")
+    if args.guidance_sweep is not None:
+        if not args.inference:
+            parser.error("--guidance_sweep goes with --inference (it samples from a trained model)")
+        if not args.guidance_sweep or min(args.guidance_sweep) < 0:
+            parser.error("--guidance_sweep needs non-negative guidance scales, e.g. 0,1,3,5,7")
+    if args.resume is not None and args.inference:
+        parser.error("--resume continues training; for sampling use --inference --model_path")
     if args.inference and not args.model_path:
         parser.error("--inference needs --model_path (a checkpoint written by training with this tool)")
 
@@ -215,6 +234,7 @@ class SignalFlag:
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])  # a second signal stops at once
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -223,7 +243,31 @@ class SignalFlag:
 
 # ----------------------------------------------------------------------------------- train
 
+# settings a resumed run takes from its checkpoint, whatever the command line says
+RESUMED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "dim", "dim_mults", "lr", "warmup_steps",
+                    "batch_size", "p_uncond", "ema_decay", "seed", "data_dir")
+
+
+def resume_checkpoint(args):
+    """The checkpoint named by --resume ('auto': this run's last.pt), with its settings copied into args."""
+    path = args.resume
+    if path == "auto":
+        path = os.path.join(args.models_dir, args.run_name, "last.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"--resume auto: there is no {path} to resume (was --run_name {args.run_name!r} "
+                            "trained with --models_dir " f"{args.models_dir!r}?)")
+    elif not os.path.isfile(path):
+        raise UserError(f"--resume {path!r} does not exist")
+    ckpt = load_checkpoint(path)
+    if "optimizer" not in ckpt:
+        raise UserError(f"--resume {path!r} holds weights only (no optimizer state); resume from last.pt")
+    for key in RESUMED_SETTINGS:
+        setattr(args, key, ckpt["config"][key])
+    return ckpt
+
+
 def train(args):
+    ckpt = resume_checkpoint(args) if args.resume else None
     device = pick_device(args)
     use_cuda = device.type == "cuda"
     torch.manual_seed(args.seed)
@@ -259,7 +303,7 @@ def train(args):
         "batch_size": args.batch_size, "epochs": args.epochs, "p_uncond": args.p_uncond,
         "ema_decay": args.ema_decay, "seed": args.seed, "run_name": args.run_name,
         "data_dir": args.data_dir, "num_train": len(train_idx), "num_val": len(val_idx),
-        "num_test": len(data["test_images"]),
+        "num_test": len(data["test_images"]), "time_budget_min": args.time_budget_min,
     }
     model = UNet(model_config).to(device)
     if use_cuda:
@@ -272,107 +316,187 @@ def train(args):
     ema_denoiser = Denoiser(ema_model, compile=compile_model, amp=use_cuda)
     num_params = sum(p.numel() for p in model.parameters())
 
+    # training state: fresh, or everything a checkpoint holds
     history = {"train_loss": [], "val_loss": [], "test_loss": [], "epochs": []}
-    best_val = math.inf
-    step = 0
+    state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "epoch_loss_sum": 0.0, "best_val": math.inf}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history = ckpt["history"]
+        state = {k: ckpt[k] for k in state}
+        timing = {k: ckpt["timing"].get(k, 0.0) for k in timing}
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if use_cuda and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     history_path = os.path.join(args.save_dir, f"loss_history_{args.run_name}.json")
+    write_json({**config, "versions": environment_versions()}, os.path.join(ckpt_dir, "config.json"))
+    if ckpt is None:
+        save_forward_strip(diffusion, data["train_images"][train_idx[:1]],
+                           os.path.join(args.save_dir, f"forward_process_{args.run_name}.png"))
     if verbose:
-        print(f"training {'conditional' if args.conditional else 'unconditional'} DDPM '{args.run_name}' on "
-              f"{device}: {num_params / 1e6:.2f}M parameters, {len(train_idx)} train / {len(val_idx)} val / "
+        what = (f"resuming '{args.run_name}' from {args.resume} at epoch {state['epoch'] + 1}, "
+                f"batch {state['batch_in_epoch']}" if ckpt else f"training '{args.run_name}'")
+        print(f"{what}: {'conditional' if args.conditional else 'unconditional'} DDPM on {device}, "
+              f"{num_params / 1e6:.2f}M parameters, {len(train_idx)} train / {len(val_idx)} val / "
               f"{len(data['test_images'])} test images, T={args.timesteps} ({args.schedule})", flush=True)
 
-    def checkpoint(epoch):
-        return {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
-            "versions": environment_versions(), "model": model.state_dict(), "ema": ema_model.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "history": history,
-            "best_val": best_val,
-        }
+    def checkpoint():
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if use_cuda else []}
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
+                "versions": environment_versions(), "model": model.state_dict(), "ema": ema_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "history": history, "timing": timing, "rng": rng, **state}
 
-    epoch_bar = tqdm(range(1, args.epochs + 1), desc="epochs", disable=not bars)
-    for epoch in epoch_bar:
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        num_batches = 0
-        batch_bar = tqdm(train_loader.batches(epoch), total=len(train_loader), desc=f"epoch {epoch}",
-                         leave=False, disable=not bars)
-        interval_start, interval_images = time.perf_counter(), 0
-        for x, y in batch_bar:
-            step_start = time.perf_counter()
-            for group in optimizer.param_groups:  # linear warm-up, then constant
-                group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-            t = torch.randint(0, args.timesteps, (len(x),), device=device)
-            labels = None
-            if args.conditional:  # classifier-free guidance: drop labels to the null label with p_uncond
-                labels = torch.where(torch.rand(len(y), device=device) < args.p_uncond,
-                                     torch.full_like(y, model_config.num_classes), y)
-            loss = diffusion.p_losses(train_denoiser, x, t, loss_type=args.loss_type, class_labels=labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            update_ema(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
-            loss_sum += loss.detach()
-            num_batches += 1
-            step += 1
-            interval_images += len(x)
-            if step == 1:  # the first step compiles: counted apart from training time
-                if use_cuda:
-                    torch.cuda.synchronize()
-                timing["compile_s"] = time.perf_counter() - step_start
-            else:
-                timing["train_s"] += time.perf_counter() - step_start
-            if step % args.log_interval == 0:
-                running = (loss_sum / num_batches).item()  # the only host sync inside an epoch
-                if not math.isfinite(running):
-                    raise TrainingError(f"the training loss became {running} at epoch {epoch}, step {step}; "
-                                        f"stopped. The last good checkpoint in {ckpt_dir} is untouched. "
-                                        "Try a lower --lr or a larger --warmup_steps.")
-                now = time.perf_counter()
-                batch_bar.set_postfix(loss=f"{running:.4f}", img_s=f"{interval_images / (now - interval_start):.0f}")
-                interval_start, interval_images = now, 0
+    def out_of_time():
+        return args.time_budget_min is not None and timing["train_s"] >= args.time_budget_min * 60
 
-        train_loss = (loss_sum / max(1, num_batches)).item()
-        if not math.isfinite(train_loss):
-            raise TrainingError(f"the training loss became {train_loss} in epoch {epoch}; stopped. The last "
-                                f"good checkpoint in {ckpt_dir} is untouched. Try a lower --lr.")
-        t0 = time.perf_counter()
-        ema_model.eval()
-        val_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["val"], args.conditional, args.loss_type)
-        test_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["test"], args.conditional, args.loss_type)
-        timing["eval_s"] += time.perf_counter() - t0
-        for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("test_loss", test_loss),
-                           ("epochs", epoch)):
-            history[key].append(value)
+    signals = SignalFlag()
+    with signals:
+        epoch_bar = tqdm(range(state["epoch"] + 1, args.epochs + 1), desc="epochs", disable=not bars,
+                         initial=state["epoch"], total=args.epochs)
+        for epoch in epoch_bar:
+            # --- one epoch of training steps; losses stay on the device until a read-out
+            model.train()
+            start_batch = state["batch_in_epoch"]
+            loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
+            batch_bar = tqdm(train_loader.batches(epoch, start_batch), total=len(train_loader), initial=start_batch,
+                             desc=f"epoch {epoch}", leave=False, disable=not bars)
+            interval_start, interval_images = time.perf_counter(), 0
+            for x, y in batch_bar:
+                step_start = time.perf_counter()
+                for group in optimizer.param_groups:  # linear warm-up, then constant
+                    group["lr"] = args.lr * min(1.0, (state["step"] + 1) / max(1, args.warmup_steps))
+                t = torch.randint(0, args.timesteps, (len(x),), device=device)
+                labels = None
+                if args.conditional:  # classifier-free guidance: drop labels to the null label with p_uncond
+                    labels = torch.where(torch.rand(len(y), device=device) < args.p_uncond,
+                                         torch.full_like(y, model_config.num_classes), y)
+                loss = diffusion.p_losses(train_denoiser, x, t, loss_type=args.loss_type, class_labels=labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                update_ema(ema_model, model, min(args.ema_decay, (1 + state["step"]) / (10 + state["step"])))
+                loss_sum += loss.detach()
+                state["step"] += 1
+                state["batch_in_epoch"] += 1
+                interval_images += len(x)
+                if not timing["compile_s"]:  # the first step compiles: counted apart from training time
+                    if use_cuda:
+                        torch.cuda.synchronize()
+                    timing["compile_s"] = time.perf_counter() - step_start
+                else:
+                    timing["train_s"] += time.perf_counter() - step_start
+                if state["step"] % args.log_interval == 0:
+                    running = (loss_sum / (state["batch_in_epoch"])).item()  # the only host sync in an epoch
+                    check_finite(running, epoch, state["step"], ckpt_dir)
+                    now = time.perf_counter()
+                    batch_bar.set_postfix(loss=f"{running:.4f}",
+                                          img_s=f"{interval_images / (now - interval_start):.0f}")
+                    interval_start, interval_images = now, 0
+                if signals.received or out_of_time():
+                    break
+            state["epoch_loss_sum"] = loss_sum.item()
+            check_finite(state["epoch_loss_sum"], epoch, state["step"], ckpt_dir)
+            if signals.received:
+                atomic_torch_save(checkpoint(), os.path.join(ckpt_dir, "last.pt"))
+                raise Interrupted(f"{signals.received} received: stopped after step {state['step']} (epoch {epoch}, "
+                                  f"batch {state['batch_in_epoch']}); saved {ckpt_dir}/last.pt. Resume with:\n"
+                                  f"  {resume_command()}")
+            train_loss = state["epoch_loss_sum"] / max(1, state["batch_in_epoch"])
 
-        write_json(history, history_path)
-        plot_loss_history(history, os.path.join(args.save_dir, f"loss_curves_{args.run_name}.png"), args.run_name)
-        t0 = time.perf_counter()
-        images, nrow = make_grid_images(diffusion, ema_denoiser, config, args, device)
-        save_grid(images, os.path.join(args.save_dir, f"samples_{args.run_name}_epoch{epoch:03d}.png"), nrow)
-        timing["sample_s"] += time.perf_counter() - t0
-        is_best = val_loss < best_val
-        best_val = min(best_val, val_loss)
-        state = checkpoint(epoch)
-        atomic_torch_save(state, os.path.join(ckpt_dir, "last.pt"))
-        if is_best:
-            atomic_torch_save({k: v for k, v in state.items() if k != "optimizer"}, os.path.join(ckpt_dir, "best.pt"))
-        epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-        if verbose and not bars:
-            print(f"epoch {epoch}/{args.epochs}  train {train_loss:.4f}  val {val_loss:.4f}  test {test_loss:.4f}",
-                  flush=True)
+            # --- end of epoch: EMA evaluation, JSON, plots, grid, checkpoints
+            t0 = time.perf_counter()
+            ema_model.eval()
+            val_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["val"], args.conditional, args.loss_type)
+            test_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["test"], args.conditional,
+                                      args.loss_type)
+            timing["eval_s"] += time.perf_counter() - t0
+            for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("test_loss", test_loss),
+                               ("epochs", epoch)):
+                history[key].append(value)
+            write_json(history, history_path)
+            plot_loss_history(history, os.path.join(args.save_dir, f"loss_curves_{args.run_name}.png"),
+                              args.run_name)
+            t0 = time.perf_counter()
+            images, nrow = make_grid_images(diffusion, ema_denoiser, config, args, device)
+            save_grid(images, os.path.join(args.save_dir, f"samples_{args.run_name}_epoch{epoch:03d}.png"), nrow)
+            timing["sample_s"] += time.perf_counter() - t0
+            is_best = val_loss < state["best_val"]
+            state.update(epoch=epoch, batch_in_epoch=0, epoch_loss_sum=0.0, best_val=min(state["best_val"], val_loss))
+            last = checkpoint()
+            atomic_torch_save(last, os.path.join(ckpt_dir, "last.pt"))
+            if is_best:
+                atomic_torch_save({k: v for k, v in last.items() if k != "optimizer"},
+                                  os.path.join(ckpt_dir, "best.pt"))
+            epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+            if verbose and not bars:
+                print(f"epoch {epoch}/{args.epochs}  train {train_loss:.4f}  val {val_loss:.4f}  "
+                      f"test {test_loss:.4f}", flush=True)
+            if signals.received:
+                raise Interrupted(f"{signals.received} received: stopped after epoch {epoch}; saved "
+                                  f"{ckpt_dir}/last.pt. Resume with:\n  {resume_command()}")
+            if out_of_time():
+                if verbose:
+                    print(f"time budget of {args.time_budget_min} min spent after epoch {epoch} "
+                          f"(step {state['step']}): finishing", flush=True)
+                break
 
     if args.save_model:
-        atomic_torch_save(checkpoint(args.epochs), os.path.join(ckpt_dir, "ckpt.pt"))
-    metrics = {"run_name": args.run_name, "device": str(device), "num_params": num_params, "steps": step,
-               "train_images_per_s": step * args.batch_size / timing["train_s"] if timing["train_s"] else None,
+        atomic_torch_save(checkpoint(), os.path.join(ckpt_dir, "ckpt.pt"))
+    metrics = {"run_name": args.run_name, "device": str(device), "num_params": num_params, "steps": state["step"],
+               "epochs_done": state["epoch"],
+               "train_images_per_s": state["step"] * args.batch_size / timing["train_s"] if timing["train_s"] else None,
                "timing": timing, "final": {k: v[-1] for k, v in history.items() if v}}
     write_json(metrics, os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
     if verbose:
         print(f"done: loss history {history_path}, checkpoints in {ckpt_dir}", flush=True)
 
 
+def resume_command():
+    """This process's command line with --resume auto in place of any --resume."""
+    argv, kept = sys.argv[1:], []
+    skip = False
+    for arg in argv:
+        if skip or arg.startswith("--resume="):
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        kept.append(arg)
+    return " ".join(["python", sys.argv[0], *kept, "--resume", "auto"])
+
+
+def check_finite(loss, epoch, step, ckpt_dir):
+    if not math.isfinite(loss):
+        raise TrainingError(f"the training loss became {loss} at epoch {epoch}, step {step}; stopped. The last good "
+                            f"checkpoint in {ckpt_dir} is untouched. Try a lower --lr or a larger --warmup_steps.")
+
+
+def save_forward_strip(diffusion, image_uint8, path, count=10):
+    """One training image noised at `count` evenly spaced t, left (t = 0) to right (t = T−1)."""
+    x0 = to_model_range(image_uint8.to(diffusion.betas.device)).expand(count, -1, -1, -1)
+    t = torch.linspace(0, diffusion.timesteps - 1, count).round().long().to(x0.device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(GRID_SEED)).to(x0.device)
+    save_grid(diffusion.q_sample(x0, t, noise), path, nrow=count)
+
+
 # ------------------------------------------------------------------------------- inference
+
+@torch.no_grad()
+def guidance_sweep_images(diffusion, denoiser, config, args, classes, device):
+    """A row per guidance scale, a column per class; every row starts from the same noise and draws the
+    same per-step noise, so only w changes between rows. Returns (rows · columns, C, H, W)."""
+    labels = torch.tensor(classes, device=device)
+    rows = []
+    for w in args.guidance_sweep:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            rows.append(diffusion.sample(denoiser, config["image_size"], len(classes), config["model"]["channels"],
+                                         labels, w, args.sampler, args.sampling_steps, args.eta).cpu())
+    return torch.cat(rows)
+
 
 def inference(args):
     device = pick_device(args)
@@ -396,6 +520,18 @@ def inference(args):
     denoiser = Denoiser(model, compile=use_cuda and not args.no_compile, amp=use_cuda)
     diffusion = build_diffusion(config, device)
     torch.manual_seed(args.seed)
+    if args.guidance_sweep:
+        if num_classes is None:
+            raise UserError(f"--guidance_sweep needs a conditional model; {args.model_path!r} is unconditional")
+        path = os.path.join(args.save_dir, f"guidance_sweep_{args.run_name}.png")
+        classes = args.sample_classes or list(range(num_classes))
+        images = guidance_sweep_images(diffusion, denoiser, config, args, classes, device)
+        os.makedirs(args.save_dir, exist_ok=True)
+        save_labelled_grid(images, path, [f"w = {w:g}" for w in args.guidance_sweep],
+                           [config["classes"][c] for c in classes])
+        if not args.quiet:
+            print(f"guidance sweep ({len(args.guidance_sweep)} scales × {len(classes)} classes): {path}", flush=True)
+        return
 
     labels = None
     if args.conditional:
@@ -432,6 +568,9 @@ def main(argv=None):
     except TrainingError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

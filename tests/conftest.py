@@ -36,3 +36,15 @@ def run_cli(*args, cwd, timeout=300, env=None):
     """Run ddpm_main.py as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, MAIN, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data, tmp_path_factory):
+    """One conditional and one unconditional 1-epoch run (models/cond, models/uncond), shared by tests."""
+    cwd = tmp_path_factory.mktemp("runs")
+    for name, extra in (("cond", ["--conditional", "--p_uncond", "0.2"]), ("uncond", [])):
+        result = run_cli("--data_dir", tiny_data, "--epochs", "1", "--save_model", "--run_name", name,
+                         *TINY_MODEL, *extra, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    return cwd

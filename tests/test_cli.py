@@ -11,18 +11,6 @@ import ddpm_main
 from conftest import TINY_MODEL, make_image_folder, run_cli
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    """One conditional and one unconditional 1-epoch run, shared by the tests below."""
-    cwd = tmp_path_factory.mktemp("runs")
-    for name, extra in (("cond", ["--conditional", "--p_uncond", "0.2"]), ("uncond", [])):
-        result = run_cli("--data_dir", tiny_data, "--epochs", "1", "--save_model", "--run_name", name,
-                         *TINY_MODEL, *extra, cwd=cwd)
-        assert result.returncode == 0, result.stderr
-        assert "Traceback" not in result.stderr
-    return cwd
-
-
 def test_training_writes_history_checkpoint_and_grids(trained):
     history = json.loads((trained / "outputs" / "loss_history_cond.json").read_text())
     assert set(history) == {"train_loss", "val_loss", "test_loss", "epochs"}
