@@ -305,13 +305,14 @@ class Denoiser:
         self.num_classes = model.num_classes
         self.amp = amp
         self.device_type = next(model.parameters()).device.type
+        self.memory_format = torch.channels_last if self.device_type == "cuda" else torch.contiguous_format
         self.forward = torch.compile(model) if compile else model
         self.compiled = compile
 
     def __call__(self, x, t, class_labels=None):
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             try:
-                out = self.forward(x, t, class_labels)
+                out = self.forward(x.contiguous(memory_format=self.memory_format), t, class_labels)
             except Exception as e:
                 if not self.compiled:
                     raise

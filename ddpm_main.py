@@ -96,7 +96,7 @@ def build_parser():
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ancestral DDPM or DDIM")
     g.add_argument("--sampling_steps", type=int, help="DDIM steps (default: T)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
-    g.add_argument("--sample_batch", type=int, default=500, help="images generated per forward batch")
+    g.add_argument("--sample_batch", type=int, default=1000, help="images generated per forward batch")
 
     g = p.add_argument_group("general")
     g.add_argument("--run_name", default="DDPM", help="names the checkpoint folder and output files")
@@ -201,6 +201,25 @@ def evaluate_loss(diffusion, denoiser, loader, conditional, loss_type):
         total += loss * len(x)
         count += len(x)
     return (total / count).item()
+
+
+def train_step(x, y, step, model, ema_model, optimizer, diffusion, denoiser, args):
+    """One optimizer step on images x (B, 3, H, W) with labels y (B,); returns the loss as a device
+    tensor, so the caller decides when to synchronise with the host."""
+    for group in optimizer.param_groups:  # linear warm-up, then constant
+        group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+    t = torch.randint(0, diffusion.timesteps, (len(x),), device=x.device)
+    labels = None
+    if denoiser.num_classes is not None:  # classifier-free guidance: drop labels to the null label
+        labels = torch.where(torch.rand(len(y), device=x.device) < args.p_uncond,
+                             torch.full_like(y, denoiser.num_classes), y)
+    loss = diffusion.p_losses(denoiser, x, t, loss_type=args.loss_type, class_labels=labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    update_ema(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
+    return loss.detach()
 
 
 def update_ema(ema_model, model, decay):
@@ -347,10 +366,12 @@ def train(args):
                 "versions": environment_versions(), "model": model.state_dict(), "ema": ema_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "history": history, "timing": timing, "rng": rng, **state}
 
-    def out_of_time():
-        return args.time_budget_min is not None and timing["train_s"] >= args.time_budget_min * 60
+    def out_of_time(running_epoch_s=0.0):
+        """True once the training steps (compilation excluded) have used --time_budget_min."""
+        return args.time_budget_min is not None and timing["train_s"] + running_epoch_s >= args.time_budget_min * 60
 
     signals = SignalFlag()
+    first_step = True
     with signals:
         epoch_bar = tqdm(range(state["epoch"] + 1, args.epochs + 1), desc="epochs", disable=not bars,
                          initial=state["epoch"], total=args.epochs)
@@ -361,32 +382,21 @@ def train(args):
             loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
             batch_bar = tqdm(train_loader.batches(epoch, start_batch), total=len(train_loader), initial=start_batch,
                              desc=f"epoch {epoch}", leave=False, disable=not bars)
-            interval_start, interval_images = time.perf_counter(), 0
+            epoch_start = interval_start = time.perf_counter()
+            untimed, interval_images = 0.0, 0
             for x, y in batch_bar:
                 step_start = time.perf_counter()
-                for group in optimizer.param_groups:  # linear warm-up, then constant
-                    group["lr"] = args.lr * min(1.0, (state["step"] + 1) / max(1, args.warmup_steps))
-                t = torch.randint(0, args.timesteps, (len(x),), device=device)
-                labels = None
-                if args.conditional:  # classifier-free guidance: drop labels to the null label with p_uncond
-                    labels = torch.where(torch.rand(len(y), device=device) < args.p_uncond,
-                                         torch.full_like(y, model_config.num_classes), y)
-                loss = diffusion.p_losses(train_denoiser, x, t, loss_type=args.loss_type, class_labels=labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                update_ema(ema_model, model, min(args.ema_decay, (1 + state["step"]) / (10 + state["step"])))
-                loss_sum += loss.detach()
+                loss = train_step(x, y, state["step"], model, ema_model, optimizer, diffusion, train_denoiser, args)
+                loss_sum += loss
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 interval_images += len(x)
-                if not timing["compile_s"]:  # the first step compiles: counted apart from training time
+                if first_step:  # this process's first step compiles: timed apart from training
                     if use_cuda:
                         torch.cuda.synchronize()
-                    timing["compile_s"] = time.perf_counter() - step_start
-                else:
-                    timing["train_s"] += time.perf_counter() - step_start
+                    untimed = time.perf_counter() - step_start
+                    timing["compile_s"] += untimed
+                    first_step = False
                 if state["step"] % args.log_interval == 0:
                     running = (loss_sum / (state["batch_in_epoch"])).item()  # the only host sync in an epoch
                     check_finite(running, epoch, state["step"], ckpt_dir)
@@ -394,9 +404,10 @@ def train(args):
                     batch_bar.set_postfix(loss=f"{running:.4f}",
                                           img_s=f"{interval_images / (now - interval_start):.0f}")
                     interval_start, interval_images = now, 0
-                if signals.received or out_of_time():
+                if signals.received or out_of_time(time.perf_counter() - epoch_start - untimed):
                     break
-            state["epoch_loss_sum"] = loss_sum.item()
+            state["epoch_loss_sum"] = loss_sum.item()  # waits for the device: the epoch's steps are done
+            timing["train_s"] += time.perf_counter() - epoch_start - untimed
             check_finite(state["epoch_loss_sum"], epoch, state["step"], ckpt_dir)
             if signals.received:
                 atomic_torch_save(checkpoint(), os.path.join(ckpt_dir, "last.pt"))

@@ -1,0 +1,229 @@
+"""The project's speed benchmark: the seed-style pipeline and the fast path side by side, in one run.
+
+(a) seed-style: per-image torchvision transforms + DataLoader, fp32, eager, batch 64, default U-Net;
+(b) fast path (ddpm_main.train_step): data resident on the device, bf16 autocast, channels_last,
+    fused AdamW, torch.compile, no host sync per step — at each batch size given, for the default
+    U-Net and for the DDPM-size U-Net (--dim 128 --dim_mults 1,2,2,2);
+(c) sampling: 1,000 and 10,000 class-conditional CFG samples at T=100 with the default U-Net.
+
+    python bench/bench.py                  # on whatever device is present
+    python bench/bench.py --smoke          # seconds on CPU: tiny sizes, checks that everything runs
+
+Prints a table and writes JSON (--out). Training throughput is timed over --steps steps after
+--warmup steps (compilation happens in the warm-up and is reported apart).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddpm_diffusion import Diffusion, make_schedule  # noqa: E402
+from ddpm_helpers import Denoiser, DeviceLoader  # noqa: E402
+from ddpm_main import generate, train_step  # noqa: E402
+from ddpm_model import UNet, UNetConfig  # noqa: E402
+
+MODELS = {"default (dim 32, 1,2,4)": dict(dim=32, dim_mults=(1, 2, 4)),
+          "DDPM-size (dim 128, 1,2,2,2)": dict(dim=128, dim_mults=(1, 2, 2, 2))}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def synthetic_cifar(n, size, seed=0):
+    """Random uint8 images (N, 3, H, W) and labels: throughput does not depend on pixel content."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def bench_seed_style(images, labels, device, model_kwargs, steps, warmup, timesteps, num_workers):
+    """Per-image PIL → transforms → DataLoader, fp32 eager AdamW, batch 64: how the seed trains."""
+    from PIL import Image
+    from torchvision import transforms
+
+    class PILDataset(torch.utils.data.Dataset):
+        def __init__(self):
+            self.arrays = images.permute(0, 2, 3, 1).numpy()
+            self.tf = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                          transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+        def __len__(self):
+            return len(self.arrays)
+
+        def __getitem__(self, i):
+            return self.tf(Image.fromarray(self.arrays[i])), int(labels[i])
+
+    loader = torch.utils.data.DataLoader(PILDataset(), batch_size=64, shuffle=True, drop_last=True,
+                                         num_workers=num_workers, persistent_workers=num_workers > 0)
+    model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device)
+    diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), images.shape[-1], device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    done, start = 0, None
+    while done < warmup + steps:
+        for x, y in loader:
+            if done == warmup:
+                sync(device)
+                start = time.perf_counter()
+            x, y = x.to(device), y.to(device)
+            t = torch.randint(0, timesteps, (len(x),), device=device)
+            loss = diffusion.p_losses(model, x, t, class_labels=y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the seed logs every step
+            done += 1
+            if done == warmup + steps:
+                break
+    sync(device)
+    return steps * 64 / (time.perf_counter() - start)
+
+
+def bench_fast(images, labels, device, model_kwargs, batch_size, steps, warmup, timesteps, compile_model):
+    """ddpm_main.train_step on device-resident data; returns (img/s, warm-up seconds, peak GB)."""
+    use_cuda = device.type == "cuda"
+    model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device)
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    ema_model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_cuda)
+    diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), images.shape[-1], device)
+    denoiser = Denoiser(model, compile=compile_model, amp=use_cuda)
+    args = SimpleNamespace(lr=1e-4, warmup_steps=1, p_uncond=0.1, loss_type="l2", ema_decay=0.999)
+    loader = DeviceLoader(images, labels, batch_size, device)
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    batches, epoch = iter(()), 0
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync(device)
+            warmup_s = time.perf_counter() - t0
+            start = time.perf_counter()
+        x = next(batches, None)
+        if x is None or len(x[0]) < batch_size:  # keep one shape: start the next epoch's order
+            epoch += 1
+            batches = loader.batches(epoch)
+            x = next(batches)
+        loss_sum += train_step(*x, step, model, ema_model, optimizer, diffusion, denoiser, args)
+    loss_sum.item()
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 1e9 if use_cuda else None
+    return steps * batch_size / seconds, warmup_s, peak
+
+
+def bench_sampling(device, model_kwargs, counts, timesteps, size, sample_batch, compile_model):
+    """Seconds for `count` class-conditional CFG samples (w = 3, DDPM, T steps), default U-Net."""
+    use_cuda = device.type == "cuda"
+    model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device).eval()
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    denoiser = Denoiser(model, compile=compile_model, amp=use_cuda)
+    diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), size, device)
+    config = {"image_size": size, "model": {"channels": 3}}
+    args = SimpleNamespace(guidance_scale=3.0, sampler="ddpm", sampling_steps=None, eta=0.0)
+    warm = time.perf_counter()
+    labels = torch.arange(sample_batch, device=device) % 10
+    generate(diffusion, denoiser, config, sample_batch, labels, args, sample_batch, False)  # compile
+    sync(device)
+    results = {"warmup_s": time.perf_counter() - warm}
+    for count in counts:
+        labels = torch.arange(count, device=device) % 10
+        sync(device)
+        start = time.perf_counter()
+        generate(diffusion, denoiser, config, count, labels, args, sample_batch, False)
+        sync(device)
+        results[count] = time.perf_counter() - start
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, to check that it runs")
+    p.add_argument("--batch_sizes", default="256,512,1024", help="fast-path batch sizes to try (default U-Net)")
+    p.add_argument("--big_batch_sizes", default="256,512", help="fast-path batch sizes for the DDPM-size U-Net")
+    p.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    p.add_argument("--seed_steps", type=int, default=150, help="timed steps of the seed-style pipeline")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for the seed-style pipeline")
+    p.add_argument("--sample_counts", default="1000,10000", help="sample counts to time")
+    p.add_argument("--sample_batch", type=int, default=5000, help="images per sampling batch")
+    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--out", default="outputs/bench.json", help="where the JSON goes")
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    size, n, timesteps = 32, 45000, 100
+    models = MODELS
+    if a.smoke:
+        size, n, timesteps = 16, 256, 4
+        a.batch_sizes, a.big_batch_sizes, a.sample_counts = "16", "8", "8,16"
+        a.steps, a.warmup, a.seed_steps, a.workers, a.sample_batch = 2, 1, 2, 0, 8
+        models = {"smoke: tiny (dim 8, 1,2)": dict(dim=8, dim_mults=(1, 2)),
+                  "smoke: tiny (dim 8, 1,2,2)": dict(dim=8, dim_mults=(1, 2, 2))}
+    compile_model = device.type == "cuda" and not a.no_compile
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    images, labels = synthetic_cifar(n, size)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, compile={compile_model}, smoke={a.smoke}", flush=True)
+
+    result = {"device": name, "torch": torch.__version__, "smoke": a.smoke, "compile": compile_model,
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv), "train": []}
+    default_label = next(iter(models))
+    seed_ips = bench_seed_style(images, labels, device, models[default_label], a.seed_steps, 5 if not a.smoke else 1, timesteps, a.workers)
+    result["train"].append({"pipeline": "seed-style", "model": default_label, "batch": 64, "img_s": seed_ips})
+    print(f"seed-style (DataLoader, {a.workers} workers, fp32, batch 64): {seed_ips:,.0f} img/s", flush=True)
+    for (label, kwargs), sizes in zip(models.items(), (a.batch_sizes, a.big_batch_sizes)):
+        params = sum(p.numel() for p in UNet(UNetConfig(num_classes=10, **kwargs)).parameters())
+        for batch in [int(b) for b in sizes.split(",")]:
+            try:
+                ips, warm, peak = bench_fast(images, labels, device, kwargs, batch, a.steps, a.warmup, timesteps,
+                                             compile_model)
+            except torch.cuda.OutOfMemoryError:
+                print(f"fast {label} batch {batch}: out of memory", flush=True)
+                continue
+            result["train"].append({"pipeline": "fast", "model": label, "params": params, "batch": batch,
+                                    "img_s": ips, "warmup_s": warm, "peak_gb": peak})
+            print(f"fast {label} ({params / 1e6:.1f}M) batch {batch}: {ips:,.0f} img/s "
+                  f"(warm-up {warm:.0f} s, peak {peak or 0:.1f} GB)", flush=True)
+    counts = [int(c) for c in a.sample_counts.split(",")]
+    sampling = bench_sampling(device, models[default_label], counts, timesteps, size, a.sample_batch, compile_model)
+    result["sampling"] = {"timesteps": timesteps, "guidance_scale": 3.0, "sample_batch": a.sample_batch,
+                          "warmup_s": sampling["warmup_s"], "seconds": {str(c): sampling[c] for c in counts}}
+    if device.type == "cuda":
+        result["peak_gb_overall"] = torch.cuda.max_memory_allocated() / 1e9
+
+    best = {}
+    for row in result["train"]:
+        if row["pipeline"] == "fast" and row["img_s"] > best.get(row["model"], {}).get("img_s", 0):
+            best[row["model"]] = row
+    result["best"] = best
+    print("\n| pipeline | model | batch | img/s | × seed-style | 45k-image epoch (s) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| seed-style | {default_label} | 64 | {seed_ips:,.0f} | 1.0 | {45000 / seed_ips:.1f} |")
+    for label, row in best.items():
+        print(f"| fast | {label} | {row['batch']} | {row['img_s']:,.0f} | {row['img_s'] / seed_ips:.1f} | "
+              f"{45000 / row['img_s']:.2f} |")
+    if default_label in best:
+        result["speedup_default_vs_seed"] = best[default_label]["img_s"] / seed_ips
+    print("\n| CFG samples (T=%d, w=3) | seconds | img/s |" % timesteps)
+    print("|---|---|---|")
+    for c in counts:
+        print(f"| {c:,} | {sampling[c]:.2f} | {c / sampling[c]:,.0f} |")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
