@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm_diffusion import DEFAULT_GUIDANCE_SCALE, Diffusion, make_schedule
-from ddpm_helpers import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CIFAR10_CLASSES, Denoiser, DeviceLoader,
-                          UserError, atomic_torch_save, environment_versions, load_checkpoint, load_dataset,
+from ddpm_helpers import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CIFAR10_CLASSES, FID_STATS_NAME, Denoiser,
+                          DeviceLoader, FIDFeatures, UserError, frechet_distance, reference_statistics, atomic_torch_save, environment_versions, load_checkpoint, load_dataset,
                           plot_loss_history, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
                           to_model_range, to_uint8, train_val_split, write_json)
 from ddpm_model import UNet, UNetConfig
@@ -72,7 +72,10 @@ def build_parser():
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the weights used for sampling; 0: off")
     g.add_argument("--dim", type=int, default=32, help="U-Net base channels")
     g.add_argument("--dim_mults", type=int_list, default=[1, 2, 4], help="U-Net channel multipliers per stage")
-    g.add_argument("--data_dir", default="./data", help="CIFAR-10 download folder, or a train/ test/ image-folder tree")
+    g.add_argument("--data_dir", help="CIFAR-10 download folder, or a train/ test/ image-folder tree "
+                   "(default ./data; at inference the folder the model was trained on)")
+    g.add_argument("--eval_every", type=int, default=1,
+                   help="epochs between validation/test losses, grids and plots (the last epoch always)")
     g.add_argument("--save_model", action="store_true", help="also write models/<run_name>/ckpt.pt at the end")
     g.add_argument("--models_dir", default="models", help="checkpoints go to <models_dir>/<run_name>/")
     g.add_argument("--log_interval", type=int, default=100, help="steps between loss read-outs (and NaN checks)")
@@ -97,6 +100,14 @@ def build_parser():
     g.add_argument("--sampling_steps", type=int, help="DDIM steps (default: T)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
     g.add_argument("--sample_batch", type=int, default=1000, help="images generated per forward batch")
+
+    g = p.add_argument_group("FID (Fréchet Inception Distance)")
+    g.add_argument("--eval_fid", type=int, default=0, metavar="N",
+                   help="after training, or with --inference: FID of N samples against the training images")
+    g.add_argument("--fid_inception", metavar="PATH",
+                   help="TF-Inception pool-feature TorchScript for FID (.pt or .pt.xz)")
+    g.add_argument("--fid_ref_stats", metavar="NPZ",
+                   help="reference statistics (mu, sigma) instead of computing them from the training images")
 
     g = p.add_argument_group("general")
     g.add_argument("--run_name", default="DDPM", help="names the checkpoint folder and output files")
@@ -131,6 +142,17 @@ def check_args(args, parser):
             parser.error(f"--sampling_steps must be in 1..--timesteps ({args.timesteps}), got {args.sampling_steps}")
     if args.sample_classes is not None:
         args.sample_classes = parse_classes(args.sample_classes, len(CIFAR10_CLASSES), parser.error)
+    if args.eval_every < 1:
+        parser.error(f"--eval_every must be at least 1, got {args.eval_every}")
+    if args.eval_fid < 0:
+        parser.error(f"--eval_fid must be 0 (off) or a sample count, got {args.eval_fid}")
+    if args.eval_fid:
+        if not args.fid_inception:
+            parser.error("--eval_fid needs --fid_inception PATH: the TF-Inception TorchScript (see README, FID)")
+        if not os.path.isfile(args.fid_inception):
+            parser.error(f"--fid_inception {args.fid_inception!r} is not a file")
+        if args.fid_ref_stats and not os.path.isfile(args.fid_ref_stats):
+            parser.error(f"--fid_ref_stats {args.fid_ref_stats!r} is not a file")
     if args.time_budget_min is not None and not args.time_budget_min > 0:
         parser.error(f"--time_budget_min must be greater than 0, got {args.time_budget_min}")
     if args.guidance_sweep is not None:
@@ -222,6 +244,7 @@ def train_step(x, y, step, model, ema_model, optimizer, diffusion, denoiser, arg
     return loss.detach()
 
 
+@torch.no_grad()
 def update_ema(ema_model, model, decay):
     """θ_ema ← decay · θ_ema + (1 − decay) · θ."""
     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
@@ -237,6 +260,45 @@ def make_grid_images(diffusion, denoiser, config, args, device):
             return images, GRID_PER_CLASS
         images = generate(diffusion, denoiser, config, GRID_UNCONDITIONAL, None, args, args.sample_batch, False)
         return images, 8
+
+
+def sampler_description(args):
+    steps = args.sampling_steps or "T"
+    return f"{args.sampler}" + (f", {steps} steps, eta {args.eta}" if args.sampler == "ddim" else "") + \
+        f", guidance {args.guidance_scale}"
+
+
+def measure_fid(diffusion, denoiser, config, args, device, train_images_uint8, verbose):
+    """FID of args.eval_fid new samples (class-balanced when conditional) against the training images'
+    Inception statistics (cached beside the data, or --fid_ref_stats). Also saves the samples'
+    uint8 array as fid_samples_<run>.npz, so any other FID tool can read the very same images.
+    train_images_uint8 (N, 3, H, W) may be None: they are then read from args.data_dir."""
+    n = args.eval_fid
+    if n < 10000:
+        print(f"warning: FID from {n} < 10,000 samples reads high; use 10,000 or more to compare with published "
+              "figures", file=sys.stderr)
+    features = FIDFeatures(args.fid_inception, device)
+    if args.fid_ref_stats:
+        ref = np.load(args.fid_ref_stats)
+        mu_ref, sigma_ref = ref["mu"], ref["sigma"].astype(np.float64)
+    else:
+        if train_images_uint8 is None:
+            train_images_uint8 = load_dataset(args.data_dir)["train_images"]
+        cache = os.path.join(args.data_dir, FID_STATS_NAME) if os.path.isdir(args.data_dir) else None
+        mu_ref, sigma_ref = reference_statistics(features, train_images_uint8.permute(0, 2, 3, 1).numpy(), cache,
+                                                 progress=verbose and stderr_is_terminal())
+    labels = None
+    if config["conditional"]:
+        labels = torch.arange(n, device=device) % config["num_classes"]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        images = to_uint8(generate(diffusion, denoiser, config, n, labels, args, args.sample_batch,
+                                   verbose and stderr_is_terminal()))
+    np.savez(os.path.join(args.save_dir, f"fid_samples_{args.run_name}.npz"), images=images)
+    fid = frechet_distance(*features.statistics(images), mu_ref, sigma_ref)
+    if verbose:
+        print(f"FID {fid:.3f} (n={n}, {sampler_description(args)})", flush=True)
+    return fid
 
 
 class SignalFlag:
@@ -264,7 +326,7 @@ class SignalFlag:
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
 RESUMED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "dim", "dim_mults", "lr", "warmup_steps",
-                    "batch_size", "p_uncond", "ema_decay", "seed", "data_dir")
+                    "batch_size", "p_uncond", "ema_decay", "seed")
 
 
 def resume_checkpoint(args):
@@ -282,11 +344,13 @@ def resume_checkpoint(args):
         raise UserError(f"--resume {path!r} holds weights only (no optimizer state); resume from last.pt")
     for key in RESUMED_SETTINGS:
         setattr(args, key, ckpt["config"][key])
+    args.data_dir = args.data_dir or ckpt["config"]["data_dir"]
     return ckpt
 
 
 def train(args):
     ckpt = resume_checkpoint(args) if args.resume else None
+    args.data_dir = args.data_dir or "./data"
     device = pick_device(args)
     use_cuda = device.type == "cuda"
     torch.manual_seed(args.seed)
@@ -416,34 +480,40 @@ def train(args):
                                   f"  {resume_command()}")
             train_loss = state["epoch_loss_sum"] / max(1, state["batch_in_epoch"])
 
-            # --- end of epoch: EMA evaluation, JSON, plots, grid, checkpoints
-            t0 = time.perf_counter()
-            ema_model.eval()
-            val_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["val"], args.conditional, args.loss_type)
-            test_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["test"], args.conditional,
-                                      args.loss_type)
-            timing["eval_s"] += time.perf_counter() - t0
-            for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("test_loss", test_loss),
-                               ("epochs", epoch)):
-                history[key].append(value)
-            write_json(history, history_path)
-            plot_loss_history(history, os.path.join(args.save_dir, f"loss_curves_{args.run_name}.png"),
-                              args.run_name)
-            t0 = time.perf_counter()
-            images, nrow = make_grid_images(diffusion, ema_denoiser, config, args, device)
-            save_grid(images, os.path.join(args.save_dir, f"samples_{args.run_name}_epoch{epoch:03d}.png"), nrow)
-            timing["sample_s"] += time.perf_counter() - t0
-            is_best = val_loss < state["best_val"]
-            state.update(epoch=epoch, batch_in_epoch=0, epoch_loss_sum=0.0, best_val=min(state["best_val"], val_loss))
+            # --- end of epoch: EMA evaluation, JSON, plots and grid (every --eval_every epochs), checkpoints
+            evaluate = epoch == args.epochs or epoch % args.eval_every == 0 or out_of_time() or signals.received
+            is_best = False
+            if evaluate:
+                t0 = time.perf_counter()
+                ema_model.eval()
+                val_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["val"], args.conditional,
+                                         args.loss_type)
+                test_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["test"], args.conditional,
+                                          args.loss_type)
+                timing["eval_s"] += time.perf_counter() - t0
+                for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("test_loss", test_loss),
+                                   ("epochs", epoch)):
+                    history[key].append(value)
+                write_json(history, history_path)
+                plot_loss_history(history, os.path.join(args.save_dir, f"loss_curves_{args.run_name}.png"),
+                                  args.run_name)
+                t0 = time.perf_counter()
+                images, nrow = make_grid_images(diffusion, ema_denoiser, config, args, device)
+                save_grid(images, os.path.join(args.save_dir, f"samples_{args.run_name}_epoch{epoch:03d}.png"), nrow)
+                timing["sample_s"] += time.perf_counter() - t0
+                is_best = val_loss < state["best_val"]
+                state["best_val"] = min(state["best_val"], val_loss)
+            state.update(epoch=epoch, batch_in_epoch=0, epoch_loss_sum=0.0)
             last = checkpoint()
             atomic_torch_save(last, os.path.join(ckpt_dir, "last.pt"))
             if is_best:
                 atomic_torch_save({k: v for k, v in last.items() if k != "optimizer"},
                                   os.path.join(ckpt_dir, "best.pt"))
-            epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-            if verbose and not bars:
-                print(f"epoch {epoch}/{args.epochs}  train {train_loss:.4f}  val {val_loss:.4f}  "
-                      f"test {test_loss:.4f}", flush=True)
+            if evaluate:
+                epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+                if verbose and not bars:
+                    print(f"epoch {epoch}/{args.epochs}  train {train_loss:.4f}  val {val_loss:.4f}  "
+                          f"test {test_loss:.4f}", flush=True)
             if signals.received:
                 raise Interrupted(f"{signals.received} received: stopped after epoch {epoch}; saved "
                                   f"{ckpt_dir}/last.pt. Resume with:\n  {resume_command()}")
@@ -456,9 +526,15 @@ def train(args):
     if args.save_model:
         atomic_torch_save(checkpoint(), os.path.join(ckpt_dir, "ckpt.pt"))
     metrics = {"run_name": args.run_name, "device": str(device), "num_params": num_params, "steps": state["step"],
-               "epochs_done": state["epoch"],
+               "epochs_done": state["epoch"], "batch_size": args.batch_size,
+               "stopped_by_time_budget": out_of_time(),
                "train_images_per_s": state["step"] * args.batch_size / timing["train_s"] if timing["train_s"] else None,
                "timing": timing, "final": {k: v[-1] for k, v in history.items() if v}}
+    if args.eval_fid:
+        t0 = time.perf_counter()
+        metrics["fid"] = measure_fid(diffusion, ema_denoiser, config, args, device, data["train_images"], verbose)
+        metrics.update(fid_samples=args.eval_fid, fid_sampler=sampler_description(args))
+        timing["fid_s"] = time.perf_counter() - t0
     write_json(metrics, os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
     if verbose:
         print(f"done: loss history {history_path}, checkpoints in {ckpt_dir}", flush=True)
@@ -565,6 +641,14 @@ def inference(args):
     if not args.quiet:
         print(f"{args.num_samples} samples in {seconds:.1f} s on {device}: grid {grid_path}, "
               f"PNGs in {os.path.join(args.save_dir, name)}/", flush=True)
+    if args.eval_fid:
+        args.data_dir = args.data_dir or config["data_dir"]
+        t0 = time.perf_counter()
+        fid = measure_fid(diffusion, denoiser, config, args, device, None, not args.quiet)
+        write_json({"run_name": args.run_name, "model_path": args.model_path, "fid": fid, "fid_samples": args.eval_fid,
+                    "fid_sampler": sampler_description(args), "conditional": args.conditional and num_classes is not None,
+                    "fid_s": time.perf_counter() - t0, "device": str(device)},
+                   os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
 
 
 def main(argv=None):

@@ -1,0 +1,162 @@
+"""EMA, DDIM with guidance, the time budget, and the built-in FID (checked against the referee)."""
+import importlib.util
+import io
+import json
+import lzma
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ddpm_main
+from conftest import ROOT, TINY_MODEL, make_image_folder, run_cli
+from ddpm_helpers import FIDFeatures, frechet_distance, load_dataset, tf_resize_matrix
+
+SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+INCEPTION = os.path.join(SHARED, "fid", "inception-2015-12-05-fp16.pt.xz")
+REFEREE = os.path.join(SHARED, "tools", "referee_fid.py")
+
+
+def test_ema_update_is_a_lerp():
+    model, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ddpm_main.update_ema(ema, model, 0.9)
+    for b, e, m in zip(before, ema.parameters(), model.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * m)
+
+
+def test_inference_uses_ema_weights(trained, tmp_path):
+    ckpt = torch.load(trained / "models" / "cond" / "ckpt.pt", weights_only=True)
+    assert ckpt["ema"].keys() == ckpt["model"].keys()
+    ckpt["model"] = {k: torch.full_like(v, float("nan")) for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "nan_raw_weights.pt")
+    result = run_cli("--inference", "--conditional", "--model_path", tmp_path / "nan_raw_weights.pt",
+                     "--num_samples", "3", "--sampler", "ddim", "--sampling_steps", "3", "--no_cuda", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "outputs" / "samples_DDPM.npz")["images"].std() > 0  # NaN weights would give 0s
+
+
+def test_ddim_with_guidance_from_the_cli(trained):
+    result = run_cli("--inference", "--conditional", "--model_path", "models/cond/ckpt.pt", "--num_samples", "4",
+                     "--sampler", "ddim", "--sampling_steps", "4", "--eta", "0.5", "--guidance_scale", "4",
+                     "--run_name", "ddim", "--no_cuda", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    assert len(os.listdir(trained / "outputs" / "samples_ddim")) == 4
+    too_many = run_cli("--inference", "--model_path", "models/cond/ckpt.pt", "--sampler", "ddim",
+                       "--sampling_steps", "11", "--no_cuda", cwd=trained)
+    assert too_many.returncode == 2 and "more than the model's T = 10" in too_many.stderr
+
+
+def test_time_budget_stops_cleanly(tiny_data, tmp_path):
+    result = run_cli("--data_dir", tiny_data, "--epochs", "500", "--time_budget_min", "0.0005", "--save_model",
+                     "--run_name", "budget", *TINY_MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "time budget" in result.stdout
+    metrics = json.loads((tmp_path / "outputs" / "metrics_budget.json").read_text())
+    assert metrics["stopped_by_time_budget"] and metrics["epochs_done"] < 500
+    assert set(metrics["timing"]) >= {"decode_s", "compile_s", "train_s", "eval_s", "sample_s"}
+    assert metrics["timing"]["train_s"] >= 0.03
+    history = json.loads((tmp_path / "outputs" / "loss_history_budget.json").read_text())
+    assert history["epochs"][-1] == metrics["epochs_done"] and history["val_loss"]
+    assert (tmp_path / "models" / "budget" / "ckpt.pt").is_file()
+    assert (tmp_path / "outputs" / f"samples_budget_epoch{metrics['epochs_done']:03d}.png").is_file()
+
+
+class FakeInception(nn.Module):
+    """A stand-in with the real network's contract: (N, 3, 299, 299) in [−1, 1] → (N, 2048)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 16, 2048)
+
+    def forward(self, x):
+        return self.proj(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def fake_inception(tmp_path_factory):
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(FakeInception()), buffer)
+    path = tmp_path_factory.mktemp("net") / "fake_inception.pt.xz"
+    path.write_bytes(lzma.compress(buffer.getvalue()))
+    return str(path)
+
+
+def test_eval_fid_after_training_and_at_inference(tmp_path, fake_inception):
+    data = make_image_folder(str(tmp_path / "data"), per_class_train=3, num_classes=10)
+    result = run_cli("--data_dir", data, "--conditional", "--epochs", "1", "--save_model", "--run_name", "f",
+                     "--eval_fid", "20", "--fid_inception", fake_inception, "--sampler", "ddim",
+                     "--sampling_steps", "2", *TINY_MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "fewer" not in result.stderr and "< 10,000 samples reads high" in result.stderr
+    metrics = json.loads((tmp_path / "outputs" / "metrics_f.json").read_text())
+    assert metrics["fid"] > 0 and metrics["fid_samples"] == 20
+    samples = np.load(tmp_path / "outputs" / "fid_samples_f.npz")["images"]
+    assert samples.shape == (20, 16, 16, 3) and samples.dtype == np.uint8
+    stats = np.load(os.path.join(data, "ddpm_fid_train_stats.npz"))  # cached reference statistics
+    assert int(stats["n"]) == 30
+
+    # the FID in the JSON is the FID of the saved samples against the training images
+    features = FIDFeatures(fake_inception, "cpu")
+    train = load_dataset(data)["train_images"].permute(0, 2, 3, 1).numpy()
+    expected = frechet_distance(*features.statistics(samples), *features.statistics(train))
+    assert metrics["fid"] == pytest.approx(expected, rel=1e-6)
+
+    inference = run_cli("--inference", "--conditional", "--model_path", "models/f/ckpt.pt", "--num_samples", "2",
+                        "--eval_fid", "10", "--fid_inception", fake_inception, "--run_name", "g", "--sampler", "ddim",
+                        "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
+    assert inference.returncode == 0, inference.stderr
+    assert json.loads((tmp_path / "outputs" / "metrics_g.json").read_text())["fid"] > 0
+    assert "FID" in inference.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eval_fid", "10"], "--eval_fid needs --fid_inception"),
+    (["--eval_fid", "10", "--fid_inception", "missing.pt"], "is not a file"),
+    (["--eval_fid", "-1"], "--eval_fid must be 0"),
+    (["--time_budget_min", "0"], "--time_budget_min must be greater than 0"),
+])
+def test_quality_flag_errors(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm_main.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(8, 8))
+    sigma = a @ a.T + np.eye(8)
+    mu = rng.normal(size=8)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-8)
+    # diagonal covariances: Σ (σ1 − σ2)² over the standard deviations, plus the mean term
+    s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 4.0, 1.0])
+    assert frechet_distance(np.zeros(3), s1, np.ones(3), s2) == pytest.approx(3 + 1 + 0 + 4)
+
+
+def test_tf_resize_matrix_rows_sum_to_one_and_sample_j_in_over_out():
+    m = tf_resize_matrix(32, 299)
+    assert torch.allclose(m.sum(1), torch.ones(299))
+    ramp = torch.arange(32.0)
+    assert torch.allclose(m @ ramp, (torch.arange(299.0) * 32 / 299).clamp(max=31), atol=1e-5)
+
+
+@pytest.mark.skipif(not (os.path.isfile(INCEPTION) and os.path.isfile(REFEREE)),
+                    reason="the referee and its Inception network (../shared) are not beside this checkout")
+def test_fid_agrees_with_referee_within_one_percent():
+    spec = importlib.util.spec_from_file_location("referee_fid", REFEREE)
+    referee = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(referee)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (1, 32, 32, 3))
+    a = np.clip(base + rng.normal(0, 40, (16, 32, 32, 3)), 0, 255).astype(np.uint8)
+    b = np.clip(base[..., ::-1] + rng.normal(0, 60, (16, 32, 32, 3)), 0, 255).astype(np.uint8)
+    ours = FIDFeatures(INCEPTION, "cpu")
+    fid_ours = frechet_distance(*ours.statistics(a), *ours.statistics(b))
+    theirs = referee.FidFeatures(INCEPTION, "cpu")
+    fid_referee = referee.frechet(*theirs.stats(a), *theirs.stats(b))
+    assert fid_ours == pytest.approx(fid_referee, rel=0.01)
