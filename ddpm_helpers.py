@@ -163,15 +163,18 @@ class DeviceLoader:
 
     @property
     def num_local(self):
-        return len(range(self.rank, len(self.images), self.world_size))
+        return len(self.images) // self.world_size
 
     def epoch_indices(self, epoch):
-        """This rank's image indices and flip flags for the epoch, both (num_local,)."""
+        """This rank's image indices and flip flags for the epoch, both (num_local,). With several ranks
+        the epoch's order is cut to a multiple of world_size (at most world_size − 1 images wait for
+        the next epoch's order), so every rank runs the same number of steps."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.images)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
-        return order[self.rank::self.world_size], flips[self.rank::self.world_size]
+        used = n - n % self.world_size
+        return order[:used][self.rank::self.world_size], flips[:used][self.rank::self.world_size]
 
     def batches(self, epoch=0, start_batch=0):
         order, flips = self.epoch_indices(epoch)
@@ -304,7 +307,7 @@ class Denoiser:
 
     def __init__(self, model, compile=False, amp=False):
         self.model = model
-        self.num_classes = model.num_classes
+        self.num_classes = getattr(model, "module", model).num_classes  # through a DistributedDataParallel
         self.amp = amp
         self.device_type = next(model.parameters()).device.type
         self.memory_format = torch.channels_last if self.device_type == "cuda" else torch.contiguous_format
@@ -431,3 +434,56 @@ def reference_statistics(features, images_uint8, cache_path, progress=False):
         except OSError:
             pass  # a read-only data folder: the statistics are recomputed next time
     return mu, sigma
+
+
+def export_for_inference(ckpt, path):
+    """Write a small inference-only checkpoint: config and EMA weights in bf16 (no optimizer, no raw weights)."""
+    weights = ckpt.get("ema") or ckpt["model"]
+    small = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": ckpt["config"],
+             "versions": environment_versions(), "ema": {k: v.to(torch.bfloat16) for k, v in weights.items()}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_torch_save(small, path)
+
+
+# ------------------------------------------------------------------------------- distributed
+
+def init_distributed(use_cuda):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU) and return
+    (rank, world_size, local_rank); otherwise (0, 1, 0) and nothing changes."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def all_ranks_mean(value, world_size):
+    """The mean of a device scalar over ranks (itself when single-process)."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / world_size
+
+
+def any_rank(flags, world_size):
+    """Element-wise OR of a list of booleans over ranks, so that every rank takes the same decision."""
+    if world_size == 1:
+        return [bool(f) for f in flags]
+    import torch.distributed as dist
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(bool(f)) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def barrier(world_size):
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ddpm_diffusion import DEFAULT_GUIDANCE_SCALE, Diffusion, make_schedule
 from ddpm_helpers import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CIFAR10_CLASSES, FID_STATS_NAME, Denoiser,
-                          DeviceLoader, FIDFeatures, UserError, frechet_distance, reference_statistics, atomic_torch_save, environment_versions, load_checkpoint, load_dataset,
+                          DeviceLoader, FIDFeatures, UserError, all_ranks_mean, any_rank, barrier,
+                          frechet_distance, init_distributed, reference_statistics, atomic_torch_save, environment_versions, load_checkpoint, load_dataset,
                           plot_loss_history, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
                           to_model_range, to_uint8, train_val_split, write_json)
 from ddpm_model import UNet, UNetConfig
@@ -169,7 +170,7 @@ def check_args(args, parser):
 def parse_classes(text, num_classes, error):
     items = [v.strip() for v in text.split(",") if v.strip()]
     if not items:
-        error(f"--sample_classes is empty: give class indices such as 0,1,2")
+        error("--sample_classes is empty: give class indices such as 0,1,2")
     classes = []
     for item in items:
         try:
@@ -184,7 +185,9 @@ def parse_classes(text, num_classes, error):
 # ----------------------------------------------------------------------------------- pieces
 
 def pick_device(args):
-    return torch.device("cuda" if torch.cuda.is_available() and not args.no_cuda else "cpu")
+    if torch.cuda.is_available() and not args.no_cuda:
+        return torch.device("cuda", getattr(args, "local_rank", 0))
+    return torch.device("cpu")
 
 
 def build_diffusion(config, device):
@@ -213,29 +216,37 @@ def generate(diffusion, denoiser, config, num_images, class_labels, args, batch_
 
 @torch.no_grad()
 def evaluate_loss(diffusion, denoiser, loader, conditional, loss_type):
-    """Mean loss over a split with t and ε drawn from a fixed seed: comparable between epochs."""
+    """Mean loss over a split with t and ε drawn from a fixed seed: comparable between epochs.
+    Under torchrun each rank takes its shard, and t, ε are drawn for the global batch and sliced, so
+    the value equals a single process's with the same global batch."""
     g = torch.Generator().manual_seed(EVAL_SEED)
-    total, count = torch.zeros((), device=loader.device), 0
+    rank, world = loader.rank, loader.world_size
+    total = torch.zeros((), device=loader.device)
     for x, y in loader.batches():
-        t = torch.randint(0, diffusion.timesteps, (len(x),), generator=g).to(x.device)
-        noise = torch.randn(x.shape, generator=g).to(x.device)
+        n = len(x) * world
+        t = torch.randint(0, diffusion.timesteps, (n,), generator=g)[rank::world].to(x.device)
+        noise = torch.randn((n, *x.shape[1:]), generator=g)[rank::world].to(x.device)
         loss = diffusion.p_losses(denoiser, x, t, noise, loss_type, y if conditional else None)
         total += loss * len(x)
-        count += len(x)
-    return (total / count).item()
+    return (all_ranks_mean(total, world) / loader.num_local).item()  # Σ losses / images, over all ranks
 
 
-def train_step(x, y, step, model, ema_model, optimizer, diffusion, denoiser, args):
+def train_step(x, y, step, model, ema_model, optimizer, diffusion, denoiser, args, rank=0, world_size=1):
     """One optimizer step on images x (B, 3, H, W) with labels y (B,); returns the loss as a device
-    tensor, so the caller decides when to synchronise with the host."""
+    tensor, so the caller decides when to synchronise with the host.
+
+    t, the label drops and ε are drawn for the global batch (world_size · B) and sliced to this rank's
+    images: any number of ranks trains on the randomness of one process with the global batch."""
     for group in optimizer.param_groups:  # linear warm-up, then constant
         group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-    t = torch.randint(0, diffusion.timesteps, (len(x),), device=x.device)
+    n, mine = len(x) * world_size, slice(rank, None, world_size)
+    t = torch.randint(0, diffusion.timesteps, (n,), device=x.device)[mine]
     labels = None
     if denoiser.num_classes is not None:  # classifier-free guidance: drop labels to the null label
-        labels = torch.where(torch.rand(len(y), device=x.device) < args.p_uncond,
+        labels = torch.where(torch.rand(n, device=x.device)[mine] < args.p_uncond,
                              torch.full_like(y, denoiser.num_classes), y)
-    loss = diffusion.p_losses(denoiser, x, t, loss_type=args.loss_type, class_labels=labels)
+    noise = torch.randn((n, *x.shape[1:]), device=x.device)[mine]
+    loss = diffusion.p_losses(denoiser, x, t, noise, loss_type=args.loss_type, class_labels=labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -353,9 +364,11 @@ def train(args):
     args.data_dir = args.data_dir or "./data"
     device = pick_device(args)
     use_cuda = device.type == "cuda"
+    rank, world_size = args.rank, args.world_size
+    is_main = rank == 0  # only rank 0 writes files and prints
     torch.manual_seed(args.seed)
     ckpt_dir = os.path.join(args.models_dir, args.run_name)
-    verbose = not args.quiet
+    verbose = not args.quiet and is_main
     bars = verbose and stderr_is_terminal()
     timing = {"decode_s": 0.0, "compile_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "sample_s": 0.0}
 
@@ -364,13 +377,16 @@ def train(args):
     data = load_dataset(args.data_dir)
     train_idx, val_idx = train_val_split(len(data["train_images"]))
     timing["decode_s"] = time.perf_counter() - t0
-    os.makedirs(args.save_dir, exist_ok=True)
-    os.makedirs(ckpt_dir, exist_ok=True)
+    if is_main:
+        os.makedirs(args.save_dir, exist_ok=True)
+        os.makedirs(ckpt_dir, exist_ok=True)
     classes = list(data["classes"])
     image_size = data["train_images"].shape[-1]
     train_loader = DeviceLoader(data["train_images"][train_idx], data["train_labels"][train_idx],
-                                args.batch_size, device, shuffle=True, flip=True, seed=args.seed)
-    eval_loaders = {split: DeviceLoader(images, labels, args.batch_size, device, shuffle=False, flip=False)
+                                args.batch_size, device, shuffle=True, flip=True, seed=args.seed, rank=rank,
+                                world_size=world_size)
+    eval_loaders = {split: DeviceLoader(images, labels, args.batch_size, device, shuffle=False, flip=False,
+                                        rank=rank, world_size=world_size)
                     for split, images, labels in (
                         ("val", data["train_images"][val_idx], data["train_labels"][val_idx]),
                         ("test", data["test_images"], data["test_labels"]))}
@@ -387,6 +403,7 @@ def train(args):
         "ema_decay": args.ema_decay, "seed": args.seed, "run_name": args.run_name,
         "data_dir": args.data_dir, "num_train": len(train_idx), "num_val": len(val_idx),
         "num_test": len(data["test_images"]), "time_budget_min": args.time_budget_min,
+        "world_size": world_size, "global_batch_size": args.batch_size * world_size,
     }
     model = UNet(model_config).to(device)
     if use_cuda:
@@ -395,7 +412,11 @@ def train(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=use_cuda)
     diffusion = build_diffusion(config, device)
     compile_model = use_cuda and not args.no_compile
-    train_denoiser = Denoiser(model, compile=compile_model, amp=use_cuda)
+    trained_model = model  # what the training forward runs through: DDP averages gradients over ranks
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        trained_model = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+    train_denoiser = Denoiser(trained_model, compile=compile_model, amp=use_cuda)
     ema_denoiser = Denoiser(ema_model, compile=compile_model, amp=use_cuda)
     num_params = sum(p.numel() for p in model.parameters())
 
@@ -413,8 +434,9 @@ def train(args):
         if use_cuda and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     history_path = os.path.join(args.save_dir, f"loss_history_{args.run_name}.json")
-    write_json({**config, "versions": environment_versions()}, os.path.join(ckpt_dir, "config.json"))
-    if ckpt is None:
+    if is_main:
+        write_json({**config, "versions": environment_versions()}, os.path.join(ckpt_dir, "config.json"))
+    if ckpt is None and is_main:
         save_forward_strip(diffusion, data["train_images"][train_idx[:1]],
                            os.path.join(args.save_dir, f"forward_process_{args.run_name}.png"))
     if verbose:
@@ -422,7 +444,8 @@ def train(args):
                 f"batch {state['batch_in_epoch']}" if ckpt else f"training '{args.run_name}'")
         print(f"{what}: {'conditional' if args.conditional else 'unconditional'} DDPM on {device}, "
               f"{num_params / 1e6:.2f}M parameters, {len(train_idx)} train / {len(val_idx)} val / "
-              f"{len(data['test_images'])} test images, T={args.timesteps} ({args.schedule})", flush=True)
+              f"{len(data['test_images'])} test images, T={args.timesteps} ({args.schedule})"
+              + (f"; {world_size} ranks × batch {args.batch_size}" if world_size > 1 else ""), flush=True)
 
     def checkpoint():
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if use_cuda else []}
@@ -450,7 +473,8 @@ def train(args):
             untimed, interval_images = 0.0, 0
             for x, y in batch_bar:
                 step_start = time.perf_counter()
-                loss = train_step(x, y, state["step"], model, ema_model, optimizer, diffusion, train_denoiser, args)
+                loss = train_step(x, y, state["step"], model, ema_model, optimizer, diffusion, train_denoiser, args,
+                                  rank, world_size)
                 loss_sum += loss
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
@@ -461,27 +485,35 @@ def train(args):
                     untimed = time.perf_counter() - step_start
                     timing["compile_s"] += untimed
                     first_step = False
-                if state["step"] % args.log_interval == 0:
-                    running = (loss_sum / (state["batch_in_epoch"])).item()  # the only host sync in an epoch
+                read_out = state["step"] % args.log_interval == 0
+                if read_out:  # the only host syncs inside an epoch
+                    running = (all_ranks_mean(loss_sum, world_size) / state["batch_in_epoch"]).item()
                     check_finite(running, epoch, state["step"], ckpt_dir)
                     now = time.perf_counter()
                     batch_bar.set_postfix(loss=f"{running:.4f}",
-                                          img_s=f"{interval_images / (now - interval_start):.0f}")
+                                          img_s=f"{interval_images * world_size / (now - interval_start):.0f}")
                     interval_start, interval_images = now, 0
-                if signals.received or out_of_time(time.perf_counter() - epoch_start - untimed):
-                    break
-            state["epoch_loss_sum"] = loss_sum.item()  # waits for the device: the epoch's steps are done
+                if read_out or world_size == 1:  # ranks stop together: they decide at read-outs
+                    if any(any_rank([signals.received, out_of_time(time.perf_counter() - epoch_start - untimed)],
+                                    world_size)):
+                        break
+            # waits for the device: the epoch's steps are done
+            state["epoch_loss_sum"] = all_ranks_mean(loss_sum, world_size).item()
             timing["train_s"] += time.perf_counter() - epoch_start - untimed
             check_finite(state["epoch_loss_sum"], epoch, state["step"], ckpt_dir)
-            if signals.received:
-                atomic_torch_save(checkpoint(), os.path.join(ckpt_dir, "last.pt"))
-                raise Interrupted(f"{signals.received} received: stopped after step {state['step']} (epoch {epoch}, "
+            interrupted, budget_spent = any_rank([signals.received, out_of_time()], world_size)
+            signal_name = signals.received or "a signal (on another rank)"
+            if interrupted:
+                if is_main:
+                    atomic_torch_save(checkpoint(), os.path.join(ckpt_dir, "last.pt"))
+                barrier(world_size)
+                raise Interrupted(f"{signal_name} received: stopped after step {state['step']} (epoch {epoch}, "
                                   f"batch {state['batch_in_epoch']}); saved {ckpt_dir}/last.pt. Resume with:\n"
                                   f"  {resume_command()}")
             train_loss = state["epoch_loss_sum"] / max(1, state["batch_in_epoch"])
 
             # --- end of epoch: EMA evaluation, JSON, plots and grid (every --eval_every epochs), checkpoints
-            evaluate = epoch == args.epochs or epoch % args.eval_every == 0 or out_of_time() or signals.received
+            evaluate = epoch == args.epochs or epoch % args.eval_every == 0 or budget_spent
             is_best = False
             if evaluate:
                 t0 = time.perf_counter()
@@ -494,41 +526,49 @@ def train(args):
                 for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("test_loss", test_loss),
                                    ("epochs", epoch)):
                     history[key].append(value)
-                write_json(history, history_path)
-                plot_loss_history(history, os.path.join(args.save_dir, f"loss_curves_{args.run_name}.png"),
-                                  args.run_name)
-                t0 = time.perf_counter()
-                images, nrow = make_grid_images(diffusion, ema_denoiser, config, args, device)
-                save_grid(images, os.path.join(args.save_dir, f"samples_{args.run_name}_epoch{epoch:03d}.png"), nrow)
-                timing["sample_s"] += time.perf_counter() - t0
+                if is_main:
+                    write_json(history, history_path)
+                    plot_loss_history(history, os.path.join(args.save_dir, f"loss_curves_{args.run_name}.png"),
+                                      args.run_name)
+                    t0 = time.perf_counter()
+                    images, nrow = make_grid_images(diffusion, ema_denoiser, config, args, device)
+                    save_grid(images, os.path.join(args.save_dir, f"samples_{args.run_name}_epoch{epoch:03d}.png"),
+                              nrow)
+                    timing["sample_s"] += time.perf_counter() - t0
                 is_best = val_loss < state["best_val"]
                 state["best_val"] = min(state["best_val"], val_loss)
             state.update(epoch=epoch, batch_in_epoch=0, epoch_loss_sum=0.0)
-            last = checkpoint()
-            atomic_torch_save(last, os.path.join(ckpt_dir, "last.pt"))
-            if is_best:
-                atomic_torch_save({k: v for k, v in last.items() if k != "optimizer"},
-                                  os.path.join(ckpt_dir, "best.pt"))
+            if is_main:
+                last = checkpoint()
+                atomic_torch_save(last, os.path.join(ckpt_dir, "last.pt"))
+                if is_best:
+                    atomic_torch_save({k: v for k, v in last.items() if k != "optimizer"},
+                                      os.path.join(ckpt_dir, "best.pt"))
             if evaluate:
                 epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
                 if verbose and not bars:
                     print(f"epoch {epoch}/{args.epochs}  train {train_loss:.4f}  val {val_loss:.4f}  "
                           f"test {test_loss:.4f}", flush=True)
-            if signals.received:
-                raise Interrupted(f"{signals.received} received: stopped after epoch {epoch}; saved "
+            if interrupted:
+                barrier(world_size)
+                raise Interrupted(f"{signal_name} received: stopped after epoch {epoch}; saved "
                                   f"{ckpt_dir}/last.pt. Resume with:\n  {resume_command()}")
-            if out_of_time():
+            if budget_spent:
                 if verbose:
                     print(f"time budget of {args.time_budget_min} min spent after epoch {epoch} "
                           f"(step {state['step']}): finishing", flush=True)
                 break
 
+    if not is_main:
+        barrier(world_size)  # rank 0 writes the outputs below
+        return
     if args.save_model:
         atomic_torch_save(checkpoint(), os.path.join(ckpt_dir, "ckpt.pt"))
-    metrics = {"run_name": args.run_name, "device": str(device), "num_params": num_params, "steps": state["step"],
+    metrics = {"world_size": world_size, "run_name": args.run_name, "device": str(device), "num_params": num_params, "steps": state["step"],
                "epochs_done": state["epoch"], "batch_size": args.batch_size,
                "stopped_by_time_budget": out_of_time(),
-               "train_images_per_s": state["step"] * args.batch_size / timing["train_s"] if timing["train_s"] else None,
+               "train_images_per_s": (state["step"] * args.batch_size * world_size / timing["train_s"]
+                                      if timing["train_s"] else None),
                "timing": timing, "final": {k: v[-1] for k, v in history.items() if v}}
     if args.eval_fid:
         t0 = time.perf_counter()
@@ -538,6 +578,7 @@ def train(args):
     write_json(metrics, os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
     if verbose:
         print(f"done: loss history {history_path}, checkpoints in {ckpt_dir}", flush=True)
+    barrier(world_size)
 
 
 def resume_command():
@@ -655,17 +696,18 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
+    args.rank, args.world_size, args.local_rank = (0, 1, 0) if args.inference else \
+        init_distributed(torch.cuda.is_available() and not args.no_cuda)
     try:
         inference(args) if args.inference else train(args)
-    except UserError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except Interrupted as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
-        sys.exit(130)
+    except (UserError, TrainingError, Interrupted) as e:
+        if args.rank == 0:
+            print(f"{parser.prog}: {'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
+        sys.exit({UserError: 2, TrainingError: 1, Interrupted: 130}[type(e)])
+    finally:
+        if args.world_size > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -108,9 +108,13 @@ def test_loader_yields_every_image_once_per_epoch_flipped_about_half():
 
 def test_loader_shards_are_disjoint_and_cover_the_epoch():
     images, labels = torch.zeros(103, 3, 2, 2, dtype=torch.uint8), torch.arange(103)
-    shards = [torch.cat([y for _, y in DeviceLoader(images, labels, 8, "cpu", seed=1, rank=r, world_size=3)
-                         .batches(epoch=4)]) for r in range(3)]
-    assert sorted(torch.cat(shards).tolist()) == list(range(103))
+    loaders = [DeviceLoader(images, labels, 8, "cpu", seed=1, rank=r, world_size=3) for r in range(3)]
+    shards = [torch.cat([y for _, y in loader.batches(epoch=4)]) for loader in loaders]
+    assert [len(s) for s in shards] == [34, 34, 34] and len({len(loader) for loader in loaders}) == 1
+    seen = torch.cat(shards)
+    assert len(set(seen.tolist())) == 102  # disjoint; 103 % 3 = 1 image waits for the next epoch's order
+    order, _ = DeviceLoader(images, labels, 8, "cpu", seed=1).epoch_indices(4)
+    assert sorted(seen.tolist()) == sorted(order[:102].tolist())  # exactly the single-process epoch, cut
 
 
 def test_uint8_cache_is_written_and_reused(tmp_path, monkeypatch):

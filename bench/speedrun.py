@@ -1,0 +1,120 @@
+"""The 5-minute speedrun: train on CIFAR-10 for a fixed training-time budget, sample 10,000 images,
+and read their FID with the referee — all in this one process.
+
+    python bench/speedrun.py --data_dir /tmp/cifar10 --net .carry/inception-2015-12-05-fp16.pt.xz \\
+        --referee .carry/referee_fid.py [--unconditional] [--out outputs/speedrun]
+
+--data_tar unpacks the image-folder pack first (../shared/data/cifar10-jpeg.tar.xz) when --data_dir has
+no train/. Training time excludes decoding and compilation (ddpm_main.py --time_budget_min). The
+referee reads the FID of the very samples ddpm_main.py wrote (fid_samples_<run>.npz) against
+--ref_stats, or against the training images when no stats are given. With --export, the EMA weights
+go to a small bf16 inference checkpoint. --smoke shrinks everything to run in seconds on CPU.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tarfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ddpm_main  # noqa: E402
+from ddpm_helpers import export_for_inference, load_checkpoint, load_dataset  # noqa: E402
+
+# The recipe: a starting point, not yet tuned on a GPU (see BENCHMARKS.md).
+TRAIN_ARGS = ["--dim", "64", "--dim_mults", "1,2,2", "--batch_size", "512", "--lr", "2e-3",
+              "--warmup_steps", "300", "--ema_decay", "0.9995", "--timesteps", "1000", "--schedule", "cosine",
+              "--eval_every", "1000"]
+SAMPLE_ARGS = ["--sampler", "ddim", "--sampling_steps", "50", "--sample_batch", "2500"]
+SMOKE_TRAIN_ARGS = ["--dim", "8", "--dim_mults", "1,2", "--batch_size", "8", "--timesteps", "10",
+                    "--eval_every", "1000", "--no_cuda"]
+SMOKE_SAMPLE_ARGS = ["--sampler", "ddim", "--sampling_steps", "2", "--sample_batch", "50"]
+
+
+def load_referee(path):
+    spec = importlib.util.spec_from_file_location("referee_fid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="/tmp/cifar10", help="image-folder CIFAR-10 (train/, test/)")
+    p.add_argument("--data_tar", help="unpack this .tar.xz into --data_dir first when train/ is missing")
+    p.add_argument("--net", required=True, help="TF-Inception TorchScript (.pt.xz) for both FIDs")
+    p.add_argument("--referee", required=True, help="referee_fid.py")
+    p.add_argument("--ref_stats", help="reference statistics npz for the referee (default: the training images)")
+    p.add_argument("--unconditional", action="store_true", help="train without labels (default: conditional + CFG)")
+    p.add_argument("--minutes", type=float, default=5.0, help="training-time budget")
+    p.add_argument("--guidance_scale", type=float, default=1.5, help="CFG w for the FID samples")
+    p.add_argument("--num_fid", type=int, default=10000, help="samples for FID")
+    p.add_argument("--out", default="outputs/speedrun", help="outputs, checkpoints and the summary JSON")
+    p.add_argument("--export", help="write the EMA weights (bf16) as an inference checkpoint here")
+    p.add_argument("--smoke", action="store_true", help="tiny model and sizes on CPU: checks the pipeline")
+    a = p.parse_args()
+    start = time.perf_counter()
+    if not os.path.isdir(os.path.join(a.data_dir, "train")):
+        if not a.data_tar:
+            sys.exit(f"{a.data_dir} has no train/: give --data_tar to unpack the image-folder pack")
+        os.makedirs(a.data_dir, exist_ok=True)
+        with tarfile.open(a.data_tar) as tar:
+            tar.extractall(a.data_dir, filter="data")
+    unpack_s = time.perf_counter() - start
+
+    name = "speedrun_uncond" if a.unconditional else "speedrun_cond"
+    models_dir = os.path.join(a.out, "models")
+    train_args, sample_args = (SMOKE_TRAIN_ARGS, SMOKE_SAMPLE_ARGS) if a.smoke else (TRAIN_ARGS, SAMPLE_ARGS)
+    common = ["--run_name", name, "--save_dir", a.out, "--models_dir", models_dir]
+    conditional = [] if a.unconditional else ["--conditional"]
+    ddpm_main.main(["--data_dir", a.data_dir, "--epochs", "100000", "--time_budget_min", str(a.minutes),
+                    "--save_model", *conditional, *train_args, *common])
+    train_metrics = json.load(open(os.path.join(a.out, f"metrics_{name}.json")))
+    ckpt_path = os.path.join(models_dir, name, "ckpt.pt")
+
+    t0 = time.perf_counter()
+    ddpm_main.main(["--inference", "--model_path", ckpt_path, "--num_samples", "100", "--eval_fid", str(a.num_fid),
+                    "--fid_inception", a.net, "--guidance_scale", str(a.guidance_scale), "--data_dir", a.data_dir,
+                    *conditional, *sample_args, *common[:4]])
+    ours = json.load(open(os.path.join(a.out, f"metrics_{name}.json")))
+    sample_fid_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    referee = load_referee(a.referee)
+    device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
+    features = referee.FidFeatures(a.net, device)
+    samples = referee.load_images(os.path.join(a.out, f"fid_samples_{name}.npz"))
+    mu, sigma = features.stats(samples)
+    if a.ref_stats:
+        mu_ref, sigma_ref = referee.load_ref(a.ref_stats)
+    else:
+        mu_ref, sigma_ref = features.stats(load_dataset(a.data_dir)["train_images"].permute(0, 2, 3, 1).numpy())
+    referee_fid = referee.frechet(mu, sigma, mu_ref, sigma_ref)
+    referee_s = time.perf_counter() - t0
+
+    if a.export:
+        export_for_inference(load_checkpoint(ckpt_path), a.export)
+    summary = {
+        "run": name, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+        "train_args": train_args, "sample_args": sample_args, "guidance_scale": a.guidance_scale,
+        "referee_fid": referee_fid, "project_fid": ours["fid"], "num_fid": a.num_fid,
+        "num_params": train_metrics["num_params"], "steps": train_metrics["steps"],
+        "epochs": train_metrics["epochs_done"], "train_images_per_s": train_metrics["train_images_per_s"],
+        "time_s": {"unpack": unpack_s, **train_metrics["timing"], "sample_and_project_fid": sample_fid_s,
+                   "referee": referee_s, "total": time.perf_counter() - start},
+        "exported": a.export,
+    }
+    with open(os.path.join(a.out, f"summary_{name}.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+    print(f"referee FID {referee_fid:.3f} (n={len(samples)}); project FID {ours['fid']:.3f}; "
+          f"total {summary['time_s']['total']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
