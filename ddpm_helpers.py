@@ -318,6 +318,8 @@ class Denoiser:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             try:
                 out = self.forward(x.contiguous(memory_format=self.memory_format), t, class_labels)
+            except torch.OutOfMemoryError:
+                raise  # not a compilation problem: eager would run out of memory too
             except Exception as e:
                 if not self.compiled:
                     raise
