@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import re
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -236,6 +237,9 @@ def save_grid(images, path, nrow):
 def save_individual_pngs(images, folder, labels=None, classes=None):
     """One PNG per image: NNNNN.png, or NNNNN_<class>.png when labels are given."""
     os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # an earlier, larger batch must not leave images behind
+        if re.fullmatch(r"\d{5}(_.+)?\.png", name):
+            os.remove(os.path.join(folder, name))
     paths = []
     for i, array in enumerate(to_uint8(images)):
         suffix = f"_{classes[int(labels[i])]}" if labels is not None else ""

@@ -111,7 +111,8 @@ def build_parser():
                    help="reference statistics (mu, sigma) instead of computing them from the training images")
 
     g = p.add_argument_group("general")
-    g.add_argument("--run_name", default="DDPM", help="names the checkpoint folder and output files")
+    g.add_argument("--run_name", help="names the checkpoint folder and output files (default: DDPM; at inference "
+                   "the checkpoint's run name)")
     g.add_argument("--save_dir", default="outputs", help="folder for grids, samples and JSON")
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same results on CPU)")
     g.add_argument("--no_cuda", action="store_true", help="run on CPU even when CUDA is available")
@@ -347,7 +348,7 @@ def resume_checkpoint(args):
         path = os.path.join(args.models_dir, args.run_name, "last.pt")
         if not os.path.isfile(path):
             raise UserError(f"--resume auto: there is no {path} to resume (was --run_name {args.run_name!r} "
-                            "trained with --models_dir " f"{args.models_dir!r}?)")
+                            f"trained with --models_dir {args.models_dir!r}?)")
     elif not os.path.isfile(path):
         raise UserError(f"--resume {path!r} does not exist")
     ckpt = load_checkpoint(path)
@@ -360,6 +361,7 @@ def resume_checkpoint(args):
 
 
 def train(args):
+    args.run_name = args.run_name or "DDPM"
     ckpt = resume_checkpoint(args) if args.resume else None
     args.data_dir = args.data_dir or "./data"
     device = pick_device(args)
@@ -630,6 +632,7 @@ def inference(args):
     device = pick_device(args)
     ckpt = load_checkpoint(args.model_path)
     config = ckpt["config"]
+    args.run_name = args.run_name or config.get("run_name") or "DDPM"
     num_classes = config.get("num_classes")
     if args.conditional and num_classes is None:
         raise UserError(f"--conditional was given but {args.model_path!r} is an unconditional model; "

@@ -55,3 +55,18 @@ def test_same_seed_same_samples_on_cpu(trained, monkeypatch, capsys):
     assert capsys.readouterr().out == ""  # --quiet
     assert np.array_equal(outputs["a"], outputs["b"])
     assert not np.array_equal(outputs["a"], outputs["c"])
+
+
+def test_individual_pngs_replace_an_earlier_larger_batch(tmp_path):
+    from ddpm_helpers import save_individual_pngs
+    (tmp_path / "notes.txt").write_text("kept")
+    save_individual_pngs(torch.zeros(3, 3, 4, 4), str(tmp_path))
+    save_individual_pngs(torch.zeros(2, 3, 4, 4), str(tmp_path), torch.tensor([0, 1]), ["cat", "dog"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000_cat.png", "00001_dog.png", "notes.txt"]
+
+
+def test_inference_names_outputs_after_the_checkpoint_run(trained):
+    result = run_cli("--inference", "--model_path", "models/uncond/ckpt.pt", "--num_samples", "2", "--sampler",
+                     "ddim", "--sampling_steps", "2", "--no_cuda", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    assert (trained / "outputs" / "samples_uncond.png").is_file()

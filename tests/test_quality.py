@@ -35,7 +35,7 @@ def test_inference_uses_ema_weights(trained, tmp_path):
     result = run_cli("--inference", "--conditional", "--model_path", tmp_path / "nan_raw_weights.pt",
                      "--num_samples", "3", "--sampler", "ddim", "--sampling_steps", "3", "--no_cuda", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert np.load(tmp_path / "outputs" / "samples_DDPM.npz")["images"].std() > 0  # NaN weights would give 0s
+    assert np.load(tmp_path / "outputs" / "samples_cond.npz")["images"].std() > 0  # NaN weights would give 0s
 
 
 def test_ddim_with_guidance_from_the_cli(trained):
