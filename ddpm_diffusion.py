@@ -61,10 +61,12 @@ def extract(a, t, shape):
     return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(shape) - 1)))
 
 
-def guided_eps(model, x, t, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE):
-    """ε̂(x_t, t, c) with classifier-free guidance, both branches in one forward of the 2N batch.
+def guided_prediction(model, x, t, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE):
+    """The network's output (ε̂, or v̂ for a v-prediction model) with classifier-free guidance,
+    out_uncond + w (out_cond − out_uncond), both branches in one forward of the 2N batch.
 
-    w = 0: unconditional; w = 1: plain conditional; w > 1: amplified class.
+    w = 0: unconditional; w = 1: plain conditional; w > 1: amplified class. ε and v are linear in each
+    other at fixed x_t, so guiding either gives the same ε̂.
     """
     num_classes = getattr(model, "num_classes", None)
     if class_labels is None or num_classes is None:
@@ -81,8 +83,15 @@ def guided_eps(model, x, t, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_S
 class Diffusion(nn.Module):
     """The forward process q(x_t | x_0), the loss, and the reverse-process samplers."""
 
-    def __init__(self, timesteps, get_noise_schedule, img_size, device="cpu"):
+    def __init__(self, timesteps, get_noise_schedule, img_size, device="cpu", prediction="eps",
+                 min_snr_gamma=None):
+        """prediction: what the network outputs, 'eps' (ε, Ho et al.) or 'v' (v = √ᾱ ε − √(1−ᾱ) x_0,
+        Salimans & Ho 2022). min_snr_gamma: weight each t's loss by min(SNR_t, γ) / SNR_t for ε
+        (/ (SNR_t + 1) for v), the Min-SNR-γ weighting of Hang et al. 2023; None: uniform."""
         super().__init__()
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}; use 'eps' or 'v'")
+        self.prediction, self.min_snr_gamma = prediction, min_snr_gamma
         betas = torch.as_tensor(get_noise_schedule(timesteps), dtype=torch.float64)
         if betas.shape != (timesteps,) or not ((betas > 0) & (betas < 1)).all():
             raise ValueError(f"the schedule must give {timesteps} values with 0 < β < 1")
@@ -107,6 +116,7 @@ class Diffusion(nn.Module):
             # μ̃_t = coef1 · x_0 + coef2 · x_t   (eq. 7)
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+            "snr": alphas_cumprod / (1 - alphas_cumprod),  # signal-to-noise ratio ᾱ_t / (1 − ᾱ_t)
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -128,6 +138,19 @@ class Diffusion(nn.Module):
         return (mean, extract(self.posterior_variance, t, x_t.shape),
                 extract(self.posterior_log_variance_clipped, t, x_t.shape))
 
+    def v_target(self, x_zero, t, noise):
+        """v = √ᾱ_t ε − √(1 − ᾱ_t) x_0   (Salimans & Ho 2022, §4)."""
+        return (extract(self.sqrt_alphas_cumprod, t, x_zero.shape) * noise
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_zero.shape) * x_zero)
+
+    def predict_noise(self, model, x_t, t, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE):
+        """ε̂ from the (guided) network output: itself for ε-models, √(1 − ᾱ_t) x_t + √ᾱ_t v̂ for v-models."""
+        out = guided_prediction(model, x_t, t, class_labels, guidance_scale)
+        if self.prediction == "eps":
+            return out
+        return (extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
+                + extract(self.sqrt_alphas_cumprod, t, x_t.shape) * out)
+
     def predict_start_from_noise(self, x_t, t, noise):
         """x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, eq. 4 solved for x_0."""
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
@@ -136,18 +159,26 @@ class Diffusion(nn.Module):
     # training ---------------------------------------------------------------------------
 
     def p_losses(self, denoise_model, x_zero, t, noise=None, loss_type="l2", class_labels=None):
-        """The simplified objective ‖ε − ε_θ(x_t, t)‖ (eq. 14), with an L1, L2 or Huber norm."""
+        """The simplified objective ‖ε − ε_θ(x_t, t)‖ (eq. 14) — or ‖v − v_θ‖ for v-prediction — with an
+        L1, L2 or Huber norm, averaged per image, then over the batch (Min-SNR-weighted if set)."""
         if noise is None:
             noise = torch.randn_like(x_zero)
         x_t = self.q_sample(x_zero, t, noise)
-        predicted_noise = denoise_model(x_t, t, class_labels)
+        prediction = denoise_model(x_t, t, class_labels)
+        target = noise if self.prediction == "eps" else self.v_target(x_zero, t, noise)
         if loss_type == "l1":
-            return F.l1_loss(predicted_noise, noise)
-        if loss_type == "l2":
-            return F.mse_loss(predicted_noise, noise)
-        if loss_type == "huber":
-            return F.smooth_l1_loss(predicted_noise, noise)
-        raise ValueError(f"unknown loss_type {loss_type!r}; use 'l1', 'l2' or 'huber'")
+            elementwise = (prediction - target).abs()
+        elif loss_type == "l2":
+            elementwise = (prediction - target) ** 2
+        elif loss_type == "huber":
+            elementwise = F.smooth_l1_loss(prediction, target, reduction="none")
+        else:
+            raise ValueError(f"unknown loss_type {loss_type!r}; use 'l1', 'l2' or 'huber'")
+        per_image = elementwise.flatten(1).mean(1)                          # (N,)
+        if self.min_snr_gamma is not None:
+            snr = self.snr[t]
+            per_image = per_image * snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+        return per_image.mean()
 
     # reverse process ----------------------------------------------------------------------
 
@@ -159,7 +190,7 @@ class Diffusion(nn.Module):
         clip_denoised clamps the implied x̂_0 to [−1, 1] before forming the posterior mean
         (Ho et al.'s released sampler); without it the step is eq. 11 exactly.
         """
-        eps = guided_eps(model, x, t, class_labels, guidance_scale)
+        eps = self.predict_noise(model, x, t, class_labels, guidance_scale)
         x_zero = self.predict_start_from_noise(x, t, eps)
         if clip_denoised:
             x_zero = x_zero.clamp(-1, 1)
@@ -174,7 +205,7 @@ class Diffusion(nn.Module):
     def ddim_step(self, model, x, t, t_prev, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
                   eta=0.0, clip_denoised=True, noise=None):
         """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); t_prev = −1 means x_0."""
-        eps = guided_eps(model, x, t, class_labels, guidance_scale)
+        eps = self.predict_noise(model, x, t, class_labels, guidance_scale)
         x_zero = self.predict_start_from_noise(x, t, eps)
         if clip_denoised:
             x_zero = x_zero.clamp(-1, 1)

@@ -478,15 +478,16 @@ def all_ranks_mean(value, world_size):
     return value / world_size
 
 
-def any_rank(flags, world_size):
-    """Element-wise OR of a list of booleans over ranks, so that every rank takes the same decision."""
+def max_over_ranks(values, world_size):
+    """The element-wise maximum of a list of numbers (or booleans) over ranks, as floats, so that every
+    rank takes the same decision."""
     if world_size == 1:
-        return [bool(f) for f in flags]
+        return [float(v) for v in values]
     import torch.distributed as dist
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(bool(f)) for f in flags], device=device)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return t.tolist()
 
 
 def barrier(world_size):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ddpm_diffusion import DEFAULT_GUIDANCE_SCALE, Diffusion, make_schedule
 from ddpm_helpers import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CIFAR10_CLASSES, FID_STATS_NAME, Denoiser,
-                          DeviceLoader, FIDFeatures, UserError, all_ranks_mean, any_rank, barrier,
+                          DeviceLoader, FIDFeatures, UserError, all_ranks_mean, barrier, max_over_ranks,
                           frechet_distance, init_distributed, reference_statistics, atomic_torch_save, environment_versions, load_checkpoint, load_dataset,
                           plot_loss_history, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
                           to_model_range, to_uint8, train_val_split, write_json)
@@ -67,7 +67,13 @@ def build_parser():
     g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up, in steps")
     g.add_argument("--timesteps", type=int, default=100, help="T, the number of diffusion steps")
     g.add_argument("--schedule", choices=("linear", "cosine", "sigmoid"), default="cosine", help="noise schedule β_t")
-    g.add_argument("--loss_type", choices=("l1", "l2", "huber"), default="l2", help="norm of ε − ε_θ")
+    g.add_argument("--loss_type", choices=("l1", "l2", "huber"), default="l2", help="norm of ε − ε_θ (or v − v_θ)")
+    g.add_argument("--prediction", choices=("eps", "v"), default="eps",
+                   help="what the network predicts: the noise ε (Ho et al.) or v = √ᾱ ε − √(1−ᾱ) x_0")
+    g.add_argument("--min_snr_gamma", type=float,
+                   help="Min-SNR-γ loss weighting, e.g. 5 (default: uniform over t)")
+    g.add_argument("--lr_decay", choices=("none", "cosine"), default="none",
+                   help="after warm-up: constant lr, or cosine decay to 0 over --epochs (or --time_budget_min)")
     g.add_argument("--conditional", action="store_true", help="class-conditional model (classifier-free guidance)")
     g.add_argument("--p_uncond", type=float, default=0.1, help="probability a label is dropped to the null label")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the weights used for sampling; 0: off")
@@ -131,6 +137,8 @@ def check_args(args, parser):
         parser.error(f"--p_uncond must be in [0, 1], got {args.p_uncond}")
     if not 0 <= args.ema_decay < 1:
         parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.min_snr_gamma is not None and not args.min_snr_gamma > 0:
+        parser.error(f"--min_snr_gamma must be greater than 0, got {args.min_snr_gamma}")
     if args.warmup_steps < 0:
         parser.error(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
     if not 0 <= args.eta <= 1:
@@ -192,8 +200,15 @@ def pick_device(args):
 
 
 def build_diffusion(config, device):
-    return Diffusion(config["timesteps"], lambda T: make_schedule(config["schedule"], T),
-                     config["image_size"], device)
+    return Diffusion(config["timesteps"], lambda T: make_schedule(config["schedule"], T), config["image_size"],
+                     device, prediction=config.get("prediction", "eps"), min_snr_gamma=config.get("min_snr_gamma"))
+
+
+def learning_rate(args, step, progress):
+    """--lr after a linear warm-up over --warmup_steps, then constant or cosine-decayed with progress ∈ [0, 1]."""
+    warmup = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) if args.lr_decay == "cosine" else 1.0
+    return args.lr * warmup * decay
 
 
 def class_cycle(classes, n, device):
@@ -232,14 +247,14 @@ def evaluate_loss(diffusion, denoiser, loader, conditional, loss_type):
     return (all_ranks_mean(total, world) / loader.num_local).item()  # Σ losses / images, over all ranks
 
 
-def train_step(x, y, step, model, ema_model, optimizer, diffusion, denoiser, args, rank=0, world_size=1):
+def train_step(x, y, step, lr, model, ema_model, optimizer, diffusion, denoiser, args, rank=0, world_size=1):
     """One optimizer step on images x (B, 3, H, W) with labels y (B,); returns the loss as a device
     tensor, so the caller decides when to synchronise with the host.
 
     t, the label drops and ε are drawn for the global batch (world_size · B) and sliced to this rank's
     images: any number of ranks trains on the randomness of one process with the global batch."""
-    for group in optimizer.param_groups:  # linear warm-up, then constant
-        group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     n, mine = len(x) * world_size, slice(rank, None, world_size)
     t = torch.randint(0, diffusion.timesteps, (n,), device=x.device)[mine]
     labels = None
@@ -337,8 +352,8 @@ class SignalFlag:
 # ----------------------------------------------------------------------------------- train
 
 # settings a resumed run takes from its checkpoint, whatever the command line says
-RESUMED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "dim", "dim_mults", "lr", "warmup_steps",
-                    "batch_size", "p_uncond", "ema_decay", "seed")
+RESUMED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma", "dim",
+                    "dim_mults", "lr", "lr_decay", "warmup_steps", "batch_size", "p_uncond", "ema_decay", "seed")
 
 
 def resume_checkpoint(args):
@@ -355,7 +370,7 @@ def resume_checkpoint(args):
     if "optimizer" not in ckpt:
         raise UserError(f"--resume {path!r} holds weights only (no optimizer state); resume from last.pt")
     for key in RESUMED_SETTINGS:
-        setattr(args, key, ckpt["config"][key])
+        setattr(args, key, ckpt["config"].get(key, getattr(args, key)))
     args.data_dir = args.data_dir or ckpt["config"]["data_dir"]
     return ckpt
 
@@ -400,6 +415,7 @@ def train(args):
         "model": model_config.to_dict(), "conditional": args.conditional,
         "num_classes": model_config.num_classes, "classes": classes, "image_size": image_size,
         "timesteps": args.timesteps, "schedule": args.schedule, "loss_type": args.loss_type,
+        "prediction": args.prediction, "min_snr_gamma": args.min_snr_gamma, "lr_decay": args.lr_decay,
         "dim": args.dim, "dim_mults": list(args.dim_mults), "lr": args.lr, "warmup_steps": args.warmup_steps,
         "batch_size": args.batch_size, "epochs": args.epochs, "p_uncond": args.p_uncond,
         "ema_decay": args.ema_decay, "seed": args.seed, "run_name": args.run_name,
@@ -455,10 +471,14 @@ def train(args):
                 "versions": environment_versions(), "model": model.state_dict(), "ema": ema_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "history": history, "timing": timing, "rng": rng, **state}
 
-    def out_of_time(running_epoch_s=0.0):
-        """True once the training steps (compilation excluded) have used --time_budget_min."""
-        return args.time_budget_min is not None and timing["train_s"] + running_epoch_s >= args.time_budget_min * 60
+    def time_spent(running_epoch_s=0.0):
+        """The fraction of --time_budget_min that training steps (compilation excluded) have used."""
+        return (timing["train_s"] + running_epoch_s) / (args.time_budget_min * 60) if args.time_budget_min else 0.0
 
+    def out_of_time(running_epoch_s=0.0):
+        return time_spent(running_epoch_s) >= 1
+
+    time_progress = time_spent()
     signals = SignalFlag()
     first_step = True
     with signals:
@@ -475,8 +495,11 @@ def train(args):
             untimed, interval_images = 0.0, 0
             for x, y in batch_bar:
                 step_start = time.perf_counter()
-                loss = train_step(x, y, state["step"], model, ema_model, optimizer, diffusion, train_denoiser, args,
-                                  rank, world_size)
+                # how far along, for the lr decay: by training time under a budget (agreed between ranks at
+                # read-outs, so every rank uses the same lr), else by steps
+                progress = time_progress if args.time_budget_min else state["step"] / (args.epochs * len(train_loader))
+                loss = train_step(x, y, state["step"], learning_rate(args, state["step"], progress), model, ema_model,
+                                  optimizer, diffusion, train_denoiser, args, rank, world_size)
                 loss_sum += loss
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
@@ -495,15 +518,18 @@ def train(args):
                     batch_bar.set_postfix(loss=f"{running:.4f}",
                                           img_s=f"{interval_images * world_size / (now - interval_start):.0f}")
                     interval_start, interval_images = now, 0
-                if read_out or world_size == 1:  # ranks stop together: they decide at read-outs
-                    if any(any_rank([signals.received, out_of_time(time.perf_counter() - epoch_start - untimed)],
-                                    world_size)):
+                if read_out or world_size == 1:  # ranks decide together, at read-outs
+                    running_s = time.perf_counter() - epoch_start - untimed
+                    signalled, spent, time_progress = max_over_ranks(
+                        [signals.received is not None, out_of_time(running_s), time_spent(running_s)], world_size)
+                    if signalled or spent:
                         break
             # waits for the device: the epoch's steps are done
             state["epoch_loss_sum"] = all_ranks_mean(loss_sum, world_size).item()
             timing["train_s"] += time.perf_counter() - epoch_start - untimed
             check_finite(state["epoch_loss_sum"], epoch, state["step"], ckpt_dir)
-            interrupted, budget_spent = any_rank([signals.received, out_of_time()], world_size)
+            interrupted, budget_spent = (bool(v) for v in max_over_ranks([signals.received is not None, out_of_time()],
+                                                                         world_size))
             signal_name = signals.received or "a signal (on another rank)"
             if interrupted:
                 if is_main:

@@ -111,7 +111,7 @@ def bench_fast(images, labels, device, model_kwargs, batch_size, steps, warmup, 
             epoch += 1
             batches = loader.batches(epoch)
             x = next(batches)
-        loss_sum += train_step(*x, step, model, ema_model, optimizer, diffusion, denoiser, args)
+        loss_sum += train_step(*x, step, args.lr, model, ema_model, optimizer, diffusion, denoiser, args)
     loss_sum.item()
     sync(device)
     seconds = time.perf_counter() - start

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_diffusion import Diffusion, cosine_beta_schedule, extract, guided_eps, linear_beta_schedule
+from ddpm_diffusion import Diffusion, cosine_beta_schedule, extract, guided_prediction, linear_beta_schedule
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_classifier_free_guidance(w):
     x, t, labels = torch.randn(3, 3, 4, 4), torch.tensor([1, 2, 3]), torch.tensor([0, 4, 9])
     eps_uncond = model(x, t, torch.full_like(labels, 10))
     eps_cond = model(x, t, labels)
-    out = guided_eps(model, x, t, labels, w)
+    out = guided_prediction(model, x, t, labels, w)
     assert torch.allclose(out, eps_uncond + w * (eps_cond - eps_uncond), atol=1e-5)
     if w == 0:
         assert torch.equal(out, eps_uncond)
@@ -152,7 +152,7 @@ def test_guidance_uses_one_batched_forward():
             calls.append(len(x))
             return super().forward(x, t, class_labels)
 
-    guided_eps(Recorder(), torch.randn(5, 3, 4, 4), torch.zeros(5, dtype=torch.long), torch.arange(5), 3.0)
+    guided_prediction(Recorder(), torch.randn(5, 3, 4, 4), torch.zeros(5, dtype=torch.long), torch.arange(5), 3.0)
     assert calls == [10]
 
 
@@ -171,3 +171,65 @@ def test_sample_shape_and_range(diffusion):
     model = ClassShift()
     out = diffusion.sample(model, 8, batch_size=3, class_labels=torch.tensor([0, 1, 2]), guidance_scale=2.0)
     assert out.shape == (3, 3, 8, 8) and out.min() >= -1 and out.max() <= 1
+
+
+class GaussianOptimalV(GaussianOptimalEps):
+    """The same optimal predictor expressed as v = √ᾱ ε − √(1−ᾱ) x̂_0, x̂_0 = (x_t − √(1−ᾱ) ε)/√ᾱ."""
+
+    def forward(self, x, t, class_labels=None):
+        eps = super().forward(x, t)
+        ab = extract(self.d.alphas_cumprod, t, x.shape)
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+
+def test_v_target_closed_form(diffusion):
+    x0, noise, t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([5, 80])
+    ab = diffusion.alphas_cumprod[t].view(2, 1, 1, 1)
+    assert torch.allclose(diffusion.v_target(x0, t, noise), ab.sqrt() * noise - (1 - ab).sqrt() * x0, atol=1e-6)
+
+
+def test_v_prediction_samples_like_eps_prediction():
+    eps_diffusion = Diffusion(100, cosine_beta_schedule, 4)
+    v_diffusion = Diffusion(100, cosine_beta_schedule, 4, prediction="v")
+    x, z = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    for step in (90, 40, 0):
+        t = torch.full((3,), step)
+        a = eps_diffusion.p_sample(GaussianOptimalEps(eps_diffusion, 0.2, 0.3), x, t, step, noise=z)
+        b = v_diffusion.p_sample(GaussianOptimalV(v_diffusion, 0.2, 0.3), x, t, step, noise=z)
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_v_prediction_loss_is_zero_for_the_true_v():
+    d = Diffusion(100, cosine_beta_schedule, 4, prediction="v")
+    x0, noise, t = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4), torch.tensor([0, 10, 50, 99])
+
+    class TrueV(nn.Module):
+        num_classes = None
+
+        def forward(self, x_t, t_, class_labels=None):
+            return d.v_target(x0, t_, noise)
+
+    assert d.p_losses(TrueV(), x0, t, noise).item() == pytest.approx(0, abs=1e-10)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights(prediction):
+    gamma = 5.0
+    d = Diffusion(100, cosine_beta_schedule, 4, prediction=prediction, min_snr_gamma=gamma)
+    plain = Diffusion(100, cosine_beta_schedule, 4, prediction=prediction)
+
+    class Zero(nn.Module):
+        num_classes = None
+
+        def forward(self, x, t, class_labels=None):
+            return torch.zeros_like(x)
+
+    x0, noise = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    for step in (0, 30, 99):
+        t = torch.tensor([step])
+        ab = cosine_beta_schedule(100).neg().add(1).cumprod(0)[step].item()
+        snr = ab / (1 - ab)
+        weight = min(snr, gamma) / (snr if prediction == "eps" else snr + 1)
+        assert d.p_losses(Zero(), x0, t, noise).item() == pytest.approx(
+            weight * plain.p_losses(Zero(), x0, t, noise).item(), rel=1e-4)

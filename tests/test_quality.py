@@ -182,3 +182,27 @@ def test_speedrun_smoke_trains_samples_and_reads_referee_fid(tmp_path, fake_ince
     sampled = run_cli("--inference", "--conditional", "--model_path", "shipped/ckpt.pt", "--num_samples", "10",
                       "--sampler", "ddim", "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
+
+
+def test_learning_rate_warmup_and_cosine_decay():
+    args = ddpm_main.build_parser().parse_args(["--lr", "0.01", "--warmup_steps", "10", "--lr_decay", "cosine"])
+    assert ddpm_main.learning_rate(args, 0, 0.0) == pytest.approx(0.001)
+    assert ddpm_main.learning_rate(args, 9, 0.0) == pytest.approx(0.01)
+    assert ddpm_main.learning_rate(args, 500, 0.5) == pytest.approx(0.005)
+    assert ddpm_main.learning_rate(args, 900, 1.0) == pytest.approx(0.0, abs=1e-12)
+    args.lr_decay = "none"
+    assert ddpm_main.learning_rate(args, 900, 1.0) == pytest.approx(0.01)
+
+
+def test_v_prediction_min_snr_cosine_run_end_to_end(tiny_data, tmp_path):
+    result = run_cli("--data_dir", tiny_data, "--conditional", "--epochs", "2", "--prediction", "v",
+                     "--min_snr_gamma", "5", "--lr_decay", "cosine", "--save_model", "--run_name", "v",
+                     *TINY_MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = torch.load(tmp_path / "models" / "v" / "ckpt.pt", weights_only=True)["config"]
+    assert (config["prediction"], config["min_snr_gamma"], config["lr_decay"]) == ("v", 5.0, "cosine")
+    history = json.loads((tmp_path / "outputs" / "loss_history_v.json").read_text())
+    assert all(np.isfinite(history["val_loss"]))
+    sampled = run_cli("--inference", "--conditional", "--model_path", "models/v/ckpt.pt", "--num_samples", "3",
+                      "--sampler", "ddim", "--sampling_steps", "3", "--no_cuda", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
