@@ -47,8 +47,10 @@ def _decode_image_folder(root):
     files, classes = _list_image_folder(root)
     if not files:
         raise UserError(f"no images (.png/.jpg) in the class folders of {root}")
+    from tqdm.auto import tqdm
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(_decode, [f for f, _ in files]))
+        arrays = list(tqdm(pool.map(_decode, [f for f, _ in files]), total=len(files), leave=False,
+                           desc=f"decoding {root} (once; cached)", disable=not stderr_is_terminal()))
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise UserError(f"images under {root} differ in size ({sorted(shapes)[:3]}…); all must share one size")
