@@ -81,6 +81,8 @@ def build_parser():
     g.add_argument("--dim_mults", type=int_list, default=[1, 2, 4], help="U-Net channel multipliers per stage")
     g.add_argument("--data_dir", help="CIFAR-10 download folder, or a train/ test/ image-folder tree "
                    "(default ./data; at inference the folder the model was trained on)")
+    g.add_argument("--checkpoint_every", type=int, default=1,
+                   help="epochs between last.pt writes (the last epoch, interruptions and evaluations always)")
     g.add_argument("--eval_every", type=int, default=1,
                    help="epochs between validation/test losses, grids and plots (the last epoch always)")
     g.add_argument("--save_model", action="store_true", help="also write models/<run_name>/ckpt.pt at the end")
@@ -152,8 +154,9 @@ def check_args(args, parser):
             parser.error(f"--sampling_steps must be in 1..--timesteps ({args.timesteps}), got {args.sampling_steps}")
     if args.sample_classes is not None:
         args.sample_classes = parse_classes(args.sample_classes, len(CIFAR10_CLASSES), parser.error)
-    if args.eval_every < 1:
-        parser.error(f"--eval_every must be at least 1, got {args.eval_every}")
+    for name in ("eval_every", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.eval_fid < 0:
         parser.error(f"--eval_fid must be 0 (off) or a sample count, got {args.eval_fid}")
     if args.eval_fid:
@@ -566,7 +569,7 @@ def train(args):
                 is_best = val_loss < state["best_val"]
                 state["best_val"] = min(state["best_val"], val_loss)
             state.update(epoch=epoch, batch_in_epoch=0, epoch_loss_sum=0.0)
-            if is_main:
+            if is_main and (evaluate or epoch % args.checkpoint_every == 0):
                 last = checkpoint()
                 atomic_torch_save(last, os.path.join(ckpt_dir, "last.pt"))
                 if is_best:

@@ -28,10 +28,10 @@ from ddpm_helpers import export_for_inference, load_checkpoint, load_dataset  # 
 # The recipe: a starting point, not yet tuned on a GPU (see BENCHMARKS.md).
 TRAIN_ARGS = ["--dim", "64", "--dim_mults", "1,2,2", "--batch_size", "512", "--lr", "2e-3",
               "--warmup_steps", "300", "--ema_decay", "0.9995", "--timesteps", "1000", "--schedule", "cosine",
-              "--eval_every", "1000"]
+              "--eval_every", "1000", "--checkpoint_every", "1000"]
 SAMPLE_ARGS = ["--sampler", "ddim", "--sampling_steps", "50", "--sample_batch", "2500"]
 SMOKE_TRAIN_ARGS = ["--dim", "8", "--dim_mults", "1,2", "--batch_size", "8", "--timesteps", "10",
-                    "--eval_every", "1000", "--no_cuda"]
+                    "--eval_every", "1000", "--checkpoint_every", "1000", "--no_cuda"]
 SMOKE_SAMPLE_ARGS = ["--sampler", "ddim", "--sampling_steps", "2", "--sample_batch", "50"]
 
 
