@@ -483,7 +483,7 @@ def train(args):
 
     time_progress = time_spent()
     signals = SignalFlag()
-    first_step = True
+    compiled_batch_sizes = set()
     with signals:
         epoch_bar = tqdm(range(state["epoch"] + 1, args.epochs + 1), desc="epochs", disable=not bars,
                          initial=state["epoch"], total=args.epochs)
@@ -497,6 +497,9 @@ def train(args):
             epoch_start = interval_start = time.perf_counter()
             untimed, interval_images = 0.0, 0
             for x, y in batch_bar:
+                new_shape = compile_model and len(x) not in compiled_batch_sizes  # compile traces each new size
+                if new_shape:
+                    torch.cuda.synchronize()
                 step_start = time.perf_counter()
                 # how far along, for the lr decay: by training time under a budget (agreed between ranks at
                 # read-outs, so every rank uses the same lr), else by steps
@@ -507,12 +510,11 @@ def train(args):
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 interval_images += len(x)
-                if first_step:  # this process's first step compiles: timed apart from training
-                    if use_cuda:
-                        torch.cuda.synchronize()
-                    untimed = time.perf_counter() - step_start
-                    timing["compile_s"] += untimed
-                    first_step = False
+                if new_shape:  # a step that compiles is timed apart from training
+                    torch.cuda.synchronize()
+                    untimed += time.perf_counter() - step_start
+                    timing["compile_s"] += time.perf_counter() - step_start
+                    compiled_batch_sizes.add(len(x))
                 read_out = state["step"] % args.log_interval == 0
                 if read_out:  # the only host syncs inside an epoch
                     running = (all_ranks_mean(loss_sum, world_size) / state["batch_in_epoch"]).item()
