@@ -26,7 +26,7 @@ import ddpm_main  # noqa: E402
 from ddpm_helpers import export_for_inference, load_checkpoint, load_dataset  # noqa: E402
 
 # The recipe: a starting point, not yet tuned on a GPU (see BENCHMARKS.md).
-TRAIN_ARGS = ["--dim", "64", "--dim_mults", "1,2,2", "--batch_size", "500", "--lr", "2e-3",
+TRAIN_ARGS = ["--dim", "48", "--dim_mults", "1,2,2", "--batch_size", "500", "--lr", "2e-3",
               "--warmup_steps", "300", "--ema_decay", "0.9995", "--timesteps", "1000", "--schedule", "cosine",
               "--eval_every", "1000", "--checkpoint_every", "1000"]
 SAMPLE_ARGS = ["--sampler", "ddim", "--sampling_steps", "50", "--sample_batch", "2500"]
