@@ -6,6 +6,7 @@ and sample from a saved checkpoint.
     python ddpm_main.py --inference --model_path models/DDPM_30epochs/ckpt.pt --num_samples 64
 """
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -274,6 +275,14 @@ def train_step(x, y, step, lr, model, ema_model, optimizer, diffusion, denoiser,
     return loss.detach()
 
 
+@contextlib.contextmanager
+def seeded_rng(seed, device):
+    """Draw from `seed` inside the block, leaving the caller's RNG state (training's) untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
     """θ_ema ← decay · θ_ema + (1 − decay) · θ."""
@@ -282,8 +291,7 @@ def update_ema(ema_model, model, decay):
 
 def make_grid_images(diffusion, denoiser, config, args, device):
     """The per-epoch grid from fixed noise: one row per class (conditional) or 8 × 8."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(GRID_SEED)
+    with seeded_rng(GRID_SEED, device):
         if config["conditional"]:
             labels = torch.arange(config["num_classes"], device=device).repeat_interleave(GRID_PER_CLASS)
             images = generate(diffusion, denoiser, config, len(labels), labels, args, args.sample_batch, False)
@@ -320,8 +328,7 @@ def measure_fid(diffusion, denoiser, config, args, device, train_images_uint8, v
     labels = None
     if config["conditional"]:
         labels = torch.arange(n, device=device) % config["num_classes"]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed)
+    with seeded_rng(args.seed, device):
         images = to_uint8(generate(diffusion, denoiser, config, n, labels, args, args.sample_batch,
                                    verbose and stderr_is_terminal()))
     np.savez(os.path.join(args.save_dir, f"fid_samples_{args.run_name}.npz"), images=images)
@@ -652,8 +659,7 @@ def guidance_sweep_images(diffusion, denoiser, config, args, classes, device):
     labels = torch.tensor(classes, device=device)
     rows = []
     for w in args.guidance_sweep:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed)
+        with seeded_rng(args.seed, device):
             rows.append(diffusion.sample(denoiser, config["image_size"], len(classes), config["model"]["channels"],
                                          labels, w, args.sampler, args.sampling_steps, args.eta).cpu())
     return torch.cat(rows)
