@@ -13,6 +13,7 @@ Prints a table and writes JSON (--out). Training throughput is timed over --step
 --warmup steps (compilation happens in the warm-up and is reported apart).
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -87,10 +88,8 @@ def bench_seed_style(images, labels, device, model_kwargs, steps, warmup, timest
 def bench_fast(images, labels, device, model_kwargs, batch_size, steps, warmup, timesteps, compile_model):
     """ddpm_main.train_step on device-resident data; returns (img/s, warm-up seconds, peak GB)."""
     use_cuda = device.type == "cuda"
-    model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device)
-    if use_cuda:
-        model = model.to(memory_format=torch.channels_last)
-    ema_model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device).requires_grad_(False)
+    model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_cuda)
     diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), images.shape[-1], device)
     denoiser = Denoiser(model, compile=compile_model, amp=use_cuda)
@@ -122,9 +121,7 @@ def bench_fast(images, labels, device, model_kwargs, batch_size, steps, warmup, 
 def bench_sampling(device, model_kwargs, counts, timesteps, size, sample_batch, compile_model):
     """Seconds for `count` class-conditional CFG samples (w = 3, DDPM, T steps), default U-Net."""
     use_cuda = device.type == "cuda"
-    model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device).eval()
-    if use_cuda:
-        model = model.to(memory_format=torch.channels_last)
+    model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device, memory_format=torch.channels_last).eval()
     denoiser = Denoiser(model, compile=compile_model, amp=use_cuda)
     diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), size, device)
     config = {"image_size": size, "model": {"channels": 3}}

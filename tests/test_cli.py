@@ -30,6 +30,16 @@ def test_training_writes_history_checkpoint_and_grids(trained):
     assert uncond["config"]["num_classes"] is None
 
 
+def test_log_has_a_line_per_epoch_without_a_terminal(tiny_data, tmp_path):
+    result = run_cli("--data_dir", tiny_data, "--epochs", "2", "--eval_every", "2", "--run_name", "log",
+                     *TINY_MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and all("img/s" in line for line in lines)
+    assert lines[0].startswith("epoch 1/2  train ") and "val" not in lines[0]  # not an evaluation epoch
+    assert lines[1].startswith("epoch 2/2  train ") and "  val " in lines[1] and "  test " in lines[1]
+
+
 def test_conditional_inference_writes_grid_and_pngs(trained):
     result = run_cli("--inference", "--conditional", "--model_path", "models/cond/ckpt.pt", "--num_samples", "6",
                      "--guidance_scale", "5.0", "--sample_classes", "2,7", "--run_name", "inf", "--no_cuda",

@@ -40,14 +40,17 @@ def test_bf16_loss_and_gradients_match_fp32(model):
     assert cosine > 0.99
 
 
-def test_compiled_bf16_loss_matches_fp32(model, monkeypatch):
-    """torch.compile's graph capture (AOT autograd, forward and backward) with bf16 autocast; the inductor
-    code generation itself is exercised on the GPU, it takes minutes on 2 CPU cores."""
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_compiled_bf16_loss_matches_fp32(model, layout, monkeypatch):
+    """torch.compile's graph capture (AOT autograd, forward and backward) with bf16 autocast, for the
+    channels-last model ddpm_main builds and a default one; the inductor code generation itself is
+    exercised on the GPU, it takes minutes on 2 CPU cores."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     d = Diffusion(10, cosine_beta_schedule, 16)
     x, t, y, noise = batch()
     plain = d.p_losses(model, x, t, noise, class_labels=y)
-    denoiser = Denoiser(model, compile=True, amp=True)
+    denoiser = Denoiser(model.to(memory_format=layout), compile=True, amp=True)
+    assert denoiser.memory_format == layout  # the input follows the model's layout
     fast = d.p_losses(denoiser, x, t, noise, class_labels=y)
     fast.backward()
     assert denoiser.compiled
