@@ -12,7 +12,8 @@ from torch import nn
 
 import ddpm_main
 from conftest import ROOT, TINY_MODEL, make_image_folder, run_cli
-from ddpm_helpers import FIDFeatures, frechet_distance, load_dataset, tf_resize_matrix
+from ddpm_helpers import (FIDFeatures, export_for_inference, frechet_distance, load_checkpoint, load_dataset,
+                          tf_resize_matrix)
 
 SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 INCEPTION = os.path.join(SHARED, "fid", "inception-2015-12-05-fp16.pt.xz")
@@ -206,3 +207,15 @@ def test_v_prediction_min_snr_cosine_run_end_to_end(tiny_data, tmp_path):
     sampled = run_cli("--inference", "--conditional", "--model_path", "models/v/ckpt.pt", "--num_samples", "3",
                       "--sampler", "ddim", "--sampling_steps", "3", "--no_cuda", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
+
+
+def test_export_for_inference_keeps_only_bf16_ema_weights(trained, tmp_path):
+    ckpt = load_checkpoint(str(trained / "models" / "cond" / "ckpt.pt"))
+    export_for_inference(ckpt, str(tmp_path / "small" / "ckpt.pt"))
+    small = torch.load(tmp_path / "small" / "ckpt.pt", weights_only=True)
+    assert set(small) == {"format", "version", "config", "versions", "ema"}
+    assert small["config"] == {**ckpt["config"], "data_dir": "./data"}  # no path from the training machine
+    for name, weight in ckpt["ema"].items():
+        assert small["ema"][name].dtype == torch.bfloat16
+        assert torch.equal(small["ema"][name], weight.to(torch.bfloat16))
+    assert os.path.getsize(tmp_path / "small" / "ckpt.pt") < os.path.getsize(trained / "models" / "cond" / "ckpt.pt") / 4
