@@ -5,19 +5,16 @@ import numpy as np
 import torch
 
 from conftest import ROOT, run_cli
+from ddpm_helpers import load_checkpoint
 from ddpm_main import build_diffusion
 from ddpm_model import UNet, UNetConfig
 
 SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")
 
 
-def load_shipped():
-    return torch.load(SHIPPED, map_location="cpu", weights_only=True)
-
-
 def test_shipped_model_is_a_small_bf16_ema_checkpoint():
     assert os.path.getsize(SHIPPED) <= 8_000_000
-    ckpt = load_shipped()
+    ckpt = torch.load(SHIPPED, map_location="cpu", weights_only=True)  # plain torch, as the model card says
     assert ckpt["format"] == "ddpm-cifar10"
     assert set(ckpt) == {"format", "version", "config", "versions", "ema"}  # no raw weights, no optimizer
     assert {v.dtype for v in ckpt["ema"].values()} == {torch.bfloat16}
@@ -34,7 +31,7 @@ def smooth_images(n, generator):
 
 
 def test_shipped_weights_denoise_far_better_than_untrained_ones():
-    ckpt = load_shipped()
+    ckpt = load_checkpoint(SHIPPED)
     config = ckpt["config"]
     trained = UNet(UNetConfig.from_dict(config["model"]))
     trained.load_state_dict(ckpt["ema"])
