@@ -5,9 +5,13 @@ Timesteps are 0-based indices t ∈ {0, …, T−1}; index t stands for the pape
 Schedules are computed in float64 and stored as float32 buffers.
 
 Samplers: ancestral DDPM (Algorithm 2) and DDIM (Song et al. 2021, eq. 12), both with
-classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond).
+classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond). SamplerSettings names
+one way to sample; generate() and guidance_sweep() are what the CLI, the benchmarks and FID sample with.
 """
+import contextlib
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +87,7 @@ def guided_prediction(model, x, t, class_labels=None, guidance_scale=DEFAULT_GUI
 class Diffusion(nn.Module):
     """The forward process q(x_t | x_0), the loss, and the reverse-process samplers."""
 
-    def __init__(self, timesteps, get_noise_schedule, img_size, device="cpu", prediction="eps",
-                 min_snr_gamma=None):
+    def __init__(self, timesteps, get_noise_schedule, device="cpu", prediction="eps", min_snr_gamma=None):
         """prediction: what the network outputs, 'eps' (ε, Ho et al.) or 'v' (v = √ᾱ ε − √(1−ᾱ) x_0,
         Salimans & Ho 2022). min_snr_gamma: weight each t's loss by min(SNR_t, γ) / SNR_t for ε
         (/ (SNR_t + 1) for v), the Min-SNR-γ weighting of Hang et al. 2023; None: uniform."""
@@ -96,7 +99,6 @@ class Diffusion(nn.Module):
         if betas.shape != (timesteps,) or not ((betas > 0) & (betas < 1)).all():
             raise ValueError(f"the schedule must give {timesteps} values with 0 < β < 1")
         self.timesteps = timesteps
-        self.img_size = img_size
         alphas = 1 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -256,3 +258,53 @@ class Diffusion(nn.Module):
                 t_prev = steps[i + 1] if i + 1 < len(steps) else -1
                 x = self.ddim_step(model, x, t, t_prev, class_labels, guidance_scale, eta, clip_denoised)
         return x.clamp(-1, 1)
+
+
+# sampling ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """One way to sample: the sampler, its steps and noise, and the classifier-free guidance scale."""
+    sampler: str = "ddpm"        # 'ddpm': all T ancestral steps (Algorithm 2); 'ddim': Song et al. 2021, eq. 12
+    steps: int = None            # DDIM steps, evenly spaced from T−1 to 0 (None: all T)
+    eta: float = 0.0             # DDIM noise: 0 deterministic, 1 DDPM's variance (eq. 16)
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # w: 0 unconditional, 1 conditional, > 1 stronger class
+
+    def describe(self):
+        """As metrics files record it, e.g. 'ddim, 25 steps, eta 0.0, guidance 1.5'."""
+        detail = f", {self.steps or 'T'} steps, eta {self.eta}" if self.sampler == "ddim" else ""
+        return f"{self.sampler}{detail}, guidance {self.guidance_scale}"
+
+
+@contextlib.contextmanager
+def seeded_rng(seed, device):
+    """Draw from `seed` inside the block, leaving the caller's RNG state (training's) untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def generate(diffusion, denoiser, settings, num_images, image_size, channels=3, class_labels=None,
+             batch_size=1000, seed=None, progress=False):
+    """num_images samples (num_images, channels, image_size, image_size) in [−1, 1], on the CPU, made batch_size
+    at a time; class_labels (num_images,) or None. With a seed, the noise comes from it and the caller's RNG
+    state is left as it was; without, from the caller's RNG."""
+    device = diffusion.betas.device
+    chunks = []
+    with seeded_rng(seed, device) if seed is not None else contextlib.nullcontext():
+        for start in tqdm(range(0, num_images, batch_size), desc="sampling batches", disable=not progress,
+                          leave=False):
+            n = min(batch_size, num_images - start)
+            labels = None if class_labels is None else class_labels[start:start + n]
+            chunks.append(diffusion.sample(denoiser, image_size, n, channels, labels, settings.guidance_scale,
+                                           settings.sampler, settings.steps, settings.eta, progress=progress).cpu())
+    return torch.cat(chunks)
+
+
+def guidance_sweep(diffusion, denoiser, settings, scales, classes, image_size, channels, seed):
+    """A row per guidance scale in `scales`, a column per class; every row starts from the same noise and draws
+    the same per-step noise (from `seed`), so only w changes between rows. Returns (rows · columns, C, H, W)."""
+    labels = torch.tensor(classes, device=diffusion.betas.device)
+    return torch.cat([generate(diffusion, denoiser, dataclasses.replace(settings, guidance_scale=w), len(classes),
+                               image_size, channels, labels, batch_size=len(classes), seed=seed) for w in scales])

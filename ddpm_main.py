@@ -6,27 +6,31 @@ and sample from a saved checkpoint.
     python ddpm_main.py --inference --model_path models/DDPM_30epochs/ckpt.pt --num_samples 64
 """
 import argparse
-import contextlib
 import copy
+import importlib.util
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_diffusion import DEFAULT_GUIDANCE_SCALE, Diffusion, make_schedule
-from ddpm_helpers import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CIFAR10_CLASSES, FID_STATS_NAME, Denoiser,
-                          DeviceLoader, FIDFeatures, UserError, all_ranks_mean, barrier, max_over_ranks,
-                          frechet_distance, init_distributed, reference_statistics, atomic_torch_save, environment_versions, load_checkpoint, load_dataset,
+from ddpm_checkpoint import (TrainingState, build_checkpoint, build_diffusion, build_model, load_checkpoint,
+                             load_resumable, restore_training, sampling_model, save_checkpoint, training_config,
+                             write_config_json)
+from ddpm_data import DeviceLoader, load_dataset, train_val_split
+from ddpm_diffusion import DEFAULT_GUIDANCE_SCALE, Diffusion, SamplerSettings, generate, guidance_sweep
+from ddpm_fid import FIDFeatures, frechet_distance, reference_statistics
+from ddpm_helpers import (Denoiser, UserError, all_ranks_mean, barrier, init_distributed, max_over_ranks,
                           plot_loss_history, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
-                          to_model_range, to_uint8, train_val_split, write_json)
-from ddpm_model import UNet, UNetConfig
+                          to_model_range, to_uint8, write_json)
+from ddpm_train import TrainingClock, TrainingStep, evaluate_loss, learning_rate
 
-EVAL_SEED = 1234          # fixed t and noise for validation / test losses, comparable across epochs
 GRID_SEED = 4321          # fixed noise for the per-epoch sample grid, so epochs can be compared
 GRID_PER_CLASS = 8        # columns of the per-epoch grid of a conditional model (one row per class)
 GRID_UNCONDITIONAL = 64   # images in the per-epoch grid of an unconditional model
@@ -94,12 +98,16 @@ def build_parser():
                    help="continue from a last.pt ('auto': <models_dir>/<run_name>/last.pt); --epochs sets the end")
     g.add_argument("--time_budget_min", type=float,
                    help="stop training after this many minutes of training steps, then finish cleanly")
+    g.add_argument("--tensorboard", metavar="DIR",
+                   help="also log to TensorBoard in DIR: loss and lr at read-outs, img/s, validation/test losses, "
+                   "FID and the per-epoch grids (needs the tensorboard package; view with tensorboard --logdir DIR)")
 
     g = p.add_argument_group("inference")
     g.add_argument("--inference", action="store_true", help="sample from --model_path instead of training")
     g.add_argument("--model_path", help="checkpoint to sample from")
     g.add_argument("--num_samples", type=int, default=64, help="images to generate")
-    g.add_argument("--sample_classes", help="comma list of class indices, cycled to --num_samples (default 0-9)")
+    g.add_argument("--sample_classes", help="comma list of class indices, cycled to --num_samples (default: all the "
+                   "model's classes)")
     g.add_argument("--guidance_sweep", type=float_list, metavar="W,W,...",
                    help="write one grid: a row per guidance scale, a column per class, from the same noise")
 
@@ -154,7 +162,7 @@ def check_args(args, parser):
         if args.sampling_steps < 1 or (not args.inference and args.sampling_steps > args.timesteps):
             parser.error(f"--sampling_steps must be in 1..--timesteps ({args.timesteps}), got {args.sampling_steps}")
     if args.sample_classes is not None:
-        args.sample_classes = parse_classes(args.sample_classes, len(CIFAR10_CLASSES), parser.error)
+        args.sample_classes = parse_classes(args.sample_classes, parser.error)
     for name in ("eval_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -178,9 +186,15 @@ def check_args(args, parser):
         parser.error("--resume continues training; for sampling use --inference --model_path")
     if args.inference and not args.model_path:
         parser.error("--inference needs --model_path (a checkpoint written by training with this tool)")
+    if args.tensorboard is not None:
+        if args.inference:
+            parser.error("--tensorboard logs training; --inference writes its samples and metrics to --save_dir")
+        if importlib.util.find_spec("tensorboard") is None:
+            parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
-def parse_classes(text, num_classes, error):
+def parse_classes(text, error):
+    """--sample_classes as a list of integers; their range is checked against the checkpoint's classes."""
     items = [v.strip() for v in text.split(",") if v.strip()]
     if not items:
         error("--sample_classes is empty: give class indices such as 0,1,2")
@@ -190,12 +204,10 @@ def parse_classes(text, num_classes, error):
             classes.append(int(item))
         except ValueError:
             error(f"--sample_classes: {item!r} is not an integer class index")
-        if not 0 <= classes[-1] < num_classes:
-            error(f"--sample_classes: class {classes[-1]} is outside 0-{num_classes - 1}")
     return classes
 
 
-# ----------------------------------------------------------------------------------- pieces
+# ------------------------------------------------------------------- shared by training and inference
 
 def pick_device(args):
     if torch.cuda.is_available() and not args.no_cuda:
@@ -203,140 +215,35 @@ def pick_device(args):
     return torch.device("cpu")
 
 
-def build_diffusion(config, device):
-    return Diffusion(config["timesteps"], lambda T: make_schedule(config["schedule"], T), config["image_size"],
-                     device, prediction=config.get("prediction", "eps"), min_snr_gamma=config.get("min_snr_gamma"))
+def sampler_settings(args):
+    """How the flags say to sample (inference, the per-epoch grids and FID)."""
+    return SamplerSettings(args.sampler, args.sampling_steps, args.eta, args.guidance_scale)
 
 
-def learning_rate(args, step, progress):
-    """--lr after a linear warm-up over --warmup_steps, then constant or cosine-decayed with progress ∈ [0, 1]."""
-    warmup = min(1.0, (step + 1) / max(1, args.warmup_steps))
-    decay = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) if args.lr_decay == "cosine" else 1.0
-    return args.lr * warmup * decay
-
-
-def class_cycle(classes, n, device):
-    """The given class indices repeated to length n, as a LongTensor (n,)."""
-    return torch.tensor(classes, dtype=torch.long).repeat(math.ceil(n / len(classes)))[:n].to(device)
-
-
-@torch.no_grad()
-def generate(diffusion, denoiser, config, num_images, class_labels, args, batch_size, progress):
-    """num_images samples in batches of batch_size; class_labels (num_images,) or None."""
-    chunks = []
-    size, channels = config["image_size"], config["model"]["channels"]
-    for start in tqdm(range(0, num_images, batch_size), desc="sampling batches", disable=not progress,
-                      leave=False):
-        n = min(batch_size, num_images - start)
-        labels = None if class_labels is None else class_labels[start:start + n]
-        chunks.append(diffusion.sample(denoiser, size, n, channels, labels, args.guidance_scale,
-                                       args.sampler, args.sampling_steps, args.eta, progress=progress).cpu())
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def evaluate_loss(diffusion, denoiser, loader, conditional, loss_type):
-    """Mean loss over a split with t and ε drawn from a fixed seed: comparable between epochs.
-    Under torchrun each rank takes its shard, and t, ε are drawn for the global batch and sliced, so
-    the value equals a single process's with the same global batch."""
-    g = torch.Generator().manual_seed(EVAL_SEED)
-    rank, world = loader.rank, loader.world_size
-    total = torch.zeros((), device=loader.device)
-    for x, y in loader.batches():
-        n = len(x) * world
-        t = torch.randint(0, diffusion.timesteps, (n,), generator=g)[rank::world].to(x.device)
-        noise = torch.randn((n, *x.shape[1:]), generator=g)[rank::world].to(x.device)
-        loss = diffusion.p_losses(denoiser, x, t, noise, loss_type, y if conditional else None)
-        total += loss * len(x)
-    return (all_ranks_mean(total, world) / loader.num_local).item()  # Σ losses / images, over all ranks
-
-
-def train_step(x, y, step, lr, model, ema_model, optimizer, diffusion, denoiser, args, rank=0, world_size=1):
-    """One optimizer step on images x (B, 3, H, W) with labels y (B,); returns the loss as a device
-    tensor, so the caller decides when to synchronise with the host.
-
-    t, the label drops and ε are drawn for the global batch (world_size · B) and sliced to this rank's
-    images: any number of ranks trains on the randomness of one process with the global batch."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    n, mine = len(x) * world_size, slice(rank, None, world_size)
-    t = torch.randint(0, diffusion.timesteps, (n,), device=x.device)[mine]
-    labels = None
-    if denoiser.num_classes is not None:  # classifier-free guidance: drop labels to the null label
-        labels = torch.where(torch.rand(n, device=x.device)[mine] < args.p_uncond,
-                             torch.full_like(y, denoiser.num_classes), y)
-    noise = torch.randn((n, *x.shape[1:]), device=x.device)[mine]
-    loss = diffusion.p_losses(denoiser, x, t, noise, loss_type=args.loss_type, class_labels=labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    update_ema(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
-    return loss.detach()
-
-
-@contextlib.contextmanager
-def seeded_rng(seed, device):
-    """Draw from `seed` inside the block, leaving the caller's RNG state (training's) untouched."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
-@torch.no_grad()
-def update_ema(ema_model, model, decay):
-    """θ_ema ← decay · θ_ema + (1 − decay) · θ."""
-    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
-
-
-def make_grid_images(diffusion, denoiser, config, args, device):
-    """The per-epoch grid from fixed noise: one row per class (conditional) or 8 × 8."""
-    with seeded_rng(GRID_SEED, device):
-        if config["conditional"]:
-            labels = torch.arange(config["num_classes"], device=device).repeat_interleave(GRID_PER_CLASS)
-            images = generate(diffusion, denoiser, config, len(labels), labels, args, args.sample_batch, False)
-            return images, GRID_PER_CLASS
-        images = generate(diffusion, denoiser, config, GRID_UNCONDITIONAL, None, args, args.sample_batch, False)
-        return images, 8
-
-
-def sampler_description(args):
-    steps = args.sampling_steps or "T"
-    return f"{args.sampler}" + (f", {steps} steps, eta {args.eta}" if args.sampler == "ddim" else "") + \
-        f", guidance {args.guidance_scale}"
-
-
-def measure_fid(diffusion, denoiser, config, args, device, train_images_uint8, verbose):
-    """FID of args.eval_fid new samples (class-balanced when conditional) against the training images'
-    Inception statistics (cached beside the data, or --fid_ref_stats). Also saves the samples'
-    uint8 array as fid_samples_<run>.npz, so any other FID tool can read the very same images.
-    train_images_uint8 (N, 3, H, W) may be None: they are then read from args.data_dir."""
+def measure_fid(diffusion, denoiser, settings, config, args, seed, data_dir, train_images_uint8, verbose):
+    """FID of args.eval_fid new samples (class-balanced when the model is conditional) against the training
+    images' Inception statistics (cached beside the data) or --fid_ref_stats. The samples are saved as
+    fid_samples_<run>.npz, so any other FID tool can read the very same images. train_images_uint8
+    (N, 3, H, W) may be None: they are then read from data_dir."""
     n = args.eval_fid
     if n < 10000:
         print(f"warning: FID from {n} < 10,000 samples reads high; use 10,000 or more to compare with published "
               "figures", file=sys.stderr)
+    device = diffusion.betas.device
+    progress = verbose and stderr_is_terminal()
     features = FIDFeatures(args.fid_inception, device)
-    if args.fid_ref_stats:
-        ref = np.load(args.fid_ref_stats)
-        mu_ref, sigma_ref = ref["mu"], ref["sigma"].astype(np.float64)
-    else:
-        if train_images_uint8 is None:
-            train_images_uint8 = load_dataset(args.data_dir)["train_images"]
-        cache = os.path.join(args.data_dir, FID_STATS_NAME) if os.path.isdir(args.data_dir) else None
-        mu_ref, sigma_ref = reference_statistics(features, train_images_uint8.permute(0, 2, 3, 1).numpy(), cache,
-                                                 progress=verbose and stderr_is_terminal())
-    labels = None
-    if config["conditional"]:
-        labels = torch.arange(n, device=device) % config["num_classes"]
-    with seeded_rng(args.seed, device):
-        images = to_uint8(generate(diffusion, denoiser, config, n, labels, args, args.sample_batch,
-                                   verbose and stderr_is_terminal()))
+    mu_ref, sigma_ref = reference_statistics(features, data_dir, train_images_uint8, args.fid_ref_stats, progress)
+    labels = torch.arange(n, device=device) % config["num_classes"] if config["conditional"] else None
+    images = to_uint8(generate(diffusion, denoiser, settings, n, config["image_size"], config["model"]["channels"],
+                               labels, args.sample_batch, seed=seed, progress=progress))
     np.savez(os.path.join(args.save_dir, f"fid_samples_{args.run_name}.npz"), images=images)
     fid = frechet_distance(*features.statistics(images), mu_ref, sigma_ref)
     if verbose:
-        print(f"FID {fid:.3f} (n={n}, {sampler_description(args)})", flush=True)
+        print(f"FID {fid:.3f} (n={n}, {settings.describe()})", flush=True)
     return fid
 
+
+# ----------------------------------------------------------------------------------- train
 
 class SignalFlag:
     """Turns SIGINT / SIGTERM into a flag checked after every training step."""
@@ -359,268 +266,10 @@ class SignalFlag:
             signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------------- train
-
-# settings a resumed run takes from its checkpoint, whatever the command line says
-RESUMED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma", "dim",
-                    "dim_mults", "lr", "lr_decay", "warmup_steps", "batch_size", "p_uncond", "ema_decay", "seed")
-
-
-def resume_checkpoint(args):
-    """The checkpoint named by --resume ('auto': this run's last.pt), with its settings copied into args."""
-    path = args.resume
-    if path == "auto":
-        path = os.path.join(args.models_dir, args.run_name, "last.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"--resume auto: there is no {path} to resume (was --run_name {args.run_name!r} "
-                            f"trained with --models_dir {args.models_dir!r}?)")
-    elif not os.path.isfile(path):
-        raise UserError(f"--resume {path!r} does not exist")
-    ckpt = load_checkpoint(path)
-    if "optimizer" not in ckpt:
-        raise UserError(f"--resume {path!r} holds weights only (no optimizer state); resume from last.pt")
-    for key in RESUMED_SETTINGS:
-        setattr(args, key, ckpt["config"].get(key, getattr(args, key)))
-    args.data_dir = args.data_dir or ckpt["config"]["data_dir"]
-    return ckpt
-
-
-def train(args):
-    args.run_name = args.run_name or "DDPM"
-    ckpt = resume_checkpoint(args) if args.resume else None
-    args.data_dir = args.data_dir or "./data"
-    device = pick_device(args)
-    use_cuda = device.type == "cuda"
-    rank, world_size = args.rank, args.world_size
-    is_main = rank == 0  # only rank 0 writes files and prints
-    torch.manual_seed(args.seed)
-    ckpt_dir = os.path.join(args.models_dir, args.run_name)
-    verbose = not args.quiet and is_main
-    bars = verbose and stderr_is_terminal()
-    timing = {"decode_s": 0.0, "compile_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "sample_s": 0.0}
-
-    # data: whole splits as uint8 tensors on the device
-    t0 = time.perf_counter()
-    data = load_dataset(args.data_dir)
-    train_idx, val_idx = train_val_split(len(data["train_images"]))
-    timing["decode_s"] = time.perf_counter() - t0
-    if is_main:
-        os.makedirs(args.save_dir, exist_ok=True)
-        os.makedirs(ckpt_dir, exist_ok=True)
-    classes = list(data["classes"])
-    image_size = data["train_images"].shape[-1]
-    train_loader = DeviceLoader(data["train_images"][train_idx], data["train_labels"][train_idx],
-                                args.batch_size, device, shuffle=True, flip=True, seed=args.seed, rank=rank,
-                                world_size=world_size)
-    eval_loaders = {split: DeviceLoader(images, labels, args.batch_size, device, shuffle=False, flip=False,
-                                        rank=rank, world_size=world_size)
-                    for split, images, labels in (
-                        ("val", data["train_images"][val_idx], data["train_labels"][val_idx]),
-                        ("test", data["test_images"], data["test_labels"]))}
-
-    # model, EMA, optimizer, diffusion
-    model_config = UNetConfig(dim=args.dim, dim_mults=tuple(args.dim_mults), channels=3,
-                              num_classes=len(classes) if args.conditional else None)
-    config = {
-        "model": model_config.to_dict(), "conditional": args.conditional,
-        "num_classes": model_config.num_classes, "classes": classes, "image_size": image_size,
-        "timesteps": args.timesteps, "schedule": args.schedule, "loss_type": args.loss_type,
-        "prediction": args.prediction, "min_snr_gamma": args.min_snr_gamma, "lr_decay": args.lr_decay,
-        "dim": args.dim, "dim_mults": list(args.dim_mults), "lr": args.lr, "warmup_steps": args.warmup_steps,
-        "batch_size": args.batch_size, "epochs": args.epochs, "p_uncond": args.p_uncond,
-        "ema_decay": args.ema_decay, "seed": args.seed, "run_name": args.run_name,
-        "data_dir": args.data_dir, "num_train": len(train_idx), "num_val": len(val_idx),
-        "num_test": len(data["test_images"]), "time_budget_min": args.time_budget_min,
-        "world_size": world_size, "global_batch_size": args.batch_size * world_size,
-    }
-    model = UNet(model_config).to(device, memory_format=torch.channels_last)  # faster convolutions on GPU and CPU
-    ema_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=use_cuda)
-    diffusion = build_diffusion(config, device)
-    compile_model = use_cuda and not args.no_compile
-    trained_model = model  # what the training forward runs through: DDP averages gradients over ranks
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        trained_model = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
-    train_denoiser = Denoiser(trained_model, compile=compile_model, amp=use_cuda)
-    ema_denoiser = Denoiser(ema_model, compile=compile_model, amp=use_cuda)
-    num_params = sum(p.numel() for p in model.parameters())
-
-    # training state: fresh, or everything a checkpoint holds
-    history = {"train_loss": [], "val_loss": [], "test_loss": [], "epochs": []}
-    state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "epoch_loss_sum": 0.0, "best_val": math.inf}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = ckpt["history"]
-        state = {k: ckpt[k] for k in state}
-        timing = {k: ckpt["timing"].get(k, 0.0) for k in timing}
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if use_cuda and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    history_path = os.path.join(args.save_dir, f"loss_history_{args.run_name}.json")
-    if is_main:
-        write_json({**config, "versions": environment_versions()}, os.path.join(ckpt_dir, "config.json"))
-    if ckpt is None and is_main:
-        save_forward_strip(diffusion, data["train_images"][train_idx[:1]],
-                           os.path.join(args.save_dir, f"forward_process_{args.run_name}.png"))
-    if verbose:
-        what = (f"resuming '{args.run_name}' from {args.resume} at epoch {state['epoch'] + 1}, "
-                f"batch {state['batch_in_epoch']}" if ckpt else f"training '{args.run_name}'")
-        print(f"{what}: {'conditional' if args.conditional else 'unconditional'} DDPM on {device}, "
-              f"{num_params / 1e6:.2f}M parameters, {len(train_idx)} train / {len(val_idx)} val / "
-              f"{len(data['test_images'])} test images, T={args.timesteps} ({args.schedule})"
-              + (f"; {world_size} ranks × batch {args.batch_size}" if world_size > 1 else ""), flush=True)
-
-    def checkpoint():
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if use_cuda else []}
-        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
-                "versions": environment_versions(), "model": model.state_dict(), "ema": ema_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "history": history, "timing": timing, "rng": rng, **state}
-
-    def time_spent(running_epoch_s=0.0):
-        """The fraction of --time_budget_min that training steps (compilation excluded) have used."""
-        return (timing["train_s"] + running_epoch_s) / (args.time_budget_min * 60) if args.time_budget_min else 0.0
-
-    def out_of_time(running_epoch_s=0.0):
-        return time_spent(running_epoch_s) >= 1
-
-    time_progress = time_spent()
-    signals = SignalFlag()
-    compiled_batch_sizes = set()
-    with signals:
-        epoch_bar = tqdm(range(state["epoch"] + 1, args.epochs + 1), desc="epochs", disable=not bars,
-                         initial=state["epoch"], total=args.epochs)
-        for epoch in epoch_bar:
-            # --- one epoch of training steps; losses stay on the device until a read-out
-            model.train()
-            start_batch = state["batch_in_epoch"]
-            loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
-            batch_bar = tqdm(train_loader.batches(epoch, start_batch), total=len(train_loader), initial=start_batch,
-                             desc=f"epoch {epoch}", leave=False, disable=not bars)
-            epoch_start = interval_start = time.perf_counter()
-            untimed, interval_images, epoch_images = 0.0, 0, 0
-            for x, y in batch_bar:
-                new_shape = compile_model and len(x) not in compiled_batch_sizes  # compile traces each new size
-                if new_shape:
-                    torch.cuda.synchronize()
-                step_start = time.perf_counter()
-                # how far along, for the lr decay: by training time under a budget (agreed between ranks at
-                # read-outs, so every rank uses the same lr), else by steps
-                progress = time_progress if args.time_budget_min else state["step"] / (args.epochs * len(train_loader))
-                loss = train_step(x, y, state["step"], learning_rate(args, state["step"], progress), model, ema_model,
-                                  optimizer, diffusion, train_denoiser, args, rank, world_size)
-                loss_sum += loss
-                state["step"] += 1
-                state["batch_in_epoch"] += 1
-                interval_images += len(x)
-                epoch_images += len(x)
-                if new_shape:  # a step that compiles is timed apart from training
-                    torch.cuda.synchronize()
-                    untimed += time.perf_counter() - step_start
-                    timing["compile_s"] += time.perf_counter() - step_start
-                    compiled_batch_sizes.add(len(x))
-                read_out = state["step"] % args.log_interval == 0
-                if read_out:  # the only host syncs inside an epoch
-                    running = (all_ranks_mean(loss_sum, world_size) / state["batch_in_epoch"]).item()
-                    check_finite(running, epoch, state["step"], ckpt_dir)
-                    now = time.perf_counter()
-                    batch_bar.set_postfix(loss=f"{running:.4f}",
-                                          img_s=f"{interval_images * world_size / (now - interval_start):.0f}")
-                    interval_start, interval_images = now, 0
-                if read_out or world_size == 1:  # ranks decide together, at read-outs
-                    running_s = time.perf_counter() - epoch_start - untimed
-                    signalled, spent, time_progress = max_over_ranks(
-                        [signals.received is not None, out_of_time(running_s), time_spent(running_s)], world_size)
-                    if signalled or spent:
-                        break
-            # waits for the device: the epoch's steps are done
-            state["epoch_loss_sum"] = all_ranks_mean(loss_sum, world_size).item()
-            epoch_train_s = time.perf_counter() - epoch_start - untimed
-            timing["train_s"] += epoch_train_s
-            check_finite(state["epoch_loss_sum"], epoch, state["step"], ckpt_dir)
-            interrupted, budget_spent = (bool(v) for v in max_over_ranks([signals.received is not None, out_of_time()],
-                                                                         world_size))
-            signal_name = signals.received or "a signal (on another rank)"
-            if interrupted:
-                if is_main:
-                    atomic_torch_save(checkpoint(), os.path.join(ckpt_dir, "last.pt"))
-                barrier(world_size)
-                raise Interrupted(f"{signal_name} received: stopped after step {state['step']} (epoch {epoch}, "
-                                  f"batch {state['batch_in_epoch']}); saved {ckpt_dir}/last.pt. Resume with:\n"
-                                  f"  {resume_command()}")
-            train_loss = state["epoch_loss_sum"] / max(1, state["batch_in_epoch"])
-
-            # --- end of epoch: EMA evaluation, JSON, plots and grid (every --eval_every epochs), checkpoints
-            evaluate = epoch == args.epochs or epoch % args.eval_every == 0 or budget_spent
-            is_best = False
-            if evaluate:
-                t0 = time.perf_counter()
-                ema_model.eval()
-                val_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["val"], args.conditional,
-                                         args.loss_type)
-                test_loss = evaluate_loss(diffusion, ema_denoiser, eval_loaders["test"], args.conditional,
-                                          args.loss_type)
-                timing["eval_s"] += time.perf_counter() - t0
-                for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("test_loss", test_loss),
-                                   ("epochs", epoch)):
-                    history[key].append(value)
-                if is_main:
-                    write_json(history, history_path)
-                    plot_loss_history(history, os.path.join(args.save_dir, f"loss_curves_{args.run_name}.png"),
-                                      args.run_name)
-                    t0 = time.perf_counter()
-                    images, nrow = make_grid_images(diffusion, ema_denoiser, config, args, device)
-                    save_grid(images, os.path.join(args.save_dir, f"samples_{args.run_name}_epoch{epoch:03d}.png"),
-                              nrow)
-                    timing["sample_s"] += time.perf_counter() - t0
-                is_best = val_loss < state["best_val"]
-                state["best_val"] = min(state["best_val"], val_loss)
-            state.update(epoch=epoch, batch_in_epoch=0, epoch_loss_sum=0.0)
-            if is_main and (evaluate or epoch % args.checkpoint_every == 0):
-                last = checkpoint()
-                atomic_torch_save(last, os.path.join(ckpt_dir, "last.pt"))
-                if is_best:
-                    atomic_torch_save({k: v for k, v in last.items() if k != "optimizer"},
-                                      os.path.join(ckpt_dir, "best.pt"))
-            if evaluate:
-                epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-            if verbose and not bars:  # a line per epoch where there are no bars (logs, pipes)
-                losses = f"  val {val_loss:.4f}  test {test_loss:.4f}" if evaluate else ""
-                images_per_s = epoch_images * world_size / max(epoch_train_s, 1e-9)
-                print(f"epoch {epoch}/{args.epochs}  train {train_loss:.4f}{losses}  ({images_per_s:.0f} img/s)",
-                      flush=True)
-            if interrupted:
-                barrier(world_size)
-                raise Interrupted(f"{signal_name} received: stopped after epoch {epoch}; saved "
-                                  f"{ckpt_dir}/last.pt. Resume with:\n  {resume_command()}")
-            if budget_spent:
-                if verbose:
-                    print(f"time budget of {args.time_budget_min} min spent after epoch {epoch} "
-                          f"(step {state['step']}): finishing", flush=True)
-                break
-
-    if not is_main:
-        barrier(world_size)  # rank 0 writes the outputs below
-        return
-    if args.save_model:
-        atomic_torch_save(checkpoint(), os.path.join(ckpt_dir, "ckpt.pt"))
-    metrics = {"world_size": world_size, "run_name": args.run_name, "device": str(device), "num_params": num_params, "steps": state["step"],
-               "epochs_done": state["epoch"], "batch_size": args.batch_size,
-               "stopped_by_time_budget": out_of_time(),
-               "train_images_per_s": (state["step"] * args.batch_size * world_size / timing["train_s"]
-                                      if timing["train_s"] else None),
-               "timing": timing, "final": {k: v[-1] for k, v in history.items() if v}}
-    if args.eval_fid:
-        t0 = time.perf_counter()
-        metrics["fid"] = measure_fid(diffusion, ema_denoiser, config, args, device, data["train_images"], verbose)
-        metrics.update(fid_samples=args.eval_fid, fid_sampler=sampler_description(args))
-        timing["fid_s"] = time.perf_counter() - t0
-    write_json(metrics, os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
-    if verbose:
-        print(f"done: loss history {history_path}, checkpoints in {ckpt_dir}", flush=True)
-    barrier(world_size)
+def check_finite(loss, epoch, step, ckpt_dir):
+    if not math.isfinite(loss):
+        raise TrainingError(f"the training loss became {loss} at epoch {epoch}, step {step}; stopped. The last good "
+                            f"checkpoint in {ckpt_dir} is untouched. Try a lower --lr or a larger --warmup_steps.")
 
 
 def resume_command():
@@ -638,12 +287,6 @@ def resume_command():
     return " ".join(["python", sys.argv[0], *kept, "--resume", "auto"])
 
 
-def check_finite(loss, epoch, step, ckpt_dir):
-    if not math.isfinite(loss):
-        raise TrainingError(f"the training loss became {loss} at epoch {epoch}, step {step}; stopped. The last good "
-                            f"checkpoint in {ckpt_dir} is untouched. Try a lower --lr or a larger --warmup_steps.")
-
-
 def save_forward_strip(diffusion, image_uint8, path, count=10):
     """One training image noised at `count` evenly spaced t, left (t = 0) to right (t = T−1)."""
     x0 = to_model_range(image_uint8.to(diffusion.betas.device)).expand(count, -1, -1, -1)
@@ -652,69 +295,378 @@ def save_forward_strip(diffusion, image_uint8, path, count=10):
     save_grid(diffusion.q_sample(x0, t, noise), path, nrow=count)
 
 
+class Reporter:
+    """What a training run tells people: progress bars on a terminal, else a line per epoch; with --tensorboard
+    the loss and lr at read-outs, img/s, validation/test losses, FID and the per-epoch grids as TensorBoard
+    events. Only rank 0 speaks, and nothing with --quiet. Used as a context manager, so that the TensorBoard
+    writer is closed on every way out: the end, Ctrl-C / SIGTERM, a NaN stop, an error."""
+
+    def __init__(self, args, is_main):
+        self.verbose = not args.quiet and is_main
+        self.bars = self.verbose and stderr_is_terminal()
+        self.tensorboard_dir = args.tensorboard if is_main else None
+        self.writer = self.epoch_bar = self.batch_bar = None
+        self.total_epochs = None
+
+    def __enter__(self):
+        if self.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # only when asked for: tensorboard is optional
+            self.writer = SummaryWriter(self.tensorboard_dir)
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def say(self, text):
+        if self.verbose:
+            print(text, flush=True)
+
+    def epochs(self, done, total):
+        """The epochs still to train, done + 1 … total."""
+        self.total_epochs = total
+        self.epoch_bar = tqdm(range(done + 1, total + 1), desc="epochs", disable=not self.bars, initial=done,
+                              total=total)
+        return self.epoch_bar
+
+    def batches(self, batches, total, done, epoch):
+        self.batch_bar = tqdm(batches, total=total, initial=done, desc=f"epoch {epoch}", leave=False,
+                              disable=not self.bars)
+        return self.batch_bar
+
+    def read_out(self, step, loss, lr, images_per_s):
+        self.batch_bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
+        self.scalars(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s})
+
+    def epoch_done(self, epoch, step, train_loss, losses, images_per_s):
+        """losses: {'val_loss', 'test_loss'} on evaluated epochs, else None."""
+        if losses:
+            self.epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{losses['val_loss']:.4f}")
+        if self.verbose and not self.bars:  # a line per epoch where there are no bars (logs, pipes)
+            evaluated = f"  val {losses['val_loss']:.4f}  test {losses['test_loss']:.4f}" if losses else ""
+            print(f"epoch {epoch}/{self.total_epochs}  train {train_loss:.4f}{evaluated}  ({images_per_s:.0f} img/s)",
+                  flush=True)
+        self.scalars(step, {"epoch/train_loss": train_loss, "epoch/images_per_s": images_per_s,
+                            **{f"epoch/{key}": value for key, value in (losses or {}).items()}})
+
+    def grid(self, step, images, nrow):
+        if self.writer is not None:
+            from torchvision.utils import make_grid
+            self.writer.add_image("samples", make_grid(images.float(), nrow=nrow, normalize=True, value_range=(-1, 1),
+                                                       padding=2), step)
+
+    def scalars(self, step, values):
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+
+@dataclass(eq=False)
+class Run:
+    """What a training run builds once. Training settings are read from config alone (a resumed run's come
+    from its checkpoint); args holds the run's other options: outputs, logging, sampling, FID."""
+    args: argparse.Namespace
+    config: dict
+    device: torch.device
+    train_images: torch.Tensor     # the training folder's images (N, 3, H, W) uint8: FID's reference
+    train_loader: DeviceLoader
+    eval_loaders: dict             # 'val' and 'test': the validation and test splits
+    model: nn.Module
+    ema_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    diffusion: Diffusion
+    train_step: TrainingStep
+    ema_denoiser: Denoiser         # evaluation, grids and FID use the EMA weights
+    sampler: SamplerSettings       # how the grids and FID sample
+    report: Reporter
+    decode_s: float                # seconds spent reading the data
+
+    @property
+    def is_main(self):  # only rank 0 writes files and prints
+        return self.args.rank == 0
+
+    @property
+    def world_size(self):
+        return self.args.world_size
+
+    @property
+    def ckpt_dir(self):
+        return os.path.join(self.args.models_dir, self.config["run_name"])
+
+    def output(self, name):
+        return os.path.join(self.args.save_dir, name)
+
+    def checkpoint(self, state):
+        return build_checkpoint(self.config, self.model, self.ema_model, self.optimizer, state,
+                                self.device.type == "cuda")
+
+    def sample(self, num_images, class_labels=None, seed=None, progress=False):
+        """Samples from the EMA weights, (num_images, C, H, W) in [−1, 1] on the CPU."""
+        return generate(self.diffusion, self.ema_denoiser, self.sampler, num_images, self.config["image_size"],
+                        self.config["model"]["channels"], class_labels, self.args.sample_batch, seed, progress)
+
+
+def set_up_run(args, saved):
+    """Read the data, resolve the config (from the flags, or for a resumed run from its checkpoint `saved`), and
+    build the loaders, networks, optimizer and diffusion on the device."""
+    device = pick_device(args)
+    use_cuda, rank, world_size = device.type == "cuda", args.rank, args.world_size
+    data_dir = args.data_dir or (saved["config"]["data_dir"] if saved else "./data")
+    start = time.perf_counter()
+    data = load_dataset(data_dir)
+    train_idx, val_idx = train_val_split(len(data["train_images"]))
+    decode_s = time.perf_counter() - start
+    facts = {"classes": data["classes"], "image_size": data["train_images"].shape[-1], "num_train": len(train_idx),
+             "num_val": len(val_idx), "num_test": len(data["test_images"])}
+    config = training_config({**vars(args), "data_dir": data_dir}, facts, saved and saved["config"])
+    if rank == 0:
+        os.makedirs(args.save_dir, exist_ok=True)
+        os.makedirs(os.path.join(args.models_dir, config["run_name"]), exist_ok=True)
+
+    # the splits live on the device as uint8 tensors
+    batch_size = config["batch_size"]
+    train_loader = DeviceLoader(data["train_images"][train_idx], data["train_labels"][train_idx], batch_size, device,
+                                shuffle=True, flip=True, seed=config["seed"], rank=rank, world_size=world_size)
+    eval_loaders = {name: DeviceLoader(images, labels, batch_size, device, shuffle=False, flip=False, rank=rank,
+                                       world_size=world_size)
+                    for name, images, labels in (
+                        ("val", data["train_images"][val_idx], data["train_labels"][val_idx]),
+                        ("test", data["test_images"], data["test_labels"]))}
+
+    # model, EMA, optimizer, diffusion; the training forward runs through DDP under torchrun
+    torch.manual_seed(config["seed"])
+    model = build_model(config).to(device, memory_format=torch.channels_last)  # faster convolutions, GPU and CPU
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], fused=use_cuda)
+    diffusion = build_diffusion(config, device)
+    compile_model = use_cuda and not args.no_compile
+    trained_model = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        trained_model = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+    train_step = TrainingStep(model, ema_model, optimizer, diffusion, Denoiser(trained_model, compile_model, use_cuda),
+                              config["p_uncond"], config["loss_type"], config["ema_decay"], rank, world_size)
+    return Run(args, config, device, data["train_images"], train_loader, eval_loaders, model, ema_model, optimizer,
+               diffusion, train_step, Denoiser(ema_model, compile_model, use_cuda), sampler_settings(args),
+               Reporter(args, rank == 0), decode_s)
+
+
+def start_or_resume(run, saved):
+    """A fresh TrainingState (and the forward-process picture), or the checkpoint's weights, optimizer, RNG
+    states and TrainingState put back; config.json either way."""
+    config, name = run.config, run.config["run_name"]
+    if saved:
+        state = restore_training(saved, run.model, run.ema_model, run.optimizer, run.device.type == "cuda")
+    else:
+        state = TrainingState()
+        state.timing["decode_s"] = run.decode_s
+    if run.is_main:
+        write_config_json(config, os.path.join(run.ckpt_dir, "config.json"))
+        if not saved:
+            save_forward_strip(run.diffusion, run.train_loader.images[:1], run.output(f"forward_process_{name}.png"))
+    what = (f"resuming '{name}' from {run.args.resume} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
+            if saved else f"training '{name}'")
+    num_params = sum(p.numel() for p in run.model.parameters())
+    run.report.say(f"{what}: {'conditional' if config['conditional'] else 'unconditional'} DDPM on {run.device}, "
+                   f"{num_params / 1e6:.2f}M parameters, {config['num_train']} train / {config['num_val']} val / "
+                   f"{config['num_test']} test images, T={config['timesteps']} ({config['schedule']})"
+                   + (f"; {run.world_size} ranks × batch {config['batch_size']}" if run.world_size > 1 else ""))
+    return state
+
+
+def train_one_epoch(run, state, clock, epoch, signals):
+    """The epoch's training steps, from where it stands to its end, or until a signal or the spent time budget
+    stops them. Losses stay on the device until a read-out (every --log_interval steps), the only host syncs.
+    Returns the epoch's training images per second."""
+    config, world_size, steps_per_epoch = run.config, run.world_size, len(run.train_loader)
+    run.model.train()
+    loss_sum = torch.tensor(state.epoch_loss_sum, device=run.device)
+    batches = run.report.batches(run.train_loader.batches(epoch, state.batch_in_epoch), steps_per_epoch,
+                                 state.batch_in_epoch, epoch)
+    clock.start_epoch()
+    interval_start, interval_images, epoch_images = clock.epoch_start, 0, 0
+    for x, y in batches:
+        with clock.step(len(x)):
+            # how far along, for the lr decay: by training time under a budget (as the ranks last agreed), else steps
+            progress = (clock.agreed_progress if config["time_budget_min"]
+                        else state.step / (config["epochs"] * steps_per_epoch))
+            lr = learning_rate(config, state.step, progress)
+            loss_sum += run.train_step(x, y, state.step, lr)
+            state.step += 1
+            state.batch_in_epoch += 1
+        interval_images += len(x)
+        epoch_images += len(x)
+        read_out = state.step % run.args.log_interval == 0
+        if read_out:
+            running = (all_ranks_mean(loss_sum, world_size) / state.batch_in_epoch).item()
+            check_finite(running, epoch, state.step, run.ckpt_dir)
+            now = time.perf_counter()
+            run.report.read_out(state.step, running, lr, interval_images * world_size / (now - interval_start))
+            interval_start, interval_images = now, 0
+        if (read_out or world_size == 1) and agree_to_stop(clock, signals, world_size):
+            break
+    state.epoch_loss_sum = all_ranks_mean(loss_sum, world_size).item()  # waits for the device: steps are done
+    epoch_train_s = clock.end_epoch()
+    check_finite(state.epoch_loss_sum, epoch, state.step, run.ckpt_dir)
+    return epoch_images * world_size / max(epoch_train_s, 1e-9)
+
+
+def agree_to_stop(clock, signals, world_size):
+    """Whether to stop inside the epoch (a signal, or the budget spent), decided by all ranks together, which
+    also agree on the budget fraction used, so every rank sets the same lr."""
+    running_s = clock.epoch_seconds()
+    signalled, spent, clock.agreed_progress = max_over_ranks(
+        [signals.received is not None, clock.out_of_time(running_s), clock.spent(running_s)], world_size)
+    return bool(signalled or spent)
+
+
+def stop_on_signal(run, state, epoch, signal_name):
+    """Save last.pt where training stands (mid-epoch included), then stop with the command that resumes."""
+    if run.is_main:
+        save_checkpoint(run.checkpoint(state), os.path.join(run.ckpt_dir, "last.pt"))
+    barrier(run.world_size)
+    raise Interrupted(f"{signal_name or 'a signal (on another rank)'} received: stopped after step {state.step} "
+                      f"(epoch {epoch}, batch {state.batch_in_epoch}); saved {run.ckpt_dir}/last.pt. Resume with:\n"
+                      f"  {resume_command()}")
+
+
+def evaluate_epoch(run, state, clock, epoch, train_loss):
+    """EMA validation and test losses (fixed t and ε, so epochs compare); on rank 0 the loss JSON and plot and
+    the epoch's sample grid. Returns the losses and whether the validation loss is the best so far."""
+    config, name = run.config, run.config["run_name"]
+    with clock.timed("eval_s"):
+        run.ema_model.eval()
+        losses = {f"{split}_loss": evaluate_loss(run.diffusion, run.ema_denoiser, loader, config["conditional"],
+                                                 config["loss_type"]) for split, loader in run.eval_loaders.items()}
+    is_best = state.record_evaluation(epoch, train_loss, losses["val_loss"], losses["test_loss"])
+    if run.is_main:
+        write_json(state.history, run.output(f"loss_history_{name}.json"))
+        plot_loss_history(state.history, run.output(f"loss_curves_{name}.png"), name)
+        with clock.timed("sample_s"):
+            images, nrow = epoch_grid(run)
+            save_grid(images, run.output(f"samples_{name}_epoch{epoch:03d}.png"), nrow)
+        run.report.grid(state.step, images, nrow)
+    return losses, is_best
+
+
+def epoch_grid(run):
+    """The per-epoch grid from fixed noise: a row per class (conditional) or 8 × 8. Returns (images, nrow)."""
+    if run.config["conditional"]:
+        labels = torch.arange(run.config["num_classes"], device=run.device).repeat_interleave(GRID_PER_CLASS)
+        return run.sample(len(labels), labels, seed=GRID_SEED), GRID_PER_CLASS
+    return run.sample(GRID_UNCONDITIONAL, seed=GRID_SEED), 8
+
+
+def save_epoch_checkpoints(run, state, is_best):
+    """last.pt, and best.pt (without the optimizer) when the validation loss is the best so far."""
+    last = run.checkpoint(state)
+    save_checkpoint(last, os.path.join(run.ckpt_dir, "last.pt"))
+    if is_best:
+        save_checkpoint(last, os.path.join(run.ckpt_dir, "best.pt"), with_optimizer=False)
+
+
+def finish(run, state, clock):
+    """Rank 0 writes the final checkpoint (--save_model), FID (--eval_fid) and the metrics JSON; others wait."""
+    if not run.is_main:
+        barrier(run.world_size)
+        return
+    args, config, name, timing = run.args, run.config, run.config["run_name"], state.timing
+    if args.save_model:
+        save_checkpoint(run.checkpoint(state), os.path.join(run.ckpt_dir, "ckpt.pt"))
+    images_seen = state.step * config["batch_size"] * run.world_size
+    metrics = {"world_size": run.world_size, "run_name": name, "device": str(run.device),
+               "num_params": sum(p.numel() for p in run.model.parameters()), "steps": state.step,
+               "epochs_done": state.epoch, "batch_size": config["batch_size"],
+               "stopped_by_time_budget": clock.out_of_time(),
+               "train_images_per_s": images_seen / timing["train_s"] if timing["train_s"] else None,
+               "timing": timing, "final": {k: v[-1] for k, v in state.history.items() if v}}
+    if args.eval_fid:
+        with clock.timed("fid_s"):
+            metrics["fid"] = measure_fid(run.diffusion, run.ema_denoiser, run.sampler, config, args, config["seed"],
+                                         config["data_dir"], run.train_images, run.report.verbose)
+        metrics.update(fid_samples=args.eval_fid, fid_sampler=run.sampler.describe())
+        run.report.scalars(state.step, {"fid": metrics["fid"]})
+    write_json(metrics, run.output(f"metrics_{name}.json"))
+    run.report.say(f"done: loss history {run.output(f'loss_history_{name}.json')}, checkpoints in {run.ckpt_dir}")
+    barrier(run.world_size)
+
+
+def train(args):
+    """Train: set up the run, start or resume it, train epoch after epoch until --epochs, a signal (saved; exit
+    130) or the time budget stops it, then finish: the final checkpoint, metrics and FID."""
+    args.run_name = args.run_name or "DDPM"
+    saved = load_resumable(args.resume, args.models_dir, args.run_name) if args.resume else None
+    run = set_up_run(args, saved)
+    config, report = run.config, run.report
+    with report:
+        state = start_or_resume(run, saved)
+        clock = TrainingClock(state.timing, config["time_budget_min"], compiles=run.train_step.denoiser.compiled)
+        with SignalFlag() as signals:
+            for epoch in report.epochs(state.epoch, config["epochs"]):
+                images_per_s = train_one_epoch(run, state, clock, epoch, signals)
+                interrupted, budget_spent = (bool(v) for v in max_over_ranks(
+                    [signals.received is not None, clock.out_of_time()], run.world_size))
+                if interrupted:
+                    stop_on_signal(run, state, epoch, signals.received)
+                evaluated = epoch == config["epochs"] or epoch % args.eval_every == 0 or budget_spent
+                train_loss = state.epoch_loss_sum / max(1, state.batch_in_epoch)
+                losses, is_best = evaluate_epoch(run, state, clock, epoch, train_loss) if evaluated else (None, False)
+                state.finish_epoch(epoch)
+                if run.is_main and (evaluated or epoch % args.checkpoint_every == 0):
+                    save_epoch_checkpoints(run, state, is_best)
+                report.epoch_done(epoch, state.step, train_loss, losses, images_per_s)
+                if budget_spent:
+                    report.say(f"time budget of {config['time_budget_min']} min spent after epoch {epoch} "
+                               f"(step {state.step}): finishing")
+                    break
+        finish(run, state, clock)
+
+
 # ------------------------------------------------------------------------------- inference
 
-@torch.no_grad()
-def guidance_sweep_images(diffusion, denoiser, config, args, classes, device):
-    """A row per guidance scale, a column per class; every row starts from the same noise and draws the
-    same per-step noise, so only w changes between rows. Returns (rows · columns, C, H, W)."""
-    labels = torch.tensor(classes, device=device)
-    rows = []
-    for w in args.guidance_sweep:
-        with seeded_rng(args.seed, device):
-            rows.append(diffusion.sample(denoiser, config["image_size"], len(classes), config["model"]["channels"],
-                                         labels, w, args.sampler, args.sampling_steps, args.eta).cpu())
-    return torch.cat(rows)
+def class_cycle(classes, n, device):
+    """The given class indices repeated to length n, as a LongTensor (n,)."""
+    return torch.tensor(classes, dtype=torch.long).repeat(math.ceil(n / len(classes)))[:n].to(device)
 
 
-def inference(args):
-    device = pick_device(args)
-    ckpt = load_checkpoint(args.model_path)
-    config = ckpt["config"]
-    args.run_name = args.run_name or config.get("run_name") or "DDPM"
+def check_against_model(args, config):
+    """Inference flags that the checkpoint's config can contradict (exit status 2, nothing written)."""
     num_classes = config.get("num_classes")
     if args.conditional and num_classes is None:
         raise UserError(f"--conditional was given but {args.model_path!r} is an unconditional model; "
                         "drop --conditional or use a checkpoint trained with --conditional")
-    if args.sample_classes is not None and num_classes is not None and max(args.sample_classes) >= num_classes:
-        raise UserError(f"--sample_classes: the model knows classes 0-{num_classes - 1}")
+    for c in args.sample_classes or []:
+        if num_classes is not None and not 0 <= c < num_classes:
+            raise UserError(f"--sample_classes: class {c} is outside 0-{num_classes - 1}")
     if args.sampling_steps is not None and args.sampling_steps > config["timesteps"]:
         raise UserError(f"--sampling_steps {args.sampling_steps} is more than the model's T = {config['timesteps']}")
+    if args.guidance_sweep and num_classes is None:
+        raise UserError(f"--guidance_sweep needs a conditional model; {args.model_path!r} is unconditional")
     if num_classes is not None and not args.conditional:
         print("note: conditional checkpoint sampled without --conditional: drawing unconditional samples "
               "(null label); add --conditional for class-guided samples", file=sys.stderr)
-    model = UNet(UNetConfig.from_dict(config["model"]))
-    model.load_state_dict(ckpt.get("ema") or ckpt["model"])
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    use_cuda = device.type == "cuda"
-    denoiser = Denoiser(model, compile=use_cuda and not args.no_compile, amp=use_cuda)
-    diffusion = build_diffusion(config, device)
-    torch.manual_seed(args.seed)
-    if args.guidance_sweep:
-        if num_classes is None:
-            raise UserError(f"--guidance_sweep needs a conditional model; {args.model_path!r} is unconditional")
-        path = os.path.join(args.save_dir, f"guidance_sweep_{args.run_name}.png")
-        classes = args.sample_classes or list(range(num_classes))
-        images = guidance_sweep_images(diffusion, denoiser, config, args, classes, device)
-        os.makedirs(args.save_dir, exist_ok=True)
-        save_labelled_grid(images, path, [f"w = {w:g}" for w in args.guidance_sweep],
-                           [config["classes"][c] for c in classes])
-        if not args.quiet:
-            print(f"guidance sweep ({len(args.guidance_sweep)} scales × {len(classes)} classes): {path}", flush=True)
-        return
 
-    labels = None
-    if args.conditional:
-        labels = class_cycle(args.sample_classes or list(range(num_classes)), args.num_samples, device)
-    progress = not args.quiet and stderr_is_terminal()
-    t0 = time.perf_counter()
-    images = generate(diffusion, denoiser, config, args.num_samples, labels, args, args.sample_batch, progress)
-    seconds = time.perf_counter() - t0
 
+def write_guidance_sweep(args, diffusion, denoiser, settings, config):
+    """One labelled grid: a row per --guidance_sweep scale, a column per class, every row from the same noise."""
+    classes = args.sample_classes or list(range(config["num_classes"]))
+    images = guidance_sweep(diffusion, denoiser, settings, args.guidance_sweep, classes, config["image_size"],
+                            config["model"]["channels"], args.seed)
+    os.makedirs(args.save_dir, exist_ok=True)
+    path = os.path.join(args.save_dir, f"guidance_sweep_{args.run_name}.png")
+    save_labelled_grid(images, path, [f"w = {w:g}" for w in args.guidance_sweep],
+                       [config["classes"][c] for c in classes])
+    if not args.quiet:
+        print(f"guidance sweep ({len(args.guidance_sweep)} scales × {len(classes)} classes): {path}", flush=True)
+
+
+def save_samples(args, images, labels, config, seconds, device):
+    """samples_<run>.png (conditional: a column per class), one PNG per image, and the uint8 npz."""
     os.makedirs(args.save_dir, exist_ok=True)
     name = f"samples_{args.run_name}"
     if labels is not None:
-        nrow = min(len(args.sample_classes or range(num_classes)), args.num_samples)
+        nrow = min(len(args.sample_classes or range(config["num_classes"])), args.num_samples)
     else:
         nrow = math.ceil(math.sqrt(args.num_samples))
     grid_path = os.path.join(args.save_dir, f"{name}.png")
@@ -724,13 +676,40 @@ def inference(args):
     if not args.quiet:
         print(f"{args.num_samples} samples in {seconds:.1f} s on {device}: grid {grid_path}, "
               f"PNGs in {os.path.join(args.save_dir, name)}/", flush=True)
+
+
+def inference(args):
+    """Sample from a checkpoint: a grid, a PNG per image and an npz (or, with --guidance_sweep, one labelled
+    grid); then FID with --eval_fid."""
+    device = pick_device(args)
+    ckpt = load_checkpoint(args.model_path)
+    config = ckpt["config"]
+    args.run_name = args.run_name or config.get("run_name") or "DDPM"
+    check_against_model(args, config)
+    use_cuda = device.type == "cuda"
+    model = sampling_model(ckpt).to(device, memory_format=torch.channels_last).eval()
+    denoiser = Denoiser(model, compile=use_cuda and not args.no_compile, amp=use_cuda)
+    diffusion = build_diffusion(config, device)
+    settings = sampler_settings(args)
+    torch.manual_seed(args.seed)
+    if args.guidance_sweep:
+        return write_guidance_sweep(args, diffusion, denoiser, settings, config)
+
+    labels = None
+    if args.conditional:
+        labels = class_cycle(args.sample_classes or list(range(config["num_classes"])), args.num_samples, device)
+    start = time.perf_counter()
+    images = generate(diffusion, denoiser, settings, args.num_samples, config["image_size"],
+                      config["model"]["channels"], labels, args.sample_batch,
+                      progress=not args.quiet and stderr_is_terminal())
+    save_samples(args, images, labels, config, time.perf_counter() - start, device)
     if args.eval_fid:
-        args.data_dir = args.data_dir or config["data_dir"]
-        t0 = time.perf_counter()
-        fid = measure_fid(diffusion, denoiser, config, args, device, None, not args.quiet)
+        start = time.perf_counter()
+        fid = measure_fid(diffusion, denoiser, settings, config, args, args.seed, args.data_dir or config["data_dir"],
+                          None, not args.quiet)
         write_json({"run_name": args.run_name, "model_path": args.model_path, "fid": fid, "fid_samples": args.eval_fid,
-                    "fid_sampler": sampler_description(args), "conditional": args.conditional and num_classes is not None,
-                    "fid_s": time.perf_counter() - t0, "device": str(device)},
+                    "fid_sampler": settings.describe(), "conditional": args.conditional,
+                    "fid_s": time.perf_counter() - start, "device": str(device)},
                    os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
 
 

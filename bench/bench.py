@@ -1,7 +1,7 @@
 """The project's speed benchmark: the seed-style pipeline and the fast path side by side, in one run.
 
 (a) seed-style: per-image torchvision transforms + DataLoader, fp32, eager, batch 64, default U-Net;
-(b) fast path (ddpm_main.train_step): data resident on the device, bf16 autocast, channels_last,
+(b) fast path (ddpm_train.TrainingStep, the CLI's step): data resident on the device, bf16 autocast, channels_last,
     fused AdamW, torch.compile, no host sync per step — at each batch size given, for the default
     U-Net and for the DDPM-size U-Net (--dim 128 --dim_mults 1,2,2,2);
 (c) sampling: 1,000 and 10,000 class-conditional CFG samples at T=100 with the default U-Net.
@@ -18,15 +18,15 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddpm_diffusion import Diffusion, make_schedule  # noqa: E402
-from ddpm_helpers import Denoiser, DeviceLoader  # noqa: E402
-from ddpm_main import generate, train_step  # noqa: E402
+from ddpm_data import DeviceLoader  # noqa: E402
+from ddpm_diffusion import Diffusion, SamplerSettings, generate, make_schedule  # noqa: E402
+from ddpm_helpers import Denoiser  # noqa: E402
 from ddpm_model import UNet, UNetConfig  # noqa: E402
+from ddpm_train import TrainingStep  # noqa: E402
 
 MODELS = {"default (dim 32, 1,2,4)": dict(dim=32, dim_mults=(1, 2, 4)),
           "DDPM-size (dim 128, 1,2,2,2)": dict(dim=128, dim_mults=(1, 2, 2, 2))}
@@ -63,7 +63,7 @@ def bench_seed_style(images, labels, device, model_kwargs, steps, warmup, timest
     loader = torch.utils.data.DataLoader(PILDataset(), batch_size=64, shuffle=True, drop_last=True,
                                          num_workers=num_workers, persistent_workers=num_workers > 0)
     model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device)
-    diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), images.shape[-1], device)
+    diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     done, start = 0, None
     while done < warmup + steps:
@@ -86,14 +86,15 @@ def bench_seed_style(images, labels, device, model_kwargs, steps, warmup, timest
 
 
 def bench_fast(images, labels, device, model_kwargs, batch_size, steps, warmup, timesteps, compile_model):
-    """ddpm_main.train_step on device-resident data; returns (img/s, warm-up seconds, peak GB)."""
+    """The CLI's TrainingStep on device-resident data; returns (img/s, warm-up seconds, peak GB)."""
     use_cuda = device.type == "cuda"
     model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_cuda)
-    diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), images.shape[-1], device)
+    diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), device)
     denoiser = Denoiser(model, compile=compile_model, amp=use_cuda)
-    args = SimpleNamespace(lr=1e-4, warmup_steps=1, p_uncond=0.1, loss_type="l2", ema_decay=0.999)
+    train_step = TrainingStep(model, ema_model, optimizer, diffusion, denoiser, p_uncond=0.1, loss_type="l2",
+                              ema_decay=0.999)
     loader = DeviceLoader(images, labels, batch_size, device)
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -110,7 +111,7 @@ def bench_fast(images, labels, device, model_kwargs, batch_size, steps, warmup, 
             epoch += 1
             batches = loader.batches(epoch)
             x = next(batches)
-        loss_sum += train_step(*x, step, args.lr, model, ema_model, optimizer, diffusion, denoiser, args)
+        loss_sum += train_step(*x, step, lr=1e-4)
     loss_sum.item()
     sync(device)
     seconds = time.perf_counter() - start
@@ -123,21 +124,20 @@ def bench_sampling(device, model_kwargs, counts, timesteps, size, sample_batch, 
     use_cuda = device.type == "cuda"
     model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device, memory_format=torch.channels_last).eval()
     denoiser = Denoiser(model, compile=compile_model, amp=use_cuda)
-    diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), size, device)
-    config = {"image_size": size, "model": {"channels": 3}}
-    args = SimpleNamespace(guidance_scale=3.0, sampler="ddpm", sampling_steps=None, eta=0.0)
+    diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), device)
+    timed = SamplerSettings("ddpm", guidance_scale=3.0)
+    quick = SamplerSettings("ddim", steps=2, guidance_scale=3.0)
     warm = time.perf_counter()
-    quick = SimpleNamespace(guidance_scale=3.0, sampler="ddim", sampling_steps=2, eta=0.0)
     for shape in sorted({min(count, sample_batch) for count in counts} | {c % sample_batch for c in counts} - {0}):
         labels = torch.arange(shape, device=device) % 10  # compile for every batch shape the timed runs use
-        generate(diffusion, denoiser, config, shape, labels, quick, shape, False)
+        generate(diffusion, denoiser, quick, shape, size, 3, labels, batch_size=shape)
     sync(device)
     results = {"warmup_s": time.perf_counter() - warm}
     for count in counts:
         labels = torch.arange(count, device=device) % 10
         sync(device)
         start = time.perf_counter()
-        generate(diffusion, denoiser, config, count, labels, args, sample_batch, False)
+        generate(diffusion, denoiser, timed, count, size, 3, labels, batch_size=sample_batch)
         sync(device)
         results[count] = time.perf_counter() - start
     return results

@@ -23,7 +23,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ddpm_main  # noqa: E402
-from ddpm_helpers import export_for_inference, load_checkpoint, load_dataset  # noqa: E402
+from ddpm_checkpoint import export_for_inference, load_checkpoint  # noqa: E402
+from ddpm_data import load_dataset  # noqa: E402
 
 # The recipe: a starting point, not yet tuned on a GPU (see BENCHMARKS.md).
 TRAIN_ARGS = ["--dim", "48", "--dim_mults", "1,2,2", "--batch_size", "500", "--lr", "2e-3",

@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny image-folder datasets generated on the fly (never the real CIFAR-10)."""
+"""Shared fixtures: tiny image-folder datasets generated on the fly (never the real CIFAR-10), and a stand-in
+for the FID network."""
+import io
+import lzma
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -48,3 +53,24 @@ def trained(tiny_data, tmp_path_factory):
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr
     return cwd
+
+
+class FakeInception(nn.Module):
+    """A stand-in with the real network's contract: (N, 3, 299, 299) in [−1, 1] → (N, 2048)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 16, 2048)
+
+    def forward(self, x):
+        return self.proj(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+@pytest.fixture(scope="session")
+def fake_inception(tmp_path_factory):
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(FakeInception()), buffer)
+    path = tmp_path_factory.mktemp("net") / "fake_inception.pt.xz"
+    path.write_bytes(lzma.compress(buffer.getvalue()))
+    return str(path)

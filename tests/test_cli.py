@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 import ddpm_main
-from conftest import TINY_MODEL, make_image_folder, run_cli
+from conftest import ROOT, TINY_MODEL, make_image_folder, run_cli
+
+SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")  # 10 classes
 
 
 def test_training_writes_history_checkpoint_and_grids(trained):
@@ -85,8 +87,8 @@ BAD_ARGUMENTS = [
     (["--p_uncond", "-0.1"], "--p_uncond must be in [0, 1]"),
     (["--epochs", "two"], "invalid int value"),
     (["--inference"], "--inference needs --model_path"),
-    (["--inference", "--model_path", "x.pt", "--sample_classes", "0,10"], "class 10 is outside 0-9"),
-    (["--inference", "--model_path", "x.pt", "--sample_classes", "-1"], "class -1 is outside 0-9"),
+    (["--inference", "--model_path", SHIPPED, "--sample_classes", "0,10"], "class 10 is outside 0-9"),
+    (["--inference", "--model_path", SHIPPED, "--sample_classes", "-1"], "class -1 is outside 0-9"),
     (["--inference", "--model_path", "x.pt", "--sample_classes", "1,cat"], "'cat' is not an integer"),
     (["--inference", "--model_path", "x.pt", "--sample_classes", "2.5"], "'2.5' is not an integer"),
     (["--inference", "--model_path", "does/not/exist.pt"], "does not exist"),
@@ -168,3 +170,18 @@ def test_nan_loss_stops_with_error_and_keeps_last_checkpoint(tiny_data, tmp_path
     assert "loss became" in diverge.stderr and "Traceback" not in diverge.stderr
     assert last.read_bytes() == good
     assert not list((tmp_path / "models" / "nan").glob("*.tmp*"))
+
+
+def test_sample_classes_are_checked_against_the_checkpoints_classes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(str(tmp_path / "twelve"), per_class_train=1, num_classes=12, size=8)
+    ddpm_main.main(["--data_dir", data, "--conditional", "--epochs", "1", "--save_model", "--run_name", "c12",
+                    "--quiet", *TINY_MODEL])
+    ddpm_main.main(["--inference", "--conditional", "--model_path", "models/c12/ckpt.pt", "--num_samples", "2",
+                    "--sample_classes", "10,11", "--sampler", "ddim", "--sampling_steps", "2", "--no_cuda", "--quiet"])
+    classes = sorted(os.listdir(tmp_path / "twelve" / "train"))  # label order: folder names, sorted
+    assert sorted(os.listdir(tmp_path / "outputs" / "samples_c12")) == [f"00000_{classes[10]}.png",
+                                                                         f"00001_{classes[11]}.png"]
+    code, err = run_in_process(["--inference", "--conditional", "--model_path", "models/c12/ckpt.pt",
+                                "--sample_classes", "12", "--no_cuda"], capsys)
+    assert code == 2 and "class 12 is outside 0-11" in err

@@ -3,12 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_diffusion import Diffusion, cosine_beta_schedule, extract, guided_prediction, linear_beta_schedule
+from ddpm_diffusion import (Diffusion, SamplerSettings, cosine_beta_schedule, extract, generate, guidance_sweep,
+                            guided_prediction, linear_beta_schedule)
 
 
 @pytest.fixture
 def diffusion():
-    return Diffusion(100, cosine_beta_schedule, 8)
+    return Diffusion(100, cosine_beta_schedule)
 
 
 def test_extract_broadcasts_per_example():
@@ -78,7 +79,7 @@ class GaussianOptimalEps(nn.Module):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_reverse_process_reproduces_gaussian_data(sampler):
     """With the optimal ε for Gaussian data, T = 1000 reverse steps give back the data's mean and std."""
-    d = Diffusion(1000, cosine_beta_schedule, 4)
+    d = Diffusion(1000, cosine_beta_schedule)
     mu, s = 0.2, 0.3  # almost all mass inside [−1, 1], where sample() clamps its output
     torch.manual_seed(0)
     x = d.sample(GaussianOptimalEps(d, mu, s), 4, batch_size=4000, channels=1, sampler=sampler,
@@ -89,7 +90,7 @@ def test_reverse_process_reproduces_gaussian_data(sampler):
 
 
 def test_ddim_error_shrinks_with_more_steps():
-    d = Diffusion(100, cosine_beta_schedule, 4)
+    d = Diffusion(100, cosine_beta_schedule)
     noise = torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     errors = [abs(d.sample(GaussianOptimalEps(d, 0.2, 0.3), 4, 4000, 1, sampler="ddim", sampling_steps=n,
                            noise=noise, clip_denoised=False).std().item() - 0.3) for n in (10, 25, 100)]
@@ -99,7 +100,7 @@ def test_ddim_error_shrinks_with_more_steps():
 
 def test_p_sample_is_algorithm_2(diffusion):
     """x_{t−1} = 1/√α_t (x_t − β_t/√(1−ᾱ_t) ε_θ) + √β̃_t z   (Algorithm 2, line 4, with σ_t² = β̃_t)."""
-    d = Diffusion(100, lambda T: linear_beta_schedule(1e-3, 0.2, T), 8)
+    d = Diffusion(100, lambda T: linear_beta_schedule(1e-3, 0.2, T))
     model = GaussianOptimalEps(d, 0.1, 0.7)
     x, z = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     for step in (60, 0):
@@ -190,8 +191,8 @@ def test_v_target_closed_form(diffusion):
 
 
 def test_v_prediction_samples_like_eps_prediction():
-    eps_diffusion = Diffusion(100, cosine_beta_schedule, 4)
-    v_diffusion = Diffusion(100, cosine_beta_schedule, 4, prediction="v")
+    eps_diffusion = Diffusion(100, cosine_beta_schedule)
+    v_diffusion = Diffusion(100, cosine_beta_schedule, prediction="v")
     x, z = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     for step in (90, 40, 0):
         t = torch.full((3,), step)
@@ -201,7 +202,7 @@ def test_v_prediction_samples_like_eps_prediction():
 
 
 def test_v_prediction_loss_is_zero_for_the_true_v():
-    d = Diffusion(100, cosine_beta_schedule, 4, prediction="v")
+    d = Diffusion(100, cosine_beta_schedule, prediction="v")
     x0, noise, t = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4), torch.tensor([0, 10, 50, 99])
 
     class TrueV(nn.Module):
@@ -216,8 +217,8 @@ def test_v_prediction_loss_is_zero_for_the_true_v():
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_weights(prediction):
     gamma = 5.0
-    d = Diffusion(100, cosine_beta_schedule, 4, prediction=prediction, min_snr_gamma=gamma)
-    plain = Diffusion(100, cosine_beta_schedule, 4, prediction=prediction)
+    d = Diffusion(100, cosine_beta_schedule, prediction=prediction, min_snr_gamma=gamma)
+    plain = Diffusion(100, cosine_beta_schedule, prediction=prediction)
 
     class Zero(nn.Module):
         num_classes = None
@@ -233,3 +234,33 @@ def test_min_snr_weights(prediction):
         weight = min(snr, gamma) / (snr if prediction == "eps" else snr + 1)
         assert d.p_losses(Zero(), x0, t, noise).item() == pytest.approx(
             weight * plain.p_losses(Zero(), x0, t, noise).item(), rel=1e-4)
+
+
+def test_sampler_settings_describe_themselves_as_metrics_record_them():
+    assert SamplerSettings().describe() == "ddpm, guidance 3.0"
+    assert SamplerSettings("ddim").describe() == "ddim, T steps, eta 0.0, guidance 3.0"
+    assert SamplerSettings("ddim", steps=25, eta=0.5, guidance_scale=1.5).describe() == \
+        "ddim, 25 steps, eta 0.5, guidance 1.5"
+
+
+def test_generate_in_batches_from_a_seed_leaves_the_callers_rng_alone(diffusion):
+    model, labels = ClassShift(), torch.tensor([0, 1, 2, 3, 4])
+    settings = SamplerSettings("ddim", steps=5, eta=0.5, guidance_scale=2.0)
+    torch.manual_seed(0)
+    caller_state = torch.get_rng_state()
+    images = generate(diffusion, model, settings, 5, 8, 3, labels, batch_size=2, seed=7)
+    assert torch.equal(torch.get_rng_state(), caller_state)
+    torch.manual_seed(7)  # the same draws, batch by batch: 2 + 2 + 1
+    expected = torch.cat([diffusion.sample(model, 8, len(part), 3, part, 2.0, "ddim", 5, 0.5)
+                          for part in labels.split(2)])
+    assert images.shape == (5, 3, 8, 8) and torch.equal(images, expected)
+
+
+def test_guidance_sweep_rows_are_generate_at_each_scale_from_one_seed(diffusion):
+    model, classes = ClassShift(), [1, 6]
+    settings = SamplerSettings("ddim", steps=4, eta=1.0)
+    rows = guidance_sweep(diffusion, model, settings, [0.0, 2.0], classes, 8, 3, seed=5).view(2, 2, 3, 8, 8)
+    for row, w in zip(rows, (0.0, 2.0)):
+        expected = generate(diffusion, model, SamplerSettings("ddim", steps=4, eta=1.0, guidance_scale=w), 2, 8, 3,
+                            torch.tensor(classes), seed=5)
+        assert torch.equal(row, expected)

@@ -7,10 +7,12 @@ import sys
 import pytest
 import torch
 
+import ddpm_data
 import ddpm_helpers
 from conftest import ROOT, make_image_folder
+from ddpm_data import DeviceLoader, load_dataset
 from ddpm_diffusion import Diffusion, cosine_beta_schedule
-from ddpm_helpers import Denoiser, DeviceLoader, load_dataset
+from ddpm_helpers import Denoiser
 from ddpm_model import UNet
 
 
@@ -28,7 +30,7 @@ def batch():
 
 
 def test_bf16_loss_and_gradients_match_fp32(model):
-    d = Diffusion(10, cosine_beta_schedule, 16)
+    d = Diffusion(10, cosine_beta_schedule)
     x, t, y, noise = batch()
     plain = d.p_losses(model, x, t, noise, class_labels=y)
     plain_grads = torch.autograd.grad(plain, list(model.parameters()))
@@ -46,7 +48,7 @@ def test_compiled_bf16_loss_matches_fp32(model, layout, monkeypatch):
     channels-last model ddpm_main builds and a default one; the inductor code generation itself is
     exercised on the GPU, it takes minutes on 2 CPU cores."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    d = Diffusion(10, cosine_beta_schedule, 16)
+    d = Diffusion(10, cosine_beta_schedule)
     x, t, y, noise = batch()
     plain = d.p_losses(model, x, t, noise, class_labels=y)
     denoiser = Denoiser(model.to(memory_format=layout), compile=True, amp=True)
@@ -72,7 +74,7 @@ def test_compile_failure_falls_back_to_eager(model, monkeypatch, capsys):
 
 
 def test_fast_sampling_matches_plain_sampling(model):
-    d = Diffusion(10, cosine_beta_schedule, 16)
+    d = Diffusion(10, cosine_beta_schedule)
     noise = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     plain = d.sample(model, 16, 6, class_labels=labels, sampler="ddim", noise=noise)
@@ -123,18 +125,22 @@ def test_loader_shards_are_disjoint_and_cover_the_epoch():
 def test_uint8_cache_is_written_and_reused(tmp_path, monkeypatch):
     root = make_image_folder(str(tmp_path / "d"), per_class_train=2, num_classes=3)
     first = load_dataset(root)
-    assert (tmp_path / "d" / ddpm_helpers.CACHE_NAME).is_file()
-    monkeypatch.setattr(ddpm_helpers, "_decode", lambda path: pytest.fail("decoded again"))
+    assert (tmp_path / "d" / ddpm_data.CACHE_NAME).is_file()
+    monkeypatch.setattr(ddpm_data, "_decode", lambda path: pytest.fail("decoded again"))
     second = load_dataset(root)
     assert torch.equal(first["train_images"], second["train_images"]) and second["classes"] == first["classes"]
     assert first["train_images"].dtype == torch.uint8 and first["train_images"].shape == (6, 3, 16, 16)
 
 
 def test_bench_smoke(tmp_path):
+    """bench/bench.py --smoke runs, and times the library pieces (TrainingStep, generate), not the CLI."""
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "bench/bench.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    script = ("import runpy, sys; sys.argv = ['bench/bench.py', '--smoke', '--out', sys.argv[1]]; "
+              "runpy.run_path('bench/bench.py', run_name='__main__'); print('CLI loaded:', 'ddpm_main' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("CLI loaded: False")
     assert "| seed-style |" in result.stdout and "| fast |" in result.stdout
     data = json.loads(out.read_text())
     assert data["train"][0]["pipeline"] == "seed-style" and data["train"][0]["img_s"] > 0

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ddpm_diffusion import Diffusion, cosine_beta_schedule
-from ddpm_helpers import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint
+from ddpm_checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from ddpm_helpers import atomic_torch_save
 from ddpm_model import UNet, UNetConfig
 
 
@@ -38,7 +39,7 @@ def test_class_label_changes_output_and_null_label_is_default():
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = UNet(dim=8, dim_mults=(1, 2))
-    d = Diffusion(10, cosine_beta_schedule, 16)
+    d = Diffusion(10, cosine_beta_schedule)
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1
     t, noise = torch.randint(0, 10, (8,)), torch.randn(8, 3, 16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -5,7 +5,9 @@ from PIL import Image
 
 import ddpm_main
 from conftest import run_cli
-from ddpm_helpers import load_checkpoint
+from ddpm_checkpoint import build_diffusion, load_checkpoint
+from ddpm_diffusion import guidance_sweep
+from ddpm_model import UNet, UNetConfig
 
 
 def test_forward_process_strip_and_loss_curves(trained):
@@ -22,11 +24,11 @@ def test_guidance_sweep_rows_share_noise(trained, monkeypatch):
     args = ddpm_main.build_parser().parse_args(
         ["--inference", "--model_path", "models/cond/ckpt.pt", "--guidance_sweep", "0,1,1,4", "--no_cuda"])
     ckpt = load_checkpoint(args.model_path)
-    model = ddpm_main.UNet(ddpm_main.UNetConfig.from_dict(ckpt["config"]["model"]))
+    model = UNet(UNetConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt["ema"])
-    diffusion = ddpm_main.build_diffusion(ckpt["config"], torch.device("cpu"))
-    images = ddpm_main.guidance_sweep_images(diffusion, model, ckpt["config"], args, [3, 5, 8],
-                                             torch.device("cpu"))
+    diffusion = build_diffusion(ckpt["config"], torch.device("cpu"))
+    images = guidance_sweep(diffusion, model, ddpm_main.sampler_settings(args), args.guidance_sweep, [3, 5, 8],
+                            image_size=16, channels=3, seed=args.seed)
     rows = images.view(4, 3, *images.shape[1:])
     assert torch.equal(rows[1], rows[2])                 # same w, same noise: identical rows
     assert not torch.equal(rows[0], rows[1])             # only w differs between rows

@@ -1,8 +1,6 @@
 """EMA, DDIM with guidance, the time budget, and the built-in FID (checked against the referee)."""
 import importlib.util
-import io
 import json
-import lzma
 import os
 
 import numpy as np
@@ -12,8 +10,10 @@ from torch import nn
 
 import ddpm_main
 from conftest import ROOT, TINY_MODEL, make_image_folder, run_cli
-from ddpm_helpers import (FIDFeatures, export_for_inference, frechet_distance, load_checkpoint, load_dataset,
-                          tf_resize_matrix)
+from ddpm_checkpoint import export_for_inference, load_checkpoint
+from ddpm_data import load_dataset
+from ddpm_fid import FIDFeatures, frechet_distance, tf_resize_matrix
+from ddpm_train import learning_rate, update_ema
 
 SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 INCEPTION = os.path.join(SHARED, "fid", "inception-2015-12-05-fp16.pt.xz")
@@ -23,7 +23,7 @@ REFEREE = os.path.join(SHARED, "tools", "referee_fid.py")
 def test_ema_update_is_a_lerp():
     model, ema = nn.Linear(3, 2), nn.Linear(3, 2)
     before = [p.detach().clone() for p in ema.parameters()]
-    ddpm_main.update_ema(ema, model, 0.9)
+    update_ema(ema, model, 0.9)
     for b, e, m in zip(before, ema.parameters(), model.parameters()):
         assert torch.allclose(e, 0.9 * b + 0.1 * m)
 
@@ -63,27 +63,6 @@ def test_time_budget_stops_cleanly(tiny_data, tmp_path):
     assert history["epochs"][-1] == metrics["epochs_done"] and history["val_loss"]
     assert (tmp_path / "models" / "budget" / "ckpt.pt").is_file()
     assert (tmp_path / "outputs" / f"samples_budget_epoch{metrics['epochs_done']:03d}.png").is_file()
-
-
-class FakeInception(nn.Module):
-    """A stand-in with the real network's contract: (N, 3, 299, 299) in [−1, 1] → (N, 2048)."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3 * 16, 2048)
-
-    def forward(self, x):
-        return self.proj(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
-
-
-@pytest.fixture(scope="module")
-def fake_inception(tmp_path_factory):
-    torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(FakeInception()), buffer)
-    path = tmp_path_factory.mktemp("net") / "fake_inception.pt.xz"
-    path.write_bytes(lzma.compress(buffer.getvalue()))
-    return str(path)
 
 
 def test_eval_fid_after_training_and_at_inference(tmp_path, fake_inception):
@@ -186,13 +165,13 @@ def test_speedrun_smoke_trains_samples_and_reads_referee_fid(tmp_path, fake_ince
 
 
 def test_learning_rate_warmup_and_cosine_decay():
-    args = ddpm_main.build_parser().parse_args(["--lr", "0.01", "--warmup_steps", "10", "--lr_decay", "cosine"])
-    assert ddpm_main.learning_rate(args, 0, 0.0) == pytest.approx(0.001)
-    assert ddpm_main.learning_rate(args, 9, 0.0) == pytest.approx(0.01)
-    assert ddpm_main.learning_rate(args, 500, 0.5) == pytest.approx(0.005)
-    assert ddpm_main.learning_rate(args, 900, 1.0) == pytest.approx(0.0, abs=1e-12)
-    args.lr_decay = "none"
-    assert ddpm_main.learning_rate(args, 900, 1.0) == pytest.approx(0.01)
+    flags = vars(ddpm_main.build_parser().parse_args(["--lr", "0.01", "--warmup_steps", "10", "--lr_decay", "cosine"]))
+    assert learning_rate(flags, 0, 0.0) == pytest.approx(0.001)
+    assert learning_rate(flags, 9, 0.0) == pytest.approx(0.01)
+    assert learning_rate(flags, 500, 0.5) == pytest.approx(0.005)
+    assert learning_rate(flags, 900, 1.0) == pytest.approx(0.0, abs=1e-12)
+    flags["lr_decay"] = "none"
+    assert learning_rate(flags, 900, 1.0) == pytest.approx(0.01)
 
 
 def test_v_prediction_min_snr_cosine_run_end_to_end(tiny_data, tmp_path):

@@ -48,7 +48,7 @@ def test_schedules_valid_and_alpha_bar_monotone(name, T):
 
 
 def test_diffusion_buffers_float32_and_consistent():
-    d = Diffusion(100, cosine_beta_schedule, 32)
+    d = Diffusion(100, cosine_beta_schedule)
     assert d.betas.dtype == torch.float32
     assert torch.allclose(d.alphas_cumprod, torch.cumprod(1 - cosine_beta_schedule(100), 0).float())
     assert d.alphas_cumprod_prev[0] == 1 and d.posterior_variance[0] == 0
@@ -56,4 +56,4 @@ def test_diffusion_buffers_float32_and_consistent():
 
 def test_diffusion_rejects_bad_schedule():
     with pytest.raises(ValueError):
-        Diffusion(10, lambda T: torch.linspace(0, 1.5, T), 32)
+        Diffusion(10, lambda T: torch.linspace(0, 1.5, T))

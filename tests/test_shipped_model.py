@@ -5,8 +5,7 @@ import numpy as np
 import torch
 
 from conftest import ROOT, run_cli
-from ddpm_helpers import load_checkpoint
-from ddpm_main import build_diffusion
+from ddpm_checkpoint import build_diffusion, load_checkpoint
 from ddpm_model import UNet, UNetConfig
 
 SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")

@@ -1,0 +1,200 @@
+"""The checkpoint format, in one place: the run's config, where training stands, and how a checkpoint is
+built, saved, loaded, restored and exported.
+
+A checkpoint is one dict that loads with torch.load(path, weights_only=True):
+
+    format, version    "ddpm-cifar10", 1: what wrote it
+    config             the resolved config (training_config): model and diffusion are rebuilt from it alone
+    versions           the tool's, torch's and Python's versions
+    model, ema         state dicts of the trained weights and of their exponential moving average
+    optimizer          AdamW's state (last.pt and ckpt.pt; best.pt and exports leave it out)
+    rng                the CPU (and CUDA) generator states, for an exact resume
+    epoch, step, batch_in_epoch, epoch_loss_sum, best_val, history, timing    the TrainingState
+
+An export for inference (export_for_inference) keeps format, version, config, versions and the EMA weights in bf16.
+"""
+import dataclasses
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+
+import torch
+
+from ddpm_diffusion import Diffusion, make_schedule
+from ddpm_helpers import UserError, atomic_torch_save, write_json
+from ddpm_model import UNet, UNetConfig
+
+CHECKPOINT_FORMAT = "ddpm-cifar10"
+CHECKPOINT_VERSION = 1
+TOOL_VERSION = "0.1.0"
+
+# The config's keys, in three kinds. A test checks that every key is in exactly one of them.
+# Training settings: a new run takes them from the flags of the same name, a resumed run from its checkpoint.
+TRAINING_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma", "dim",
+                     "dim_mults", "lr", "lr_decay", "warmup_steps", "batch_size", "p_uncond", "ema_decay", "seed")
+# Run settings: every run, resumed or not, takes them from its own command line (and torchrun).
+RUN_SETTINGS = ("epochs", "run_name", "data_dir", "time_budget_min", "world_size")
+# Derived: what follows from the settings above and the data.
+DERIVED_KEYS = ("model", "num_classes", "classes", "image_size", "num_train", "num_val", "num_test",
+                "global_batch_size")
+
+TIMING_KEYS = ("decode_s", "compile_s", "train_s", "eval_s", "sample_s")
+
+
+def training_config(flags, data_facts, saved_config=None):
+    """The resolved config of a training run, saved in every checkpoint and in config.json.
+
+    flags: the command line's values by config key (all TRAINING_SETTINGS and RUN_SETTINGS); data_facts: classes,
+    image_size, num_train, num_val, num_test. saved_config: the checkpoint's config when resuming, whose training
+    settings win over the flags (a key it lacks, from an older version, falls back to the flag)."""
+    chosen = {key: flags[key] for key in TRAINING_SETTINGS + RUN_SETTINGS}
+    if saved_config is not None:
+        chosen.update({key: saved_config.get(key, chosen[key]) for key in TRAINING_SETTINGS})
+    classes = list(data_facts["classes"])
+    model = UNetConfig(dim=chosen["dim"], dim_mults=tuple(chosen["dim_mults"]), channels=3,
+                       num_classes=len(classes) if chosen["conditional"] else None)
+    return {
+        "model": model.to_dict(), "conditional": chosen["conditional"], "num_classes": model.num_classes,
+        "classes": classes, "image_size": data_facts["image_size"], "timesteps": chosen["timesteps"],
+        "schedule": chosen["schedule"], "loss_type": chosen["loss_type"], "prediction": chosen["prediction"],
+        "min_snr_gamma": chosen["min_snr_gamma"], "lr_decay": chosen["lr_decay"], "dim": chosen["dim"],
+        "dim_mults": list(chosen["dim_mults"]), "lr": chosen["lr"], "warmup_steps": chosen["warmup_steps"],
+        "batch_size": chosen["batch_size"], "epochs": chosen["epochs"], "p_uncond": chosen["p_uncond"],
+        "ema_decay": chosen["ema_decay"], "seed": chosen["seed"], "run_name": chosen["run_name"],
+        "data_dir": chosen["data_dir"], "num_train": data_facts["num_train"], "num_val": data_facts["num_val"],
+        "num_test": data_facts["num_test"], "time_budget_min": chosen["time_budget_min"],
+        "world_size": chosen["world_size"], "global_batch_size": chosen["batch_size"] * chosen["world_size"],
+    }
+
+
+def build_model(config):
+    """The U-Net the config describes, with freshly initialised weights."""
+    return UNet(UNetConfig.from_dict(config["model"]))
+
+
+def build_diffusion(config, device):
+    """The diffusion process the config describes: T, the β schedule, the prediction target, Min-SNR-γ."""
+    return Diffusion(config["timesteps"], lambda T: make_schedule(config["schedule"], T), device,
+                     prediction=config.get("prediction", "eps"), min_snr_gamma=config.get("min_snr_gamma"))
+
+
+def environment_versions():
+    return {"tool": TOOL_VERSION, "torch": str(torch.__version__), "python": platform.python_version()}
+
+
+def checkpoint_header(config):
+    """What every checkpoint of this tool starts with: format, version, config and versions."""
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
+            "versions": environment_versions()}
+
+
+def write_config_json(config, path):
+    """config.json beside the checkpoints: the resolved config and the versions, for people and other tools."""
+    write_json({**config, "versions": environment_versions()}, path)
+
+
+@dataclass
+class TrainingState:
+    """Where training stands: what a checkpoint holds besides the config, weights, optimizer and RNG."""
+    epoch: int = 0                 # epochs finished
+    step: int = 0                  # optimizer steps taken
+    batch_in_epoch: int = 0        # batches done in the current epoch (non-zero after a mid-epoch save)
+    epoch_loss_sum: float = 0.0    # the sum of those batches' losses
+    best_val: float = math.inf     # the lowest validation loss so far (best.pt)
+    history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "test_loss": [], "epochs": []})
+    timing: dict = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))  # seconds per activity
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        position = {key: ckpt[key] for key in ("epoch", "step", "batch_in_epoch", "epoch_loss_sum", "best_val")}
+        return cls(**position, history=ckpt["history"],
+                   timing={key: ckpt["timing"].get(key, 0.0) for key in TIMING_KEYS})
+
+    def record_evaluation(self, epoch, train_loss, val_loss, test_loss):
+        """Append an evaluated epoch to the history; True when its validation loss is the best so far."""
+        for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("test_loss", test_loss),
+                           ("epochs", epoch)):
+            self.history[key].append(value)
+        is_best = val_loss < self.best_val
+        self.best_val = min(self.best_val, val_loss)
+        return is_best
+
+    def finish_epoch(self, epoch):
+        self.epoch, self.batch_in_epoch, self.epoch_loss_sum = epoch, 0, 0.0
+
+
+def build_checkpoint(config, model, ema_model, optimizer, state, use_cuda):
+    """The checkpoint dict of a training run at this moment (see the module docstring)."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if use_cuda else []}
+    return {**checkpoint_header(config), "model": model.state_dict(), "ema": ema_model.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": rng, **dataclasses.asdict(state)}
+
+
+def save_checkpoint(ckpt, path, with_optimizer=True):
+    """Write atomically (a crash never leaves a half-written file); best.pt goes without the optimizer."""
+    atomic_torch_save(ckpt if with_optimizer else {k: v for k, v in ckpt.items() if k != "optimizer"}, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load and check a checkpoint written by this tool (weights_only=True: no code is unpickled)."""
+    if not path:
+        raise UserError("--model_path is required with --inference")
+    if not os.path.exists(path):
+        raise UserError(f"--model_path {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise UserError(f"--model_path {path!r} is not a file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); "
+                        "it is corrupt or was not written by torch.save") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
+        raise UserError(f"{path!r} is not a checkpoint of this tool (ddpm_main.py); "
+                        "it holds no 'format': 'ddpm-cifar10' entry and config")
+    return ckpt
+
+
+def load_resumable(resume, models_dir, run_name):
+    """The checkpoint --resume names ('auto': <models_dir>/<run_name>/last.pt); it must hold the optimizer."""
+    path = resume
+    if path == "auto":
+        path = os.path.join(models_dir, run_name, "last.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"--resume auto: there is no {path} to resume (was --run_name {run_name!r} "
+                            f"trained with --models_dir {models_dir!r}?)")
+    elif not os.path.isfile(path):
+        raise UserError(f"--resume {path!r} does not exist")
+    ckpt = load_checkpoint(path)
+    if "optimizer" not in ckpt:
+        raise UserError(f"--resume {path!r} holds weights only (no optimizer state); resume from last.pt")
+    return ckpt
+
+
+def restore_training(ckpt, model, ema_model, optimizer, use_cuda):
+    """Put a checkpoint's weights, EMA, optimizer state and RNG states back; returns its TrainingState."""
+    model.load_state_dict(ckpt["model"])
+    ema_model.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    state = TrainingState.from_checkpoint(ckpt)
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if use_cuda and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return state
+
+
+def export_for_inference(ckpt, path):
+    """Write a small inference-only checkpoint: config and EMA weights in bf16 (no optimizer, no raw weights).
+    The training machine's data folder means nothing elsewhere: the config's data_dir becomes the default."""
+    weights = ckpt.get("ema") or ckpt["model"]
+    small = {**checkpoint_header({**ckpt["config"], "data_dir": "./data"}),
+             "ema": {k: v.to(torch.bfloat16) for k, v in weights.items()}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_torch_save(small, path)
+
+
+def sampling_model(ckpt):
+    """The checkpoint's U-Net with its EMA weights (the raw weights if it has none), for sampling."""
+    model = build_model(ckpt["config"])
+    model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+    return model

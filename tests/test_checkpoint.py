@@ -1,0 +1,92 @@
+"""The checkpoint format's one home: every config key has a declared origin, and a resumed run takes its
+training settings from the checkpoint whatever the command line says."""
+import json
+
+import pytest
+import torch
+
+import ddpm_main
+from conftest import TINY_MODEL
+from ddpm_checkpoint import (DERIVED_KEYS, RUN_SETTINGS, TRAINING_SETTINGS, TrainingState, build_checkpoint,
+                             restore_training, training_config)
+from ddpm_model import UNet
+
+FACTS = {"classes": ["a", "b", "c"], "image_size": 16, "num_train": 27, "num_val": 3, "num_test": 10}
+# two command lines that differ in every setting a config holds
+FLAGS_A = ["--conditional", "--timesteps", "10", "--schedule", "linear", "--loss_type", "l1", "--prediction", "v",
+           "--min_snr_gamma", "5", "--dim", "8", "--dim_mults", "1,2", "--lr", "0.002", "--lr_decay", "cosine",
+           "--warmup_steps", "3", "--batch_size", "8", "--p_uncond", "0.2", "--ema_decay", "0.99", "--seed", "7",
+           "--epochs", "2", "--run_name", "a", "--data_dir", "data_a", "--time_budget_min", "3"]
+FLAGS_B = ["--timesteps", "20", "--schedule", "sigmoid", "--loss_type", "huber", "--dim", "16", "--dim_mults", "1",
+           "--lr", "0.001", "--warmup_steps", "5", "--batch_size", "4", "--p_uncond", "0.3", "--ema_decay", "0.9",
+           "--seed", "8", "--epochs", "5", "--run_name", "b", "--data_dir", "data_b", "--time_budget_min", "4"]
+
+
+def flags(argv, world_size):
+    return {**vars(ddpm_main.build_parser().parse_args(argv)), "world_size": world_size}
+
+
+def test_every_config_key_is_a_training_setting_a_run_setting_or_derived():
+    kinds = [set(TRAINING_SETTINGS), set(RUN_SETTINGS), set(DERIVED_KEYS)]
+    assert sum(len(k) for k in kinds) == len(set.union(*kinds))  # disjoint
+    assert set(training_config(flags(FLAGS_A, 1), FACTS)) == set.union(*kinds)  # a new key must be declared
+
+
+def test_resumed_config_takes_training_settings_from_the_checkpoint_and_run_settings_from_the_flags():
+    saved = training_config(flags(FLAGS_A, 1), FACTS)
+    fresh = training_config(flags(FLAGS_B, 2), FACTS)
+    resumed = training_config(flags(FLAGS_B, 2), FACTS, saved_config=saved)
+    for key in TRAINING_SETTINGS:
+        assert saved[key] != fresh[key], f"FLAGS_B must change {key} for this test to mean anything"
+        assert resumed[key] == saved[key], key
+    for key in RUN_SETTINGS:
+        assert saved[key] != fresh[key] and resumed[key] == fresh[key], key
+    assert resumed["model"] == saved["model"]  # derived from the checkpoint's dim, dim_mults, conditional
+    assert resumed["global_batch_size"] == 8 * 2  # the checkpoint's batch on this run's ranks
+
+
+def test_old_checkpoint_without_a_setting_falls_back_to_the_flag():
+    saved = training_config(flags(FLAGS_A, 1), FACTS)
+    del saved["min_snr_gamma"]
+    assert training_config(flags(FLAGS_B, 1), FACTS, saved_config=saved)["min_snr_gamma"] is None
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_state():
+    torch.manual_seed(0)
+    model, ema = UNet(dim=8, dim_mults=(1,)), UNet(dim=8, dim_mults=(1,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).sum().backward()
+    optimizer.step()
+    state = TrainingState(epoch=3, step=40, batch_in_epoch=2, epoch_loss_sum=0.5, best_val=0.25)
+    state.record_evaluation(3, 0.3, 0.25, 0.27)
+    ckpt = build_checkpoint({"k": 1}, model, ema, optimizer, state, use_cuda=False)
+    assert set(ckpt) == {"format", "version", "config", "versions", "model", "ema", "optimizer", "rng", "epoch", "step",
+                         "batch_in_epoch", "epoch_loss_sum", "best_val", "history", "timing"}
+    expected_draw = torch.rand(3)
+
+    torch.manual_seed(1)
+    model2, ema2 = UNet(dim=8, dim_mults=(1,)), UNet(dim=8, dim_mults=(1,))
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    restored = restore_training(ckpt, model2, ema2, optimizer2, use_cuda=False)
+    assert restored == state
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the checkpoint was taken
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert optimizer2.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+def test_resume_with_bare_command_line_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    """Non-default training settings survive a --resume that names none of them. (Not --lr_decay cosine: its
+    horizon is --epochs, so a 1-epoch run decays faster than the first epoch of a 2-epoch one, by design.)"""
+    monkeypatch.chdir(tmp_path)
+    settings = ["--conditional", "--lr", "0.002", "--warmup_steps", "3", "--p_uncond", "0.3", "--ema_decay", "0.99",
+                "--prediction", "v", "--min_snr_gamma", "5", "--loss_type", "l1", "--schedule", "linear", "--seed",
+                "11", "--log_interval", "1", "--quiet", *TINY_MODEL]
+    ddpm_main.main(["--data_dir", tiny_data, "--epochs", "2", "--run_name", "full", *settings])
+    ddpm_main.main(["--data_dir", tiny_data, "--epochs", "1", "--run_name", "part", *settings])
+    ddpm_main.main(["--resume", "auto", "--epochs", "2", "--run_name", "part", "--no_cuda", "--quiet"])
+    histories = [json.loads((tmp_path / "outputs" / f"loss_history_{n}.json").read_text()) for n in ("full", "part")]
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert histories[0][key] == pytest.approx(histories[1][key], rel=1e-6, abs=1e-7), key
+    configs = [torch.load(tmp_path / "models" / n / "last.pt", weights_only=True)["config"] for n in ("full", "part")]
+    assert {k: configs[1][k] for k in TRAINING_SETTINGS} == {k: configs[0][k] for k in TRAINING_SETTINGS}
