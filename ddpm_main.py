@@ -391,6 +391,10 @@ class Run:
         return self.args.world_size
 
     @property
+    def num_params(self):
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
     def ckpt_dir(self):
         return os.path.join(self.args.models_dir, self.config["run_name"])
 
@@ -467,9 +471,8 @@ def start_or_resume(run, saved):
             save_forward_strip(run.diffusion, run.train_loader.images[:1], run.output(f"forward_process_{name}.png"))
     what = (f"resuming '{name}' from {run.args.resume} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
             if saved else f"training '{name}'")
-    num_params = sum(p.numel() for p in run.model.parameters())
     run.report.say(f"{what}: {'conditional' if config['conditional'] else 'unconditional'} DDPM on {run.device}, "
-                   f"{num_params / 1e6:.2f}M parameters, {config['num_train']} train / {config['num_val']} val / "
+                   f"{run.num_params / 1e6:.2f}M parameters, {config['num_train']} train / {config['num_val']} val / "
                    f"{config['num_test']} test images, T={config['timesteps']} ({config['schedule']})"
                    + (f"; {run.world_size} ranks × batch {config['batch_size']}" if run.world_size > 1 else ""))
     return state
@@ -576,7 +579,7 @@ def finish(run, state, clock):
         save_checkpoint(run.checkpoint(state), os.path.join(run.ckpt_dir, "ckpt.pt"))
     images_seen = state.step * config["batch_size"] * run.world_size
     metrics = {"world_size": run.world_size, "run_name": name, "device": str(run.device),
-               "num_params": sum(p.numel() for p in run.model.parameters()), "steps": state.step,
+               "num_params": run.num_params, "steps": state.step,
                "epochs_done": state.epoch, "batch_size": config["batch_size"],
                "stopped_by_time_budget": clock.out_of_time(),
                "train_images_per_s": images_seen / timing["train_s"] if timing["train_s"] else None,
