@@ -4,7 +4,8 @@ built, saved, loaded, restored and exported.
 A checkpoint is one dict that loads with torch.load(path, weights_only=True):
 
     format, version    "ddpm-cifar10", 1: what wrote it
-    config             the resolved config (training_config): model and diffusion are rebuilt from it alone
+    config             the resolved config (training_config): model and diffusion are rebuilt from it alone, and
+                       its 'sampling' entry says how to sample them (SamplerSettings)
     versions           the tool's, torch's and Python's versions
     model, ema         state dicts of the trained weights and of their exponential moving average
     optimizer          AdamW's state (last.pt and ckpt.pt; best.pt and exports leave it out)
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddpm_diffusion import Diffusion, make_schedule
+from ddpm_diffusion import Diffusion, SamplerSettings, make_schedule
 from ddpm_helpers import UserError, atomic_torch_save, write_json
 from ddpm_model import UNet, UNetConfig
 
@@ -35,6 +36,9 @@ TRAINING_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "predi
                      "dim_mults", "lr", "lr_decay", "warmup_steps", "batch_size", "p_uncond", "ema_decay", "seed")
 # Run settings: every run, resumed or not, takes them from its own command line (and torchrun).
 RUN_SETTINGS = ("epochs", "run_name", "data_dir", "time_budget_min", "world_size")
+# Sampling settings: how the model is to be sampled (SamplerSettings as a dict): the run's sampling flags, else the
+# resumed checkpoint's, else the defaults. Inference takes them from the checkpoint unless its flags say otherwise.
+SAMPLING_SETTINGS = ("sampling",)
 # Derived: what follows from the settings above and the data.
 DERIVED_KEYS = ("model", "num_classes", "classes", "image_size", "num_train", "num_val", "num_test",
                 "global_batch_size")
@@ -45,7 +49,8 @@ TIMING_KEYS = ("decode_s", "compile_s", "train_s", "eval_s", "sample_s")
 def training_config(flags, data_facts, saved_config=None):
     """The resolved config of a training run, saved in every checkpoint and in config.json.
 
-    flags: the command line's values by config key (all TRAINING_SETTINGS and RUN_SETTINGS); data_facts: classes,
+    flags: the command line's values by config key (all TRAINING_SETTINGS and RUN_SETTINGS, and 'sampling': the
+    resolved SamplerSettings); data_facts: classes,
     image_size, num_train, num_val, num_test. saved_config: the checkpoint's config when resuming, whose training
     settings win over the flags (a key it lacks, from an older version, falls back to the flag)."""
     chosen = {key: flags[key] for key in TRAINING_SETTINGS + RUN_SETTINGS}
@@ -65,7 +70,13 @@ def training_config(flags, data_facts, saved_config=None):
         "data_dir": chosen["data_dir"], "num_train": data_facts["num_train"], "num_val": data_facts["num_val"],
         "num_test": data_facts["num_test"], "time_budget_min": chosen["time_budget_min"],
         "world_size": chosen["world_size"], "global_batch_size": chosen["batch_size"] * chosen["world_size"],
+        "sampling": dataclasses.asdict(flags["sampling"]),
     }
+
+
+def saved_sampler_settings(config):
+    """The SamplerSettings a checkpoint's config carries; None for checkpoints written before they did."""
+    return SamplerSettings(**config["sampling"]) if "sampling" in config else None
 
 
 def build_model(config):

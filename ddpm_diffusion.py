@@ -4,9 +4,10 @@ Notation follows the paper: β_t the noise schedule, α_t = 1 − β_t, ᾱ_t = 
 Timesteps are 0-based indices t ∈ {0, …, T−1}; index t stands for the paper's step t+1.
 Schedules are computed in float64 and stored as float32 buffers.
 
-Samplers: ancestral DDPM (Algorithm 2) and DDIM (Song et al. 2021, eq. 12), both with
-classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond). SamplerSettings names
-one way to sample; generate() and guidance_sweep() are what the CLI, the benchmarks and FID sample with.
+Samplers: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), DDIM (Song et al. 2021, eq. 12) and ancestral DDPM
+(Algorithm 2), all with classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond).
+SamplerSettings names one way to sample; generate() and guidance_sweep() are what the CLI, the benchmarks and FID
+sample with.
 """
 import contextlib
 import dataclasses
@@ -19,6 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 DEFAULT_GUIDANCE_SCALE = 3.0
+DEFAULT_SAMPLING_STEPS = 25   # network evaluations of dpm++2m and ddim when nothing says otherwise
+SAMPLERS = ("dpm++2m", "ddim", "ddpm")
+SPACINGS = ("time", "lambda")
+LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++(2M) with fewer steps takes its step onto the last timestep first order
 
 
 def linear_beta_schedule(beta_start, beta_end, timesteps):
@@ -58,6 +63,39 @@ def make_schedule(name, timesteps):
     if name == "sigmoid":
         return sigmoid_beta_schedule(beta_start, beta_end, timesteps)
     raise ValueError(f"unknown schedule {name!r}")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """One way to sample: the sampler, its steps, their spacing and noise, and the classifier-free guidance scale.
+    The defaults are what a checkpoint that names no settings is sampled with: on the shipped model DPM-Solver++(2M)
+    with λ spacing reads at 15 steps the FID that DDIM reads at 25 (BENCHMARKS.md)."""
+    sampler: str = "dpm++2m"     # 'dpm++2m': Lu et al. 2022; 'ddim': Song et al. 2021; 'ddpm': all T ancestral steps
+    steps: int = None            # network evaluations of dpm++2m and ddim (None: 25, or T when T < 25); ddpm runs T
+    eta: float = 0.0             # DDIM noise: 0 deterministic, 1 DDPM's variance (eq. 16)
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # w: 0 unconditional, 1 conditional, > 1 stronger class
+    spacing: str = "lambda"      # dpm++2m's steps evenly spaced in λ_t = log(√ᾱ_t / √(1 − ᾱ_t)), or in t ('time')
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; use one of {', '.join(SPACINGS)}")
+
+    def for_timesteps(self, timesteps):
+        """These settings with `steps` filled in for a T-step model: T for ddpm, else steps or min(25, T)."""
+        steps = timesteps if self.sampler == "ddpm" else self.steps or min(DEFAULT_SAMPLING_STEPS, timesteps)
+        if not 1 <= steps <= timesteps:
+            raise ValueError(f"sampling steps must be in 1..{timesteps} (the model's T), got {steps}")
+        return dataclasses.replace(self, steps=steps)
+
+    def describe(self):
+        """As metrics files record it, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance 1.5'."""
+        steps = f"{self.steps or 'default'} steps"
+        if self.sampler == "dpm++2m":
+            steps += f" ({self.spacing} spacing)"
+        noise = f", eta {self.eta}" if self.sampler == "ddim" else ""
+        return f"{self.sampler}, {steps}{noise}, guidance {self.guidance_scale}"
 
 
 def extract(a, t, shape):
@@ -119,6 +157,8 @@ class Diffusion(nn.Module):
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
             "snr": alphas_cumprod / (1 - alphas_cumprod),  # signal-to-noise ratio ᾱ_t / (1 − ᾱ_t)
+            # λ_t = log(α_t / σ_t) with α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t): half the log-SNR, DPM-Solver's time variable
+            "half_log_snr": 0.5 * (alphas_cumprod.log() - (1 - alphas_cumprod).log()),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -145,13 +185,26 @@ class Diffusion(nn.Module):
         return (extract(self.sqrt_alphas_cumprod, t, x_zero.shape) * noise
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, x_zero.shape) * x_zero)
 
-    def predict_noise(self, model, x_t, t, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE):
-        """ε̂ from the (guided) network output: itself for ε-models, √(1 − ᾱ_t) x_t + √ᾱ_t v̂ for v-models."""
+    def model_predictions(self, model, x_t, t, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                          clip_denoised=False):
+        """(ε̂, x̂_0) from one (guided) network evaluation at x_t.
+
+        ε-models: x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t, eq. 4 solved for x_0. v-models: x̂_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v̂
+        and ε̂ = √(1 − ᾱ_t) x_t + √ᾱ_t v̂ directly (Salimans & Ho 2022, §4): going through ε̂ would subtract two
+        float32 terms of about 1/√ᾱ_t ≈ 10⁴ near t = T. clip_denoised clamps x̂_0 to [−1, 1] and returns the ε̂
+        consistent with it, so the samplers' deterministic paths stay on the clipped x̂_0.
+        """
         out = guided_prediction(model, x_t, t, class_labels, guidance_scale)
+        alpha = extract(self.sqrt_alphas_cumprod, t, x_t.shape)            # α_t = √ᾱ_t
+        sigma = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)  # σ_t = √(1 − ᾱ_t)
         if self.prediction == "eps":
-            return out
-        return (extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
-                + extract(self.sqrt_alphas_cumprod, t, x_t.shape) * out)
+            eps, x_zero = out, self.predict_start_from_noise(x_t, t, out)
+        else:
+            eps, x_zero = sigma * x_t + alpha * out, alpha * x_t - sigma * out
+        if clip_denoised:
+            x_zero = x_zero.clamp(-1, 1)
+            eps = (x_t - alpha * x_zero) / sigma
+        return eps, x_zero
 
     def predict_start_from_noise(self, x_t, t, noise):
         """x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, eq. 4 solved for x_0."""
@@ -192,10 +245,7 @@ class Diffusion(nn.Module):
         clip_denoised clamps the implied x̂_0 to [−1, 1] before forming the posterior mean
         (Ho et al.'s released sampler); without it the step is eq. 11 exactly.
         """
-        eps = self.predict_noise(model, x, t, class_labels, guidance_scale)
-        x_zero = self.predict_start_from_noise(x, t, eps)
-        if clip_denoised:
-            x_zero = x_zero.clamp(-1, 1)
+        _, x_zero = self.model_predictions(model, x, t, class_labels, guidance_scale, clip_denoised)
         mean, _, log_variance = self.q_posterior_mean_variance(x_zero, x, t)
         if t_index == 0:
             return mean
@@ -207,13 +257,7 @@ class Diffusion(nn.Module):
     def ddim_step(self, model, x, t, t_prev, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
                   eta=0.0, clip_denoised=True, noise=None):
         """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); t_prev = −1 means x_0."""
-        eps = self.predict_noise(model, x, t, class_labels, guidance_scale)
-        x_zero = self.predict_start_from_noise(x, t, eps)
-        if clip_denoised:
-            x_zero = x_zero.clamp(-1, 1)
-            # ε consistent with the clipped x̂_0, so the deterministic path stays on it
-            eps = (extract(self.sqrt_recip_alphas_cumprod, t, x.shape) * x - x_zero) / \
-                extract(self.sqrt_recipm1_alphas_cumprod, t, x.shape)
+        eps, x_zero = self.model_predictions(model, x, t, class_labels, guidance_scale, clip_denoised)
         if t_prev < 0:
             return x_zero
         alpha_bar = extract(self.alphas_cumprod, t, x.shape)
@@ -225,56 +269,80 @@ class Diffusion(nn.Module):
             x_prev = x_prev + sigma * (torch.randn_like(x) if noise is None else noise)
         return x_prev
 
-    def sampling_timesteps(self, steps):
-        """`steps` timestep indices, evenly spaced from T−1 down to 0 (DDIM's sub-sequence τ)."""
+    @torch.no_grad()
+    def dpm_solver_2m(self, model, x, steps, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                      clip_denoised=True, progress=False):
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): x at timestep steps[0] through steps[1:] to x_0, one
+        network evaluation (its data prediction x̂_0) per timestep. With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t) and
+        λ_t = log(α_t/σ_t), each step s → t is x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D, h = λ_t − λ_s: D = x̂_0(s)
+        is first order (DDIM), D from the last two x̂_0 second order. First order are: the first step, having one
+        x̂_0; with fewer than 15 steps the step onto the last timestep (the paper's lower-order final step, which
+        steadies few-step sampling); and the final step onto σ = 0, where e^{−h} = 0 and the step returns x̂_0."""
+        alpha, sigma, lam = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, self.half_log_snr
+        x_zero_prev = h_prev = None
+        for i, s in enumerate(tqdm(steps, desc="sampling (dpm++2m)", leave=False, disable=not progress)):
+            t_vec = torch.full((len(x),), s, device=x.device, dtype=torch.long)
+            _, x_zero = self.model_predictions(model, x, t_vec, class_labels, guidance_scale, clip_denoised)
+            if i + 1 == len(steps):
+                return x_zero                                          # last step, onto σ = 0: x_0 = x̂_0
+            t = steps[i + 1]
+            h = (lam[t] - lam[s]).item()                               # h_i = λ_{t_i} − λ_{t_{i−1}}
+            if x_zero_prev is None or (t == steps[-1] and len(steps) < LOWER_ORDER_FINAL_BELOW):
+                d = x_zero                                             # D = x̂_0: first order
+            else:
+                r = h_prev / h                                         # r_i = h_{i−1} / h_i
+                # D_i = (1 + 1/(2 r_i)) x̂_0(t_{i−1}) − 1/(2 r_i) x̂_0(t_{i−2})
+                d = (1 + 1 / (2 * r)) * x_zero - 1 / (2 * r) * x_zero_prev
+            # x̃_{t_i} = (σ_{t_i} / σ_{t_{i−1}}) x̃_{t_{i−1}} − α_{t_i} (e^{−h_i} − 1) D_i
+            x = (sigma[t] / sigma[s]) * x - alpha[t] * math.expm1(-h) * d
+            x_zero_prev, h_prev = x_zero, h
+
+    def sampling_timesteps(self, steps, spacing="time"):
+        """`steps` timestep indices from T−1 down to 0, evenly spaced in t (DDIM's sub-sequence τ) or in λ_t
+        (each the index nearest its even λ, moved where needed so that all are distinct)."""
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"sampling steps must be in 1..{self.timesteps}, got {steps}")
-        return torch.linspace(self.timesteps - 1, 0, steps).round().long().tolist()
+        if spacing == "time":
+            return torch.linspace(self.timesteps - 1, 0, steps).round().long().tolist()
+        lam = self.half_log_snr.double().cpu()
+        targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+        nearest = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()  # (steps,), T−1 … 0
+        indices = []
+        for i, index in enumerate(nearest):  # strictly decreasing, leaving room for the steps still to come
+            highest = self.timesteps - 1 if not indices else indices[-1] - 1
+            indices.append(min(max(index, steps - 1 - i), highest))
+        return indices
 
     @torch.no_grad()
-    def sample(self, model, image_size, batch_size=16, channels=3, class_labels=None,
-               guidance_scale=DEFAULT_GUIDANCE_SCALE, sampler="ddpm", sampling_steps=None, eta=0.0,
-               noise=None, clip_denoised=True, progress=False):
-        """The full reverse process from x_T ~ N(0, I); returns x_0, (batch_size, channels, H, W) in [−1, 1].
-
-        sampler 'ddpm' runs all T ancestral steps; 'ddim' runs `sampling_steps` of them (default T).
-        """
+    def sample(self, model, shape, settings=SamplerSettings(), class_labels=None, noise=None, clip_denoised=True,
+               progress=False):
+        """The reverse process from x_T ~ N(0, I) (or `noise`) to x_0, `shape` (N, C, H, W), in [−1, 1], sampled
+        as `settings` say; class_labels (N,) or None."""
         device = self.betas.device
-        shape = (batch_size, channels, image_size, image_size)
         x = torch.randn(shape, device=device) if noise is None else noise.to(device)
         if class_labels is not None:
             class_labels = class_labels.to(device)
-        if sampler == "ddpm":
-            steps = list(range(self.timesteps - 1, -1, -1))
-        elif sampler == "ddim":
-            steps = self.sampling_timesteps(sampling_steps or self.timesteps)
+        settings = settings.for_timesteps(self.timesteps)
+        w = settings.guidance_scale
+        if settings.sampler == "dpm++2m":
+            steps = self.sampling_timesteps(settings.steps, settings.spacing)
+            return self.dpm_solver_2m(model, x, steps, class_labels, w, clip_denoised, progress).clamp(-1, 1)
+        if settings.sampler == "ddim":
+            steps = self.sampling_timesteps(settings.steps)  # evenly in t, as the DDIM paper
         else:
-            raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
-        for i, step in enumerate(tqdm(steps, desc=f"sampling ({sampler})", leave=False, disable=not progress)):
-            t = torch.full((batch_size,), step, device=device, dtype=torch.long)
-            if sampler == "ddpm":
-                x = self.p_sample(model, x, t, step, class_labels, guidance_scale, clip_denoised)
+            steps = list(range(self.timesteps - 1, -1, -1))
+        for i, step in enumerate(tqdm(steps, desc=f"sampling ({settings.sampler})", leave=False,
+                                      disable=not progress)):
+            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+            if settings.sampler == "ddpm":
+                x = self.p_sample(model, x, t, step, class_labels, w, clip_denoised)
             else:
                 t_prev = steps[i + 1] if i + 1 < len(steps) else -1
-                x = self.ddim_step(model, x, t, t_prev, class_labels, guidance_scale, eta, clip_denoised)
+                x = self.ddim_step(model, x, t, t_prev, class_labels, w, settings.eta, clip_denoised)
         return x.clamp(-1, 1)
 
 
 # sampling ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """One way to sample: the sampler, its steps and noise, and the classifier-free guidance scale."""
-    sampler: str = "ddpm"        # 'ddpm': all T ancestral steps (Algorithm 2); 'ddim': Song et al. 2021, eq. 12
-    steps: int = None            # DDIM steps, evenly spaced from T−1 to 0 (None: all T)
-    eta: float = 0.0             # DDIM noise: 0 deterministic, 1 DDPM's variance (eq. 16)
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # w: 0 unconditional, 1 conditional, > 1 stronger class
-
-    def describe(self):
-        """As metrics files record it, e.g. 'ddim, 25 steps, eta 0.0, guidance 1.5'."""
-        detail = f", {self.steps or 'T'} steps, eta {self.eta}" if self.sampler == "ddim" else ""
-        return f"{self.sampler}{detail}, guidance {self.guidance_scale}"
-
 
 @contextlib.contextmanager
 def seeded_rng(seed, device):
@@ -297,8 +365,8 @@ def generate(diffusion, denoiser, settings, num_images, image_size, channels=3, 
                           leave=False):
             n = min(batch_size, num_images - start)
             labels = None if class_labels is None else class_labels[start:start + n]
-            chunks.append(diffusion.sample(denoiser, image_size, n, channels, labels, settings.guidance_scale,
-                                           settings.sampler, settings.steps, settings.eta, progress=progress).cpu())
+            chunks.append(diffusion.sample(denoiser, (n, channels, image_size, image_size), settings, labels,
+                                           progress=progress).cpu())
     return torch.cat(chunks)
 
 

@@ -7,6 +7,7 @@ and sample from a saved checkpoint.
 """
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import math
 import os
@@ -21,14 +22,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddpm_checkpoint import (TrainingState, build_checkpoint, build_diffusion, build_model, load_checkpoint,
-                             load_resumable, restore_training, sampling_model, save_checkpoint, training_config,
-                             write_config_json)
+                             load_resumable, restore_training, sampling_model, save_checkpoint,
+                             saved_sampler_settings, training_config, write_config_json)
 from ddpm_data import DeviceLoader, load_dataset, train_val_split
-from ddpm_diffusion import DEFAULT_GUIDANCE_SCALE, Diffusion, SamplerSettings, generate, guidance_sweep
+from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, SAMPLERS, SPACINGS, Diffusion,
+                            SamplerSettings, generate, guidance_sweep)
 from ddpm_fid import FIDFeatures, frechet_distance, reference_statistics
-from ddpm_helpers import (Denoiser, UserError, all_ranks_mean, barrier, init_distributed, max_over_ranks,
-                          plot_loss_history, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
-                          to_model_range, to_uint8, write_json)
+from ddpm_helpers import (Denoiser, UserError, all_ranks_mean, barrier, bf16_is_fast, init_distributed,
+                          max_over_ranks, plot_loss_history, save_grid, save_individual_pngs, save_labelled_grid,
+                          stderr_is_terminal, to_model_range, to_uint8, write_json)
 from ddpm_train import TrainingClock, TrainingStep, evaluate_loss, learning_rate
 
 GRID_SEED = 4321          # fixed noise for the per-epoch sample grid, so epochs can be compared
@@ -111,13 +113,29 @@ def build_parser():
     g.add_argument("--guidance_sweep", type=float_list, metavar="W,W,...",
                    help="write one grid: a row per guidance scale, a column per class, from the same noise")
 
-    g = p.add_argument_group("sampling (inference and the per-epoch grids)")
-    g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
-                   help="classifier-free guidance w: 0 unconditional, 1 conditional, >1 stronger class")
-    g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ancestral DDPM or DDIM")
-    g.add_argument("--sampling_steps", type=int, help="DDIM steps (default: T)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    g = p.add_argument_group(
+        "sampling (inference, the per-epoch grids and FID)",
+        "Every checkpoint carries the settings it samples with: training stores these flags (or their\n"
+        "defaults), and inference uses the checkpoint's unless a flag says otherwise. A --sampler other than\n"
+        "the checkpoint's starts from that sampler's defaults (the guidance scale stays the checkpoint's).")
+    g.add_argument("--sampler", choices=SAMPLERS,
+                   help="dpm++2m (the default where the checkpoint names none): DPM-Solver++(2M), second order "
+                   "(Lu et al. 2022); ddim: first order (Song et al. 2021); ddpm: all T ancestral steps (Ho et al. "
+                   "2020), slow")
+    g.add_argument("--sampling_steps", type=int,
+                   help=f"network evaluations of dpm++2m and ddim (default {DEFAULT_SAMPLING_STEPS}, or T when "
+                   "T is smaller)")
+    g.add_argument("--spacing", choices=SPACINGS,
+                   help="where dpm++2m's steps fall: evenly in λ_t = log(√ᾱ_t / √(1−ᾱ_t)) (lambda, the default: "
+                   "the better FID in BENCHMARKS.md), or evenly in t (time, as DDIM's)")
+    g.add_argument("--guidance_scale", type=float,
+                   help=f"classifier-free guidance w: 0 unconditional, 1 conditional, >1 stronger class (default "
+                   f"{DEFAULT_GUIDANCE_SCALE})")
+    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
     g.add_argument("--sample_batch", type=int, default=1000, help="images generated per forward batch")
+    g.add_argument("--no_bf16", action="store_true",
+                   help="with --inference: run the network in float32 (default: bf16 autocast on CUDA and on CPUs "
+                   "with AVX512-BF16 or AMX, where it samples about 1.8× faster)")
 
     g = p.add_argument_group("FID (Fréchet Inception Distance)")
     g.add_argument("--eval_fid", type=int, default=0, metavar="N",
@@ -152,15 +170,19 @@ def check_args(args, parser):
         parser.error(f"--min_snr_gamma must be greater than 0, got {args.min_snr_gamma}")
     if args.warmup_steps < 0:
         parser.error(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
-    if not 0 <= args.eta <= 1:
+    if args.eta is not None and not 0 <= args.eta <= 1:
         parser.error(f"--eta must be in [0, 1], got {args.eta}")
     if any(m < 1 for m in args.dim_mults):
         parser.error(f"--dim_mults must be positive integers, got {args.dim_mults}")
-    if args.sampling_steps is not None:
-        if args.sampler != "ddim":
-            parser.error("--sampling_steps applies to --sampler ddim (DDPM always runs all T steps)")
-        if args.sampling_steps < 1 or (not args.inference and args.sampling_steps > args.timesteps):
-            parser.error(f"--sampling_steps must be in 1..--timesteps ({args.timesteps}), got {args.sampling_steps}")
+    if args.sampling_steps is not None and args.sampling_steps < 1:
+        parser.error(f"--sampling_steps must be at least 1, got {args.sampling_steps}")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        parser.error(f"--guidance_scale must be 0 or more, got {args.guidance_scale}")
+    if not args.inference and args.resume is None:  # a new run's model is known: check the sampling flags now
+        try:
+            sampler_settings(args, None, args.timesteps)
+        except UserError as e:
+            parser.error(str(e))
     if args.sample_classes is not None:
         args.sample_classes = parse_classes(args.sample_classes, parser.error)
     for name in ("eval_every", "checkpoint_every"):
@@ -186,6 +208,8 @@ def check_args(args, parser):
         parser.error("--resume continues training; for sampling use --inference --model_path")
     if args.inference and not args.model_path:
         parser.error("--inference needs --model_path (a checkpoint written by training with this tool)")
+    if args.no_bf16 and not args.inference:
+        parser.error("--no_bf16 goes with --inference (training runs in float32 on the CPU, bf16 autocast on CUDA)")
     if args.tensorboard is not None:
         if args.inference:
             parser.error("--tensorboard logs training; --inference writes its samples and metrics to --save_dir")
@@ -215,9 +239,28 @@ def pick_device(args):
     return torch.device("cpu")
 
 
-def sampler_settings(args):
-    """How the flags say to sample (inference, the per-epoch grids and FID)."""
-    return SamplerSettings(args.sampler, args.sampling_steps, args.eta, args.guidance_scale)
+def sampler_settings(args, saved, timesteps):
+    """How to sample a T-step model (inference, the per-epoch grids and FID): the sampling flags given, else the
+    checkpoint's settings `saved` (None: SamplerSettings' defaults). A --sampler other than the saved one starts
+    from that sampler's defaults, keeping the saved guidance scale. Steps are filled in for T."""
+    base = saved or SamplerSettings()
+    if args.sampler is not None and args.sampler != base.sampler:
+        base = SamplerSettings(args.sampler, guidance_scale=base.guidance_scale)
+    given = {field: getattr(args, flag) for field, flag in (("sampler", "sampler"), ("steps", "sampling_steps"),
+                                                           ("spacing", "spacing"), ("eta", "eta"),
+                                                           ("guidance_scale", "guidance_scale"))
+             if getattr(args, flag) is not None}
+    settings = dataclasses.replace(base, **given)
+    if settings.sampler == "ddpm" and args.sampling_steps is not None:
+        raise UserError("--sampling_steps applies to --sampler dpm++2m and ddim (ddpm always runs all T steps)")
+    if settings.sampler != "dpm++2m" and args.spacing is not None:
+        raise UserError(f"--spacing applies to --sampler dpm++2m (the sampler here is {settings.sampler}: ddim "
+                        "spaces its steps evenly in t, ddpm runs all T)")
+    if settings.sampler != "ddim" and args.eta is not None:
+        raise UserError(f"--eta applies to --sampler ddim (the sampler here is {settings.sampler})")
+    if settings.steps is not None and settings.steps > timesteps and settings.sampler != "ddpm":
+        raise UserError(f"--sampling_steps {settings.steps} is more than the model's T = {timesteps}")
+    return settings.for_timesteps(timesteps)
 
 
 def measure_fid(diffusion, denoiser, settings, config, args, seed, data_dir, train_images_uint8, verbose):
@@ -416,6 +459,8 @@ def set_up_run(args, saved):
     build the loaders, networks, optimizer and diffusion on the device."""
     device = pick_device(args)
     use_cuda, rank, world_size = device.type == "cuda", args.rank, args.world_size
+    sampling = (sampler_settings(args, saved_sampler_settings(saved["config"]), saved["config"]["timesteps"])
+                if saved else sampler_settings(args, None, args.timesteps))
     data_dir = args.data_dir or (saved["config"]["data_dir"] if saved else "./data")
     start = time.perf_counter()
     data = load_dataset(data_dir)
@@ -423,7 +468,8 @@ def set_up_run(args, saved):
     decode_s = time.perf_counter() - start
     facts = {"classes": data["classes"], "image_size": data["train_images"].shape[-1], "num_train": len(train_idx),
              "num_val": len(val_idx), "num_test": len(data["test_images"])}
-    config = training_config({**vars(args), "data_dir": data_dir}, facts, saved and saved["config"])
+    config = training_config({**vars(args), "data_dir": data_dir, "sampling": sampling}, facts,
+                             saved and saved["config"])
     if rank == 0:
         os.makedirs(args.save_dir, exist_ok=True)
         os.makedirs(os.path.join(args.models_dir, config["run_name"]), exist_ok=True)
@@ -452,7 +498,7 @@ def set_up_run(args, saved):
     train_step = TrainingStep(model, ema_model, optimizer, diffusion, Denoiser(trained_model, compile_model, use_cuda),
                               config["p_uncond"], config["loss_type"], config["ema_decay"], rank, world_size)
     return Run(args, config, device, data["train_images"], train_loader, eval_loaders, model, ema_model, optimizer,
-               diffusion, train_step, Denoiser(ema_model, compile_model, use_cuda), sampler_settings(args),
+               diffusion, train_step, Denoiser(ema_model, compile_model, use_cuda), sampling,
                Reporter(args, rank == 0), decode_s)
 
 
@@ -642,8 +688,6 @@ def check_against_model(args, config):
     for c in args.sample_classes or []:
         if num_classes is not None and not 0 <= c < num_classes:
             raise UserError(f"--sample_classes: class {c} is outside 0-{num_classes - 1}")
-    if args.sampling_steps is not None and args.sampling_steps > config["timesteps"]:
-        raise UserError(f"--sampling_steps {args.sampling_steps} is more than the model's T = {config['timesteps']}")
     if args.guidance_sweep and num_classes is None:
         raise UserError(f"--guidance_sweep needs a conditional model; {args.model_path!r} is unconditional")
     if num_classes is not None and not args.conditional:
@@ -689,11 +733,14 @@ def inference(args):
     config = ckpt["config"]
     args.run_name = args.run_name or config.get("run_name") or "DDPM"
     check_against_model(args, config)
+    settings = sampler_settings(args, saved_sampler_settings(config), config["timesteps"])
     use_cuda = device.type == "cuda"
     model = sampling_model(ckpt).to(device, memory_format=torch.channels_last).eval()
-    denoiser = Denoiser(model, compile=use_cuda and not args.no_compile, amp=use_cuda)
+    denoiser = Denoiser(model, compile=use_cuda and not args.no_compile,
+                        amp=bf16_is_fast(device) and not args.no_bf16)
     diffusion = build_diffusion(config, device)
-    settings = sampler_settings(args)
+    if not args.quiet:
+        print(f"sampling on {device}{' in bf16' if denoiser.amp else ''}: {settings.describe()}", flush=True)
     torch.manual_seed(args.seed)
     if args.guidance_sweep:
         return write_guidance_sweep(args, diffusion, denoiser, settings, config)

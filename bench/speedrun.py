@@ -30,10 +30,10 @@ from ddpm_data import load_dataset  # noqa: E402
 TRAIN_ARGS = ["--dim", "48", "--dim_mults", "1,2,2", "--batch_size", "500", "--lr", "2e-3",
               "--warmup_steps", "300", "--ema_decay", "0.9995", "--timesteps", "1000", "--schedule", "cosine",
               "--eval_every", "1000", "--checkpoint_every", "1000"]
-SAMPLE_ARGS = ["--sampler", "ddim", "--sampling_steps", "50", "--sample_batch", "2500"]
+SAMPLE_ARGS = ["--sample_batch", "2500"]  # the sampler is the checkpoint's: the default, at --guidance_scale
 SMOKE_TRAIN_ARGS = ["--dim", "8", "--dim_mults", "1,2", "--batch_size", "8", "--timesteps", "10",
                     "--eval_every", "1000", "--checkpoint_every", "1000", "--no_cuda"]
-SMOKE_SAMPLE_ARGS = ["--sampler", "ddim", "--sampling_steps", "2", "--sample_batch", "50"]
+SMOKE_SAMPLE_ARGS = ["--sample_batch", "50"]
 
 
 def load_referee(path):
@@ -52,7 +52,8 @@ def main():
     p.add_argument("--ref_stats", help="reference statistics npz for the referee (default: the training images)")
     p.add_argument("--unconditional", action="store_true", help="train without labels (default: conditional + CFG)")
     p.add_argument("--minutes", type=float, default=5.0, help="training-time budget")
-    p.add_argument("--guidance_scale", type=float, default=1.5, help="CFG w for the FID samples")
+    p.add_argument("--guidance_scale", type=float, default=1.5,
+                   help="CFG w the checkpoint (and the export) carries, and the FID samples use")
     p.add_argument("--num_fid", type=int, default=10000, help="samples for FID")
     p.add_argument("--out", default="outputs/speedrun", help="outputs, checkpoints and the summary JSON")
     p.add_argument("--export", help="write the EMA weights (bf16) as an inference checkpoint here")
@@ -73,14 +74,13 @@ def main():
     common = ["--run_name", name, "--save_dir", a.out, "--models_dir", models_dir]
     conditional = [] if a.unconditional else ["--conditional"]
     ddpm_main.main(["--data_dir", a.data_dir, "--epochs", "100000", "--time_budget_min", str(a.minutes),
-                    "--save_model", *conditional, *train_args, *common])
+                    "--save_model", "--guidance_scale", str(a.guidance_scale), *conditional, *train_args, *common])
     train_metrics = json.load(open(os.path.join(a.out, f"metrics_{name}.json")))
     ckpt_path = os.path.join(models_dir, name, "ckpt.pt")
 
     t0 = time.perf_counter()
     ddpm_main.main(["--inference", "--model_path", ckpt_path, "--num_samples", "100", "--eval_fid", str(a.num_fid),
-                    "--fid_inception", a.net, "--guidance_scale", str(a.guidance_scale), "--data_dir", a.data_dir,
-                    *conditional, *sample_args, *common[:4]])
+                    "--fid_inception", a.net, "--data_dir", a.data_dir, *conditional, *sample_args, *common[:4]])
     ours = json.load(open(os.path.join(a.out, f"metrics_{name}.json")))
     sample_fid_s = time.perf_counter() - t0
 
@@ -102,7 +102,7 @@ def main():
     summary = {
         "run": name, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-        "train_args": train_args, "sample_args": sample_args, "guidance_scale": a.guidance_scale,
+        "train_args": train_args, "sample_args": sample_args, "sampler": ours["fid_sampler"],
         "referee_fid": referee_fid, "project_fid": ours["fid"], "num_fid": a.num_fid,
         "num_params": train_metrics["num_params"], "steps": train_metrics["steps"],
         "epochs": train_metrics["epochs_done"], "train_images_per_s": train_metrics["train_images_per_s"],

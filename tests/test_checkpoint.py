@@ -1,5 +1,6 @@
-"""The checkpoint format's one home: every config key has a declared origin, and a resumed run takes its
-training settings from the checkpoint whatever the command line says."""
+"""The checkpoint format's one home: every config key has a declared origin, a resumed run takes its training
+settings from the checkpoint whatever the command line says, and its sampling settings from the checkpoint unless
+the command line names them."""
 import json
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 
 import ddpm_main
 from conftest import TINY_MODEL
-from ddpm_checkpoint import (DERIVED_KEYS, RUN_SETTINGS, TRAINING_SETTINGS, TrainingState, build_checkpoint,
-                             restore_training, training_config)
+from ddpm_checkpoint import (DERIVED_KEYS, RUN_SETTINGS, SAMPLING_SETTINGS, TRAINING_SETTINGS, TrainingState,
+                             build_checkpoint, restore_training, saved_sampler_settings, training_config)
+from ddpm_diffusion import SamplerSettings
 from ddpm_model import UNet
 
 FACTS = {"classes": ["a", "b", "c"], "image_size": 16, "num_train": 27, "num_val": 3, "num_test": 10}
@@ -16,18 +18,21 @@ FACTS = {"classes": ["a", "b", "c"], "image_size": 16, "num_train": 27, "num_val
 FLAGS_A = ["--conditional", "--timesteps", "10", "--schedule", "linear", "--loss_type", "l1", "--prediction", "v",
            "--min_snr_gamma", "5", "--dim", "8", "--dim_mults", "1,2", "--lr", "0.002", "--lr_decay", "cosine",
            "--warmup_steps", "3", "--batch_size", "8", "--p_uncond", "0.2", "--ema_decay", "0.99", "--seed", "7",
-           "--epochs", "2", "--run_name", "a", "--data_dir", "data_a", "--time_budget_min", "3"]
+           "--epochs", "2", "--run_name", "a", "--data_dir", "data_a", "--time_budget_min", "3",
+           "--sampler", "ddim", "--sampling_steps", "4", "--eta", "0.5", "--guidance_scale", "2"]
 FLAGS_B = ["--timesteps", "20", "--schedule", "sigmoid", "--loss_type", "huber", "--dim", "16", "--dim_mults", "1",
            "--lr", "0.001", "--warmup_steps", "5", "--batch_size", "4", "--p_uncond", "0.3", "--ema_decay", "0.9",
            "--seed", "8", "--epochs", "5", "--run_name", "b", "--data_dir", "data_b", "--time_budget_min", "4"]
 
 
-def flags(argv, world_size):
-    return {**vars(ddpm_main.build_parser().parse_args(argv)), "world_size": world_size}
+def flags(argv, world_size, saved_sampling=None):
+    args = ddpm_main.build_parser().parse_args(argv)
+    sampling = ddpm_main.sampler_settings(args, saved_sampling, args.timesteps)
+    return {**vars(args), "world_size": world_size, "sampling": sampling}
 
 
-def test_every_config_key_is_a_training_setting_a_run_setting_or_derived():
-    kinds = [set(TRAINING_SETTINGS), set(RUN_SETTINGS), set(DERIVED_KEYS)]
+def test_every_config_key_is_a_training_setting_a_run_setting_a_sampling_setting_or_derived():
+    kinds = [set(TRAINING_SETTINGS), set(RUN_SETTINGS), set(SAMPLING_SETTINGS), set(DERIVED_KEYS)]
     assert sum(len(k) for k in kinds) == len(set.union(*kinds))  # disjoint
     assert set(training_config(flags(FLAGS_A, 1), FACTS)) == set.union(*kinds)  # a new key must be declared
 
@@ -43,6 +48,18 @@ def test_resumed_config_takes_training_settings_from_the_checkpoint_and_run_sett
         assert saved[key] != fresh[key] and resumed[key] == fresh[key], key
     assert resumed["model"] == saved["model"]  # derived from the checkpoint's dim, dim_mults, conditional
     assert resumed["global_batch_size"] == 8 * 2  # the checkpoint's batch on this run's ranks
+
+
+def test_sampling_settings_come_from_the_flags_given_else_the_checkpoint():
+    saved = saved_sampler_settings(training_config(flags(FLAGS_A, 1), FACTS))
+    assert saved == SamplerSettings("ddim", steps=4, eta=0.5, guidance_scale=2.0)
+    assert flags(FLAGS_B, 1, saved)["sampling"] == saved  # FLAGS_B names no sampling flag
+    assert flags([*FLAGS_B, "--sampling_steps", "6"], 1, saved)["sampling"] == SamplerSettings(
+        "ddim", steps=6, eta=0.5, guidance_scale=2.0)
+    # another sampler starts from its own defaults; the guidance scale stays the checkpoint's
+    assert flags([*FLAGS_B, "--sampler", "dpm++2m"], 1, saved)["sampling"] == SamplerSettings(
+        "dpm++2m", steps=20, guidance_scale=2.0)
+    assert flags(FLAGS_B, 1)["sampling"] == SamplerSettings("dpm++2m", steps=20)  # no checkpoint: defaults, T = 20
 
 
 def test_old_checkpoint_without_a_setting_falls_back_to_the_flag():

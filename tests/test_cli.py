@@ -9,6 +9,7 @@ from PIL import Image
 
 import ddpm_main
 from conftest import ROOT, TINY_MODEL, make_image_folder, run_cli
+from ddpm_checkpoint import export_for_inference, load_checkpoint
 
 SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")  # 10 classes
 
@@ -92,8 +93,18 @@ BAD_ARGUMENTS = [
     (["--inference", "--model_path", "x.pt", "--sample_classes", "1,cat"], "'cat' is not an integer"),
     (["--inference", "--model_path", "x.pt", "--sample_classes", "2.5"], "'2.5' is not an integer"),
     (["--inference", "--model_path", "does/not/exist.pt"], "does not exist"),
-    (["--sampling_steps", "10"], "--sampling_steps applies to --sampler ddim"),
-    (["--sampler", "ddim", "--sampling_steps", "101"], "--sampling_steps must be in 1..--timesteps (100)"),
+    (["--sampler", "ddpm", "--sampling_steps", "10"], "--sampling_steps applies to --sampler dpm++2m and ddim"),
+    (["--sampler", "ddim", "--spacing", "time"], "--spacing applies to --sampler dpm++2m (the sampler here is ddim"),
+    (["--sampler", "ddim", "--sampling_steps", "101"], "--sampling_steps 101 is more than the model's T = 100"),
+    (["--sampling_steps", "0"], "--sampling_steps must be at least 1"),
+    (["--sampler", "euler"], "invalid choice: 'euler'"),
+    (["--eta", "0.5"], "--eta applies to --sampler ddim (the sampler here is dpm++2m)"),
+    (["--sampler", "ddim", "--eta", "2"], "--eta must be in [0, 1]"),
+    (["--guidance_scale", "-1"], "--guidance_scale must be 0 or more"),
+    (["--no_bf16"], "--no_bf16 goes with --inference"),
+    (["--inference", "--model_path", SHIPPED, "--sampling_steps", "1001"], "1001 is more than the model's T = 1000"),
+    (["--inference", "--model_path", SHIPPED, "--sampler", "ddpm", "--sampling_steps", "5"],
+     "--sampling_steps applies to --sampler dpm++2m and ddim"),
 ]
 
 
@@ -185,3 +196,30 @@ def test_sample_classes_are_checked_against_the_checkpoints_classes(tmp_path, mo
     code, err = run_in_process(["--inference", "--conditional", "--model_path", "models/c12/ckpt.pt",
                                 "--sample_classes", "12", "--no_cuda"], capsys)
     assert code == 2 and "class 12 is outside 0-11" in err
+
+
+def test_checkpoints_carry_the_settings_they_sample_with(tiny_data, tmp_path, monkeypatch, capsys):
+    """Training stores its sampling flags, the export keeps them, inference uses them unless a flag says otherwise,
+    and a checkpoint without any samples with DPM-Solver++(2M) at min(25, T) steps."""
+    monkeypatch.chdir(tmp_path)
+    ddpm_main.main(["--data_dir", tiny_data, "--conditional", "--epochs", "1", "--save_model", "--run_name", "s",
+                    "--sampler", "ddim", "--sampling_steps", "3", "--guidance_scale", "2", "--quiet", *TINY_MODEL])
+    ckpt = load_checkpoint("models/s/ckpt.pt")
+    assert ckpt["config"]["sampling"] == {"sampler": "ddim", "steps": 3, "eta": 0.0, "guidance_scale": 2.0,
+                                          "spacing": "lambda"}
+    export_for_inference(ckpt, "exported.pt")
+    assert load_checkpoint("exported.pt")["config"]["sampling"] == ckpt["config"]["sampling"]
+
+    def sampled_with(*flags, model="exported.pt"):
+        ddpm_main.main(["--inference", "--conditional", "--model_path", model, "--num_samples", "2", "--no_cuda",
+                        *flags])
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sampling on "))
+
+    assert sampled_with().endswith(": ddim, 3 steps, eta 0.0, guidance 2.0")
+    assert sampled_with("--sampling_steps", "5").endswith(": ddim, 5 steps, eta 0.0, guidance 2.0")
+    assert sampled_with("--sampler", "ddpm").endswith(": ddpm, 10 steps, guidance 2.0")
+    assert sampled_with("--sampler", "dpm++2m", "--spacing", "time").endswith(
+        ": dpm++2m, 10 steps (time spacing), guidance 2.0")
+    del ckpt["config"]["sampling"]  # as written before checkpoints carried sampling settings
+    torch.save(ckpt, "old.pt")
+    assert sampled_with(model="old.pt").endswith(": dpm++2m, 10 steps (lambda spacing), guidance 3.0")

@@ -76,13 +76,13 @@ class GaussianOptimalEps(nn.Module):
         return (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.s ** 2 + 1 - ab)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
 def test_reverse_process_reproduces_gaussian_data(sampler):
     """With the optimal ε for Gaussian data, T = 1000 reverse steps give back the data's mean and std."""
     d = Diffusion(1000, cosine_beta_schedule)
     mu, s = 0.2, 0.3  # almost all mass inside [−1, 1], where sample() clamps its output
     torch.manual_seed(0)
-    x = d.sample(GaussianOptimalEps(d, mu, s), 4, batch_size=4000, channels=1, sampler=sampler,
+    x = d.sample(GaussianOptimalEps(d, mu, s), (4000, 1, 4, 4), SamplerSettings(sampler, steps=1000),
                  clip_denoised=False)
     assert x.shape == (4000, 1, 4, 4)
     assert x.mean().item() == pytest.approx(mu, abs=0.005)
@@ -92,7 +92,7 @@ def test_reverse_process_reproduces_gaussian_data(sampler):
 def test_ddim_error_shrinks_with_more_steps():
     d = Diffusion(100, cosine_beta_schedule)
     noise = torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    errors = [abs(d.sample(GaussianOptimalEps(d, 0.2, 0.3), 4, 4000, 1, sampler="ddim", sampling_steps=n,
+    errors = [abs(d.sample(GaussianOptimalEps(d, 0.2, 0.3), noise.shape, SamplerSettings("ddim", steps=n),
                            noise=noise, clip_denoised=False).std().item() - 0.3) for n in (10, 25, 100)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.015
@@ -170,8 +170,10 @@ def test_p_losses_types(diffusion):
 
 def test_sample_shape_and_range(diffusion):
     model = ClassShift()
-    out = diffusion.sample(model, 8, batch_size=3, class_labels=torch.tensor([0, 1, 2]), guidance_scale=2.0)
-    assert out.shape == (3, 3, 8, 8) and out.min() >= -1 and out.max() <= 1
+    for sampler in ("dpm++2m", "ddim", "ddpm"):
+        settings = SamplerSettings(sampler, guidance_scale=2.0)
+        out = diffusion.sample(model, (3, 3, 8, 8), settings, torch.tensor([0, 1, 2]))
+        assert out.shape == (3, 3, 8, 8) and out.min() >= -1 and out.max() <= 1
 
 
 class GaussianOptimalV(GaussianOptimalEps):
@@ -237,10 +239,23 @@ def test_min_snr_weights(prediction):
 
 
 def test_sampler_settings_describe_themselves_as_metrics_record_them():
-    assert SamplerSettings().describe() == "ddpm, guidance 3.0"
-    assert SamplerSettings("ddim").describe() == "ddim, T steps, eta 0.0, guidance 3.0"
+    assert SamplerSettings().describe() == "dpm++2m, default steps (lambda spacing), guidance 3.0"
+    assert SamplerSettings(spacing="time").for_timesteps(100).describe() == \
+        "dpm++2m, 25 steps (time spacing), guidance 3.0"
+    assert SamplerSettings("ddpm").for_timesteps(100).describe() == "ddpm, 100 steps, guidance 3.0"
     assert SamplerSettings("ddim", steps=25, eta=0.5, guidance_scale=1.5).describe() == \
         "ddim, 25 steps, eta 0.5, guidance 1.5"
+
+
+def test_default_steps_are_25_or_t_and_ddpm_always_runs_t():
+    assert SamplerSettings().for_timesteps(1000).steps == 25
+    assert SamplerSettings().for_timesteps(10).steps == 10
+    assert SamplerSettings("ddim", steps=7).for_timesteps(10).steps == 7
+    assert SamplerSettings("ddpm", steps=7).for_timesteps(10).steps == 10
+    with pytest.raises(ValueError, match="1..10"):
+        SamplerSettings("dpm++2m", steps=11).for_timesteps(10)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        SamplerSettings("euler")
 
 
 def test_generate_in_batches_from_a_seed_leaves_the_callers_rng_alone(diffusion):
@@ -251,8 +266,7 @@ def test_generate_in_batches_from_a_seed_leaves_the_callers_rng_alone(diffusion)
     images = generate(diffusion, model, settings, 5, 8, 3, labels, batch_size=2, seed=7)
     assert torch.equal(torch.get_rng_state(), caller_state)
     torch.manual_seed(7)  # the same draws, batch by batch: 2 + 2 + 1
-    expected = torch.cat([diffusion.sample(model, 8, len(part), 3, part, 2.0, "ddim", 5, 0.5)
-                          for part in labels.split(2)])
+    expected = torch.cat([diffusion.sample(model, (len(part), 3, 8, 8), settings, part) for part in labels.split(2)])
     assert images.shape == (5, 3, 8, 8) and torch.equal(images, expected)
 
 

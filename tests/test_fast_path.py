@@ -11,7 +11,7 @@ import ddpm_data
 import ddpm_helpers
 from conftest import ROOT, make_image_folder
 from ddpm_data import DeviceLoader, load_dataset
-from ddpm_diffusion import Diffusion, cosine_beta_schedule
+from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule
 from ddpm_helpers import Denoiser
 from ddpm_model import UNet
 
@@ -77,14 +77,12 @@ def test_fast_sampling_matches_plain_sampling(model):
     d = Diffusion(10, cosine_beta_schedule)
     noise = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
-    plain = d.sample(model, 16, 6, class_labels=labels, sampler="ddim", noise=noise)
-    fast = d.sample(Denoiser(model, amp=True), 16, 6, class_labels=labels, sampler="ddim", noise=noise)
-    assert (fast - plain).abs().mean() < 0.02
-    torch.manual_seed(3)
-    plain = d.sample(model, 16, 6, class_labels=labels, noise=noise)
-    torch.manual_seed(3)
-    fast = d.sample(Denoiser(model, amp=True), 16, 6, class_labels=labels, noise=noise)
-    assert (fast - plain).abs().mean() < 0.02
+    for settings in (SamplerSettings("dpm++2m"), SamplerSettings("ddim"), SamplerSettings("ddpm")):
+        torch.manual_seed(3)
+        plain = d.sample(model, noise.shape, settings, labels, noise=noise)
+        torch.manual_seed(3)
+        fast = d.sample(Denoiser(model, amp=True), noise.shape, settings, labels, noise=noise)
+        assert (fast - plain).abs().mean() < 0.02, settings
 
 
 def test_loader_yields_every_image_once_per_epoch_flipped_about_half():

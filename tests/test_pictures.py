@@ -1,4 +1,6 @@
 """Pictures and reproducibility: guidance sweep, forward-process strip, same seed → same samples."""
+import dataclasses
+
 import numpy as np
 import torch
 from PIL import Image
@@ -27,13 +29,15 @@ def test_guidance_sweep_rows_share_noise(trained, monkeypatch):
     model = UNet(UNetConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt["ema"])
     diffusion = build_diffusion(ckpt["config"], torch.device("cpu"))
-    images = guidance_sweep(diffusion, model, ddpm_main.sampler_settings(args), args.guidance_sweep, [3, 5, 8],
-                            image_size=16, channels=3, seed=args.seed)
+    settings = ddpm_main.sampler_settings(args, None, diffusion.timesteps)
+    images = guidance_sweep(diffusion, model, settings, args.guidance_sweep, [3, 5, 8], image_size=16, channels=3,
+                            seed=args.seed)
     rows = images.view(4, 3, *images.shape[1:])
     assert torch.equal(rows[1], rows[2])                 # same w, same noise: identical rows
     assert not torch.equal(rows[0], rows[1])             # only w differs between rows
     torch.manual_seed(args.seed)
-    unconditional = diffusion.sample(model, 16, 3, 3, torch.tensor([10, 10, 10]), 1.0)
+    unconditional = diffusion.sample(model, (3, 3, 16, 16), dataclasses.replace(settings, guidance_scale=1.0),
+                                     torch.tensor([10, 10, 10]))
     assert torch.allclose(rows[0], unconditional, atol=1e-5)  # w = 0 is the unconditional model
 
 

@@ -48,10 +48,11 @@ def test_shipped_weights_denoise_far_better_than_untrained_ones():
 
 
 def test_readme_command_samples_a_class_grid_from_the_shipped_model(tmp_path):
+    """The README's main command (one row instead of eight), with the sampler settings the model carries."""
     result = run_cli("--inference", "--conditional", "--model_path", SHIPPED, "--num_samples", "10",
-                     "--sampler", "ddim", "--sampling_steps", "4", "--guidance_scale", "1.5",
-                     "--run_name", "shipped", "--no_cuda", "--quiet", cwd=tmp_path)
+                     "--run_name", "shipped", "--no_cuda", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert ": dpm++2m, 15 steps (lambda spacing), guidance 1.5" in result.stdout
     images = np.load(tmp_path / "outputs" / "samples_shipped.npz")["images"]
     assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
     assert images.reshape(10, -1).std(axis=1).min() > 5  # real pictures, not flat or blank tiles
