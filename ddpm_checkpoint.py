@@ -49,10 +49,10 @@ TIMING_KEYS = ("decode_s", "compile_s", "train_s", "eval_s", "sample_s")
 def training_config(flags, data_facts, saved_config=None):
     """The resolved config of a training run, saved in every checkpoint and in config.json.
 
-    flags: the command line's values by config key (all TRAINING_SETTINGS and RUN_SETTINGS, and 'sampling': the
-    resolved SamplerSettings); data_facts: classes,
-    image_size, num_train, num_val, num_test. saved_config: the checkpoint's config when resuming, whose training
-    settings win over the flags (a key it lacks, from an older version, falls back to the flag)."""
+    flags: the command line's values by config key (all TRAINING_SETTINGS and RUN_SETTINGS), and 'sampling': the
+    resolved SamplerSettings; data_facts: classes, image_size, num_train, num_val, num_test. saved_config: the
+    checkpoint's config when resuming, whose training settings win over the flags (a key it lacks, from an older
+    version, falls back to the flag)."""
     chosen = {key: flags[key] for key in TRAINING_SETTINGS + RUN_SETTINGS}
     if saved_config is not None:
         chosen.update({key: saved_config.get(key, chosen[key]) for key in TRAINING_SETTINGS})

@@ -732,8 +732,8 @@ def inference(args):
     ckpt = load_checkpoint(args.model_path)
     config = ckpt["config"]
     args.run_name = args.run_name or config.get("run_name") or "DDPM"
-    check_against_model(args, config)
     settings = sampler_settings(args, saved_sampler_settings(config), config["timesteps"])
+    check_against_model(args, config)
     use_cuda = device.type == "cuda"
     model = sampling_model(ckpt).to(device, memory_format=torch.channels_last).eval()
     denoiser = Denoiser(model, compile=use_cuda and not args.no_compile,

@@ -10,6 +10,7 @@ from PIL import Image
 import ddpm_main
 from conftest import ROOT, TINY_MODEL, make_image_folder, run_cli
 from ddpm_checkpoint import export_for_inference, load_checkpoint
+from ddpm_helpers import bf16_is_fast
 
 SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")  # 10 classes
 
@@ -223,3 +224,13 @@ def test_checkpoints_carry_the_settings_they_sample_with(tiny_data, tmp_path, mo
     del ckpt["config"]["sampling"]  # as written before checkpoints carried sampling settings
     torch.save(ckpt, "old.pt")
     assert sampled_with(model="old.pt").endswith(": dpm++2m, 10 steps (lambda spacing), guidance 3.0")
+
+
+@pytest.mark.parametrize("no_bf16", [False, True])
+def test_inference_samples_in_bf16_where_that_is_fast_unless_told_not_to(no_bf16, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ddpm_main.main(["--inference", "--conditional", "--model_path", SHIPPED, "--num_samples", "1", "--sampling_steps",
+                    "1", "--no_cuda", *(["--no_bf16"] if no_bf16 else [])])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sampling on "))
+    in_bf16 = bf16_is_fast(torch.device("cpu")) and not no_bf16
+    assert line.startswith("sampling on cpu in bf16: " if in_bf16 else "sampling on cpu: ")

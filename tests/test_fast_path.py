@@ -12,7 +12,7 @@ import ddpm_helpers
 from conftest import ROOT, make_image_folder
 from ddpm_data import DeviceLoader, load_dataset
 from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule
-from ddpm_helpers import Denoiser
+from ddpm_helpers import Denoiser, bf16_is_fast
 from ddpm_model import UNet
 
 
@@ -83,6 +83,18 @@ def test_fast_sampling_matches_plain_sampling(model):
         torch.manual_seed(3)
         fast = d.sample(Denoiser(model, amp=True), noise.shape, settings, labels, noise=noise)
         assert (fast - plain).abs().mean() < 0.02, settings
+
+
+def test_bf16_only_on_cuda_and_cpus_with_bf16_instructions(monkeypatch):
+    assert bf16_is_fast(torch.device("cuda"))
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    assert not bf16_is_fast(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert bf16_is_fast(torch.device("cpu"))
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a torch without the private checks
+        monkeypatch.delattr(torch.cpu, name)
+    assert not bf16_is_fast(torch.device("cpu"))
 
 
 def test_loader_yields_every_image_once_per_epoch_flipped_about_half():
