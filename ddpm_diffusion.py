@@ -278,7 +278,8 @@ class Diffusion(nn.Module):
         is first order (DDIM), D from the last two x̂_0 second order. First order are: the first step, having one
         x̂_0; with fewer than 15 steps the step onto the last timestep (the paper's lower-order final step, which
         steadies few-step sampling); and the final step onto σ = 0, where e^{−h} = 0 and the step returns x̂_0."""
-        alpha, sigma, lam = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, self.half_log_snr
+        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
+        lam = self.half_log_snr.tolist()  # on the host once: no device sync per step
         x_zero_prev = h_prev = None
         for i, s in enumerate(tqdm(steps, desc="sampling (dpm++2m)", leave=False, disable=not progress)):
             t_vec = torch.full((len(x),), s, device=x.device, dtype=torch.long)
@@ -286,7 +287,7 @@ class Diffusion(nn.Module):
             if i + 1 == len(steps):
                 return x_zero                                          # last step, onto σ = 0: x_0 = x̂_0
             t = steps[i + 1]
-            h = (lam[t] - lam[s]).item()                               # h_i = λ_{t_i} − λ_{t_{i−1}}
+            h = lam[t] - lam[s]                                        # h_i = λ_{t_i} − λ_{t_{i−1}}
             if x_zero_prev is None or (t == steps[-1] and len(steps) < LOWER_ORDER_FINAL_BELOW):
                 d = x_zero                                             # D = x̂_0: first order
             else:

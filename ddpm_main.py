@@ -258,9 +258,10 @@ def sampler_settings(args, saved, timesteps):
                         "spaces its steps evenly in t, ddpm runs all T)")
     if settings.sampler != "ddim" and args.eta is not None:
         raise UserError(f"--eta applies to --sampler ddim (the sampler here is {settings.sampler})")
-    if settings.steps is not None and settings.steps > timesteps and settings.sampler != "ddpm":
-        raise UserError(f"--sampling_steps {settings.steps} is more than the model's T = {timesteps}")
-    return settings.for_timesteps(timesteps)
+    try:
+        return settings.for_timesteps(timesteps)
+    except ValueError:  # steps > T (check_args rejects steps < 1)
+        raise UserError(f"--sampling_steps {settings.steps} is more than the model's T = {timesteps}") from None
 
 
 def measure_fid(diffusion, denoiser, settings, config, args, seed, data_dir, train_images_uint8, verbose):
