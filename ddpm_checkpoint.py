@@ -23,19 +23,22 @@ from dataclasses import dataclass, field
 import torch
 
 from ddpm_diffusion import Diffusion, SamplerSettings, make_schedule
-from ddpm_helpers import UserError, atomic_torch_save, write_json
+from ddpm_helpers import NonFiniteError, UserError, atomic_torch_save, write_json
 from ddpm_model import UNet, UNetConfig
 
 CHECKPOINT_FORMAT = "ddpm-cifar10"
 CHECKPOINT_VERSION = 1
 TOOL_VERSION = "0.1.0"
 
-# The config's keys, in three kinds. A test checks that every key is in exactly one of them.
-# Training settings: a new run takes them from the flags of the same name, a resumed run from its checkpoint.
-TRAINING_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma", "dim",
-                     "dim_mults", "lr", "lr_decay", "warmup_steps", "batch_size", "p_uncond", "ema_decay", "seed")
+# The config's keys, in five kinds. A test checks that every key is in exactly one of them.
+# Fixed settings: what the run trains (model, diffusion, objective, batches, seed). A new run takes them from the
+# flags of the same name; a resumed run from its checkpoint, and a flag given with another value is an error.
+FIXED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma", "dim",
+                  "dim_mults", "batch_size", "p_uncond", "ema_decay", "seed")
+# Adjustable settings: how long and how fast it trains. A resumed run takes a flag given, else its checkpoint's value.
+ADJUSTABLE_SETTINGS = ("lr", "lr_decay", "warmup_steps", "epochs", "time_budget_min")
 # Run settings: every run, resumed or not, takes them from its own command line (and torchrun).
-RUN_SETTINGS = ("epochs", "run_name", "data_dir", "time_budget_min", "world_size")
+RUN_SETTINGS = ("run_name", "data_dir", "world_size")
 # Sampling settings: how the model is to be sampled (SamplerSettings as a dict): the run's sampling flags, else the
 # resumed checkpoint's, else the defaults. Inference takes them from the checkpoint unless its flags say otherwise.
 SAMPLING_SETTINGS = ("sampling",)
@@ -46,16 +49,17 @@ DERIVED_KEYS = ("model", "num_classes", "classes", "image_size", "num_train", "n
 TIMING_KEYS = ("decode_s", "compile_s", "train_s", "eval_s", "sample_s")
 
 
-def training_config(flags, data_facts, saved_config=None):
+def training_config(flags, data_facts, saved_config=None, given=()):
     """The resolved config of a training run, saved in every checkpoint and in config.json.
 
-    flags: the command line's values by config key (all TRAINING_SETTINGS and RUN_SETTINGS), and 'sampling': the
-    resolved SamplerSettings; data_facts: classes, image_size, num_train, num_val, num_test. saved_config: the
-    checkpoint's config when resuming, whose training settings win over the flags (a key it lacks, from an older
-    version, falls back to the flag)."""
-    chosen = {key: flags[key] for key in TRAINING_SETTINGS + RUN_SETTINGS}
+    flags: the command line's values by config key (every setting above), and 'sampling': the resolved
+    SamplerSettings; data_facts: classes, image_size, num_train, num_val, num_test. saved_config: the checkpoint's
+    config when resuming, whose fixed settings win over the flags, and whose adjustable ones win over flags not
+    `given` on the command line (a key it lacks, from an older version, falls back to the flag)."""
+    chosen = {key: flags[key] for key in FIXED_SETTINGS + ADJUSTABLE_SETTINGS + RUN_SETTINGS}
     if saved_config is not None:
-        chosen.update({key: saved_config.get(key, chosen[key]) for key in TRAINING_SETTINGS})
+        kept = FIXED_SETTINGS + tuple(key for key in ADJUSTABLE_SETTINGS if key not in given)
+        chosen.update({key: saved_config.get(key, chosen[key]) for key in kept})
     classes = list(data_facts["classes"])
     model = UNetConfig(dim=chosen["dim"], dim_mults=tuple(chosen["dim_mults"]), channels=3,
                        num_classes=len(classes) if chosen["conditional"] else None)
@@ -72,6 +76,19 @@ def training_config(flags, data_facts, saved_config=None):
         "world_size": chosen["world_size"], "global_batch_size": chosen["batch_size"] * chosen["world_size"],
         "sampling": dataclasses.asdict(flags["sampling"]),
     }
+
+
+def fixed_setting_conflicts(saved_config, flags, given):
+    """The fixed settings given on a resume's command line with values other than the checkpoint's:
+    {key: (checkpoint's value, flag's value)}."""
+    return {key: (saved_config[key], flags[key]) for key in FIXED_SETTINGS
+            if key in given and key in saved_config and flags[key] != saved_config[key]}
+
+
+def resume_changes(saved_config, config):
+    """The adjustable and sampling settings a resumed run changes: {key: (checkpoint's value, new value)}."""
+    return {key: (saved_config.get(key), config[key]) for key in ADJUSTABLE_SETTINGS + SAMPLING_SETTINGS
+            if saved_config.get(key) != config[key]}
 
 
 def saved_sampler_settings(config):
@@ -142,8 +159,24 @@ def build_checkpoint(config, model, ema_model, optimizer, state, use_cuda):
             "optimizer": optimizer.state_dict(), "rng": rng, **dataclasses.asdict(state)}
 
 
+def nonfinite_weights(ckpt, parts=("model", "ema")):
+    """Names of the checkpoint's weight tensors (of `parts`) that hold NaN or infinite values."""
+    return [f"{part}.{name}" for part in parts for name, w in (ckpt.get(part) or {}).items()
+            if w.is_floating_point() and not torch.isfinite(w).all()]
+
+
+def require_finite_weights(ckpt):
+    """NonFiniteError, naming them, when weight tensors of the checkpoint hold NaN or infinite values."""
+    broken = nonfinite_weights(ckpt)
+    if broken:
+        raise NonFiniteError(f"the weights hold NaN or infinite values ({', '.join(broken[:2])}"
+                             f"{', …' if len(broken) > 2 else ''})")
+
+
 def save_checkpoint(ckpt, path, with_optimizer=True):
-    """Write atomically (a crash never leaves a half-written file); best.pt goes without the optimizer."""
+    """Write atomically (a crash never leaves a half-written file); best.pt goes without the optimizer. Weights
+    that are NaN or infinite are never written: NonFiniteError."""
+    require_finite_weights(ckpt)
     atomic_torch_save(ckpt if with_optimizer else {k: v for k, v in ckpt.items() if k != "optimizer"}, path)
 
 
@@ -163,23 +196,42 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
         raise UserError(f"{path!r} is not a checkpoint of this tool (ddpm_main.py); "
                         "it holds no 'format': 'ddpm-cifar10' entry and config")
+    refuse_nonfinite(ckpt, path, ("ema",) if ckpt.get("ema") else ("model",))  # the weights it samples with
     return ckpt
 
 
+def refuse_nonfinite(ckpt, path, parts):
+    """UserError when the checkpoint's weights of `parts` hold NaN or infinite values."""
+    if nonfinite_weights(ckpt, parts):
+        raise UserError(f"{path!r} holds NaN or infinite weights (written by a run that diverged); "
+                        "use an earlier checkpoint")
+
+
+def resumable_runs(models_dir):
+    """A phrase naming the runs under models_dir that hold a last.pt."""
+    names = sorted(name for name in (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
+                   if os.path.isfile(os.path.join(models_dir, name, "last.pt")))
+    return f"runs with a last.pt in {models_dir}: {', '.join(names)}" if names else f"{models_dir} holds no last.pt"
+
+
 def load_resumable(resume, models_dir, run_name):
-    """The checkpoint --resume names ('auto': <models_dir>/<run_name>/last.pt); it must hold the optimizer."""
+    """(path, checkpoint) of the last.pt --resume names ('auto': <models_dir>/<run_name>/last.pt); it must hold the
+    optimizer."""
     path = resume
     if path == "auto":
         path = os.path.join(models_dir, run_name, "last.pt")
         if not os.path.isfile(path):
-            raise UserError(f"--resume auto: there is no {path} to resume (was --run_name {run_name!r} "
-                            f"trained with --models_dir {models_dir!r}?)")
+            raise UserError(f"--resume auto looked for {path} and found nothing to resume. A run writes last.pt "
+                            "after its first --checkpoint_minutes of training or its first epoch, and on Ctrl-C or "
+                            "SIGTERM, so a run stopped sooner left none; or it ran under another --run_name or "
+                            f"--models_dir ({resumable_runs(models_dir)})")
     elif not os.path.isfile(path):
         raise UserError(f"--resume {path!r} does not exist")
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt:
         raise UserError(f"--resume {path!r} holds weights only (no optimizer state); resume from last.pt")
-    return ckpt
+    refuse_nonfinite(ckpt, path, ("model", "ema"))
+    return path, ckpt
 
 
 def restore_training(ckpt, model, ema_model, optimizer, use_cuda):

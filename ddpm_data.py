@@ -12,6 +12,7 @@ from ddpm_helpers import UserError, atomic_torch_save, stderr_is_terminal, to_mo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_NAME = "ddpm_uint8_cache.pt"
+DEFAULT_DATA_DIR = "./data"  # where torchvision downloads CIFAR-10 when no --data_dir is given
 
 
 def _list_image_folder(root):
@@ -26,8 +27,12 @@ def _list_image_folder(root):
 
 
 def _decode(path):
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """The image at path as uint8 (H, W, 3); a file PIL cannot read (corrupt, truncated) is a UserError naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); remove or replace it") from None
 
 
 def _decode_image_folder(root):
@@ -93,6 +98,19 @@ def _load_torchvision_cifar10(data_dir):
         data[f"{name}_labels"] = torch.tensor(ds.targets, dtype=torch.long)
     data["classes"] = list(splits[0].classes)
     return data
+
+
+def image_size_of(data_dir):
+    """(height, width) of the dataset's images, from the first training image's header alone (32 × 32 for
+    torchvision's CIFAR-10); None when it cannot be read, which load_dataset then reports."""
+    if not _is_image_folder_layout(data_dir):
+        return (32, 32)
+    try:
+        files, _ = _list_image_folder(os.path.join(data_dir, "train"))
+        with Image.open(files[0][0]) as im:
+            return im.height, im.width
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def load_dataset(data_dir):

@@ -1,9 +1,11 @@
-"""Small shared pieces: the user-error type, crash-safe writes, pixel ranges, images and plots, the Denoiser
-(how the network is run: bf16, torch.compile, memory layout) and the torchrun helpers."""
+"""Small shared pieces: the error types, crash-safe writes that refuse NaN, pixel ranges, images and plots, the
+Denoiser (how the network is run: bf16, torch.compile, memory layout) and the torchrun helpers."""
+import contextlib
 import json
 import os
 import re
 import sys
+import tempfile
 
 import torch
 from PIL import Image
@@ -13,24 +15,63 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
+class NonFiniteError(Exception):
+    """Numbers about to be written (weights, losses, images) are NaN or infinite: nothing was written."""
+
+
+def require_finite(tensor, what):
+    """Raise NonFiniteError unless every value of `tensor` is finite; `what` names it in the message."""
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(f"{what} hold NaN or infinite values")
+
+
 # ------------------------------------------------------------------------------------ files
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file that appears at `path` only once the block has written all of it (temporary file, then
+    rename): a crash, Ctrl-C or error never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_torch_save(obj, path):
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def atomic_write_text(text, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        f.write(text.encode())
 
 
 def write_json(obj, path):
-    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+    """Indented JSON, written atomically; NaN or infinity (which JSON cannot hold) raise NonFiniteError."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        raise NonFiniteError(f"values for {path} are NaN or infinite") from None
+    atomic_write_text(text + "\n", path)
+
+
+def check_writable_folder(path, flag):
+    """UserError unless `path` is a folder this process can write in, or one it can create; creates nothing."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path!r} cannot be a folder: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path!r} is not writable: {e.strerror} in {existing}") from None
 
 
 def stderr_is_terminal():
@@ -45,7 +86,8 @@ def to_model_range(images_uint8):
 
 
 def to_uint8(images):
-    """float [−1, 1] (N, C, H, W) → uint8 numpy (N, H, W, C)."""
+    """float [−1, 1] (N, C, H, W) → uint8 numpy (N, H, W, C); non-finite images raise NonFiniteError."""
+    require_finite(images, "the images")
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -53,20 +95,24 @@ def to_uint8(images):
 def save_grid(images, path, nrow):
     """Save images in [−1, 1] (N, C, H, W) as one PNG grid with nrow images per row."""
     from torchvision.utils import save_image
-    save_image(images.float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
+    require_finite(images, "the images")
+    with atomic_open(path) as f:
+        save_image(images.float().cpu(), f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
 
 
 def save_individual_pngs(images, folder, labels=None, classes=None):
     """One PNG per image: NNNNN.png, or NNNNN_<class>.png when labels are given."""
+    arrays = to_uint8(images)  # (N, H, W, C); checked finite before anything is touched
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(folder):  # an earlier, larger batch must not leave images behind
         if re.fullmatch(r"\d{5}(_.+)?\.png", name):
             os.remove(os.path.join(folder, name))
     paths = []
-    for i, array in enumerate(to_uint8(images)):
+    for i, array in enumerate(arrays):
         suffix = f"_{classes[int(labels[i])]}" if labels is not None else ""
         path = os.path.join(folder, f"{i:05d}{suffix}.png")
-        Image.fromarray(array).save(path)
+        with atomic_open(path) as f:
+            Image.fromarray(array).save(f, format="png")
         paths.append(path)
     return paths
 
@@ -78,6 +124,7 @@ def save_labelled_grid(images, path, row_labels, col_labels):
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
 
+    require_finite(images, "the images")
     rows, cols = len(row_labels), len(col_labels)
     size = images.shape[-1]
     grid = make_grid(images.float().cpu(), nrow=cols, normalize=True, value_range=(-1, 1), padding=2)
@@ -91,7 +138,8 @@ def save_labelled_grid(images, path, row_labels, col_labels):
     for spine in ax.spines.values():
         spine.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
@@ -110,7 +158,8 @@ def plot_loss_history(history, path, title=""):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 

@@ -21,21 +21,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_checkpoint import (TrainingState, build_checkpoint, build_diffusion, build_model, load_checkpoint,
-                             load_resumable, restore_training, sampling_model, save_checkpoint,
+from ddpm_checkpoint import (TOOL_VERSION, TrainingState, build_checkpoint, build_diffusion, build_model,
+                             fixed_setting_conflicts, load_checkpoint, load_resumable, require_finite_weights,
+                             restore_training, resume_changes, sampling_model, save_checkpoint,
                              saved_sampler_settings, training_config, write_config_json)
-from ddpm_data import DeviceLoader, load_dataset, train_val_split
+from ddpm_data import DEFAULT_DATA_DIR, DeviceLoader, image_size_of, load_dataset, train_val_split
 from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, SAMPLERS, SPACINGS, Diffusion,
                             SamplerSettings, generate, guidance_sweep)
 from ddpm_fid import FIDFeatures, frechet_distance, reference_statistics
-from ddpm_helpers import (Denoiser, UserError, all_ranks_mean, barrier, bf16_is_fast, init_distributed,
-                          max_over_ranks, plot_loss_history, save_grid, save_individual_pngs, save_labelled_grid,
-                          stderr_is_terminal, to_model_range, to_uint8, write_json)
+from ddpm_helpers import (Denoiser, NonFiniteError, UserError, all_ranks_mean, atomic_open, barrier, bf16_is_fast,
+                          check_writable_folder, init_distributed, max_over_ranks, plot_loss_history, require_finite,
+                          save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal, to_model_range,
+                          to_uint8, write_json)
+from ddpm_model import UNetConfig
 from ddpm_train import TrainingClock, TrainingStep, evaluate_loss, learning_rate
 
 GRID_SEED = 4321          # fixed noise for the per-epoch sample grid, so epochs can be compared
 GRID_PER_CLASS = 8        # columns of the per-epoch grid of a conditional model (one row per class)
 GRID_UNCONDITIONAL = 64   # images in the per-epoch grid of an unconditional model
+LOG_LINE_SECONDS = 60     # without a terminal, the least time between two training log lines
 
 
 class TrainingError(Exception):
@@ -47,6 +51,20 @@ class Interrupted(Exception):
 
 
 # --------------------------------------------------------------------------------------- CLI
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, the message and a pointer to --help (no usage block); exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each flag's default after its help (flags without one say in words)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
 
 def int_list(text):
     try:
@@ -66,9 +84,12 @@ def float_list(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="ddpm_main.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version",
+                   version=f"%(prog)s {TOOL_VERSION} (ddpm-cifar10), torch {torch.__version__}")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=5, help="passes over the 45,000 training images")
+    g.add_argument("--epochs", type=int, default=5,
+                   help="passes over the training split (90 %% of the training images: 45,000 for CIFAR-10)")
     g.add_argument("--batch_size", type=int, default=64, help="images per optimizer step")
     g.add_argument("--lr", type=float, default=0.003, help="AdamW learning rate (after warm-up)")
     g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up, in steps")
@@ -84,22 +105,32 @@ def build_parser():
     g.add_argument("--conditional", action="store_true", help="class-conditional model (classifier-free guidance)")
     g.add_argument("--p_uncond", type=float, default=0.1, help="probability a label is dropped to the null label")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the weights used for sampling; 0: off")
-    g.add_argument("--dim", type=int, default=32, help="U-Net base channels")
-    g.add_argument("--dim_mults", type=int_list, default=[1, 2, 4], help="U-Net channel multipliers per stage")
+    g.add_argument("--dim", type=int, default=32,
+                   help=f"U-Net base channels, a multiple of {UNetConfig.groups} (its GroupNorm groups)")
+    g.add_argument("--dim_mults", type=int_list, default="1,2,4",
+                   help="U-Net channel multipliers, one per stage; each stage after the first halves the image")
     g.add_argument("--data_dir", help="CIFAR-10 download folder, or a train/ test/ image-folder tree "
-                   "(default ./data; at inference the folder the model was trained on)")
+                   "(default: ./data; at inference the folder the model was trained on)")
     g.add_argument("--checkpoint_every", type=int, default=1,
                    help="epochs between last.pt writes (the last epoch, interruptions and evaluations always)")
+    g.add_argument("--checkpoint_minutes", type=float, default=10,
+                   help="also write last.pt after this many minutes without one, mid-epoch included: a killed run "
+                   "loses at most this much")
     g.add_argument("--eval_every", type=int, default=1,
                    help="epochs between validation/test losses, grids and plots (the last epoch always)")
     g.add_argument("--save_model", action="store_true", help="also write models/<run_name>/ckpt.pt at the end")
     g.add_argument("--models_dir", default="models", help="checkpoints go to <models_dir>/<run_name>/")
-    g.add_argument("--log_interval", type=int, default=100, help="steps between loss read-outs (and NaN checks)")
+    g.add_argument("--log_interval", type=int, default=100,
+                   help="steps between loss read-outs and NaN checks; without a terminal, a log line at a read-out "
+                   f"once {LOG_LINE_SECONDS} s have passed since the last")
     g.add_argument("--no_compile", action="store_true", help="do not torch.compile the model on CUDA")
     g.add_argument("--resume", metavar="PATH|auto",
-                   help="continue from a last.pt ('auto': <models_dir>/<run_name>/last.pt); --epochs sets the end")
+                   help="continue from a last.pt ('auto': <models_dir>/<run_name>/last.pt) with its settings; --lr, "
+                   "--lr_decay, --warmup_steps, --epochs, --time_budget_min, the intervals, folders and sampling "
+                   "flags may change, the model and diffusion may not")
     g.add_argument("--time_budget_min", type=float,
-                   help="stop training after this many minutes of training steps, then finish cleanly")
+                   help="stop training after this many minutes of training steps in all (a resumed run counts "
+                   "what it spent before), then finish cleanly (default: no limit)")
     g.add_argument("--tensorboard", metavar="DIR",
                    help="also log to TensorBoard in DIR: loss and lr at read-outs, img/s, validation/test losses, "
                    "FID and the per-epoch grids (needs the tensorboard package; view with tensorboard --logdir DIR)")
@@ -155,79 +186,120 @@ def build_parser():
     return p
 
 
+AT_LEAST_ONE = ("epochs", "batch_size", "timesteps", "num_samples", "log_interval", "sample_batch", "dim",
+                "eval_every", "checkpoint_every", "sampling_steps")
+NUMBER_RANGES = [  # (flag, test, what the value must be) for the flags that are not off (None)
+    *((name, lambda v: v >= 1, "at least 1") for name in AT_LEAST_ONE),
+    ("lr", lambda v: v > 0, "greater than 0"),
+    ("p_uncond", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("min_snr_gamma", lambda v: v > 0, "greater than 0"),
+    ("warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("eta", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("guidance_scale", lambda v: v >= 0, "0 or more"),
+    ("checkpoint_minutes", lambda v: v > 0, "greater than 0"),
+    ("time_budget_min", lambda v: v > 0, "greater than 0"),
+    ("eval_fid", lambda v: v >= 0, "0 (off) or a sample count"),
+]
+
+
 def check_args(args, parser):
-    """Reject bad values before anything is read or written (exit status 2)."""
-    for name in ("epochs", "batch_size", "timesteps", "num_samples", "log_interval", "sample_batch", "dim"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be greater than 0, got {args.lr}")
-    if not 0 <= args.p_uncond <= 1:
-        parser.error(f"--p_uncond must be in [0, 1], got {args.p_uncond}")
-    if not 0 <= args.ema_decay < 1:
-        parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
-    if args.min_snr_gamma is not None and not args.min_snr_gamma > 0:
-        parser.error(f"--min_snr_gamma must be greater than 0, got {args.min_snr_gamma}")
-    if args.warmup_steps < 0:
-        parser.error(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        parser.error(f"--eta must be in [0, 1], got {args.eta}")
+    """Reject bad input before anything is read or written (one line, exit status 2): the numbers, which flags go
+    together, then the files and folders they name."""
+    try:
+        check_numbers(args)
+        check_flag_combinations(args)
+        check_paths(args)
+    except UserError as e:
+        parser.error(str(e))
+
+
+def check_numbers(args):
+    """Every number finite and in its range; the U-Net's width and stages ones it can be built with."""
+    for name, value in vars(args).items():
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise UserError(f"--{name} must be finite, got {value}")
+    for name, in_range, must in NUMBER_RANGES:
+        value = getattr(args, name)
+        if value is not None and not in_range(value):
+            raise UserError(f"--{name} must be {must}, got {value}")
+    if args.dim % UNetConfig.groups:
+        raise UserError(f"--dim must be a multiple of {UNetConfig.groups} (the U-Net's GroupNorm groups), "
+                        f"got {args.dim}")
     if any(m < 1 for m in args.dim_mults):
-        parser.error(f"--dim_mults must be positive integers, got {args.dim_mults}")
-    if args.sampling_steps is not None and args.sampling_steps < 1:
-        parser.error(f"--sampling_steps must be at least 1, got {args.sampling_steps}")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        parser.error(f"--guidance_scale must be 0 or more, got {args.guidance_scale}")
-    if not args.inference and args.resume is None:  # a new run's model is known: check the sampling flags now
-        try:
-            sampler_settings(args, None, args.timesteps)
-        except UserError as e:
-            parser.error(str(e))
+        raise UserError(f"--dim_mults must be positive integers, got {args.dim_mults}")
+    if args.guidance_sweep is not None and (not args.guidance_sweep or min(args.guidance_sweep) < 0):
+        raise UserError("--guidance_sweep needs non-negative guidance scales, e.g. 0,1,3,5,7")
     if args.sample_classes is not None:
-        args.sample_classes = parse_classes(args.sample_classes, parser.error)
-    for name in ("eval_every", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.eval_fid < 0:
-        parser.error(f"--eval_fid must be 0 (off) or a sample count, got {args.eval_fid}")
-    if args.eval_fid:
-        if not args.fid_inception:
-            parser.error("--eval_fid needs --fid_inception PATH: the TF-Inception TorchScript (see README, FID)")
-        if not os.path.isfile(args.fid_inception):
-            parser.error(f"--fid_inception {args.fid_inception!r} is not a file")
-        if args.fid_ref_stats and not os.path.isfile(args.fid_ref_stats):
-            parser.error(f"--fid_ref_stats {args.fid_ref_stats!r} is not a file")
-    if args.time_budget_min is not None and not args.time_budget_min > 0:
-        parser.error(f"--time_budget_min must be greater than 0, got {args.time_budget_min}")
-    if args.guidance_sweep is not None:
-        if not args.inference:
-            parser.error("--guidance_sweep goes with --inference (it samples from a trained model)")
-        if not args.guidance_sweep or min(args.guidance_sweep) < 0:
-            parser.error("--guidance_sweep needs non-negative guidance scales, e.g. 0,1,3,5,7")
-    if args.resume is not None and args.inference:
-        parser.error("--resume continues training; for sampling use --inference --model_path")
+        args.sample_classes = parse_classes(args.sample_classes)
+
+
+def check_flag_combinations(args):
+    """Flags that need others, or that belong to the other job (training or inference)."""
     if args.inference and not args.model_path:
-        parser.error("--inference needs --model_path (a checkpoint written by training with this tool)")
+        raise UserError("--inference needs --model_path (a checkpoint written by training with this tool)")
+    if args.resume is not None and args.inference:
+        raise UserError("--resume continues training; for sampling use --inference --model_path")
+    if not args.inference and args.resume is None:  # a new run's model is known: check its sampling flags now
+        sampler_settings(args, None, args.timesteps)
+    if args.sample_classes is not None and not (args.inference and (args.conditional or args.guidance_sweep)):
+        raise UserError("--sample_classes picks the classes of class-guided samples: it goes with --inference "
+                        "--conditional (or --guidance_sweep)")
+    if args.guidance_sweep is not None and not args.inference:
+        raise UserError("--guidance_sweep goes with --inference (it samples from a trained model)")
     if args.no_bf16 and not args.inference:
-        parser.error("--no_bf16 goes with --inference (training runs in float32 on the CPU, bf16 autocast on CUDA)")
+        raise UserError("--no_bf16 goes with --inference (training runs in float32 on the CPU, bf16 autocast on CUDA)")
+    if args.eval_fid and not args.fid_inception:
+        raise UserError("--eval_fid needs --fid_inception PATH: the TF-Inception TorchScript (see README, FID)")
     if args.tensorboard is not None:
         if args.inference:
-            parser.error("--tensorboard logs training; --inference writes its samples and metrics to --save_dir")
+            raise UserError("--tensorboard logs training; --inference writes its samples and metrics to --save_dir")
         if importlib.util.find_spec("tensorboard") is None:
-            parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
-def parse_classes(text, error):
+def check_paths(args):
+    """The files the flags name exist, the folders they name can be written, and a new run's images can be halved
+    once per U-Net stage (from the first image's header: nothing else is read)."""
+    if args.eval_fid:
+        if not os.path.isfile(args.fid_inception):
+            raise UserError(f"--fid_inception {args.fid_inception!r} is not a file")
+        if args.fid_ref_stats and not os.path.isfile(args.fid_ref_stats):
+            raise UserError(f"--fid_ref_stats {args.fid_ref_stats!r} is not a file")
+    folders = {"--save_dir": args.save_dir}
+    if not args.inference:
+        folders.update({"--models_dir": args.models_dir, "--tensorboard": args.tensorboard})
+    for flag, folder in folders.items():
+        if folder is not None:
+            check_writable_folder(folder, flag)
+    if not args.inference and args.resume is None:
+        check_stage_count(args.dim_mults, image_size_of(args.data_dir or DEFAULT_DATA_DIR))
+
+
+def check_stage_count(dim_mults, image_size):
+    """UserError unless the image sides halve evenly once per U-Net stage after the first; image_size (H, W), or
+    None when unknown (the data is then checked as it is read)."""
+    if image_size is None:
+        return
+    halvings = len(dim_mults) - 1
+    if any(side % 2 ** halvings for side in image_size):
+        most = 1 + min((side & -side).bit_length() - 1 for side in image_size)  # 1 + how often both sides halve
+        raise UserError(f"--dim_mults {','.join(map(str, dim_mults))} has {len(dim_mults)} stages, which need "
+                        f"image sides divisible by {2 ** halvings}; these images are {image_size[0]}×{image_size[1]}, "
+                        f"which allow at most {most} stages")
+
+
+def parse_classes(text):
     """--sample_classes as a list of integers; their range is checked against the checkpoint's classes."""
     items = [v.strip() for v in text.split(",") if v.strip()]
     if not items:
-        error("--sample_classes is empty: give class indices such as 0,1,2")
+        raise UserError("--sample_classes is empty: give class indices such as 0,1,2")
     classes = []
     for item in items:
         try:
             classes.append(int(item))
         except ValueError:
-            error(f"--sample_classes: {item!r} is not an integer class index")
+            raise UserError(f"--sample_classes: {item!r} is not an integer class index") from None
     return classes
 
 
@@ -280,7 +352,8 @@ def measure_fid(diffusion, denoiser, settings, config, args, seed, data_dir, tra
     labels = torch.arange(n, device=device) % config["num_classes"] if config["conditional"] else None
     images = to_uint8(generate(diffusion, denoiser, settings, n, config["image_size"], config["model"]["channels"],
                                labels, args.sample_batch, seed=seed, progress=progress))
-    np.savez(os.path.join(args.save_dir, f"fid_samples_{args.run_name}.npz"), images=images)
+    with atomic_open(os.path.join(args.save_dir, f"fid_samples_{args.run_name}.npz")) as f:
+        np.savez(f, images=images)
     fid = frechet_distance(*features.statistics(images), mu_ref, sigma_ref)
     if verbose:
         print(f"FID {fid:.3f} (n={n}, {settings.describe()})", flush=True)
@@ -310,25 +383,35 @@ class SignalFlag:
             signal.signal(sig, handler)
 
 
-def check_finite(loss, epoch, step, ckpt_dir):
-    if not math.isfinite(loss):
-        raise TrainingError(f"the training loss became {loss} at epoch {epoch}, step {step}; stopped. The last good "
-                            f"checkpoint in {ckpt_dir} is untouched. Try a lower --lr or a larger --warmup_steps.")
+def check_finite(value, what):
+    """NonFiniteError when a loss about to be reported or written is NaN or infinite."""
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} became {value}")
 
 
-def resume_command():
-    """This process's command line with --resume auto in place of any --resume."""
-    argv, kept = sys.argv[1:], []
-    skip = False
+def resume_command(argv, **flags):
+    """The command line of this run (its arguments: argv) with each of `flags` (e.g. resume="auto") in place of
+    its value there."""
+    replaced = {f"--{name}" for name in flags}
+    kept, argv = [], iter(argv)
     for arg in argv:
-        if skip or arg.startswith("--resume="):
-            skip = False
-            continue
-        if arg == "--resume":
-            skip = True
-            continue
-        kept.append(arg)
-    return " ".join(["python", sys.argv[0], *kept, "--resume", "auto"])
+        if arg.split("=")[0] not in replaced:
+            kept.append(arg)
+        elif "=" not in arg:
+            next(argv, None)  # "--flag value": drop the value too
+    return " ".join(["python", sys.argv[0], *kept, *(f"--{name} {value}" for name, value in flags.items())])
+
+
+def diverged_message(run, problem):
+    """What to say when training produced NaN or infinity: the problem, the last checkpoint that is really good
+    (or that there is none), and the command that continues from it with a tenth of the learning rate."""
+    lower_lr = f"{run.config['lr'] / 10:g}"
+    if run.last_saved is None:
+        return (f"{problem}; stopped, and this run wrote no checkpoint before that. Start again with a lower --lr "
+                f"(e.g. {lower_lr}) or a larger --warmup_steps.")
+    path, position = run.last_saved
+    return (f"{problem}; stopped. The last good checkpoint is {path} ({position}); to continue from it with a "
+            f"lower learning rate:\n  {resume_command(run.args.argv, resume=path, lr=lower_lr)}")
 
 
 def save_forward_strip(diffusion, image_uint8, path, count=10):
@@ -340,7 +423,8 @@ def save_forward_strip(diffusion, image_uint8, path, count=10):
 
 
 class Reporter:
-    """What a training run tells people: progress bars on a terminal, else a line per epoch; with --tensorboard
+    """What a training run tells people: progress bars on a terminal, else a line per epoch and a line at read-outs
+    at most every LOG_LINE_SECONDS; with --tensorboard
     the loss and lr at read-outs, img/s, validation/test losses, FID and the per-epoch grids as TensorBoard
     events. Only rank 0 speaks, and nothing with --quiet. Used as a context manager, so that the TensorBoard
     writer is closed on every way out: the end, Ctrl-C / SIGTERM, a NaN stop, an error."""
@@ -351,6 +435,7 @@ class Reporter:
         self.tensorboard_dir = args.tensorboard if is_main else None
         self.writer = self.epoch_bar = self.batch_bar = None
         self.total_epochs = None
+        self.last_line = time.perf_counter()  # when the last log line (no terminal) was printed
 
     def __enter__(self):
         if self.tensorboard_dir:
@@ -379,8 +464,14 @@ class Reporter:
                               disable=not self.bars)
         return self.batch_bar
 
-    def read_out(self, step, loss, lr, images_per_s):
+    def read_out(self, step, epoch, loss, lr, images_per_s, minutes_left):
+        """A loss read-out; minutes_left: of the time budget (None: no budget)."""
         self.batch_bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
+        if self.verbose and not self.bars and time.perf_counter() - self.last_line >= LOG_LINE_SECONDS:
+            budget = f"  {minutes_left:.1f} min of the budget left" if minutes_left is not None else ""
+            print(f"step {step}  epoch {epoch}  loss {loss:.4f}  lr {lr:.3g}  {images_per_s:.0f} img/s{budget}",
+                  flush=True)
+            self.last_line = time.perf_counter()
         self.scalars(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s})
 
     def epoch_done(self, epoch, step, train_loss, losses, images_per_s):
@@ -425,6 +516,8 @@ class Run:
     sampler: SamplerSettings       # how the grids and FID sample
     report: Reporter
     decode_s: float                # seconds spent reading the data
+    last_saved: tuple = None       # (path, where training stood) of the last good last.pt; None: none yet
+    last_save_time: float = dataclasses.field(default_factory=time.perf_counter)  # for --checkpoint_minutes
 
     @property
     def is_main(self):  # only rank 0 writes files and prints
@@ -462,7 +555,7 @@ def set_up_run(args, saved):
     use_cuda, rank, world_size = device.type == "cuda", args.rank, args.world_size
     sampling = (sampler_settings(args, saved_sampler_settings(saved["config"]), saved["config"]["timesteps"])
                 if saved else sampler_settings(args, None, args.timesteps))
-    data_dir = args.data_dir or (saved["config"]["data_dir"] if saved else "./data")
+    data_dir = args.data_dir or (saved["config"]["data_dir"] if saved else DEFAULT_DATA_DIR)
     start = time.perf_counter()
     data = load_dataset(data_dir)
     train_idx, val_idx = train_val_split(len(data["train_images"]))
@@ -470,7 +563,7 @@ def set_up_run(args, saved):
     facts = {"classes": data["classes"], "image_size": data["train_images"].shape[-1], "num_train": len(train_idx),
              "num_val": len(val_idx), "num_test": len(data["test_images"])}
     config = training_config({**vars(args), "data_dir": data_dir, "sampling": sampling}, facts,
-                             saved and saved["config"])
+                             saved and saved["config"], args.given)
     if rank == 0:
         os.makedirs(args.save_dir, exist_ok=True)
         os.makedirs(os.path.join(args.models_dir, config["run_name"]), exist_ok=True)
@@ -509,6 +602,7 @@ def start_or_resume(run, saved):
     config, name = run.config, run.config["run_name"]
     if saved:
         state = restore_training(saved, run.model, run.ema_model, run.optimizer, run.device.type == "cuda")
+        run.last_saved = (run.args.resume, training_position(state))
     else:
         state = TrainingState()
         state.timing["decode_s"] = run.decode_s
@@ -518,11 +612,33 @@ def start_or_resume(run, saved):
             save_forward_strip(run.diffusion, run.train_loader.images[:1], run.output(f"forward_process_{name}.png"))
     what = (f"resuming '{name}' from {run.args.resume} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
             if saved else f"training '{name}'")
+    budget, spent_min = config["time_budget_min"], state.timing["train_s"] / 60
     run.report.say(f"{what}: {'conditional' if config['conditional'] else 'unconditional'} DDPM on {run.device}, "
                    f"{run.num_params / 1e6:.2f}M parameters, {config['num_train']} train / {config['num_val']} val / "
                    f"{config['num_test']} test images, T={config['timesteps']} ({config['schedule']})"
-                   + (f"; {run.world_size} ranks × batch {config['batch_size']}" if run.world_size > 1 else ""))
+                   + (f"; {run.world_size} ranks × batch {config['batch_size']}" if run.world_size > 1 else "")
+                   + (f"; time budget {budget:g} min: {spent_min:.1f} spent, {max(0, budget - spent_min):.1f} left"
+                      if budget else ""))
+    if saved:
+        changes = resume_changes(saved["config"], config)
+        if changes:
+            run.report.say("changed from the checkpoint: " + ", ".join(
+                f"{key} {setting_text(key, old)} → {setting_text(key, new)}" for key, (old, new) in changes.items()))
     return state
+
+
+def training_position(state):
+    """Where training stands, for people: 'step 140: epoch 3, batch 5' (mid-epoch) or 'step 140: epoch 2 done'."""
+    if state.batch_in_epoch:
+        return f"step {state.step}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
+    return f"step {state.step}: epoch {state.epoch} done"
+
+
+def setting_text(key, value):
+    """A config setting's value for people (the sampling settings as SamplerSettings.describe says them)."""
+    if key == "sampling" and value is not None:
+        return f"({SamplerSettings(**value).describe()})"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def train_one_epoch(run, state, clock, epoch, signals):
@@ -536,7 +652,7 @@ def train_one_epoch(run, state, clock, epoch, signals):
                                  state.batch_in_epoch, epoch)
     clock.start_epoch()
     interval_start, interval_images, epoch_images = clock.epoch_start, 0, 0
-    for x, y in batches:
+    for x, y in batches:  # x (B, 3, H, W) in [−1, 1], y (B,)
         with clock.step(len(x)):
             # how far along, for the lr decay: by training time under a budget (as the ranks last agreed), else steps
             progress = (clock.agreed_progress if config["time_budget_min"]
@@ -550,35 +666,62 @@ def train_one_epoch(run, state, clock, epoch, signals):
         read_out = state.step % run.args.log_interval == 0
         if read_out:
             running = (all_ranks_mean(loss_sum, world_size) / state.batch_in_epoch).item()
-            check_finite(running, epoch, state.step, run.ckpt_dir)
+            check_finite(running, f"the training loss at epoch {epoch}, step {state.step}")
             now = time.perf_counter()
-            run.report.read_out(state.step, running, lr, interval_images * world_size / (now - interval_start))
+            run.report.read_out(state.step, epoch, running, lr, interval_images * world_size / (now - interval_start),
+                                clock.minutes_left(clock.epoch_seconds()))
             interval_start, interval_images = now, 0
-        if (read_out or world_size == 1) and agree_to_stop(clock, signals, world_size):
-            break
+        if read_out or world_size == 1:
+            stop, checkpoint_due = agree_on_stop_and_checkpoint(run, clock, signals)
+            if stop:
+                break
+            if checkpoint_due:
+                save_mid_epoch(run, state, clock, loss_sum)
     state.epoch_loss_sum = all_ranks_mean(loss_sum, world_size).item()  # waits for the device: steps are done
     epoch_train_s = clock.end_epoch()
-    check_finite(state.epoch_loss_sum, epoch, state.step, run.ckpt_dir)
+    check_finite(state.epoch_loss_sum, f"the training loss of epoch {epoch} (step {state.step})")
     return epoch_images * world_size / max(epoch_train_s, 1e-9)
 
 
-def agree_to_stop(clock, signals, world_size):
-    """Whether to stop inside the epoch (a signal, or the budget spent), decided by all ranks together, which
-    also agree on the budget fraction used, so every rank sets the same lr."""
+def agree_on_stop_and_checkpoint(run, clock, signals):
+    """Whether to stop inside the epoch (a signal, or the budget spent), and whether last.pt is due
+    (--checkpoint_minutes since the last one), decided by all ranks together, which also agree on the budget
+    fraction used, so every rank sets the same lr."""
     running_s = clock.epoch_seconds()
-    signalled, spent, clock.agreed_progress = max_over_ranks(
-        [signals.received is not None, clock.out_of_time(running_s), clock.spent(running_s)], world_size)
-    return bool(signalled or spent)
+    due = time.perf_counter() - run.last_save_time >= run.args.checkpoint_minutes * 60
+    signalled, spent, due, clock.agreed_progress = max_over_ranks(
+        [signals.received is not None, clock.out_of_time(running_s), due, clock.spent(running_s)], run.world_size)
+    return bool(signalled or spent), bool(due)
+
+
+def save_last(run, state):
+    """last.pt where training stands (rank 0 writes it). Every rank checks the weights (the same on all), so that
+    NaN weights stop all ranks together and are never written."""
+    ckpt, path = run.checkpoint(state), os.path.join(run.ckpt_dir, "last.pt")
+    if run.is_main:
+        save_checkpoint(ckpt, path)
+    else:
+        require_finite_weights(ckpt)
+    run.last_saved, run.last_save_time = (path, training_position(state)), time.perf_counter()
+    return ckpt
+
+
+def save_mid_epoch(run, state, clock, loss_sum):
+    """last.pt inside an epoch (--checkpoint_minutes): the position, the epoch's loss sum and the training time so
+    far, so that a resume continues from this very step."""
+    timing = {**state.timing, "train_s": state.timing["train_s"] + clock.epoch_seconds()}
+    snapshot = dataclasses.replace(state, epoch_loss_sum=all_ranks_mean(loss_sum, run.world_size).item(),
+                                   timing=timing)
+    save_last(run, snapshot)
 
 
 def stop_on_signal(run, state, epoch, signal_name):
     """Save last.pt where training stands (mid-epoch included), then stop with the command that resumes."""
-    if run.is_main:
-        save_checkpoint(run.checkpoint(state), os.path.join(run.ckpt_dir, "last.pt"))
+    save_last(run, state)
     barrier(run.world_size)
     raise Interrupted(f"{signal_name or 'a signal (on another rank)'} received: stopped after step {state.step} "
                       f"(epoch {epoch}, batch {state.batch_in_epoch}); saved {run.ckpt_dir}/last.pt. Resume with:\n"
-                      f"  {resume_command()}")
+                      f"  {resume_command(run.args.argv, resume='auto')}")
 
 
 def evaluate_epoch(run, state, clock, epoch, train_loss):
@@ -589,6 +732,8 @@ def evaluate_epoch(run, state, clock, epoch, train_loss):
         run.ema_model.eval()
         losses = {f"{split}_loss": evaluate_loss(run.diffusion, run.ema_denoiser, loader, config["conditional"],
                                                  config["loss_type"]) for split, loader in run.eval_loaders.items()}
+    for key, value in losses.items():  # the same on every rank: all stop together
+        check_finite(value, f"the {'validation' if key == 'val_loss' else 'test'} loss of epoch {epoch}")
     is_best = state.record_evaluation(epoch, train_loss, losses["val_loss"], losses["test_loss"])
     if run.is_main:
         write_json(state.history, run.output(f"loss_history_{name}.json"))
@@ -610,9 +755,8 @@ def epoch_grid(run):
 
 def save_epoch_checkpoints(run, state, is_best):
     """last.pt, and best.pt (without the optimizer) when the validation loss is the best so far."""
-    last = run.checkpoint(state)
-    save_checkpoint(last, os.path.join(run.ckpt_dir, "last.pt"))
-    if is_best:
+    last = save_last(run, state)
+    if is_best and run.is_main:
         save_checkpoint(last, os.path.join(run.ckpt_dir, "best.pt"), with_optimizer=False)
 
 
@@ -644,33 +788,60 @@ def finish(run, state, clock):
 
 def train(args):
     """Train: set up the run, start or resume it, train epoch after epoch until --epochs, a signal (saved; exit
-    130) or the time budget stops it, then finish: the final checkpoint, metrics and FID."""
-    args.run_name = args.run_name or "DDPM"
-    saved = load_resumable(args.resume, args.models_dir, args.run_name) if args.resume else None
+    130) or the time budget stops it, then finish: the final checkpoint, metrics and FID. NaN or infinity stops
+    it (exit 1) before anything is written from them."""
+    saved = resumed_checkpoint(args)
     run = set_up_run(args, saved)
     config, report = run.config, run.report
     with report:
         state = start_or_resume(run, saved)
         clock = TrainingClock(state.timing, config["time_budget_min"], compiles=run.train_step.denoiser.compiled)
-        with SignalFlag() as signals:
-            for epoch in report.epochs(state.epoch, config["epochs"]):
-                images_per_s = train_one_epoch(run, state, clock, epoch, signals)
-                interrupted, budget_spent = (bool(v) for v in max_over_ranks(
-                    [signals.received is not None, clock.out_of_time()], run.world_size))
-                if interrupted:
-                    stop_on_signal(run, state, epoch, signals.received)
-                evaluated = epoch == config["epochs"] or epoch % args.eval_every == 0 or budget_spent
-                train_loss = state.epoch_loss_sum / max(1, state.batch_in_epoch)
-                losses, is_best = evaluate_epoch(run, state, clock, epoch, train_loss) if evaluated else (None, False)
-                state.finish_epoch(epoch)
-                if run.is_main and (evaluated or epoch % args.checkpoint_every == 0):
-                    save_epoch_checkpoints(run, state, is_best)
-                report.epoch_done(epoch, state.step, train_loss, losses, images_per_s)
-                if budget_spent:
-                    report.say(f"time budget of {config['time_budget_min']} min spent after epoch {epoch} "
-                               f"(step {state.step}): finishing")
-                    break
-        finish(run, state, clock)
+        try:
+            with SignalFlag() as signals:
+                for epoch in report.epochs(state.epoch, config["epochs"]):
+                    images_per_s = train_one_epoch(run, state, clock, epoch, signals)
+                    interrupted, budget_spent = (bool(v) for v in max_over_ranks(
+                        [signals.received is not None, clock.out_of_time()], run.world_size))
+                    if interrupted:
+                        stop_on_signal(run, state, epoch, signals.received)
+                    evaluated = epoch == config["epochs"] or epoch % args.eval_every == 0 or budget_spent
+                    train_loss = state.epoch_loss_sum / max(1, state.batch_in_epoch)
+                    losses, is_best = (evaluate_epoch(run, state, clock, epoch, train_loss) if evaluated
+                                       else (None, False))
+                    state.finish_epoch(epoch)
+                    if evaluated or epoch % args.checkpoint_every == 0:
+                        save_epoch_checkpoints(run, state, is_best)
+                    report.epoch_done(epoch, state.step, train_loss, losses, images_per_s)
+                    if budget_spent:
+                        report.say(f"time budget of {config['time_budget_min']:g} min spent after epoch {epoch} "
+                                   f"(step {state.step}): finishing")
+                        break
+            finish(run, state, clock)
+        except NonFiniteError as e:
+            raise TrainingError(diverged_message(run, e)) from None
+
+
+def resumed_checkpoint(args):
+    """The checkpoint --resume names (None for a new run), once the command line is checked against it; fills in
+    --run_name (the checkpoint's when --resume names a path)."""
+    if not args.resume:
+        args.run_name = args.run_name or "DDPM"
+        return None
+    path, saved = load_resumable(args.resume, args.models_dir, args.run_name or "DDPM")
+    args.run_name = args.run_name or saved["config"]["run_name"]
+    conflicts = fixed_setting_conflicts(saved["config"], vars(args), args.given)
+    if conflicts:
+        given = ", ".join(f"--{key} {flag_text(value)}" for key, (_, value) in conflicts.items())
+        kept = ", ".join(f"{key} {flag_text(saved_value)}" for key, (saved_value, _) in conflicts.items())
+        raise UserError(f"--resume: {given} differ from the run being resumed ({kept}); what the run trains cannot "
+                        "change mid-run: drop them, or start a new run under another --run_name")
+    args.resume = path
+    return saved
+
+
+def flag_text(value):
+    """A setting's value as it is written on the command line (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 # ------------------------------------------------------------------------------- inference
@@ -720,7 +891,8 @@ def save_samples(args, images, labels, config, seconds, device):
     grid_path = os.path.join(args.save_dir, f"{name}.png")
     save_grid(images, grid_path, nrow)
     save_individual_pngs(images, os.path.join(args.save_dir, name), labels, config.get("classes"))
-    np.savez(os.path.join(args.save_dir, f"{name}.npz"), images=to_uint8(images))
+    with atomic_open(os.path.join(args.save_dir, f"{name}.npz")) as f:
+        np.savez(f, images=to_uint8(images))
     if not args.quiet:
         print(f"{args.num_samples} samples in {seconds:.1f} s on {device}: grid {grid_path}, "
               f"PNGs in {os.path.join(args.save_dir, name)}/", flush=True)
@@ -753,6 +925,7 @@ def inference(args):
     images = generate(diffusion, denoiser, settings, args.num_samples, config["image_size"],
                       config["model"]["channels"], labels, args.sample_batch,
                       progress=not args.quiet and stderr_is_terminal())
+    require_finite(images, "the samples")
     save_samples(args, images, labels, config, time.perf_counter() - start, device)
     if args.eval_fid:
         start = time.perf_counter()
@@ -764,18 +937,41 @@ def inference(args):
                    os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
 
 
+def flags_given(parser, args, argv):
+    """The names (dests) of the flags given on the command line, as opposed to those left at their defaults: argv
+    parsed again into a namespace whose every entry is already set, so that argparse fills in no default."""
+    unset = object()
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return frozenset(name for name, value in vars(given).items() if value is not unset)
+
+
+def failure_text(e):
+    """How main reports an exception it stops on: one line (the resume command on a second)."""
+    if isinstance(e, Interrupted):
+        return str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); files already written stay, nothing is half-written"
+    if isinstance(e, NonFiniteError):
+        return f"error: {e}; nothing was written from them"
+    if isinstance(e, OSError):
+        return f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+    return f"error: {e}"
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.given = flags_given(parser, args, args.argv)
     check_args(args, parser)
     args.rank, args.world_size, args.local_rank = (0, 1, 0) if args.inference else \
         init_distributed(torch.cuda.is_available() and not args.no_cuda)
     try:
         inference(args) if args.inference else train(args)
-    except (UserError, TrainingError, Interrupted) as e:
+    except (UserError, TrainingError, NonFiniteError, Interrupted, KeyboardInterrupt, OSError) as e:
         if args.rank == 0:
-            print(f"{parser.prog}: {'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
-        sys.exit({UserError: 2, TrainingError: 1, Interrupted: 130}[type(e)])
+            print(f"{parser.prog}: {failure_text(e)}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 130 if isinstance(e, (Interrupted, KeyboardInterrupt)) else 1)
     finally:
         if args.world_size > 1:
             import torch.distributed as dist

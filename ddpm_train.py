@@ -138,6 +138,10 @@ class TrainingClock:
     def out_of_time(self, running_epoch_s=0.0):
         return self.spent(running_epoch_s) >= 1
 
+    def minutes_left(self, running_epoch_s=0.0):
+        """Minutes of the budget left (None without a budget)."""
+        return max(0.0, self.budget_min * (1 - self.spent(running_epoch_s))) if self.budget_min else None
+
     @contextlib.contextmanager
     def timed(self, key):
         """Adds the block's seconds to timing[key]."""

@@ -1,6 +1,6 @@
-"""The checkpoint format's one home: every config key has a declared origin, a resumed run takes its training
-settings from the checkpoint whatever the command line says, and its sampling settings from the checkpoint unless
-the command line names them."""
+"""The checkpoint format's one home: every config key has a declared origin; a resumed run takes its fixed settings
+from the checkpoint, and its adjustable and sampling settings from the checkpoint unless the command line names them;
+NaN weights are never written and never loaded."""
 import json
 
 import pytest
@@ -8,9 +8,12 @@ import torch
 
 import ddpm_main
 from conftest import TINY_MODEL
-from ddpm_checkpoint import (DERIVED_KEYS, RUN_SETTINGS, SAMPLING_SETTINGS, TRAINING_SETTINGS, TrainingState,
-                             build_checkpoint, restore_training, saved_sampler_settings, training_config)
+from ddpm_checkpoint import (ADJUSTABLE_SETTINGS, DERIVED_KEYS, FIXED_SETTINGS, RUN_SETTINGS, SAMPLING_SETTINGS,
+                             TrainingState, build_checkpoint, fixed_setting_conflicts, load_checkpoint,
+                             restore_training, resume_changes, save_checkpoint, saved_sampler_settings,
+                             training_config)
 from ddpm_diffusion import SamplerSettings
+from ddpm_helpers import NonFiniteError, UserError
 from ddpm_model import UNet
 
 FACTS = {"classes": ["a", "b", "c"], "image_size": 16, "num_train": 27, "num_val": 3, "num_test": 10}
@@ -21,8 +24,9 @@ FLAGS_A = ["--conditional", "--timesteps", "10", "--schedule", "linear", "--loss
            "--epochs", "2", "--run_name", "a", "--data_dir", "data_a", "--time_budget_min", "3",
            "--sampler", "ddim", "--sampling_steps", "4", "--eta", "0.5", "--guidance_scale", "2"]
 FLAGS_B = ["--timesteps", "20", "--schedule", "sigmoid", "--loss_type", "huber", "--dim", "16", "--dim_mults", "1",
-           "--lr", "0.001", "--warmup_steps", "5", "--batch_size", "4", "--p_uncond", "0.3", "--ema_decay", "0.9",
-           "--seed", "8", "--epochs", "5", "--run_name", "b", "--data_dir", "data_b", "--time_budget_min", "4"]
+           "--lr", "0.001", "--lr_decay", "none", "--warmup_steps", "5", "--batch_size", "4", "--p_uncond", "0.3",
+           "--ema_decay", "0.9", "--seed", "8", "--epochs", "5", "--run_name", "b", "--data_dir", "data_b",
+           "--time_budget_min", "4"]
 
 
 def flags(argv, world_size, saved_sampling=None):
@@ -31,23 +35,48 @@ def flags(argv, world_size, saved_sampling=None):
     return {**vars(args), "world_size": world_size, "sampling": sampling}
 
 
-def test_every_config_key_is_a_training_setting_a_run_setting_a_sampling_setting_or_derived():
-    kinds = [set(TRAINING_SETTINGS), set(RUN_SETTINGS), set(SAMPLING_SETTINGS), set(DERIVED_KEYS)]
+def given(argv):
+    parser = ddpm_main.build_parser()
+    return ddpm_main.flags_given(parser, parser.parse_args(argv), argv)
+
+
+def test_every_config_key_is_of_exactly_one_kind():
+    kinds = [set(FIXED_SETTINGS), set(ADJUSTABLE_SETTINGS), set(RUN_SETTINGS), set(SAMPLING_SETTINGS),
+             set(DERIVED_KEYS)]
     assert sum(len(k) for k in kinds) == len(set.union(*kinds))  # disjoint
     assert set(training_config(flags(FLAGS_A, 1), FACTS)) == set.union(*kinds)  # a new key must be declared
 
 
-def test_resumed_config_takes_training_settings_from_the_checkpoint_and_run_settings_from_the_flags():
+def test_flags_given_are_told_from_defaults():
+    assert given(["--lr", "0.003", "--conditional", "--dim_mults", "1,2"]) == {"lr", "conditional", "dim_mults"}
+    assert given([]) == set()
+
+
+def test_resumed_config_takes_fixed_settings_from_the_checkpoint_and_adjustable_ones_from_flags_given():
     saved = training_config(flags(FLAGS_A, 1), FACTS)
     fresh = training_config(flags(FLAGS_B, 2), FACTS)
-    resumed = training_config(flags(FLAGS_B, 2), FACTS, saved_config=saved)
-    for key in TRAINING_SETTINGS:
+    resumed = training_config(flags(FLAGS_B, 2), FACTS, saved_config=saved, given=given(FLAGS_B))
+    bare = training_config(flags([], 2), FACTS, saved_config=saved, given=set())
+    for key in FIXED_SETTINGS:
         assert saved[key] != fresh[key], f"FLAGS_B must change {key} for this test to mean anything"
-        assert resumed[key] == saved[key], key
+        assert resumed[key] == saved[key] == bare[key], key
+    for key in ADJUSTABLE_SETTINGS:
+        assert saved[key] != fresh[key] and resumed[key] == fresh[key], key  # given: the command line's
+        assert bare[key] == saved[key], key                                  # not given: the checkpoint's
     for key in RUN_SETTINGS:
         assert saved[key] != fresh[key] and resumed[key] == fresh[key], key
     assert resumed["model"] == saved["model"]  # derived from the checkpoint's dim, dim_mults, conditional
     assert resumed["global_batch_size"] == 8 * 2  # the checkpoint's batch on this run's ranks
+
+
+def test_fixed_settings_given_with_other_values_are_conflicts_and_adjustable_changes_are_listed():
+    saved = training_config(flags(FLAGS_A, 1), FACTS)
+    argv = ["--dim", "8", "--dim_mults", "1,2,4", "--timesteps", "20", "--lr", "0.001", "--epochs", "9"]
+    assert fixed_setting_conflicts(saved, flags(argv, 1), given(argv)) == {"dim_mults": ([1, 2], [1, 2, 4]),
+                                                                           "timesteps": (10, 20)}
+    resumed = training_config(flags(argv, 1), FACTS, saved_config=saved, given=given(argv))
+    assert resume_changes(saved, resumed) == {"lr": (0.002, 0.001), "epochs": (2, 9),
+                                              "sampling": (saved["sampling"], resumed["sampling"])}
 
 
 def test_sampling_settings_come_from_the_flags_given_else_the_checkpoint():
@@ -106,4 +135,18 @@ def test_resume_with_bare_command_line_matches_uninterrupted_run(tiny_data, tmp_
     for key in ("train_loss", "val_loss", "test_loss"):
         assert histories[0][key] == pytest.approx(histories[1][key], rel=1e-6, abs=1e-7), key
     configs = [torch.load(tmp_path / "models" / n / "last.pt", weights_only=True)["config"] for n in ("full", "part")]
-    assert {k: configs[1][k] for k in TRAINING_SETTINGS} == {k: configs[0][k] for k in TRAINING_SETTINGS}
+    kept = FIXED_SETTINGS + ADJUSTABLE_SETTINGS
+    assert {k: configs[1][k] for k in kept} == {k: configs[0][k] for k in kept}
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_nonfinite_weights_are_never_written_nor_loaded(bad_value, tmp_path):
+    model, ema = UNet(dim=8, dim_mults=(1,)), UNet(dim=8, dim_mults=(1,))
+    ckpt = build_checkpoint({"k": 1}, model, ema, torch.optim.AdamW(model.parameters()), TrainingState(), False)
+    ckpt["ema"]["final_conv.bias"][1] = bad_value
+    with pytest.raises(NonFiniteError, match=r"NaN or infinite values \(ema.final_conv.bias\)"):
+        save_checkpoint(ckpt, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+    torch.save(ckpt, tmp_path / "written_elsewhere.pt")
+    with pytest.raises(UserError, match="NaN or infinite weights"):
+        load_checkpoint(str(tmp_path / "written_elsewhere.pt"))

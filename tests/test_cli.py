@@ -1,6 +1,11 @@
 """ddpm_main.py end to end on a tiny generated image-folder dataset, and every bad input."""
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -8,9 +13,9 @@ import torch
 from PIL import Image
 
 import ddpm_main
-from conftest import ROOT, TINY_MODEL, make_image_folder, run_cli
-from ddpm_checkpoint import export_for_inference, load_checkpoint
-from ddpm_helpers import bf16_is_fast
+from conftest import MAIN, ROOT, TINY_MODEL, make_image_folder, run_main
+from ddpm_checkpoint import TOOL_VERSION, export_for_inference, load_checkpoint
+from ddpm_helpers import NonFiniteError, bf16_is_fast, write_json
 
 SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")  # 10 classes
 
@@ -35,7 +40,7 @@ def test_training_writes_history_checkpoint_and_grids(trained):
 
 
 def test_log_has_a_line_per_epoch_without_a_terminal(tiny_data, tmp_path):
-    result = run_cli("--data_dir", tiny_data, "--epochs", "2", "--eval_every", "2", "--run_name", "log",
+    result = run_main("--data_dir", tiny_data, "--epochs", "2", "--eval_every", "2", "--run_name", "log",
                      *TINY_MODEL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
@@ -45,7 +50,7 @@ def test_log_has_a_line_per_epoch_without_a_terminal(tiny_data, tmp_path):
 
 
 def test_conditional_inference_writes_grid_and_pngs(trained):
-    result = run_cli("--inference", "--conditional", "--model_path", "models/cond/ckpt.pt", "--num_samples", "6",
+    result = run_main("--inference", "--conditional", "--model_path", "models/cond/ckpt.pt", "--num_samples", "6",
                      "--guidance_scale", "5.0", "--sample_classes", "2,7", "--run_name", "inf", "--no_cuda",
                      cwd=trained)
     assert result.returncode == 0, result.stderr
@@ -57,7 +62,7 @@ def test_conditional_inference_writes_grid_and_pngs(trained):
 
 
 def test_conditional_checkpoint_without_flag_samples_unconditionally(trained):
-    result = run_cli("--inference", "--model_path", "models/cond/ckpt.pt", "--num_samples", "4", "--run_name",
+    result = run_main("--inference", "--model_path", "models/cond/ckpt.pt", "--num_samples", "4", "--run_name",
                      "nullinf", "--no_cuda", cwd=trained)
     assert result.returncode == 0, result.stderr
     assert "unconditional" in result.stderr
@@ -65,7 +70,7 @@ def test_conditional_checkpoint_without_flag_samples_unconditionally(trained):
 
 
 def test_unconditional_inference(trained):
-    result = run_cli("--inference", "--model_path", "models/uncond/ckpt.pt", "--num_samples", "5", "--run_name",
+    result = run_main("--inference", "--model_path", "models/uncond/ckpt.pt", "--num_samples", "5", "--run_name",
                      "uinf", "--no_cuda", cwd=trained)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(trained / "outputs" / "samples_uinf")) == [f"{i:05d}.png" for i in range(5)]
@@ -89,10 +94,10 @@ BAD_ARGUMENTS = [
     (["--p_uncond", "-0.1"], "--p_uncond must be in [0, 1]"),
     (["--epochs", "two"], "invalid int value"),
     (["--inference"], "--inference needs --model_path"),
-    (["--inference", "--model_path", SHIPPED, "--sample_classes", "0,10"], "class 10 is outside 0-9"),
-    (["--inference", "--model_path", SHIPPED, "--sample_classes", "-1"], "class -1 is outside 0-9"),
-    (["--inference", "--model_path", "x.pt", "--sample_classes", "1,cat"], "'cat' is not an integer"),
-    (["--inference", "--model_path", "x.pt", "--sample_classes", "2.5"], "'2.5' is not an integer"),
+    (["--inference", "--conditional", "--model_path", SHIPPED, "--sample_classes", "0,10"], "class 10 is outside 0-9"),
+    (["--inference", "--conditional", "--model_path", SHIPPED, "--sample_classes", "-1"], "class -1 is outside 0-9"),
+    (["--inference", "--conditional", "--model_path", "x.pt", "--sample_classes", "1,cat"], "'cat' is not an integer"),
+    (["--inference", "--conditional", "--model_path", "x.pt", "--sample_classes", "2.5"], "'2.5' is not an integer"),
     (["--inference", "--model_path", "does/not/exist.pt"], "does not exist"),
     (["--sampler", "ddpm", "--sampling_steps", "10"], "--sampling_steps applies to --sampler dpm++2m and ddim"),
     (["--sampler", "ddim", "--spacing", "time"], "--spacing applies to --sampler dpm++2m (the sampler here is ddim"),
@@ -106,16 +111,63 @@ BAD_ARGUMENTS = [
     (["--inference", "--model_path", SHIPPED, "--sampling_steps", "1001"], "1001 is more than the model's T = 1000"),
     (["--inference", "--model_path", SHIPPED, "--sampler", "ddpm", "--sampling_steps", "5"],
      "--sampling_steps applies to --sampler dpm++2m and ddim"),
+    (["--lr", "inf"], "--lr must be finite, got inf"),
+    (["--min_snr_gamma", "inf"], "--min_snr_gamma must be finite"),
+    (["--time_budget_min", "nan"], "--time_budget_min must be finite"),
+    (["--guidance_scale", "nan"], "--guidance_scale must be finite"),
+    (["--inference", "--model_path", SHIPPED, "--conditional", "--guidance_scale", "inf"],
+     "--guidance_scale must be finite"),
+    (["--inference", "--model_path", SHIPPED, "--guidance_sweep", "0,nan"], "--guidance_sweep must be finite"),
+    (["--checkpoint_minutes", "0"], "--checkpoint_minutes must be greater than 0"),
+    (["--dim", "3"], "--dim must be a multiple of 8 (the U-Net's GroupNorm groups), got 3"),
+    (["--dim", "12"], "--dim must be a multiple of 8"),
+    (["--dim_mults", "1,2,2,2,2,2,2"], "--dim_mults 1,2,2,2,2,2,2 has 7 stages, which need image sides divisible by "
+                                       "64; these images are 32×32, which allow at most 6 stages"),
+    (["--save_dir", "/dev/null/outputs"], "--save_dir '/dev/null/outputs' cannot be a folder: /dev/null is a file"),
+    (["--models_dir", "/sys/ddpm_models"], "--models_dir '/sys/ddpm_models' is not writable"),
+    (["--inference", "--model_path", SHIPPED, "--save_dir", "/sys/ddpm_outputs"],
+     "--save_dir '/sys/ddpm_outputs' is not writable"),
+    (["--sample_classes", "3"], "--sample_classes picks the classes of class-guided samples"),
+    (["--inference", "--model_path", SHIPPED, "--sample_classes", "3"], "it goes with --inference --conditional"),
 ]
 
 
 @pytest.mark.parametrize("argv,message", BAD_ARGUMENTS)
-def test_bad_arguments_exit_2_and_write_nothing(argv, message, tmp_path, monkeypatch, capsys):
+def test_bad_arguments_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, err = run_in_process(argv + ["--data_dir", str(tmp_path / "nowhere")], capsys)
     assert code == 2
     assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and ": error: " in err and "usage:" not in err
     assert os.listdir(tmp_path) == []
+
+
+def test_stage_count_is_checked_against_the_images_before_anything_is_read(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(str(tmp_path / "d12"), per_class_train=1, num_classes=2, size=12)
+    monkeypatch.chdir(tmp_path)
+    code, err = run_in_process(["--data_dir", data, "--dim_mults", "1,2,2,2", "--no_cuda"], capsys)
+    assert code == 2 and "need image sides divisible by 8; these images are 12×12, which allow at most 3 stages" in err
+    assert sorted(os.listdir(tmp_path)) == ["d12"] and sorted(os.listdir(data)) == ["test", "train"]  # no cache
+
+
+def test_help_shows_every_default_and_version_names_the_tool_and_torch(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm_main.main(["--help"])
+    assert exit_info.value.code == 0
+    entries = {}  # flag → its help text, whitespace normalised
+    for entry in capsys.readouterr().out.split("\n  --")[1:]:
+        entries[entry.split()[0]] = " ".join(entry.split())
+    defaults = vars(ddpm_main.build_parser().parse_args([]))
+    shown = [name for name, value in defaults.items() if value not in (None, False)]
+    assert len(shown) > 20
+    for name in shown:
+        assert "(default: " in entries[name], name
+    assert "(default: 1,2,4)" in entries["dim_mults"] and "(default: 10)" in entries["checkpoint_minutes"]
+    assert "45,000 for CIFAR-10" in entries["epochs"]
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm_main.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip().endswith(f"{TOOL_VERSION} (ddpm-cifar10), torch {torch.__version__}")
 
 
 def write_bad_checkpoints(folder):
@@ -171,17 +223,94 @@ def test_half_image_folder_layout_is_an_error(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(tmp_path)) == ["d"]
 
 
-def test_nan_loss_stops_with_error_and_keeps_last_checkpoint(tiny_data, tmp_path):
-    ok = run_cli("--data_dir", tiny_data, "--epochs", "1", "--run_name", "nan", *TINY_MODEL, cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr
+def test_divergence_stops_before_anything_is_written_from_it(tiny_data, tmp_path, monkeypatch, capsys):
+    """One step of lr 1e30 makes every loss after it NaN: the run stops with exit 1, writes no checkpoint, loss
+    JSON or grid, and says that it has no good checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run_in_process(["--data_dir", tiny_data, "--epochs", "1", "--run_name", "nan", "--lr", "1e30",
+                                "--warmup_steps", "0", *TINY_MODEL, "--batch_size", "32"], capsys)  # 1 step
+    assert code == 1 and "Traceback" not in err
+    assert "the validation loss of epoch 1 became nan; stopped, and this run wrote no checkpoint" in err
+    assert sorted(os.listdir(tmp_path / "models" / "nan")) == ["config.json"]
+    assert sorted(os.listdir(tmp_path / "outputs")) == ["forward_process_nan.png"]
+
+
+def test_divergence_names_the_last_good_checkpoint_and_how_to_go_on_from_it(tiny_data, tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.chdir(tmp_path)
+    ddpm_main.main(["--data_dir", tiny_data, "--epochs", "1", "--run_name", "nan", "--quiet", *TINY_MODEL])
     last = tmp_path / "models" / "nan" / "last.pt"
     good = last.read_bytes()
-    diverge = run_cli("--data_dir", tiny_data, "--epochs", "1", "--run_name", "nan", "--lr", "1e30",
-                      "--warmup_steps", "0", "--log_interval", "1", *TINY_MODEL, cwd=tmp_path)
-    assert diverge.returncode == 1
-    assert "loss became" in diverge.stderr and "Traceback" not in diverge.stderr
+    code, err = run_in_process(["--resume", "auto", "--run_name", "nan", "--epochs", "2", "--lr", "1e30",
+                                "--warmup_steps", "0", "--log_interval", "1", "--quiet"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "the training loss at epoch 2, step 6 became nan; stopped. The last good checkpoint is " \
+           "models/nan/last.pt (step 4: epoch 1 done); to continue from it with a lower learning rate:" in err
+    assert err.splitlines()[-1].endswith(" --run_name nan --epochs 2 --warmup_steps 0 --log_interval 1 --quiet "
+                                         "--resume models/nan/last.pt --lr 1e+29")
     assert last.read_bytes() == good
     assert not list((tmp_path / "models" / "nan").glob("*.tmp*"))
+    history = json.loads((tmp_path / "outputs" / "loss_history_nan.json").read_text())
+    assert history["epochs"] == [1]  # nothing of epoch 2 was written
+
+
+def test_samples_that_are_not_finite_are_not_written(trained, tmp_path, monkeypatch, capsys):
+    ckpt = load_checkpoint(str(trained / "models" / "uncond" / "ckpt.pt"))
+    ckpt["ema"]["init_conv.weight"] *= 1e37  # finite weights whose activations overflow: NaN from GroupNorm
+    torch.save(ckpt, tmp_path / "overflowing.pt")
+    monkeypatch.chdir(tmp_path)
+    code, err = run_in_process(["--inference", "--model_path", "overflowing.pt", "--num_samples", "2", "--no_cuda"],
+                               capsys)
+    assert code == 1 and "the samples hold NaN or infinite values; nothing was written" in err
+    assert sorted(os.listdir(tmp_path)) == ["overflowing.pt"]
+
+
+def test_json_never_holds_nan(tmp_path):
+    with pytest.raises(NonFiniteError):
+        write_json({"loss": float("nan")}, tmp_path / "m.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_corrupt_image_is_named_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(str(tmp_path / "d"), per_class_train=2, num_classes=2)
+    folder = tmp_path / "d" / "train" / "1_class1"
+    Image.open(folder / "0001.png").save(folder / "0001.jpg", quality=75)
+    (folder / "0001.png").unlink()
+    (folder / "0001.jpg").write_bytes((folder / "0001.jpg").read_bytes()[:300])  # truncated, as a cut download
+    monkeypatch.chdir(tmp_path)
+    code, err = run_in_process(["--data_dir", data, "--no_cuda", *TINY_MODEL], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"cannot read the image {folder / '0001.jpg'}" in err and "remove or replace it" in err
+    assert sorted(os.listdir(tmp_path)) == ["d"] and sorted(os.listdir(data)) == ["test", "train"]
+
+
+def test_ctrl_c_during_sampling_exits_130_with_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, MAIN, "--inference", "--conditional", "--model_path", SHIPPED,
+                             "--num_samples", "400", "--sample_batch", "20", "--no_cuda"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("sampling on cpu")
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["ddpm_main.py: interrupted (Ctrl-C); files already written stay, nothing is "
+                                        "half-written"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_without_a_terminal_training_logs_a_line_per_read_out_at_most_once_a_minute(tiny_data, tmp_path,
+                                                                                   monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data_dir", tiny_data, "--epochs", "2", "--log_interval", "2", "--time_budget_min", "5", *TINY_MODEL]
+    ddpm_main.main([*argv, "--run_name", "slow"])  # a short run: no minute has passed, no step lines
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    monkeypatch.setattr(ddpm_main, "LOG_LINE_SECONDS", 0)
+    ddpm_main.main([*argv, "--run_name", "fast"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split("  ")[:2] for line in lines] == [["step 2", "epoch 1"], ["step 4", "epoch 1"],
+                                                         ["step 6", "epoch 2"], ["step 8", "epoch 2"]]
+    assert all(re.fullmatch(r"step \d  epoch \d  loss \d\.\d{4}  lr \S+  \d+ img/s  \d\.\d min of the budget left",
+                            line) for line in lines), lines
 
 
 def test_sample_classes_are_checked_against_the_checkpoints_classes(tmp_path, monkeypatch, capsys):

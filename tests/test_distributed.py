@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import MAIN, ROOT, make_image_folder, run_cli
+from conftest import MAIN, ROOT, make_image_folder, run_main
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 COMMON = ["--conditional", "--seed", "3", "--dim", "8", "--dim_mults", "1,2", "--timesteps", "10", "--no_cuda",
@@ -55,7 +55,7 @@ def test_two_ranks_match_one_process_with_the_global_batch_and_resume(data, tmp_
     resumed = torchrun([MAIN, "--epochs", "2", "--run_name", "ddp", "--resume", "auto", "--save_model", "--no_cuda"],
                        tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    single = run_cli("--data_dir", data, "--epochs", "2", "--batch_size", "8", "--run_name", "single",
+    single = run_main("--data_dir", data, "--epochs", "2", "--batch_size", "8", "--run_name", "single",
                      "--save_model", *COMMON, cwd=tmp_path)
     assert single.returncode == 0, single.stderr
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import ddpm_main
-from conftest import run_cli
+from conftest import run_main
 from ddpm_checkpoint import build_diffusion, load_checkpoint
 from ddpm_diffusion import guidance_sweep
 from ddpm_model import UNet, UNetConfig
@@ -42,11 +42,11 @@ def test_guidance_sweep_rows_share_noise(trained, monkeypatch):
 
 
 def test_guidance_sweep_cli_writes_labelled_grid(trained):
-    result = run_cli("--inference", "--model_path", "models/cond/ckpt.pt", "--guidance_sweep", "0,1,3,5,7",
+    result = run_main("--inference", "--model_path", "models/cond/ckpt.pt", "--guidance_sweep", "0,1,3,5,7",
                      "--run_name", "sweep", "--no_cuda", cwd=trained)
     assert result.returncode == 0, result.stderr
     assert Image.open(trained / "outputs" / "guidance_sweep_sweep.png").size[0] > 10 * 18
-    bad = run_cli("--inference", "--model_path", "models/uncond/ckpt.pt", "--guidance_sweep", "0,3",
+    bad = run_main("--inference", "--model_path", "models/uncond/ckpt.pt", "--guidance_sweep", "0,3",
                   "--run_name", "nosweep", "--no_cuda", cwd=trained)
     assert bad.returncode == 2 and "needs a conditional model" in bad.stderr
 
@@ -72,7 +72,7 @@ def test_individual_pngs_replace_an_earlier_larger_batch(tmp_path):
 
 
 def test_inference_names_outputs_after_the_checkpoint_run(trained):
-    result = run_cli("--inference", "--model_path", "models/uncond/ckpt.pt", "--num_samples", "2", "--sampler",
+    result = run_main("--inference", "--model_path", "models/uncond/ckpt.pt", "--num_samples", "2", "--sampler",
                      "ddim", "--sampling_steps", "2", "--no_cuda", cwd=trained)
     assert result.returncode == 0, result.stderr
     assert (trained / "outputs" / "samples_uncond.png").is_file()

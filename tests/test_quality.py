@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ddpm_main
-from conftest import ROOT, TINY_MODEL, make_image_folder, run_cli
+from conftest import ROOT, TINY_MODEL, make_image_folder, run_main
 from ddpm_checkpoint import export_for_inference, load_checkpoint
 from ddpm_data import load_dataset
 from ddpm_fid import FIDFeatures, frechet_distance, tf_resize_matrix
@@ -33,25 +33,25 @@ def test_inference_uses_ema_weights(trained, tmp_path):
     assert ckpt["ema"].keys() == ckpt["model"].keys()
     ckpt["model"] = {k: torch.full_like(v, float("nan")) for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "nan_raw_weights.pt")
-    result = run_cli("--inference", "--conditional", "--model_path", tmp_path / "nan_raw_weights.pt",
+    result = run_main("--inference", "--conditional", "--model_path", tmp_path / "nan_raw_weights.pt",
                      "--num_samples", "3", "--sampler", "ddim", "--sampling_steps", "3", "--no_cuda", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert np.load(tmp_path / "outputs" / "samples_cond.npz")["images"].std() > 0  # NaN weights would give 0s
 
 
 def test_ddim_with_guidance_from_the_cli(trained):
-    result = run_cli("--inference", "--conditional", "--model_path", "models/cond/ckpt.pt", "--num_samples", "4",
+    result = run_main("--inference", "--conditional", "--model_path", "models/cond/ckpt.pt", "--num_samples", "4",
                      "--sampler", "ddim", "--sampling_steps", "4", "--eta", "0.5", "--guidance_scale", "4",
                      "--run_name", "ddim", "--no_cuda", cwd=trained)
     assert result.returncode == 0, result.stderr
     assert len(os.listdir(trained / "outputs" / "samples_ddim")) == 4
-    too_many = run_cli("--inference", "--model_path", "models/cond/ckpt.pt", "--sampler", "ddim",
+    too_many = run_main("--inference", "--model_path", "models/cond/ckpt.pt", "--sampler", "ddim",
                        "--sampling_steps", "11", "--no_cuda", cwd=trained)
     assert too_many.returncode == 2 and "more than the model's T = 10" in too_many.stderr
 
 
 def test_time_budget_stops_cleanly(tiny_data, tmp_path):
-    result = run_cli("--data_dir", tiny_data, "--epochs", "500", "--time_budget_min", "0.0005", "--save_model",
+    result = run_main("--data_dir", tiny_data, "--epochs", "500", "--time_budget_min", "0.0005", "--save_model",
                      "--run_name", "budget", *TINY_MODEL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "time budget" in result.stdout
@@ -67,7 +67,7 @@ def test_time_budget_stops_cleanly(tiny_data, tmp_path):
 
 def test_eval_fid_after_training_and_at_inference(tmp_path, fake_inception):
     data = make_image_folder(str(tmp_path / "data"), per_class_train=3, num_classes=10)
-    result = run_cli("--data_dir", data, "--conditional", "--epochs", "1", "--save_model", "--run_name", "f",
+    result = run_main("--data_dir", data, "--conditional", "--epochs", "1", "--save_model", "--run_name", "f",
                      "--eval_fid", "20", "--fid_inception", fake_inception, "--sampler", "ddim",
                      "--sampling_steps", "2", *TINY_MODEL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -85,7 +85,7 @@ def test_eval_fid_after_training_and_at_inference(tmp_path, fake_inception):
     expected = frechet_distance(*features.statistics(samples), *features.statistics(train))
     assert metrics["fid"] == pytest.approx(expected, rel=1e-6)
 
-    inference = run_cli("--inference", "--conditional", "--model_path", "models/f/ckpt.pt", "--num_samples", "2",
+    inference = run_main("--inference", "--conditional", "--model_path", "models/f/ckpt.pt", "--num_samples", "2",
                         "--eval_fid", "10", "--fid_inception", fake_inception, "--run_name", "g", "--sampler", "ddim",
                         "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
     assert inference.returncode == 0, inference.stderr
@@ -149,7 +149,7 @@ def test_speedrun_smoke_trains_samples_and_reads_referee_fid(tmp_path, fake_ince
 
     data = make_image_folder(str(tmp_path / "data"), per_class_train=2, num_classes=10)
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "speedrun.py"), "--smoke", "--data_dir", data,
-                             "--net", fake_inception, "--referee", REFEREE, "--minutes", "0.002", "--num_fid", "20",
+                             "--net", fake_inception, "--referee", REFEREE, "--minutes", "0.01", "--num_fid", "20",
                              "--out", "out", "--export", "shipped/ckpt.pt"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -159,7 +159,7 @@ def test_speedrun_smoke_trains_samples_and_reads_referee_fid(tmp_path, fake_ince
     shipped = torch.load(tmp_path / "shipped" / "ckpt.pt", weights_only=True)
     assert set(shipped) >= {"format", "config", "ema"} and "optimizer" not in shipped and "model" not in shipped
     assert all(v.dtype == torch.bfloat16 for v in shipped["ema"].values())
-    sampled = run_cli("--inference", "--conditional", "--model_path", "shipped/ckpt.pt", "--num_samples", "10",
+    sampled = run_main("--inference", "--conditional", "--model_path", "shipped/ckpt.pt", "--num_samples", "10",
                       "--sampler", "ddim", "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
 
@@ -175,7 +175,7 @@ def test_learning_rate_warmup_and_cosine_decay():
 
 
 def test_v_prediction_min_snr_cosine_run_end_to_end(tiny_data, tmp_path):
-    result = run_cli("--data_dir", tiny_data, "--conditional", "--epochs", "2", "--prediction", "v",
+    result = run_main("--data_dir", tiny_data, "--conditional", "--epochs", "2", "--prediction", "v",
                      "--min_snr_gamma", "5", "--lr_decay", "cosine", "--save_model", "--run_name", "v",
                      *TINY_MODEL, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -183,7 +183,7 @@ def test_v_prediction_min_snr_cosine_run_end_to_end(tiny_data, tmp_path):
     assert (config["prediction"], config["min_snr_gamma"], config["lr_decay"]) == ("v", 5.0, "cosine")
     history = json.loads((tmp_path / "outputs" / "loss_history_v.json").read_text())
     assert all(np.isfinite(history["val_loss"]))
-    sampled = run_cli("--inference", "--conditional", "--model_path", "models/v/ckpt.pt", "--num_samples", "3",
+    sampled = run_main("--inference", "--conditional", "--model_path", "models/v/ckpt.pt", "--num_samples", "3",
                       "--sampler", "ddim", "--sampling_steps", "3", "--no_cuda", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
 

@@ -1,4 +1,5 @@
-"""Resume, checkpoints and signals: an interrupted run continues as if it had never stopped."""
+"""Resume, checkpoints and signals: an interrupted run continues as if it had never stopped. Runs that need no
+signal go in-process (ddpm_main.main), which saves the seconds each new process spends importing torch."""
 import json
 import signal
 import subprocess
@@ -8,9 +9,15 @@ import time
 import pytest
 import torch
 
-from conftest import MAIN, TINY_MODEL, run_cli
+import ddpm_main
+from conftest import MAIN, TINY_MODEL, make_image_folder
 
 RUN = TINY_MODEL + ["--seed", "7", "--log_interval", "1"]
+
+
+def main(*argv):
+    """ddpm_main.main in this process, in the current folder (monkeypatch.chdir it to the test's)."""
+    ddpm_main.main([str(a) for a in argv])
 
 
 def history(cwd, name):
@@ -31,15 +38,13 @@ def assert_same_weights(path_a, path_b):
             assert torch.allclose(a[key][name], b[key][name], rtol=1e-5, atol=1e-6), (key, name)
 
 
-def test_resume_after_epoch_1_matches_uninterrupted_run(tiny_data, tmp_path):
-    assert run_cli("--data_dir", tiny_data, "--conditional", "--epochs", "3", "--run_name", "full", *RUN,
-                   cwd=tmp_path).returncode == 0
-    first = run_cli("--data_dir", tiny_data, "--conditional", "--epochs", "1", "--run_name", "part", *RUN,
-                    cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    resumed = run_cli("--resume", "auto", "--epochs", "3", "--run_name", "part", "--no_cuda", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming 'part'" in resumed.stdout
+def test_resume_after_epoch_1_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main("--data_dir", tiny_data, "--conditional", "--epochs", "3", "--run_name", "full", *RUN)
+    main("--data_dir", tiny_data, "--conditional", "--epochs", "1", "--run_name", "part", *RUN)
+    capsys.readouterr()
+    main("--resume", "auto", "--epochs", "3", "--run_name", "part", "--no_cuda")
+    assert "resuming 'part' from models/part/last.pt at epoch 2, batch 0" in capsys.readouterr().out
     assert_same_history(history(tmp_path, "full"), history(tmp_path, "part"))
     assert_same_weights(tmp_path / "models" / "full" / "last.pt", tmp_path / "models" / "part" / "last.pt")
     assert (tmp_path / "outputs" / "samples_part_epoch003.png").is_file()  # the grids continue too
@@ -47,8 +52,9 @@ def test_resume_after_epoch_1_matches_uninterrupted_run(tiny_data, tmp_path):
     assert config["conditional"] and config["versions"]["torch"] == torch.__version__
 
 
-def test_best_checkpoint_follows_validation_loss(tiny_data, tmp_path):
-    assert run_cli("--data_dir", tiny_data, "--epochs", "3", "--run_name", "b", *RUN, cwd=tmp_path).returncode == 0
+def test_best_checkpoint_follows_validation_loss(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main("--data_dir", tiny_data, "--epochs", "3", "--run_name", "b", *RUN, "--quiet")
     val = history(tmp_path, "b")["val_loss"]
     best = torch.load(tmp_path / "models" / "b" / "best.pt", weights_only=True)
     assert best["epoch"] == 1 + val.index(min(val)) and "optimizer" not in best
@@ -73,17 +79,16 @@ def interrupt_after_first_epoch(proc, signum):
     return proc.returncode, err
 
 
-def test_sigint_saves_state_and_resume_matches_uninterrupted(tiny_data, tmp_path):
+def test_sigint_saves_state_and_resume_matches_uninterrupted(tiny_data, tmp_path, monkeypatch):
     proc = start_training(tiny_data, tmp_path, "sig", 40)
     code, err = interrupt_after_first_epoch(proc, signal.SIGINT)
     assert code == 130, err
     assert "SIGINT received" in err and "--resume auto" in err and "Traceback" not in err
     last = torch.load(tmp_path / "models" / "sig" / "last.pt", weights_only=True)
     end = last["epoch"] + 1                            # finish the epoch it stopped in (or the next one)
-    resumed = run_cli("--resume", "auto", "--epochs", end, "--run_name", "sig", "--no_cuda", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert run_cli("--data_dir", tiny_data, "--conditional", "--epochs", end, "--run_name", "ref", *RUN,
-                   cwd=tmp_path).returncode == 0
+    monkeypatch.chdir(tmp_path)
+    main("--resume", "auto", "--epochs", end, "--run_name", "sig", "--no_cuda", "--quiet")
+    main("--data_dir", tiny_data, "--conditional", "--epochs", end, "--run_name", "ref", *RUN, "--quiet")
     assert_same_history(history(tmp_path, "sig"), history(tmp_path, "ref"))
     assert_same_weights(tmp_path / "models" / "sig" / "last.pt", tmp_path / "models" / "ref" / "last.pt")
 
@@ -95,8 +100,65 @@ def test_sigterm_saves_state(tiny_data, tmp_path):
     assert torch.load(tmp_path / "models" / "term" / "last.pt", weights_only=True)["step"] >= 4
 
 
-def test_resume_errors(tmp_path, trained):
-    result = run_cli("--resume", "auto", "--run_name", "never_trained", "--no_cuda", cwd=tmp_path)
-    assert result.returncode == 2 and "no models/never_trained/last.pt" in result.stderr
-    best = run_cli("--resume", str(trained / "models" / "cond" / "best.pt"), "--no_cuda", cwd=tmp_path)
-    assert best.returncode == 2 and "weights only" in best.stderr
+def test_kill_9_loses_at_most_checkpoint_minutes_and_resumes_exactly(tiny_data, tmp_path, monkeypatch, capsys):
+    """SIGKILL (or the OOM killer) gives no chance to save: last.pt written every --checkpoint_minutes (here 1.2 s),
+    mid-epoch included, is what is left, and the resumed run ends with the uninterrupted run's weights."""
+    data = make_image_folder(str(tmp_path / "data"), per_class_train=8)  # 72 training images: 9 steps per epoch
+    run = ["--data_dir", data, "--run_name", "k9", "--checkpoint_every", "1000", "--eval_every", "1000",
+           "--checkpoint_minutes", "0.02", *RUN]
+    proc = subprocess.Popen([sys.executable, MAIN, *run, "--epochs", "1000"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = tmp_path / "models" / "k9" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(2.5)                                   # a few more periodic writes
+    proc.kill()
+    proc.wait()
+    assert time.time() - last.stat().st_mtime < 0.02 * 60 + 1.5  # the period, plus a slow step and the kill
+    saved = torch.load(last, weights_only=True)
+    assert saved["step"] > 9                           # the run went on past the first write
+    end = saved["epoch"] + 1                           # finish the epoch it was killed in
+    monkeypatch.chdir(tmp_path)
+    main(*run, "--resume", "auto", "--epochs", end)
+    assert f"at epoch {end}, batch {saved['batch_in_epoch']}" in capsys.readouterr().out
+    main(*run, "--run_name", "k9_ref", "--epochs", end, "--quiet")
+    assert_same_weights(last, tmp_path / "models" / "k9_ref" / "last.pt")
+
+
+def test_resume_takes_adjustable_flags_and_refuses_to_change_the_model(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main("--data_dir", tiny_data, "--epochs", "1", "--run_name", "r", "--time_budget_min", "30", *RUN, "--quiet")
+    last = tmp_path / "models" / "r" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        main("--resume", "auto", "--run_name", "r", "--epochs", "2", "--dim", "16", "--timesteps", "10",
+             "--schedule", "linear", "--batch_size", "4", "--no_cuda")
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "Traceback" not in err
+    assert ("--schedule linear, --dim 16, --batch_size 4 differ from the run being resumed (schedule cosine, dim 8, "
+            "batch_size 8)") in err
+    assert last.read_bytes() == before
+    main("--resume", "auto", "--run_name", "r", "--epochs", "2", "--lr", "0.001", "--dim", "8", "--no_cuda")
+    out = capsys.readouterr().out
+    assert "time budget 30 min: 0.0 spent, 30.0 left" in out  # the run's total, as the checkpoint says
+    assert "changed from the checkpoint: lr 0.003 → 0.001, epochs 1 → 2\n" in out
+    config = torch.load(last, weights_only=True)["config"]
+    assert config["lr"] == 0.001 and config["epochs"] == 2 and config["time_budget_min"] == 30
+
+
+def test_resume_errors(tmp_path, trained, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def refused(*argv):
+        with pytest.raises(SystemExit) as exit_info:
+            main(*argv, "--no_cuda")
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    err = refused("--resume", "auto", "--run_name", "never_trained")
+    assert "looked for models/never_trained/last.pt and found nothing to resume" in err
+    assert "first --checkpoint_minutes" in err and "models holds no last.pt" in err
+    err = refused("--resume", "auto", "--run_name", "never_trained", "--models_dir", trained / "models")
+    assert "runs with a last.pt in" in err and err.strip().endswith("models: cond, uncond)")
+    assert "weights only" in refused("--resume", trained / "models" / "cond" / "best.pt")

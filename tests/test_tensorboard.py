@@ -104,7 +104,7 @@ def test_writer_is_closed_by_a_nan_stop(tiny_data, tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit) as exit_info:
         ddpm_main.main(["--data_dir", tiny_data, "--epochs", "1", "--lr", "1e30", "--warmup_steps", "0",
                         "--log_interval", "1", "--tensorboard", "tb", "--run_name", "nan", *TINY_MODEL])
-    assert exit_info.value.code == 1 and "loss became" in capsys.readouterr().err
+    assert exit_info.value.code == 1 and "loss at epoch 1, step 2 became nan" in capsys.readouterr().err
     assert closes == ["tb"]
     scalars, _ = read_events(tmp_path / "tb")
     assert scalars["train/loss"][0][0] == 1  # the read-out before the loss turned NaN
