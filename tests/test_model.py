@@ -44,7 +44,7 @@ def test_tiny_model_overfits_one_batch():
     t, noise = torch.randint(0, 10, (8,)), torch.randn(8, 3, 16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(150):
+    for _ in range(60):  # the loss falls to about 5 % of its start
         loss = d.p_losses(model, x0, t, noise)
         opt.zero_grad()
         loss.backward()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ddpm_main
@@ -110,7 +111,8 @@ def test_writer_is_closed_by_a_nan_stop(tiny_data, tmp_path, monkeypatch, capsys
     assert scalars["train/loss"][0][0] == 1  # the read-out before the loss turned NaN
 
 
-def test_writer_is_closed_by_ctrl_c(tiny_data, tmp_path):
+def test_writer_is_closed_by_sigterm_which_saves_last_pt(tiny_data, tmp_path):
+    """SIGTERM (a scheduler's stop) goes the way of Ctrl-C: the step finishes, last.pt is written, exit 130."""
     proc = subprocess.Popen(spied_command("--data_dir", tiny_data, "--epochs", "40", "--tensorboard", "tb",
                                           "--run_name", "sig", *TINY_MODEL), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -118,9 +120,10 @@ def test_writer_is_closed_by_ctrl_c(tiny_data, tmp_path):
     while not line.startswith("epoch 1/"):
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "SIGINT received" in err
+    assert proc.returncode == 130 and "SIGTERM received" in err and "--resume auto" in err
+    assert torch.load(tmp_path / "models" / "sig" / "last.pt", weights_only=True)["step"] >= 4
     assert (tmp_path / "writer_closed").read_text() == "closed\n"
     scalars, images = read_events(tmp_path / "tb")
     assert scalars["epoch/val_loss"][0][0] == 4 and images["samples"] >= 1
