@@ -695,13 +695,14 @@ def agree_on_stop_and_checkpoint(run, clock, signals):
 
 
 def save_last(run, state):
-    """last.pt where training stands (rank 0 writes it). Every rank checks the weights (the same on all), so that
-    NaN weights stop all ranks together and are never written."""
-    ckpt, path = run.checkpoint(state), os.path.join(run.ckpt_dir, "last.pt")
+    """last.pt where training stands (rank 0 writes it and gets the checkpoint dict back; other ranks None). Every
+    rank checks the weights (the same on all), so that NaN weights stop all ranks together and are never written."""
+    ckpt, path = None, os.path.join(run.ckpt_dir, "last.pt")
     if run.is_main:
+        ckpt = run.checkpoint(state)
         save_checkpoint(ckpt, path)
-    else:
-        require_finite_weights(ckpt)
+    else:  # nothing to write: only the weights' check
+        require_finite_weights({"model": run.model.state_dict(), "ema": run.ema_model.state_dict()})
     run.last_saved, run.last_save_time = (path, training_position(state)), time.perf_counter()
     return ckpt
 
