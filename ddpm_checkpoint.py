@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ddpm_data import CIFAR10_CLASSES, model_side
 from ddpm_diffusion import Diffusion, SamplerSettings, make_schedule
 from ddpm_helpers import NonFiniteError, UserError, atomic_torch_save, write_json
 from ddpm_model import UNet, UNetConfig
@@ -42,9 +43,11 @@ RUN_SETTINGS = ("run_name", "data_dir", "world_size")
 # Sampling settings: how the model is to be sampled (SamplerSettings as a dict): the run's sampling flags, else the
 # resumed checkpoint's, else the defaults. Inference takes them from the checkpoint unless its flags say otherwise.
 SAMPLING_SETTINGS = ("sampling",)
-# Derived: what follows from the settings above and the data.
-DERIVED_KEYS = ("model", "num_classes", "classes", "image_size", "num_train", "num_val", "num_test",
-                "global_batch_size")
+# Derived: what follows from the settings above and the data (data_facts): what the data is, its class names, channels
+# and image size [H, W], and the side of the square the model works on (image_size: data_size padded to fit the
+# stages, ddpm_data.model_side).
+DERIVED_KEYS = ("model", "num_classes", "dataset", "classes", "channels", "data_size", "image_size", "num_train",
+                "num_val", "num_test", "global_batch_size")
 
 TIMING_KEYS = ("decode_s", "compile_s", "train_s", "eval_s", "sample_s")
 
@@ -53,7 +56,7 @@ def training_config(flags, data_facts, saved_config=None, given=()):
     """The resolved config of a training run, saved in every checkpoint and in config.json.
 
     flags: the command line's values by config key (every setting above), and 'sampling': the resolved
-    SamplerSettings; data_facts: classes, image_size, num_train, num_val, num_test. saved_config: the checkpoint's
+    SamplerSettings; data_facts: ddpm_data.data_facts and num_train, num_val, num_test. saved_config: the checkpoint's
     config when resuming, whose fixed settings win over the flags, and whose adjustable ones win over flags not
     `given` on the command line (a key it lacks, from an older version, falls back to the flag)."""
     chosen = {key: flags[key] for key in FIXED_SETTINGS + ADJUSTABLE_SETTINGS + RUN_SETTINGS}
@@ -61,11 +64,13 @@ def training_config(flags, data_facts, saved_config=None, given=()):
         kept = FIXED_SETTINGS + tuple(key for key in ADJUSTABLE_SETTINGS if key not in given)
         chosen.update({key: saved_config.get(key, chosen[key]) for key in kept})
     classes = list(data_facts["classes"])
-    model = UNetConfig(dim=chosen["dim"], dim_mults=tuple(chosen["dim_mults"]), channels=3,
+    model = UNetConfig(dim=chosen["dim"], dim_mults=tuple(chosen["dim_mults"]), channels=data_facts["channels"],
                        num_classes=len(classes) if chosen["conditional"] else None)
     return {
         "model": model.to_dict(), "conditional": chosen["conditional"], "num_classes": model.num_classes,
-        "classes": classes, "image_size": data_facts["image_size"], "timesteps": chosen["timesteps"],
+        "dataset": data_facts["dataset"], "classes": classes, "channels": data_facts["channels"],
+        "data_size": list(data_facts["data_size"]),
+        "image_size": model_side(data_facts["data_size"], len(chosen["dim_mults"])), "timesteps": chosen["timesteps"],
         "schedule": chosen["schedule"], "loss_type": chosen["loss_type"], "prediction": chosen["prediction"],
         "min_snr_gamma": chosen["min_snr_gamma"], "lr_decay": chosen["lr_decay"], "dim": chosen["dim"],
         "dim_mults": list(chosen["dim_mults"]), "lr": chosen["lr"], "warmup_steps": chosen["warmup_steps"],
@@ -83,6 +88,22 @@ def fixed_setting_conflicts(saved_config, flags, given):
     {key: (checkpoint's value, flag's value)}."""
     return {key: (saved_config[key], flags[key]) for key in FIXED_SETTINGS
             if key in given and key in saved_config and flags[key] != saved_config[key]}
+
+
+def trained_data(config):
+    """The data facts (ddpm_data.data_facts) of what a config's model was trained on. Checkpoints from before they
+    were stored held square colour images: CIFAR-10 when the class names are CIFAR-10's, else a folder."""
+    classes, side = config.get("classes") or [], config["image_size"]
+    return {"dataset": config.get("dataset") or ("cifar10" if classes == CIFAR10_CLASSES else "folder"),
+            "classes": classes, "channels": config["model"].get("channels", 3),
+            "data_size": config.get("data_size") or [side, side]}
+
+
+def data_conflicts(saved_config, facts):
+    """How the data a resumed run reads differs from what its checkpoint was trained on: {what: (checkpoint's,
+    data's)} over the class names, the channels and the image size."""
+    saved = trained_data(saved_config)
+    return {key: (saved[key], facts[key]) for key in ("classes", "channels", "data_size") if saved[key] != facts[key]}
 
 
 def resume_changes(saved_config, config):

@@ -1,10 +1,12 @@
-"""Data: CIFAR-10 (torchvision download) or any train/ test/ image-folder tree, as uint8 tensors, and the
-device-resident batch loader that feeds training (cifar10-airbench style: no DataLoader on the hot path)."""
+"""Data: an image-folder tree or a torchvision dataset (CIFAR-10, CIFAR-100, MNIST, Fashion-MNIST) as uint8 tensors,
+the padding that fits any image size to the U-Net, and the device-resident batch loader that feeds training
+(cifar10-airbench style: no DataLoader on the hot path)."""
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -12,7 +14,13 @@ from ddpm_helpers import UserError, atomic_torch_save, stderr_is_terminal, to_mo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_NAME = "ddpm_uint8_cache.pt"
-DEFAULT_DATA_DIR = "./data"  # where torchvision downloads CIFAR-10 when no --data_dir is given
+CACHE_VERSION = 2         # 2: images keep their channel count (1 for grayscale folders)
+DEFAULT_DATA_DIR = "./data"  # where torchvision downloads its datasets when no --data_dir is given
+# --dataset: a train/ test/ image-folder tree, or a torchvision dataset (class name, image size) downloaded there
+TORCHVISION_DATASETS = {"cifar10": ("CIFAR10", (32, 32)), "cifar100": ("CIFAR100", (32, 32)),
+                        "mnist": ("MNIST", (28, 28)), "fashion_mnist": ("FashionMNIST", (28, 28))}
+DATASETS = (*TORCHVISION_DATASETS, "folder")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def _list_image_folder(root):
@@ -26,29 +34,50 @@ def _list_image_folder(root):
     return files, classes
 
 
-def _decode(path):
-    """The image at path as uint8 (H, W, 3); a file PIL cannot read (corrupt, truncated) is a UserError naming it."""
+def _unreadable(path, e):
+    return UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); remove or replace it")
+
+
+def _mode_of(path):
+    """'L' for a grayscale image file (1-bit, 8-bit, 16-bit or float grey, with or without alpha), else 'RGB';
+    from the header alone."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            mode = im.mode
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); remove or replace it") from None
+        raise _unreadable(path, e) from None
+    return "L" if mode in ("1", "L", "LA", "La", "F") or mode.startswith("I") else "RGB"
 
 
-def _decode_image_folder(root):
-    """Decode a class-folder tree to uint8 images (N, 3, H, W) and labels (N,)."""
-    files, classes = _list_image_folder(root)
-    if not files:
-        raise UserError(f"no images (.png/.jpg) in the class folders of {root}")
+def _decode(path, mode):
+    """The image at path as uint8 (H, W) for mode 'L' or (H, W, 3) for 'RGB'; a file PIL cannot read (corrupt,
+    truncated) is a UserError naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _decode_all(paths, mode, root):
+    """The images at paths (all under root), decoded in threads, as uint8 (N, C, H, W): C = 1 for mode 'L', 3 for
+    'RGB'."""
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-        arrays = list(tqdm(pool.map(_decode, [f for f, _ in files]), total=len(files), leave=False,
+        arrays = list(tqdm(pool.map(_decode, paths, [mode] * len(paths)), total=len(paths), leave=False,
                            desc=f"decoding {root} (once; cached)", disable=not stderr_is_terminal()))
-    shapes = {a.shape for a in arrays}
+    shapes = {a.shape[:2] for a in arrays}
     if len(shapes) != 1:
         raise UserError(f"images under {root} differ in size ({sorted(shapes)[:3]}…); all must share one size")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()   # (N, 3, H, W) uint8
-    labels = torch.tensor([label for _, label in files], dtype=torch.long)
-    return images, labels, classes
+    images = torch.from_numpy(np.stack(arrays))                                  # (N, H, W) or (N, H, W, 3)
+    return (images[:, None] if mode == "L" else images.permute(0, 3, 1, 2)).contiguous()   # (N, C, H, W)
+
+
+def majority_mode(paths):
+    """The mode most of the image files have ('L' or 'RGB'; RGB on a tie), and how many files have the other."""
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        modes = list(pool.map(_mode_of, paths))
+    grey = modes.count("L")
+    return ("L", len(modes) - grey) if grey > len(modes) / 2 else ("RGB", grey)
 
 
 def _is_image_folder_layout(data_dir):
@@ -56,22 +85,33 @@ def _is_image_folder_layout(data_dir):
 
 
 def _load_image_folders(data_dir):
-    """Both splits of an image-folder dataset, through a uint8 cache file beside it."""
+    """Both splits of an image-folder dataset, through a uint8 cache file beside it. Grayscale files give 1-channel
+    images; a folder mixing grayscale and colour files is converted to the mode most files have ('mode_note' says
+    how many were converted)."""
     cache_path = os.path.join(data_dir, CACHE_NAME)
-    counts = [len(_list_image_folder(os.path.join(data_dir, s))[0]) for s in ("train", "test")]
+    listings = {split: _list_image_folder(os.path.join(data_dir, split)) for split in ("train", "test")}
+    counts = [len(files) for files, _ in listings.values()]
     if os.path.isfile(cache_path):
         try:
             cached = torch.load(cache_path, weights_only=True)
-            if cached.get("file_counts") == counts:
+            if cached.get("file_counts") == counts and cached.get("version") == CACHE_VERSION:
                 return cached
         except Exception:
             pass  # unreadable or stale cache: decode again and rewrite it
-    train_images, train_labels, classes = _decode_image_folder(os.path.join(data_dir, "train"))
-    test_images, test_labels, test_classes = _decode_image_folder(os.path.join(data_dir, "test"))
-    if test_classes != classes:
+    for split, (files, _) in listings.items():
+        if not files:
+            raise UserError(f"no images (.png/.jpg) in the class folders of {os.path.join(data_dir, split)}")
+    if listings["test"][1] != listings["train"][1]:
         raise UserError(f"{data_dir}: train/ and test/ have different class folders")
-    data = dict(train_images=train_images, train_labels=train_labels, test_images=test_images,
-                test_labels=test_labels, classes=classes, file_counts=counts)
+    mode, converted = majority_mode([path for files, _ in listings.values() for path, _ in files])
+    data = {"classes": listings["train"][1], "file_counts": counts, "version": CACHE_VERSION, "mode_note": None}
+    for split, (files, _) in listings.items():
+        data[f"{split}_images"] = _decode_all([path for path, _ in files], mode, os.path.join(data_dir, split))
+        data[f"{split}_labels"] = torch.tensor([label for _, label in files], dtype=torch.long)
+    if converted:
+        kinds = ("grayscale", "colour") if mode == "L" else ("colour", "grayscale")
+        data["mode_note"] = (f"{converted} of {sum(counts)} images under {data_dir} are {kinds[1]} and were converted "
+                             f"to {kinds[0]}, the mode of most of them")
     try:
         atomic_torch_save(data, cache_path)
     except OSError:
@@ -79,32 +119,45 @@ def _load_image_folders(data_dir):
     return data
 
 
-def _load_torchvision_cifar10(data_dir):
+def _load_torchvision(dataset, data_dir):
+    """A torchvision dataset, downloaded into data_dir unless it is there already."""
     import torchvision
 
+    class_name = TORCHVISION_DATASETS[dataset][0]
     existed = os.path.isdir(data_dir)
     try:
-        splits = [torchvision.datasets.CIFAR10(data_dir, train=train, download=True) for train in (True, False)]
+        splits = [getattr(torchvision.datasets, class_name)(data_dir, train=train, download=True)
+                  for train in (True, False)]
     except Exception as e:
         if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
             os.rmdir(data_dir)
         raise UserError(
-            f"CIFAR-10 is not in --data_dir {data_dir!r} and could not be downloaded ({type(e).__name__}: {e}). "
+            f"{class_name} is not in --data_dir {data_dir!r} and could not be downloaded ({type(e).__name__}: {e}). "
             "Either let torchvision download it (needs internet), or point --data_dir at a folder holding "
             "train/<class>/*.png|jpg and test/<class>/*.png|jpg") from None
-    data = {}
+    data = {"classes": list(splits[0].classes), "mode_note": None}
     for name, ds in zip(("train", "test"), splits):
-        data[f"{name}_images"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        data[f"{name}_labels"] = torch.tensor(ds.targets, dtype=torch.long)
-    data["classes"] = list(splits[0].classes)
+        images = torch.as_tensor(np.asarray(ds.data))          # (N, H, W, 3) (CIFAR) or (N, H, W) (MNIST)
+        images = images[..., None] if images.dim() == 3 else images
+        data[f"{name}_images"] = images.permute(0, 3, 1, 2).contiguous()              # (N, C, H, W)
+        data[f"{name}_labels"] = torch.as_tensor(ds.targets, dtype=torch.long)
     return data
 
 
-def image_size_of(data_dir):
-    """(height, width) of the dataset's images, from the first training image's header alone (32 × 32 for
-    torchvision's CIFAR-10); None when it cannot be read, which load_dataset then reports."""
-    if not _is_image_folder_layout(data_dir):
-        return (32, 32)
+def resolve_dataset(dataset, data_dir):
+    """What --data_dir holds: --dataset when given, else 'folder' when it holds train/ or test/ (an image-folder tree,
+    complete or not), else 'cifar10'."""
+    if dataset is not None:
+        return dataset
+    return "folder" if any(os.path.isdir(os.path.join(data_dir, s)) for s in ("train", "test")) else "cifar10"
+
+
+def image_size_of(data_dir, dataset=None):
+    """(height, width) of the dataset's images, from the first training image's header alone for a folder (a
+    torchvision dataset's are known); None when it cannot be read, which load_dataset then reports."""
+    dataset = resolve_dataset(dataset, data_dir)
+    if dataset != "folder":
+        return TORCHVISION_DATASETS[dataset][1]
     try:
         files, _ = _list_image_folder(os.path.join(data_dir, "train"))
         with Image.open(files[0][0]) as im:
@@ -113,23 +166,78 @@ def image_size_of(data_dir):
         return None
 
 
-def load_dataset(data_dir):
-    """CIFAR-10 (or any image-folder dataset) as uint8 tensors.
+def load_dataset(data_dir, dataset=None):
+    """The dataset at data_dir (see resolve_dataset) as uint8 tensors.
 
-    Returns a dict with train_images (N, 3, H, W) uint8, train_labels (N,), test_images, test_labels
-    and classes. An image-folder tree (data_dir/train/<class>/*, data_dir/test/<class>/*) is read when
-    present; otherwise torchvision's CIFAR-10 is downloaded into data_dir.
+    Returns a dict with train_images (N, C, H, W) uint8 (C = 1 grayscale, 3 colour), train_labels (N,),
+    test_images, test_labels, classes, dataset (what it is: one of DATASETS) and mode_note (None, or a line saying
+    how many images of a mixed folder were converted).
     """
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} is a file, not a folder")
-    if _is_image_folder_layout(data_dir):
-        return _load_image_folders(data_dir)
-    present = [s for s in ("train", "test") if os.path.isdir(os.path.join(data_dir, s))]
-    if present:
-        raise UserError(f"--data_dir {data_dir!r} holds {present[0]}/ but not "
-                        f"{'test' if present[0] == 'train' else 'train'}/: an image-folder dataset needs both "
+    dataset = resolve_dataset(dataset, data_dir)
+    if dataset != "folder":
+        return {**_load_torchvision(dataset, data_dir), "dataset": dataset}
+    require_image_folder(data_dir)
+    return {**_load_image_folders(data_dir), "dataset": "folder"}
+
+
+def require_image_folder(data_dir):
+    """UserError unless data_dir is a train/ test/ image-folder tree."""
+    if not _is_image_folder_layout(data_dir):
+        present = [s for s in ("train", "test") if os.path.isdir(os.path.join(data_dir, s))]
+        holds = (f"holds {present[0]}/ but not {'test' if present[0] == 'train' else 'train'}/" if present
+                 else "holds no train/ and test/ folders")
+        raise UserError(f"--data_dir {data_dir!r} {holds}: an image-folder dataset needs both "
                         "train/<class>/*.png|jpg and test/<class>/*.png|jpg")
-    return _load_torchvision_cifar10(data_dir)
+
+
+def data_facts(data):
+    """What a model trained on the loaded dataset must know of it: dataset, classes, channels, data_size [H, W]."""
+    return {"dataset": data["dataset"], "classes": list(data["classes"]),
+            "channels": data["train_images"].shape[1], "data_size": list(data["train_images"].shape[-2:])}
+
+
+def describe_data(facts):
+    """A dataset's facts for people: 'mnist: 28×28 grayscale, 10 classes'."""
+    h, w = facts["data_size"]
+    return (f"{facts['dataset']}: {h}×{w} {'grayscale' if facts['channels'] == 1 else 'colour'}, "
+            f"{len(facts['classes'])} classes")
+
+
+# ------------------------------------------------------------------------ fitting any size to the U-Net
+
+def stages_allowed(data_size):
+    """The most U-Net stages (each after the first halves the image) that images of data_size (H, W) allow: the
+    innermost stage works on at least 1 × 1 pixels once the images are padded (model_side)."""
+    return max(data_size).bit_length()
+
+
+def model_side(data_size, stages):
+    """The side of the square the U-Net works on for images of data_size (H, W): the smallest multiple of
+    2^(stages − 1) (each stage after the first halves it) that holds both sides."""
+    unit = 2 ** (stages - 1)
+    return -(-max(data_size) // unit) * unit
+
+
+def padding(data_size, side):
+    """(left, right, top, bottom) pixels that centre H × W images in a side × side square (an odd one extra goes
+    right or down)."""
+    h, w = data_size
+    return (side - w) // 2, side - w - (side - w) // 2, (side - h) // 2, side - h - (side - h) // 2
+
+
+def pad_to_side(images, side):
+    """Images (N, C, H, W) centred in side × side by repeating their edge pixels; unchanged when they fit."""
+    pad = padding(images.shape[-2:], side)
+    return F.pad(images, pad, mode="replicate") if any(pad) else images
+
+
+def crop_to_data(images, data_size):
+    """Model-sized samples (N, C, S, S) cut back to the data's H × W: the centre, where pad_to_side put the images."""
+    h, w = data_size
+    left, _, top, _ = padding(data_size, images.shape[-1])
+    return images[..., top:top + h, left:left + w]
 
 
 def train_val_split(num_images, seed=0):
@@ -144,16 +252,18 @@ class DeviceLoader:
 
     Each epoch's order and flips come from a generator seeded by (seed, epoch), so an epoch can be
     replayed exactly (resume) and split across ranks (rank r takes every world_size-th index).
-    Yields (images in [−1, 1] as float (B, 3, H, W), labels (B,)).
+    Yields (images in [−1, 1] as float (B, C, side, side), labels (B,)): flipped, then centred in side × side
+    (pad_to_side) when the images are smaller (side None: as they are).
     """
 
     def __init__(self, images_uint8, labels, batch_size, device, shuffle=True, flip=True, seed=0,
-                 rank=0, world_size=1):
+                 rank=0, world_size=1, side=None):
         self.images = images_uint8.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.device = batch_size, device
         self.shuffle, self.flip, self.seed = shuffle, flip, seed
         self.rank, self.world_size = rank, world_size
+        self.side = side or max(images_uint8.shape[-2:])
 
     def __len__(self):
         return -(-self.num_local // self.batch_size)
@@ -178,6 +288,6 @@ class DeviceLoader:
         order, flips = order.to(self.device), flips.to(self.device)
         for start in range(start_batch * self.batch_size, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            x = to_model_range(self.images[idx])                                        # (B, 3, H, W)
+            x = to_model_range(self.images[idx])                                        # (B, C, H, W)
             x = torch.where(flips[start:start + self.batch_size, None, None, None], x.flip(3), x)
-            yield x, self.labels[idx]
+            yield pad_to_side(x, self.side), self.labels[idx]                          # (B, C, side, side)

@@ -1,6 +1,7 @@
 """FID (Heusel et al. 2017) as the standard implementation computes it: TF-Inception-v3 (2015-12-05) pool
 features after TF1's bilinear resize to 299 × 299, and the Fréchet distance of two Gaussians fitted to them.
-The reference is the training images' statistics, computed once and cached beside the data, or an npz."""
+The reference is the training images' statistics, computed once and cached beside the data, or an npz; either must
+describe the dataset the model was trained on. Grayscale images are repeated into Inception's three channels."""
 import io
 import lzma
 import os
@@ -10,10 +11,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_data import load_dataset
+from ddpm_data import CIFAR10_CLASSES, data_facts, describe_data, load_dataset
 from ddpm_helpers import UserError
 
-FID_STATS_NAME = "ddpm_fid_train_stats.npz"
+FID_STATS_NAME = "ddpm_fid_train_stats.npz"      # beside an image folder; a torchvision dataset's names it too
+UNTAGGED_STATS = ("cifar10", 3, 32, 32)         # what an npz without a 'dataset' entry (the referee's) describes
 
 
 def load_inception(path, device):
@@ -57,7 +59,8 @@ class FIDFeatures:
 
     @torch.no_grad()
     def __call__(self, images_uint8):
-        """images (N, H, W, 3) or (N, 3, H, W) uint8 → features (N, 2048) float64, in exact fp32 (no TF32)."""
+        """images (N, H, W, C) or (N, C, H, W) uint8, C = 3 or 1 (grey, repeated into the three channels) →
+        features (N, 2048) float64, in exact fp32 (no TF32)."""
         flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
@@ -67,9 +70,9 @@ class FIDFeatures:
 
     def _features(self, images_uint8):
         x = torch.as_tensor(np.ascontiguousarray(images_uint8)).to(self.device)
-        if x.shape[-1] == 3:
+        if x.shape[-1] in (1, 3):
             x = x.permute(0, 3, 1, 2)
-        x = x.float()                                                   # (N, 3, H, W) in [0, 255]
+        x = x.float().expand(-1, 3, -1, -1)                             # (N, 3, H, W) in [0, 255]: grey repeated
         rows = tf_resize_matrix(x.shape[2], 299).to(self.device)
         cols = tf_resize_matrix(x.shape[3], 299).to(self.device)
         x = torch.einsum("oh,nchw,pw->ncop", rows, x, cols)            # (N, 3, 299, 299)
@@ -102,25 +105,66 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(eigenvalues, 0, None)).sum())
 
 
-def reference_statistics(features, data_dir, train_images_uint8=None, stats_path=None, progress=False):
-    """The reference (mu, sigma): from stats_path (an npz with mu and sigma) when given, else from the training
-    images (N, 3, H, W) uint8 — read from data_dir when None — cached in data_dir/FID_STATS_NAME, keyed by
-    the image count."""
+def fid_identity(facts):
+    """What FID statistics describe, from data facts (ddpm_data.data_facts): (dataset, channels, height, width).
+    CIFAR-10 as an image folder (its class names, 32 × 32 colour) counts as cifar10."""
+    h, w = facts["data_size"]
+    cifar10 = facts["classes"] == CIFAR10_CLASSES and facts["channels"] == 3 and (h, w) == (32, 32)
+    return "cifar10" if cifar10 else facts["dataset"], facts["channels"], h, w
+
+
+def describe_identity(identity):
+    name, channels, h, w = identity
+    return f"{name} ({h}×{w} {'grayscale' if channels == 1 else 'colour'})"
+
+
+def stats_identity(ref):
+    """What an npz of statistics describes (fid_identity): its 'dataset' and 'shape' entries, written by this tool;
+    without them (the referee's, clean-fid's), CIFAR-10."""
+    return (str(ref["dataset"]), *map(int, ref["shape"])) if "dataset" in ref else UNTAGGED_STATS
+
+
+def check_ref_stats(stats_path, model_facts):
+    """UserError unless the npz --fid_ref_stats names describes the data the model was trained on."""
+    with np.load(stats_path) as ref:
+        identity, tagged = stats_identity(ref), "dataset" in ref
+    if identity != fid_identity(model_facts):
+        untagged = "" if tagged else " (an npz without a 'dataset' entry, like the referee's, is taken to be CIFAR-10's)"
+        raise UserError(f"--fid_ref_stats {stats_path!r} holds statistics of {describe_identity(identity)}{untagged}, "
+                        f"but the model was trained on {describe_identity(fid_identity(model_facts))}: an FID against "
+                        "another dataset measures nothing. Leave --fid_ref_stats out to use the training images' own")
+
+
+def reference_statistics(features, data_dir, dataset, model_facts, train_images_uint8=None, stats_path=None,
+                         progress=False):
+    """The reference (mu, sigma) for a model trained on data described by model_facts (data_facts): from stats_path
+    (an npz with mu and sigma) when given, else from the training images (N, C, H, W) uint8 — read from data_dir
+    (a `dataset`, see ddpm_data.load_dataset) when None — cached in data_dir, keyed by the image count and what
+    they are. Statistics of another dataset are a UserError."""
     if stats_path:
-        ref = np.load(stats_path)
-        return ref["mu"], ref["sigma"].astype(np.float64)
+        check_ref_stats(stats_path, model_facts)
+        with np.load(stats_path) as ref:
+            return ref["mu"], ref["sigma"].astype(np.float64)
     if train_images_uint8 is None:
-        train_images_uint8 = load_dataset(data_dir)["train_images"]
-    cache_path = os.path.join(data_dir, FID_STATS_NAME) if os.path.isdir(data_dir) else None
+        data = load_dataset(data_dir, dataset)
+        facts, train_images_uint8 = data_facts(data), data["train_images"]
+        if fid_identity(facts) != fid_identity(model_facts) or facts["classes"] != model_facts["classes"]:
+            raise UserError(f"--data_dir {data_dir!r} holds {describe_data(facts)}, but the model was trained on "
+                            f"{describe_data(model_facts)}: FID compares with the training data; point --data_dir "
+                            "at it")
+    identity, dataset = fid_identity(model_facts), model_facts["dataset"]
+    name = FID_STATS_NAME if dataset == "folder" else FID_STATS_NAME.replace(".npz", f"_{dataset}.npz")
+    cache_path = os.path.join(data_dir, name) if os.path.isdir(data_dir) else None
     if cache_path and os.path.isfile(cache_path):
-        cached = np.load(cache_path)
-        if int(cached["n"]) == len(train_images_uint8):
-            return cached["mu"], cached["sigma"].astype(np.float64)
+        with np.load(cache_path) as cached:
+            if int(cached["n"]) == len(train_images_uint8) and stats_identity(cached) == identity:
+                return cached["mu"], cached["sigma"].astype(np.float64)
     mu, sigma = features.statistics(train_images_uint8.permute(0, 2, 3, 1).numpy(), progress=progress)
     if cache_path:
         tmp = f"{cache_path}.tmp{os.getpid()}.npz"
         try:
-            np.savez(tmp, mu=mu, sigma=sigma.astype(np.float32), n=len(train_images_uint8))
+            np.savez(tmp, mu=mu, sigma=sigma.astype(np.float32), n=len(train_images_uint8), dataset=identity[0],
+                     shape=np.array(identity[1:]))
             os.replace(tmp, cache_path)
         except OSError:
             pass  # a read-only data folder: the statistics are recomputed next time

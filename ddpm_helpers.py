@@ -93,15 +93,24 @@ def to_uint8(images):
 
 
 def save_grid(images, path, nrow):
-    """Save images in [−1, 1] (N, C, H, W) as one PNG grid with nrow images per row."""
-    from torchvision.utils import save_image
+    """Save images in [−1, 1] (N, C, H, W) as one PNG grid with nrow images per row: RGB, or mode L when C = 1."""
+    from torchvision.utils import make_grid
     require_finite(images, "the images")
+    grid = make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)  # (3, H', W')
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # as save_image rounds
     with atomic_open(path) as f:
-        save_image(images.float().cpu(), f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
+        Image.fromarray(pixels[..., 0] if images.shape[1] == 1 else pixels).save(f, format="png")
+
+
+def file_name_part(text):
+    """A class name as it can stand in a file name: every run of characters other than letters, digits and '_'
+    becomes one '_' ('T-shirt/top' → 'T_shirt_top', '0 - zero' → '0_zero')."""
+    return re.sub(r"\W+", "_", text).strip("_") or "_"
 
 
 def save_individual_pngs(images, folder, labels=None, classes=None):
-    """One PNG per image: NNNNN.png, or NNNNN_<class>.png when labels are given."""
+    """One PNG per image (mode L for 1-channel images, else RGB): NNNNN.png, or NNNNN_<class>.png when labels are
+    given."""
     arrays = to_uint8(images)  # (N, H, W, C); checked finite before anything is touched
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(folder):  # an earlier, larger batch must not leave images behind
@@ -109,10 +118,10 @@ def save_individual_pngs(images, folder, labels=None, classes=None):
             os.remove(os.path.join(folder, name))
     paths = []
     for i, array in enumerate(arrays):
-        suffix = f"_{classes[int(labels[i])]}" if labels is not None else ""
+        suffix = f"_{file_name_part(classes[int(labels[i])])}" if labels is not None else ""
         path = os.path.join(folder, f"{i:05d}{suffix}.png")
         with atomic_open(path) as f:
-            Image.fromarray(array).save(f, format="png")
+            Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(f, format="png")
         paths.append(path)
     return paths
 
@@ -126,13 +135,13 @@ def save_labelled_grid(images, path, row_labels, col_labels):
 
     require_finite(images, "the images")
     rows, cols = len(row_labels), len(col_labels)
-    size = images.shape[-1]
+    height, width = images.shape[-2:]
     grid = make_grid(images.float().cpu(), nrow=cols, normalize=True, value_range=(-1, 1), padding=2)
     fig, ax = plt.subplots(figsize=(1.2 + 0.75 * cols, 0.6 + 0.75 * rows), dpi=100)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    centres = lambda n: [2 + (size + 2) * i + size / 2 for i in range(n)]
-    ax.set_yticks(centres(rows), row_labels)
-    ax.set_xticks(centres(cols), col_labels, rotation=45, ha="left")
+    centres = lambda n, size: [2 + (size + 2) * i + size / 2 for i in range(n)]
+    ax.set_yticks(centres(rows, height), row_labels)
+    ax.set_xticks(centres(cols, width), col_labels, rotation=45, ha="left")
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
     for spine in ax.spines.values():

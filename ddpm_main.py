@@ -1,5 +1,5 @@
-"""Train a DDPM on CIFAR-10 (unconditional, or class-conditional with classifier-free guidance)
-and sample from a saved checkpoint.
+"""Train a DDPM on CIFAR-10 (unconditional, or class-conditional with classifier-free guidance), or on CIFAR-100,
+MNIST, Fashion-MNIST or any folder of images, and sample from a saved checkpoint.
 
     python ddpm_main.py --epochs 30 --save_model --run_name DDPM_30epochs
     python ddpm_main.py --conditional --epochs 30 --p_uncond 0.1 --save_model --run_name DDPM_cond
@@ -22,13 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddpm_checkpoint import (TOOL_VERSION, TrainingState, build_checkpoint, build_diffusion, build_model,
-                             fixed_setting_conflicts, load_checkpoint, load_resumable, require_finite_weights,
-                             restore_training, resume_changes, sampling_model, save_checkpoint,
-                             saved_sampler_settings, training_config, write_config_json)
-from ddpm_data import DEFAULT_DATA_DIR, DeviceLoader, image_size_of, load_dataset, train_val_split
+                             data_conflicts, fixed_setting_conflicts, load_checkpoint, load_resumable,
+                             require_finite_weights, restore_training, resume_changes, sampling_model, save_checkpoint,
+                             saved_sampler_settings, trained_data, training_config, write_config_json)
+from ddpm_data import (DATASETS, DEFAULT_DATA_DIR, DeviceLoader, crop_to_data, data_facts, describe_data,
+                       image_size_of, load_dataset, require_image_folder, stages_allowed, train_val_split)
 from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, SAMPLERS, SPACINGS, Diffusion,
                             SamplerSettings, generate, guidance_sweep)
-from ddpm_fid import FIDFeatures, frechet_distance, reference_statistics
+from ddpm_fid import FIDFeatures, check_ref_stats, frechet_distance, reference_statistics
 from ddpm_helpers import (Denoiser, NonFiniteError, UserError, all_ranks_mean, atomic_open, barrier, bf16_is_fast,
                           check_writable_folder, init_distributed, max_over_ranks, plot_loss_history, require_finite,
                           save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal, to_model_range,
@@ -38,6 +39,7 @@ from ddpm_train import TrainingClock, TrainingStep, evaluate_loss, learning_rate
 
 GRID_SEED = 4321          # fixed noise for the per-epoch sample grid, so epochs can be compared
 GRID_PER_CLASS = 8        # columns of the per-epoch grid of a conditional model (one row per class)
+MAX_CLASS_ROWS = 16       # with more classes, grids show one image per class (or, sweeps, the first this many)
 GRID_UNCONDITIONAL = 64   # images in the per-epoch grid of an unconditional model
 LOG_LINE_SECONDS = 60     # without a terminal, the least time between two training log lines
 
@@ -109,8 +111,12 @@ def build_parser():
                    help=f"U-Net base channels, a multiple of {UNetConfig.groups} (its GroupNorm groups)")
     g.add_argument("--dim_mults", type=int_list, default="1,2,4",
                    help="U-Net channel multipliers, one per stage; each stage after the first halves the image")
-    g.add_argument("--data_dir", help="CIFAR-10 download folder, or a train/ test/ image-folder tree "
-                   "(default: ./data; at inference the folder the model was trained on)")
+    g.add_argument("--data_dir", help="a train/<class>/ test/<class>/ image-folder tree, or where --dataset is "
+                   "downloaded (default: ./data; at inference the folder the model was trained on)")
+    g.add_argument("--dataset", choices=DATASETS,
+                   help="what --data_dir holds: a torchvision dataset, downloaded there when missing, or an image "
+                   "folder (default: folder when --data_dir holds train/ and test/, else cifar10; at inference the "
+                   "model's)")
     g.add_argument("--checkpoint_every", type=int, default=1,
                    help="epochs between last.pt writes (the last epoch, interruptions and evaluations always)")
     g.add_argument("--checkpoint_minutes", type=float, default=10,
@@ -139,8 +145,8 @@ def build_parser():
     g.add_argument("--inference", action="store_true", help="sample from --model_path instead of training")
     g.add_argument("--model_path", help="checkpoint to sample from")
     g.add_argument("--num_samples", type=int, default=64, help="images to generate")
-    g.add_argument("--sample_classes", help="comma list of class indices, cycled to --num_samples (default: all the "
-                   "model's classes)")
+    g.add_argument("--sample_classes", help="comma list of class indices or names (e.g. 3,5 or cat,dog), cycled to "
+                   f"--num_samples (default: all the model's classes; a sweep's first {MAX_CLASS_ROWS})")
     g.add_argument("--guidance_sweep", type=float_list, metavar="W,W,...",
                    help="write one grid: a row per guidance scale, a column per class, from the same noise")
 
@@ -273,34 +279,43 @@ def check_paths(args):
         if folder is not None:
             check_writable_folder(folder, flag)
     if not args.inference and args.resume is None:
-        check_stage_count(args.dim_mults, image_size_of(args.data_dir or DEFAULT_DATA_DIR))
+        data_dir = args.data_dir or DEFAULT_DATA_DIR
+        if args.dataset == "folder":
+            require_image_folder(data_dir)
+        check_stage_count(args.dim_mults, image_size_of(data_dir, args.dataset))
 
 
 def check_stage_count(dim_mults, image_size):
-    """UserError unless the image sides halve evenly once per U-Net stage after the first; image_size (H, W), or
-    None when unknown (the data is then checked as it is read)."""
-    if image_size is None:
-        return
-    halvings = len(dim_mults) - 1
-    if any(side % 2 ** halvings for side in image_size):
-        most = 1 + min((side & -side).bit_length() - 1 for side in image_size)  # 1 + how often both sides halve
+    """UserError when the U-Net has more stages than the images can be halved (padded, they allow
+    stages_allowed); image_size (H, W), or None when unknown (the data is then checked as it is read)."""
+    if image_size is not None and len(dim_mults) > stages_allowed(image_size):
         raise UserError(f"--dim_mults {','.join(map(str, dim_mults))} has {len(dim_mults)} stages, which need "
-                        f"image sides divisible by {2 ** halvings}; these images are {image_size[0]}×{image_size[1]}, "
-                        f"which allow at most {most} stages")
+                        f"images of at least {2 ** (len(dim_mults) - 1)} pixels a side; these images are "
+                        f"{image_size[0]}×{image_size[1]}, which allow at most {stages_allowed(image_size)} stages")
 
 
 def parse_classes(text):
-    """--sample_classes as a list of integers; their range is checked against the checkpoint's classes."""
+    """--sample_classes as a list of its items (class indices or names), checked against the checkpoint's classes by
+    class_indices."""
     items = [v.strip() for v in text.split(",") if v.strip()]
     if not items:
-        raise UserError("--sample_classes is empty: give class indices such as 0,1,2")
-    classes = []
+        raise UserError("--sample_classes is empty: give class indices or names such as 0,1,2 or cat,dog")
+    return items
+
+
+def class_indices(items, classes):
+    """The class index of each --sample_classes item: an index 0 … K−1 or one of the model's class names."""
+    indices = []
     for item in items:
-        try:
-            classes.append(int(item))
-        except ValueError:
-            raise UserError(f"--sample_classes: {item!r} is not an integer class index") from None
-    return classes
+        if item in classes:
+            indices.append(classes.index(item))
+        elif item.lstrip("-").isdigit() and 0 <= int(item) < len(classes):
+            indices.append(int(item))
+        else:
+            names = ", ".join(classes[:12]) + (", …" if len(classes) > 12 else "")
+            raise UserError(f"--sample_classes: {item!r} is neither a class index 0-{len(classes) - 1} nor a class "
+                            f"name of this model ({names})")
+    return indices
 
 
 # ------------------------------------------------------------------- shared by training and inference
@@ -336,25 +351,44 @@ def sampler_settings(args, saved, timesteps):
         raise UserError(f"--sampling_steps {settings.steps} is more than the model's T = {timesteps}") from None
 
 
-def measure_fid(diffusion, denoiser, settings, config, args, seed, data_dir, train_images_uint8, verbose):
-    """FID of args.eval_fid new samples (class-balanced when the model is conditional) against the training
-    images' Inception statistics (cached beside the data) or --fid_ref_stats. The samples are saved as
-    fid_samples_<run>.npz, so any other FID tool can read the very same images. train_images_uint8
-    (N, 3, H, W) may be None: they are then read from data_dir."""
+def sample_images(diffusion, denoiser, settings, config, num_images, class_labels=None, batch_size=1000, seed=None,
+                  progress=False):
+    """num_images samples of the config's model (generate), cut back to the data's size when the model works on
+    padded images: (num_images, C, H, W) in [−1, 1] on the CPU."""
+    images = generate(diffusion, denoiser, settings, num_images, config["image_size"], config["model"]["channels"],
+                      class_labels, batch_size, seed, progress)
+    return crop_to_data(images, trained_data(config)["data_size"])
+
+
+def fid_reference(args, config, data_dir, train_images_uint8, device, verbose):
+    """The Inception features and the reference statistics (mu, sigma) FID compares the model's samples with:
+    --fid_ref_stats, or the training images (train_images_uint8 (N, C, H, W), or those at data_dir when None);
+    either must describe the data the model was trained on (UserError)."""
+    features = FIDFeatures(args.fid_inception, device)
+    facts = trained_data(config)
+    if facts["channels"] == 1 and verbose:
+        print("FID: the grayscale images are repeated into the Inception network's three colour channels", flush=True)
+    dataset = args.dataset or (config.get("dataset") if data_dir == config["data_dir"] else None)  # None: resolved
+    reference = reference_statistics(features, data_dir, dataset, facts, train_images_uint8, args.fid_ref_stats,
+                                     verbose and stderr_is_terminal())
+    return features, reference
+
+
+def measure_fid(diffusion, denoiser, settings, config, args, seed, features, reference, verbose):
+    """FID of args.eval_fid new samples (class-balanced when the model is conditional) against the reference
+    statistics (fid_reference). The samples are saved as fid_samples_<run>.npz, so any other FID tool can read the
+    very same images."""
     n = args.eval_fid
     if n < 10000:
         print(f"warning: FID from {n} < 10,000 samples reads high; use 10,000 or more to compare with published "
               "figures", file=sys.stderr)
     device = diffusion.betas.device
-    progress = verbose and stderr_is_terminal()
-    features = FIDFeatures(args.fid_inception, device)
-    mu_ref, sigma_ref = reference_statistics(features, data_dir, train_images_uint8, args.fid_ref_stats, progress)
     labels = torch.arange(n, device=device) % config["num_classes"] if config["conditional"] else None
-    images = to_uint8(generate(diffusion, denoiser, settings, n, config["image_size"], config["model"]["channels"],
-                               labels, args.sample_batch, seed=seed, progress=progress))
+    images = to_uint8(sample_images(diffusion, denoiser, settings, config, n, labels, args.sample_batch, seed,
+                                    verbose and stderr_is_terminal()))
     with atomic_open(os.path.join(args.save_dir, f"fid_samples_{args.run_name}.npz")) as f:
         np.savez(f, images=images)
-    fid = frechet_distance(*features.statistics(images), mu_ref, sigma_ref)
+    fid = frechet_distance(*features.statistics(images), *reference)
     if verbose:
         print(f"FID {fid:.3f} (n={n}, {settings.describe()})", flush=True)
     return fid
@@ -543,9 +577,9 @@ class Run:
                                 self.device.type == "cuda")
 
     def sample(self, num_images, class_labels=None, seed=None, progress=False):
-        """Samples from the EMA weights, (num_images, C, H, W) in [−1, 1] on the CPU."""
-        return generate(self.diffusion, self.ema_denoiser, self.sampler, num_images, self.config["image_size"],
-                        self.config["model"]["channels"], class_labels, self.args.sample_batch, seed, progress)
+        """Samples from the EMA weights at the data's size, (num_images, C, H, W) in [−1, 1] on the CPU."""
+        return sample_images(self.diffusion, self.ema_denoiser, self.sampler, self.config, num_images, class_labels,
+                             self.args.sample_batch, seed, progress)
 
 
 def set_up_run(args, saved):
@@ -556,24 +590,29 @@ def set_up_run(args, saved):
     sampling = (sampler_settings(args, saved_sampler_settings(saved["config"]), saved["config"]["timesteps"])
                 if saved else sampler_settings(args, None, args.timesteps))
     data_dir = args.data_dir or (saved["config"]["data_dir"] if saved else DEFAULT_DATA_DIR)
+    dataset = args.dataset or (saved["config"].get("dataset") if saved and not args.data_dir else None)
     start = time.perf_counter()
-    data = load_dataset(data_dir)
+    data = load_dataset(data_dir, dataset)
     train_idx, val_idx = train_val_split(len(data["train_images"]))
     decode_s = time.perf_counter() - start
-    facts = {"classes": data["classes"], "image_size": data["train_images"].shape[-1], "num_train": len(train_idx),
-             "num_val": len(val_idx), "num_test": len(data["test_images"])}
-    config = training_config({**vars(args), "data_dir": data_dir, "sampling": sampling}, facts,
-                             saved and saved["config"], args.given)
+    facts = data_facts(data)
+    check_data(args, saved, facts, data_dir)
+    if data["mode_note"] and rank == 0:
+        print(f"warning: {data['mode_note']}", file=sys.stderr)
+    config = training_config({**vars(args), "data_dir": data_dir, "sampling": sampling},
+                             {**facts, "num_train": len(train_idx), "num_val": len(val_idx),
+                              "num_test": len(data["test_images"])}, saved and saved["config"], args.given)
     if rank == 0:
         os.makedirs(args.save_dir, exist_ok=True)
         os.makedirs(os.path.join(args.models_dir, config["run_name"]), exist_ok=True)
 
     # the splits live on the device as uint8 tensors
     batch_size = config["batch_size"]
+    side = config["image_size"]  # images smaller than the U-Net's side are padded to it, batch by batch
     train_loader = DeviceLoader(data["train_images"][train_idx], data["train_labels"][train_idx], batch_size, device,
-                                shuffle=True, flip=True, seed=config["seed"], rank=rank, world_size=world_size)
+                                shuffle=True, flip=True, seed=config["seed"], rank=rank, world_size=world_size, side=side)
     eval_loaders = {name: DeviceLoader(images, labels, batch_size, device, shuffle=False, flip=False, rank=rank,
-                                       world_size=world_size)
+                                       world_size=world_size, side=side)
                     for name, images, labels in (
                         ("val", data["train_images"][val_idx], data["train_labels"][val_idx]),
                         ("test", data["test_images"], data["test_labels"]))}
@@ -596,6 +635,26 @@ def set_up_run(args, saved):
                Reporter(args, rank == 0), decode_s)
 
 
+def check_data(args, saved, facts, data_dir):
+    """What the data must be, once read: a resumed run's the data its checkpoint was trained on, and --fid_ref_stats
+    statistics of it (UserError: nothing has been written yet)."""
+    conflicts = data_conflicts(saved["config"], facts) if saved else {}
+    if conflicts:
+        raise UserError(f"--resume: the data at {data_dir!r} is not what the run was trained on ("
+                        + "; ".join(f"{key} {data_text(old)} in the checkpoint, {data_text(new)} here"
+                                    for key, (old, new) in conflicts.items())
+                        + "); point --data_dir (and --dataset) at the run's data")
+    if args.eval_fid and args.fid_ref_stats:
+        check_ref_stats(args.fid_ref_stats, facts)
+
+
+def data_text(value):
+    """A data fact for people: class lists shortened ('10: airplane, automobile, …'), sizes as H×W."""
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return f"{len(value)}: {', '.join(value[:3])}{', …' if len(value) > 3 else ''}"
+    return "×".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def start_or_resume(run, saved):
     """A fresh TrainingState (and the forward-process picture), or the checkpoint's weights, optimizer, RNG
     states and TrainingState put back; config.json either way."""
@@ -614,8 +673,9 @@ def start_or_resume(run, saved):
             if saved else f"training '{name}'")
     budget, spent_min = config["time_budget_min"], state.timing["train_s"] / 60
     run.report.say(f"{what}: {'conditional' if config['conditional'] else 'unconditional'} DDPM on {run.device}, "
-                   f"{run.num_params / 1e6:.2f}M parameters, {config['num_train']} train / {config['num_val']} val / "
-                   f"{config['num_test']} test images, T={config['timesteps']} ({config['schedule']})"
+                   f"{run.num_params / 1e6:.2f}M parameters, {data_description(config)} ({config['num_train']} "
+                   f"train / {config['num_val']} val / {config['num_test']} test images), T={config['timesteps']} "
+                   f"({config['schedule']})"
                    + (f"; {run.world_size} ranks × batch {config['batch_size']}" if run.world_size > 1 else "")
                    + (f"; time budget {budget:g} min: {spent_min:.1f} spent, {max(0, budget - spent_min):.1f} left"
                       if budget else ""))
@@ -625,6 +685,14 @@ def start_or_resume(run, saved):
             run.report.say("changed from the checkpoint: " + ", ".join(
                 f"{key} {setting_text(key, old)} → {setting_text(key, new)}" for key, (old, new) in changes.items()))
     return state
+
+
+def data_description(config):
+    """What the model is trained on, for people, with the padding to the U-Net's side when there is one."""
+    facts, side = trained_data(config), config["image_size"]
+    padded = (f", padded to {side}×{side} for the U-Net's {len(config['dim_mults'])} stages (samples are cut back)"
+              if facts["data_size"] != [side, side] else "")
+    return describe_data(facts) + padded
 
 
 def training_position(state):
@@ -747,11 +815,14 @@ def evaluate_epoch(run, state, clock, epoch, train_loss):
 
 
 def epoch_grid(run):
-    """The per-epoch grid from fixed noise: a row per class (conditional) or 8 × 8. Returns (images, nrow)."""
-    if run.config["conditional"]:
-        labels = torch.arange(run.config["num_classes"], device=run.device).repeat_interleave(GRID_PER_CLASS)
-        return run.sample(len(labels), labels, seed=GRID_SEED), GRID_PER_CLASS
-    return run.sample(GRID_UNCONDITIONAL, seed=GRID_SEED), 8
+    """The per-epoch grid from fixed noise: conditional, a row per class (with more than MAX_CLASS_ROWS classes, one
+    image per class, in rows of about √K); unconditional, 8 × 8. Returns (images, nrow)."""
+    num_classes = run.config["num_classes"]
+    if not run.config["conditional"]:
+        return run.sample(GRID_UNCONDITIONAL, seed=GRID_SEED), 8
+    per_class = GRID_PER_CLASS if num_classes <= MAX_CLASS_ROWS else 1
+    labels = torch.arange(num_classes, device=run.device).repeat_interleave(per_class)
+    return run.sample(len(labels), labels, seed=GRID_SEED), per_class if per_class > 1 else math.isqrt(num_classes - 1) + 1
 
 
 def save_epoch_checkpoints(run, state, is_best):
@@ -778,8 +849,10 @@ def finish(run, state, clock):
                "timing": timing, "final": {k: v[-1] for k, v in state.history.items() if v}}
     if args.eval_fid:
         with clock.timed("fid_s"):
+            features, reference = fid_reference(args, config, config["data_dir"], run.train_images, run.device,
+                                                run.report.verbose)
             metrics["fid"] = measure_fid(run.diffusion, run.ema_denoiser, run.sampler, config, args, config["seed"],
-                                         config["data_dir"], run.train_images, run.report.verbose)
+                                         features, reference, run.report.verbose)
         metrics.update(fid_samples=args.eval_fid, fid_sampler=run.sampler.describe())
         run.report.scalars(state.step, {"fid": metrics["fid"]})
     write_json(metrics, run.output(f"metrics_{name}.json"))
@@ -858,11 +931,12 @@ def check_against_model(args, config):
     if args.conditional and num_classes is None:
         raise UserError(f"--conditional was given but {args.model_path!r} is an unconditional model; "
                         "drop --conditional or use a checkpoint trained with --conditional")
-    for c in args.sample_classes or []:
-        if num_classes is not None and not 0 <= c < num_classes:
-            raise UserError(f"--sample_classes: class {c} is outside 0-{num_classes - 1}")
     if args.guidance_sweep and num_classes is None:
         raise UserError(f"--guidance_sweep needs a conditional model; {args.model_path!r} is unconditional")
+    if args.sample_classes:  # now with a conditional model (check_flag_combinations)
+        args.sample_classes = class_indices(args.sample_classes, config["classes"])
+    if args.eval_fid and args.fid_ref_stats:
+        check_ref_stats(args.fid_ref_stats, trained_data(config))
     if num_classes is not None and not args.conditional:
         print("note: conditional checkpoint sampled without --conditional: drawing unconditional samples "
               "(null label); add --conditional for class-guided samples", file=sys.stderr)
@@ -870,9 +944,10 @@ def check_against_model(args, config):
 
 def write_guidance_sweep(args, diffusion, denoiser, settings, config):
     """One labelled grid: a row per --guidance_sweep scale, a column per class, every row from the same noise."""
-    classes = args.sample_classes or list(range(config["num_classes"]))
+    classes = args.sample_classes or list(range(min(config["num_classes"], MAX_CLASS_ROWS)))
     images = guidance_sweep(diffusion, denoiser, settings, args.guidance_sweep, classes, config["image_size"],
                             config["model"]["channels"], args.seed)
+    images = crop_to_data(images, trained_data(config)["data_size"])
     os.makedirs(args.save_dir, exist_ok=True)
     path = os.path.join(args.save_dir, f"guidance_sweep_{args.run_name}.png")
     save_labelled_grid(images, path, [f"w = {w:g}" for w in args.guidance_sweep],
@@ -885,8 +960,9 @@ def save_samples(args, images, labels, config, seconds, device):
     """samples_<run>.png (conditional: a column per class), one PNG per image, and the uint8 npz."""
     os.makedirs(args.save_dir, exist_ok=True)
     name = f"samples_{args.run_name}"
-    if labels is not None:
-        nrow = min(len(args.sample_classes or range(config["num_classes"])), args.num_samples)
+    columns = len(args.sample_classes or range(config["num_classes"])) if labels is not None else None
+    if columns is not None and columns <= MAX_CLASS_ROWS:
+        nrow = min(columns, args.num_samples)  # a column per class
     else:
         nrow = math.ceil(math.sqrt(args.num_samples))
     grid_path = os.path.join(args.save_dir, f"{name}.png")
@@ -918,23 +994,26 @@ def inference(args):
     torch.manual_seed(args.seed)
     if args.guidance_sweep:
         return write_guidance_sweep(args, diffusion, denoiser, settings, config)
+    start = time.perf_counter()
+    if args.eval_fid:  # the reference first: one of another dataset stops before anything is written
+        features, reference = fid_reference(args, config, args.data_dir or config["data_dir"], None, device,
+                                            not args.quiet)
+    reference_s = time.perf_counter() - start
 
     labels = None
     if args.conditional:
         labels = class_cycle(args.sample_classes or list(range(config["num_classes"])), args.num_samples, device)
     start = time.perf_counter()
-    images = generate(diffusion, denoiser, settings, args.num_samples, config["image_size"],
-                      config["model"]["channels"], labels, args.sample_batch,
-                      progress=not args.quiet and stderr_is_terminal())
+    images = sample_images(diffusion, denoiser, settings, config, args.num_samples, labels, args.sample_batch,
+                           progress=not args.quiet and stderr_is_terminal())
     require_finite(images, "the samples")
     save_samples(args, images, labels, config, time.perf_counter() - start, device)
     if args.eval_fid:
         start = time.perf_counter()
-        fid = measure_fid(diffusion, denoiser, settings, config, args, args.seed, args.data_dir or config["data_dir"],
-                          None, not args.quiet)
+        fid = measure_fid(diffusion, denoiser, settings, config, args, args.seed, features, reference, not args.quiet)
         write_json({"run_name": args.run_name, "model_path": args.model_path, "fid": fid, "fid_samples": args.eval_fid,
                     "fid_sampler": settings.describe(), "conditional": args.conditional,
-                    "fid_s": time.perf_counter() - start, "device": str(device)},
+                    "fid_s": reference_s + time.perf_counter() - start, "device": str(device)},
                    os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
 
 

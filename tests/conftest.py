@@ -19,17 +19,20 @@ MAIN = os.path.join(ROOT, "ddpm_main.py")
 TINY_MODEL = ["--dim", "8", "--dim_mults", "1,2", "--timesteps", "10", "--batch_size", "8", "--no_cuda"]
 
 
-def make_image_folder(root, per_class_train=3, per_class_test=1, num_classes=10, size=16, seed=0):
-    """train/<class>/*.png and test/<class>/*.png of random images; each class has its own mean colour."""
+def make_image_folder(root, per_class_train=3, per_class_test=1, num_classes=10, size=16, seed=0, class_names=None,
+                      mode="RGB"):
+    """train/<class>/*.png and test/<class>/*.png of random images (mode 'RGB' or 'L'); each class has its own mean
+    colour. Class folders are named class_names, else '<c>_class<c>'."""
     rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
     for split, count in (("train", per_class_train), ("test", per_class_test)):
         for c in range(num_classes):
-            folder = os.path.join(root, split, f"{c}_class{c}")
+            folder = os.path.join(root, split, class_names[c] if class_names else f"{c}_class{c}")
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
-                base = rng.integers(0, 255, 3)
-                pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.png"))
+                base = rng.integers(0, 255, channels)
+                pixels = np.clip(base + rng.normal(0, 30, (size, size, channels)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels[..., 0] if mode == "L" else pixels).save(os.path.join(folder, f"{i:04d}.png"))
     return root
 
 

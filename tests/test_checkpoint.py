@@ -7,14 +7,16 @@ import torch
 
 import ddpm_main
 from ddpm_checkpoint import (ADJUSTABLE_SETTINGS, DERIVED_KEYS, FIXED_SETTINGS, RUN_SETTINGS, SAMPLING_SETTINGS,
-                             TrainingState, build_checkpoint, fixed_setting_conflicts, load_checkpoint,
-                             restore_training, resume_changes, save_checkpoint, saved_sampler_settings,
-                             training_config)
+                             TrainingState, build_checkpoint, data_conflicts, fixed_setting_conflicts,
+                             load_checkpoint, restore_training, resume_changes, save_checkpoint,
+                             saved_sampler_settings, trained_data, training_config)
+from ddpm_data import CIFAR10_CLASSES
 from ddpm_diffusion import SamplerSettings
 from ddpm_helpers import NonFiniteError, UserError
 from ddpm_model import UNet
 
-FACTS = {"classes": ["a", "b", "c"], "image_size": 16, "num_train": 27, "num_val": 3, "num_test": 10}
+FACTS = {"dataset": "folder", "classes": ["a", "b", "c"], "channels": 3, "data_size": [16, 16], "num_train": 27,
+         "num_val": 3, "num_test": 10}
 # two command lines that differ in every setting a config holds
 FLAGS_A = ["--conditional", "--timesteps", "10", "--schedule", "linear", "--loss_type", "l1", "--prediction", "v",
            "--min_snr_gamma", "5", "--dim", "8", "--dim_mults", "1,2", "--lr", "0.002", "--lr_decay", "cosine",
@@ -43,6 +45,23 @@ def test_every_config_key_is_of_exactly_one_kind():
              set(DERIVED_KEYS)]
     assert sum(len(k) for k in kinds) == len(set.union(*kinds))  # disjoint
     assert set(training_config(flags(FLAGS_A, 1), FACTS)) == set.union(*kinds)  # a new key must be declared
+
+
+def test_the_config_holds_what_the_data_is_and_older_checkpoints_are_taken_as_square_colour_images():
+    config = training_config(flags(FLAGS_A, 1), {**FACTS, "channels": 1, "data_size": [14, 14]})
+    assert config["model"]["channels"] == 1 and config["channels"] == 1
+    assert config["data_size"] == [14, 14] and config["image_size"] == 14  # --dim_mults 1,2: 14 halves once
+    three_stages = training_config(flags(FLAGS_A + ["--dim_mults", "1,2,2"], 1), {**FACTS, "data_size": [14, 14]})
+    assert three_stages["image_size"] == 16  # 14 halves twice only once padded to 16
+    assert trained_data(config) == {"dataset": "folder", "classes": ["a", "b", "c"], "channels": 1,
+                                    "data_size": [14, 14]}
+    older = {key: value for key, value in config.items() if key not in ("dataset", "channels", "data_size")}
+    older["model"] = {**config["model"], "channels": 3}
+    assert trained_data({**older, "classes": CIFAR10_CLASSES, "image_size": 32}) == {
+        "dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels": 3, "data_size": [32, 32]}
+    assert trained_data(older)["dataset"] == "folder"
+    assert data_conflicts(config, trained_data(config)) == {}
+    assert data_conflicts(config, {**FACTS, "channels": 3, "data_size": [14, 14]}) == {"channels": (1, 3)}
 
 
 def test_flags_given_are_told_from_defaults():

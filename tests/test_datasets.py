@@ -1,0 +1,254 @@
+"""Beyond CIFAR-10: image folders with more classes, grayscale or other sizes, and the torchvision datasets by name,
+each trained and sampled end to end through the CLI on tiny generated data; the padding rule; FID on other data."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from conftest import TINY_MODEL, make_image_folder, run_main
+from ddpm_data import (CIFAR10_CLASSES, DeviceLoader, crop_to_data, load_dataset, majority_mode, model_side,
+                       pad_to_side, padding, stages_allowed)
+from ddpm_fid import FIDFeatures
+from ddpm_helpers import file_name_part
+
+FAST_SAMPLING = ["--sampler", "ddim", "--sampling_steps", "2"]  # for the per-epoch grids too
+
+
+def train(cwd, data_dir, run, *extra):
+    """A one-epoch run of the tiny model on data_dir, saved as models/<run>/ckpt.pt; returns its CompletedProcess."""
+    result = run_main("--data_dir", data_dir, "--epochs", "1", "--save_model", "--run_name", run, *TINY_MODEL,
+                      *FAST_SAMPLING, *extra, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def sample(cwd, run, *extra):
+    """Inference from models/<run>/ckpt.pt, written as outputs/samples_<run>*; returns its CompletedProcess."""
+    return run_main("--inference", "--model_path", f"models/{run}/ckpt.pt", "--no_cuda", *extra, cwd=cwd)
+
+
+def config_of(cwd, run):
+    return torch.load(cwd / "models" / run / "ckpt.pt", weights_only=True)["config"]
+
+
+# ------------------------------------------------------------------------------------------- image folders
+
+def test_twelve_classes_train_and_sample_class_11_by_index_and_by_name(tmp_path):
+    names = sorted(f"{word}" for word in ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "koi",
+                                          "lynx"))
+    data = make_image_folder(str(tmp_path / "twelve"), per_class_train=1, num_classes=12, size=8, class_names=names)
+    train(tmp_path, data, "c12", "--conditional")
+    config = config_of(tmp_path, "c12")
+    assert config["classes"] == names and config["num_classes"] == 12
+    assert Image.open(tmp_path / "outputs" / "samples_c12_epoch001.png").size == (8 * 10 + 2, 12 * 10 + 2)  # a row each
+
+    result = sample(tmp_path, "c12", "--conditional", "--num_samples", "3", "--sample_classes", "11,lynx,cat")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "outputs" / "samples_c12")) == ["00000_lynx.png", "00001_lynx.png",
+                                                                        "00002_cat.png"]
+    result = sample(tmp_path, "c12", "--conditional", "--sample_classes", "12")
+    assert result.returncode == 2
+    assert "'12' is neither a class index 0-11 nor a class name of this model (ant, bee, cat" in result.stderr
+
+
+def test_grayscale_folder_trains_a_one_channel_model_and_writes_mode_l_images(tmp_path):
+    data = make_image_folder(str(tmp_path / "grey"), per_class_train=3, num_classes=2, size=16, mode="L")
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "grey" / "train" / "0_class0" / "0000.png")  # one colour
+    result = train(tmp_path, data, "grey", "--conditional")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: 1 of 8 images under {data} are colour and were converted to grayscale, the mode of "
+                        "most of them"]
+    config = config_of(tmp_path, "grey")
+    assert config["channels"] == 1 and config["model"]["channels"] == 1 and config["data_size"] == [16, 16]
+    assert Image.open(tmp_path / "outputs" / "samples_grey_epoch001.png").mode == "L"
+
+    result = sample(tmp_path, "grey", "--conditional", "--num_samples", "4")
+    assert result.returncode == 0, result.stderr
+    pngs = sorted((tmp_path / "outputs" / "samples_grey").iterdir())
+    assert [p.name for p in pngs] == ["00000_0_class0.png", "00001_1_class1.png", "00002_0_class0.png",
+                                      "00003_1_class1.png"]
+    assert {(Image.open(p).mode, Image.open(p).size) for p in pngs} == {("L", (16, 16))}
+    assert Image.open(tmp_path / "outputs" / "samples_grey.png").mode == "L"
+    assert np.load(tmp_path / "outputs" / "samples_grey.npz")["images"].shape == (4, 16, 16, 1)
+
+
+def test_the_majority_mode_wins_and_a_tie_keeps_colour(tmp_path):
+    paths = []
+    for i, mode in enumerate(["L", "L", "RGB", "L"]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new(mode, (4, 4)).save(paths[-1])
+    assert majority_mode(paths) == ("L", 1)
+    assert majority_mode(paths[1:3]) == ("RGB", 1)
+    assert majority_mode(paths[2:3]) == ("RGB", 0)
+
+
+def test_64px_folder_trains_and_samples_at_64_and_a_resume_on_other_data_is_refused(tmp_path, tiny_data):
+    data = make_image_folder(str(tmp_path / "big"), per_class_train=2, num_classes=2, size=64)
+    train(tmp_path, data, "big", "--conditional")
+    config = config_of(tmp_path, "big")
+    assert config["image_size"] == 64 and config["data_size"] == [64, 64] and config["channels"] == 3
+    result = sample(tmp_path, "big", "--conditional", "--num_samples", "2")
+    assert result.returncode == 0, result.stderr
+    assert {Image.open(p).size for p in (tmp_path / "outputs" / "samples_big").iterdir()} == {(64, 64)}
+
+    last_pt = (tmp_path / "models" / "big" / "last.pt").read_bytes()
+    result = run_main("--resume", "auto", "--run_name", "big", "--data_dir", tiny_data, "--epochs", "2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert (f"--resume: the data at {tiny_data!r} is not what the run was trained on (classes 2: 0_class0, 1_class1 "
+            "in the checkpoint, 10: 0_class0, 1_class1, 2_class2, … here; data_size 64×64 in the checkpoint, 16×16 "
+            "here)") in result.stderr
+    assert (tmp_path / "models" / "big" / "last.pt").read_bytes() == last_pt
+
+
+def test_28px_images_are_padded_to_32_for_four_stages_and_samples_cut_back_to_28(tmp_path):
+    data = make_image_folder(str(tmp_path / "d28"), per_class_train=2, num_classes=3, size=28)
+    result = train(tmp_path, data, "p28", "--conditional", "--dim_mults", "1,2,2,2")
+    assert "folder: 28×28 colour, 3 classes, padded to 32×32 for the U-Net's 4 stages (samples are cut back)" \
+        in result.stdout
+    config = config_of(tmp_path, "p28")
+    assert config["image_size"] == 32 and config["data_size"] == [28, 28]
+    assert Image.open(tmp_path / "outputs" / "samples_p28_epoch001.png").size == (8 * 30 + 2, 3 * 30 + 2)
+
+    result = sample(tmp_path, "p28", "--conditional", "--num_samples", "3")
+    assert result.returncode == 0, result.stderr
+    assert {Image.open(p).size for p in (tmp_path / "outputs" / "samples_p28").iterdir()} == {(28, 28)}
+    assert np.load(tmp_path / "outputs" / "samples_p28.npz")["images"].shape == (3, 28, 28, 3)
+    result = sample(tmp_path, "p28", "--guidance_sweep", "0,2")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "outputs" / "guidance_sweep_p28.png").is_file()
+
+
+def test_the_padding_rule():
+    assert [model_side((28, 28), stages) for stages in (1, 2, 3, 4, 5)] == [28, 28, 28, 32, 32]
+    assert model_side((12, 12), 4) == 16 and model_side((64, 48), 3) == 64 and model_side((30, 17), 2) == 30
+    assert stages_allowed((28, 28)) == 5 and stages_allowed((32, 32)) == 6 and stages_allowed((12, 12)) == 4
+    assert padding((28, 28), 32) == (2, 2, 2, 2) and padding((29, 27), 32) == (2, 3, 1, 2)
+    images = torch.arange(2 * 3 * 29 * 27, dtype=torch.float32).reshape(2, 3, 29, 27)
+    padded = pad_to_side(images, 32)
+    assert padded.shape == (2, 3, 32, 32)
+    assert torch.equal(crop_to_data(padded, (29, 27)), images)
+    assert torch.equal(padded[..., 0, 0], images[..., 0, 0]) and torch.equal(padded[..., -1, -1], images[..., -1, -1])
+    assert torch.equal(padded[..., 0, 2:-3], images[..., 0, :])  # the edge row repeated above the image
+    assert torch.equal(padded[..., 3:-2, 0], images[..., 2:, 0])  # and the edge column to the left
+    fits = torch.zeros(1, 1, 8, 8)
+    assert pad_to_side(fits, 8) is fits
+
+
+def test_loader_flips_the_image_before_padding_it(tmp_path):
+    images = torch.randint(0, 256, (4, 1, 5, 5), dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.zeros(4, dtype=torch.long), 4, "cpu", shuffle=False, flip=True, side=8)
+    (x, _), = loader.batches()
+    _, flips = loader.epoch_indices(0)
+    plain = images.float() / 127.5 - 1
+    expected = torch.where(flips[:, None, None, None], plain.flip(3), plain)
+    assert x.shape == (4, 1, 8, 8) and flips.any() and not flips.all()
+    assert torch.equal(crop_to_data(x, (5, 5)), expected)  # a flipped image stays where the crop looks
+
+
+# -------------------------------------------------------------------------------------- torchvision datasets
+
+def write_idx(path, array):
+    """An uint8 array in the IDX format of the MNIST files: magic (0, 0, 8 = ubyte, ndim), big-endian sizes, data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+                     + array.tobytes())
+
+
+def write_fake_torchvision(dataset, root):
+    """A tiny copy of the dataset's on-disk format as torchvision downloads it (20 train, 10 test images); returns
+    its class names."""
+    rng = np.random.default_rng(0)
+    if dataset in ("mnist", "fashion_mnist"):
+        raw = root / ("MNIST" if dataset == "mnist" else "FashionMNIST") / "raw"
+        for prefix, n in (("train", 20), ("t10k", 10)):
+            write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8))
+        return list((torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.FashionMNIST).classes)
+    classes = CIFAR10_CLASSES if dataset == "cifar10" else [f"class {c}" for c in range(100)]
+    label_key = "labels" if dataset == "cifar10" else "fine_labels"
+    batch = lambda n: {"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),  # rows of R, G, B planes
+                       label_key: rng.integers(0, len(classes), n).tolist()}
+    if dataset == "cifar10":
+        files = {"data_batch_1": batch(4), "data_batch_2": batch(4), "data_batch_3": batch(4), "data_batch_4": batch(4),
+                 "data_batch_5": batch(4), "test_batch": batch(10), "batches.meta": {"label_names": classes}}
+    else:
+        files = {"train": batch(20), "test": batch(10), "meta": {"fine_label_names": classes}}
+    folder = root / ("cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(pickle.dumps(content))
+    return classes
+
+
+@pytest.fixture
+def offline_torchvision(monkeypatch):
+    """torchvision without the network, and without the CIFAR files' MD5 check (a fake copy cannot pass it)."""
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_download)
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", no_download)
+
+
+@pytest.mark.parametrize("dataset,size,channels", [("cifar10", 32, 3), ("cifar100", 32, 3), ("mnist", 28, 1),
+                                                   ("fashion_mnist", 28, 1)])
+def test_torchvision_dataset_by_name_trains_and_samples(dataset, size, channels, tmp_path, offline_torchvision):
+    classes = write_fake_torchvision(dataset, tmp_path / "tv")
+    data = load_dataset(str(tmp_path / "tv"), dataset)
+    assert data["train_images"].shape == (20, channels, size, size) and data["test_images"].shape[0] == 10
+    assert data["dataset"] == dataset and data["classes"] == classes
+
+    train(tmp_path, str(tmp_path / "tv"), dataset, "--dataset", dataset, "--conditional")
+    config = config_of(tmp_path, dataset)
+    assert (config["dataset"], config["classes"], config["channels"]) == (dataset, classes, channels)
+    assert config["data_size"] == [size, size] and config["image_size"] == size
+    result = sample(tmp_path, dataset, "--conditional", "--num_samples", "2", "--sample_classes", "1,0")
+    assert result.returncode == 0, result.stderr
+    pngs = sorted((tmp_path / "outputs" / f"samples_{dataset}").iterdir())
+    assert [p.name for p in pngs] == [f"00000_{file_name_part(classes[1])}.png",
+                                      f"00001_{file_name_part(classes[0])}.png"]
+    assert {(Image.open(p).mode, Image.open(p).size) for p in pngs} == {("L" if channels == 1 else "RGB",
+                                                                         (size, size))}
+
+
+def test_the_default_dataset_is_the_folder_tree_when_there_is_one_else_cifar10(tmp_path, tiny_data,
+                                                                               offline_torchvision):
+    assert load_dataset(tiny_data)["dataset"] == "folder"
+    write_fake_torchvision("cifar10", tmp_path)
+    assert load_dataset(str(tmp_path))["dataset"] == "cifar10"
+
+
+# ---------------------------------------------------------------------------------------------------- FID
+
+def test_fid_repeats_grey_into_three_channels(fake_inception):
+    features = FIDFeatures(fake_inception, "cpu")
+    grey = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    assert torch.equal(features(grey), features(np.repeat(grey, 3, axis=-1)))
+
+
+def test_fid_of_a_grayscale_model_and_references_of_other_data_are_refused(tmp_path, tiny_data, fake_inception):
+    data = make_image_folder(str(tmp_path / "grey"), per_class_train=3, num_classes=2, size=16, mode="L")
+    train(tmp_path, data, "g")
+    fid = ["--eval_fid", "4", "--fid_inception", fake_inception, "--num_samples", "2"]
+    result = sample(tmp_path, "g", *fid)
+    assert result.returncode == 0, result.stderr
+    assert "grayscale images are repeated into the Inception network's three colour channels" in result.stdout
+    assert np.isfinite(json.loads((tmp_path / "outputs" / "metrics_g.json").read_text())["fid"])
+
+    before = sorted(os.listdir(tmp_path / "outputs"))
+    np.savez(tmp_path / "cifar_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))  # untagged, as the referee's
+    result = sample(tmp_path, "g", *fid, "--run_name", "other", "--fid_ref_stats", tmp_path / "cifar_stats.npz")
+    assert result.returncode == 2
+    assert ("holds statistics of cifar10 (32×32 colour) (an npz without a 'dataset' entry, like the referee's, is "
+            "taken to be CIFAR-10's), but the model was trained on folder (16×16 grayscale)") in result.stderr
+    result = sample(tmp_path, "g", *fid, "--run_name", "other", "--data_dir", tiny_data)
+    assert result.returncode == 2
+    assert (f"--data_dir {tiny_data!r} holds folder: 16×16 colour, 10 classes, but the model was trained on folder: "
+            "16×16 grayscale, 2 classes") in result.stderr
+    assert sorted(os.listdir(tmp_path / "outputs")) == before  # nothing written by either
