@@ -34,50 +34,42 @@ def _list_image_folder(root):
     return files, classes
 
 
-def _unreadable(path, e):
-    return UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); remove or replace it")
-
-
-def _mode_of(path):
-    """'L' for a grayscale image file (1-bit, 8-bit, 16-bit or float grey, with or without alpha), else 'RGB';
-    from the header alone."""
+def _decode(path, mode=None):
+    """The image at path as uint8 (H, W) in mode 'L' or (H, W, 3) in 'RGB'; mode None: the file's own, 'L' for
+    grayscale files (1-bit, 8-bit, 16-bit or float grey, with or without alpha), else 'RGB'. A file PIL cannot read
+    (corrupt, truncated) is a UserError naming it."""
     try:
         with Image.open(path) as im:
-            mode = im.mode
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise _unreadable(path, e) from None
-    return "L" if mode in ("1", "L", "LA", "La", "F") or mode.startswith("I") else "RGB"
-
-
-def _decode(path, mode):
-    """The image at path as uint8 (H, W) for mode 'L' or (H, W, 3) for 'RGB'; a file PIL cannot read (corrupt,
-    truncated) is a UserError naming it."""
-    try:
-        with Image.open(path) as im:
+            if mode is None:
+                mode = "L" if im.mode in ("1", "L", "LA", "La", "F") or im.mode.startswith("I") else "RGB"
             return np.asarray(im.convert(mode))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise _unreadable(path, e) from None
+        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); remove or replace it") from None
 
 
-def _decode_all(paths, mode, root):
-    """The images at paths (all under root), decoded in threads, as uint8 (N, C, H, W): C = 1 for mode 'L', 3 for
-    'RGB'."""
+def majority_mode(arrays):
+    """The mode most of the decoded images have ('L': (H, W) arrays, or 'RGB'; RGB on a tie), and how many images
+    have the other."""
+    grey = sum(a.ndim == 2 for a in arrays)
+    return ("L", len(arrays) - grey) if grey > len(arrays) / 2 else ("RGB", grey)
+
+
+def _decode_all(paths, root):
+    """The images at paths (all under root), decoded in threads, as uint8 (N, C, H, W) in the mode most of them have
+    (C = 1 grey, 3 colour: majority_mode), and how many were converted to it."""
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-        arrays = list(tqdm(pool.map(_decode, paths, [mode] * len(paths)), total=len(paths), leave=False,
+        arrays = list(tqdm(pool.map(_decode, paths), total=len(paths), leave=False,
                            desc=f"decoding {root} (once; cached)", disable=not stderr_is_terminal()))
+        mode, converted = majority_mode(arrays)
+        others = [i for i, a in enumerate(arrays) if (a.ndim == 2) != (mode == "L")]
+        again = pool.map(_decode, [paths[i] for i in others], [mode] * len(others))  # in the majority's mode
+        for i, array in zip(others, again):
+            arrays[i] = array
     shapes = {a.shape[:2] for a in arrays}
     if len(shapes) != 1:
         raise UserError(f"images under {root} differ in size ({sorted(shapes)[:3]}…); all must share one size")
     images = torch.from_numpy(np.stack(arrays))                                  # (N, H, W) or (N, H, W, 3)
-    return (images[:, None] if mode == "L" else images.permute(0, 3, 1, 2)).contiguous()   # (N, C, H, W)
-
-
-def majority_mode(paths):
-    """The mode most of the image files have ('L' or 'RGB'; RGB on a tie), and how many files have the other."""
-    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-        modes = list(pool.map(_mode_of, paths))
-    grey = modes.count("L")
-    return ("L", len(modes) - grey) if grey > len(modes) / 2 else ("RGB", grey)
+    return (images[:, None] if mode == "L" else images.permute(0, 3, 1, 2)).contiguous(), converted  # (N, C, H, W)
 
 
 def _is_image_folder_layout(data_dir):
@@ -103,13 +95,13 @@ def _load_image_folders(data_dir):
             raise UserError(f"no images (.png/.jpg) in the class folders of {os.path.join(data_dir, split)}")
     if listings["test"][1] != listings["train"][1]:
         raise UserError(f"{data_dir}: train/ and test/ have different class folders")
-    mode, converted = majority_mode([path for files, _ in listings.values() for path, _ in files])
-    data = {"classes": listings["train"][1], "file_counts": counts, "version": CACHE_VERSION, "mode_note": None}
+    images, converted = _decode_all([path for files, _ in listings.values() for path, _ in files], data_dir)
+    data = {"classes": listings["train"][1], "file_counts": counts, "version": CACHE_VERSION, "mode_note": None,
+            "train_images": images[:counts[0]], "test_images": images[counts[0]:]}
     for split, (files, _) in listings.items():
-        data[f"{split}_images"] = _decode_all([path for path, _ in files], mode, os.path.join(data_dir, split))
         data[f"{split}_labels"] = torch.tensor([label for _, label in files], dtype=torch.long)
     if converted:
-        kinds = ("grayscale", "colour") if mode == "L" else ("colour", "grayscale")
+        kinds = ("grayscale", "colour") if images.shape[1] == 1 else ("colour", "grayscale")
         data["mode_note"] = (f"{converted} of {sum(counts)} images under {data_dir} are {kinds[1]} and were converted "
                              f"to {kinds[0]}, the mode of most of them")
     try:

@@ -77,14 +77,11 @@ def test_grayscale_folder_trains_a_one_channel_model_and_writes_mode_l_images(tm
     assert np.load(tmp_path / "outputs" / "samples_grey.npz")["images"].shape == (4, 16, 16, 1)
 
 
-def test_the_majority_mode_wins_and_a_tie_keeps_colour(tmp_path):
-    paths = []
-    for i, mode in enumerate(["L", "L", "RGB", "L"]):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.new(mode, (4, 4)).save(paths[-1])
-    assert majority_mode(paths) == ("L", 1)
-    assert majority_mode(paths[1:3]) == ("RGB", 1)
-    assert majority_mode(paths[2:3]) == ("RGB", 0)
+def test_the_majority_mode_wins_and_a_tie_keeps_colour():
+    grey, colour = np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.uint8)
+    assert majority_mode([grey, grey, colour, grey]) == ("L", 1)
+    assert majority_mode([grey, colour]) == ("RGB", 1)
+    assert majority_mode([colour]) == ("RGB", 0)
 
 
 def test_64px_folder_trains_and_samples_at_64_and_a_resume_on_other_data_is_refused(tmp_path, tiny_data):
