@@ -129,7 +129,8 @@ def check_ref_stats(stats_path, model_facts):
     with np.load(stats_path) as ref:
         identity, tagged = stats_identity(ref), "dataset" in ref
     if identity != fid_identity(model_facts):
-        untagged = "" if tagged else " (an npz without a 'dataset' entry, like the referee's, is taken to be CIFAR-10's)"
+        untagged = "" if tagged else (" (an npz without a 'dataset' entry, like the referee's, is taken to be "
+                                      "CIFAR-10's)")
         raise UserError(f"--fid_ref_stats {stats_path!r} holds statistics of {describe_identity(identity)}{untagged}, "
                         f"but the model was trained on {describe_identity(fid_identity(model_facts))}: an FID against "
                         "another dataset measures nothing. Leave --fid_ref_stats out to use the training images' own")

@@ -304,7 +304,8 @@ def parse_classes(text):
 
 
 def class_indices(items, classes):
-    """The class index of each --sample_classes item: an index 0 … K−1 or one of the model's class names."""
+    """The class index of each --sample_classes item: one of the model's class names, else an index 0 … K−1 (a class
+    named by a number is taken by its name)."""
     indices = []
     for item in items:
         if item in classes:
@@ -610,7 +611,8 @@ def set_up_run(args, saved):
     batch_size = config["batch_size"]
     side = config["image_size"]  # images smaller than the U-Net's side are padded to it, batch by batch
     train_loader = DeviceLoader(data["train_images"][train_idx], data["train_labels"][train_idx], batch_size, device,
-                                shuffle=True, flip=True, seed=config["seed"], rank=rank, world_size=world_size, side=side)
+                                shuffle=True, flip=True, seed=config["seed"], rank=rank, world_size=world_size,
+                                side=side)
     eval_loaders = {name: DeviceLoader(images, labels, batch_size, device, shuffle=False, flip=False, rank=rank,
                                        world_size=world_size, side=side)
                     for name, images, labels in (
@@ -820,9 +822,12 @@ def epoch_grid(run):
     num_classes = run.config["num_classes"]
     if not run.config["conditional"]:
         return run.sample(GRID_UNCONDITIONAL, seed=GRID_SEED), 8
-    per_class = GRID_PER_CLASS if num_classes <= MAX_CLASS_ROWS else 1
+    if num_classes <= MAX_CLASS_ROWS:
+        per_class, nrow = GRID_PER_CLASS, GRID_PER_CLASS
+    else:
+        per_class, nrow = 1, math.isqrt(num_classes - 1) + 1  # ⌈√K⌉ columns
     labels = torch.arange(num_classes, device=run.device).repeat_interleave(per_class)
-    return run.sample(len(labels), labels, seed=GRID_SEED), per_class if per_class > 1 else math.isqrt(num_classes - 1) + 1
+    return run.sample(len(labels), labels, seed=GRID_SEED), nrow
 
 
 def save_epoch_checkpoints(run, state, is_best):
@@ -935,8 +940,6 @@ def check_against_model(args, config):
         raise UserError(f"--guidance_sweep needs a conditional model; {args.model_path!r} is unconditional")
     if args.sample_classes:  # now with a conditional model (check_flag_combinations)
         args.sample_classes = class_indices(args.sample_classes, config["classes"])
-    if args.eval_fid and args.fid_ref_stats:
-        check_ref_stats(args.fid_ref_stats, trained_data(config))
     if num_classes is not None and not args.conditional:
         print("note: conditional checkpoint sampled without --conditional: drawing unconditional samples "
               "(null label); add --conditional for class-guided samples", file=sys.stderr)

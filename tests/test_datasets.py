@@ -10,6 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import ddpm_main
 from conftest import TINY_MODEL, make_image_folder, run_main
 from ddpm_data import (CIFAR10_CLASSES, DeviceLoader, crop_to_data, load_dataset, majority_mode, model_side,
                        pad_to_side, padding, stages_allowed)
@@ -54,6 +55,12 @@ def test_twelve_classes_train_and_sample_class_11_by_index_and_by_name(tmp_path)
     result = sample(tmp_path, "c12", "--conditional", "--sample_classes", "12")
     assert result.returncode == 2
     assert "'12' is neither a class index 0-11 nor a class name of this model (ant, bee, cat" in result.stderr
+
+
+def test_a_class_named_by_a_number_is_taken_by_its_name():
+    classes = sorted(str(c) for c in range(12))  # '0', '1', '10', '11', '2', …: folder names sort as text
+    assert ddpm_main.class_indices(["2", "3", "11", "1"], classes) == [4, 5, 3, 1]
+    assert ddpm_main.class_indices(["ant", "0"], ["ant", "bee"]) == [0, 0]
 
 
 def test_grayscale_folder_trains_a_one_channel_model_and_writes_mode_l_images(tmp_path):
@@ -205,6 +212,9 @@ def test_torchvision_dataset_by_name_trains_and_samples(dataset, size, channels,
     config = config_of(tmp_path, dataset)
     assert (config["dataset"], config["classes"], config["channels"]) == (dataset, classes, channels)
     assert config["data_size"] == [size, size] and config["image_size"] == size
+    columns, rows = (8, 10) if len(classes) == 10 else (10, 10)  # 100 classes: one image each
+    grid = Image.open(tmp_path / "outputs" / f"samples_{dataset}_epoch001.png")
+    assert grid.size == (columns * (size + 2) + 2, rows * (size + 2) + 2)
     result = sample(tmp_path, dataset, "--conditional", "--num_samples", "2", "--sample_classes", "1,0")
     assert result.returncode == 0, result.stderr
     pngs = sorted((tmp_path / "outputs" / f"samples_{dataset}").iterdir())
@@ -212,6 +222,9 @@ def test_torchvision_dataset_by_name_trains_and_samples(dataset, size, channels,
                                       f"00001_{file_name_part(classes[0])}.png"]
     assert {(Image.open(p).mode, Image.open(p).size) for p in pngs} == {("L" if channels == 1 else "RGB",
                                                                          (size, size))}
+    if len(classes) > 16:  # no column per class: a square grid
+        assert sample(tmp_path, dataset, "--conditional", "--num_samples", "4", "--run_name", "sq").returncode == 0
+        assert Image.open(tmp_path / "outputs" / "samples_sq.png").size == (2 * 34 + 2, 2 * 34 + 2)
 
 
 def test_the_default_dataset_is_the_folder_tree_when_there_is_one_else_cifar10(tmp_path, tiny_data,
