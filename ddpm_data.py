@@ -116,17 +116,20 @@ def _load_torchvision(dataset, data_dir):
     import torchvision
 
     class_name = TORCHVISION_DATASETS[dataset][0]
-    existed = os.path.isdir(data_dir)
+    folders_before = _folders_under(data_dir)
     try:
         splits = [getattr(torchvision.datasets, class_name)(data_dir, train=train, download=True)
                   for train in (True, False)]
     except Exception as e:
-        if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
-            os.rmdir(data_dir)
+        for folder in sorted(_folders_under(data_dir) - folders_before, key=len, reverse=True):  # deepest first
+            if not os.listdir(folder):  # made for the download, and left empty by it
+                os.rmdir(folder)
+        problem = " ".join(f"{type(e).__name__}: {e}".split())  # torchvision's messages span several lines
         raise UserError(
-            f"{class_name} is not in --data_dir {data_dir!r} and could not be downloaded ({type(e).__name__}: {e}). "
-            "Either let torchvision download it (needs internet), or point --data_dir at a folder holding "
-            "train/<class>/*.png|jpg and test/<class>/*.png|jpg") from None
+            f"{class_name} is not in --data_dir {data_dir!r} and could not be downloaded "
+            f"({problem[:200]}{'…' if len(problem) > 200 else ''}). Either let torchvision download it (needs "
+            "internet), or point --data_dir at a folder holding train/<class>/*.png|jpg and test/<class>/*.png|jpg"
+        ) from None
     data = {"classes": list(splits[0].classes), "mode_note": None}
     for name, ds in zip(("train", "test"), splits):
         images = torch.as_tensor(np.asarray(ds.data))          # (N, H, W, 3) (CIFAR) or (N, H, W) (MNIST)
@@ -134,6 +137,11 @@ def _load_torchvision(dataset, data_dir):
         data[f"{name}_images"] = images.permute(0, 3, 1, 2).contiguous()              # (N, C, H, W)
         data[f"{name}_labels"] = torch.as_tensor(ds.targets, dtype=torch.long)
     return data
+
+
+def _folders_under(root):
+    """root and every folder below it (nothing when root does not exist)."""
+    return {path for path, _, _ in os.walk(root)}
 
 
 def resolve_dataset(dataset, data_dir):

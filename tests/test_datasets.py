@@ -262,3 +262,16 @@ def test_fid_of_a_grayscale_model_and_references_of_other_data_are_refused(tmp_p
     assert (f"--data_dir {tiny_data!r} holds folder: 16×16 colour, 10 classes, but the model was trained on folder: "
             "16×16 grayscale, 2 classes") in result.stderr
     assert sorted(os.listdir(tmp_path / "outputs")) == before  # nothing written by either
+
+
+def test_a_dataset_that_cannot_be_downloaded_is_one_line_and_leaves_no_folders(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)  # as without internet
+    result = run_main("--dataset", "mnist", "--data_dir", "data", "--no_cuda", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("ddpm_main.py: error: MNIST is not in --data_dir 'data' and could not be "
+                                    "downloaded (RuntimeError: Error downloading train-images-idx3-ubyte.gz: Tried ")
+    assert len(result.stderr.splitlines()) == 1  # torchvision's message spans lines
+    assert os.listdir(tmp_path) == []  # data/MNIST/raw, made for the download, removed again
