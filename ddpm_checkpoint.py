@@ -10,7 +10,8 @@ A checkpoint is one dict that loads with torch.load(path, weights_only=True):
     model, ema         state dicts of the trained weights and of their exponential moving average
     optimizer          AdamW's state (last.pt and ckpt.pt; best.pt and exports leave it out)
     rng                the CPU (and CUDA) generator states, for an exact resume
-    epoch, step, batch_in_epoch, epoch_loss_sum, best_val, history, timing    the TrainingState
+    grad_scaler        fp16's loss-scaler state (None when the run trained in bf16 or fp32)
+    epoch, step, batch_in_epoch, epoch_loss_sum, best_val, skipped_steps, history, timing    the TrainingState
 
 An export for inference (export_for_inference) keeps format, version, config, versions and the EMA weights in bf16.
 """
@@ -35,9 +36,11 @@ TOOL_VERSION = "0.1.0"
 # Fixed settings: what the run trains (model, diffusion, objective, batches, seed). A new run takes them from the
 # flags of the same name; a resumed run from its checkpoint, and a flag given with another value is an error.
 FIXED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma", "dim",
-                  "dim_mults", "batch_size", "p_uncond", "ema_decay", "seed")
+                  "dim_mults", "batch_size", "grad_accum", "p_uncond", "ema_decay", "seed")
 # Adjustable settings: how long and how fast it trains. A resumed run takes a flag given, else its checkpoint's value.
-ADJUSTABLE_SETTINGS = ("lr", "lr_decay", "warmup_steps", "epochs", "time_budget_min")
+# precision is the --precision asked for ('auto' is resolved anew on each run's hardware:
+# ddpm_helpers.choose_precision).
+ADJUSTABLE_SETTINGS = ("lr", "lr_decay", "warmup_steps", "epochs", "time_budget_min", "precision")
 # Run settings: every run, resumed or not, takes them from its own command line (and torchrun).
 RUN_SETTINGS = ("run_name", "data_dir", "world_size")
 # Sampling settings: how the model is to be sampled (SamplerSettings as a dict): the run's sampling flags, else the
@@ -74,11 +77,13 @@ def training_config(flags, data_facts, saved_config=None, given=()):
         "schedule": chosen["schedule"], "loss_type": chosen["loss_type"], "prediction": chosen["prediction"],
         "min_snr_gamma": chosen["min_snr_gamma"], "lr_decay": chosen["lr_decay"], "dim": chosen["dim"],
         "dim_mults": list(chosen["dim_mults"]), "lr": chosen["lr"], "warmup_steps": chosen["warmup_steps"],
-        "batch_size": chosen["batch_size"], "epochs": chosen["epochs"], "p_uncond": chosen["p_uncond"],
+        "batch_size": chosen["batch_size"], "grad_accum": chosen["grad_accum"], "epochs": chosen["epochs"],
+        "p_uncond": chosen["p_uncond"],
         "ema_decay": chosen["ema_decay"], "seed": chosen["seed"], "run_name": chosen["run_name"],
         "data_dir": chosen["data_dir"], "num_train": data_facts["num_train"], "num_val": data_facts["num_val"],
         "num_test": data_facts["num_test"], "time_budget_min": chosen["time_budget_min"],
-        "world_size": chosen["world_size"], "global_batch_size": chosen["batch_size"] * chosen["world_size"],
+        "world_size": chosen["world_size"], "precision": chosen["precision"],
+        "global_batch_size": chosen["batch_size"] * chosen["grad_accum"] * chosen["world_size"],
         "sampling": dataclasses.asdict(flags["sampling"]),
     }
 
@@ -151,13 +156,14 @@ class TrainingState:
     batch_in_epoch: int = 0        # batches done in the current epoch (non-zero after a mid-epoch save)
     epoch_loss_sum: float = 0.0    # the sum of those batches' losses
     best_val: float = math.inf     # the lowest validation loss so far (best.pt)
+    skipped_steps: int = 0         # fp16 steps the loss scaler skipped because their gradients overflowed
     history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "test_loss": [], "epochs": []})
     timing: dict = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))  # seconds per activity
 
     @classmethod
     def from_checkpoint(cls, ckpt):
         position = {key: ckpt[key] for key in ("epoch", "step", "batch_in_epoch", "epoch_loss_sum", "best_val")}
-        return cls(**position, history=ckpt["history"],
+        return cls(**position, skipped_steps=ckpt.get("skipped_steps", 0), history=ckpt["history"],
                    timing={key: ckpt["timing"].get(key, 0.0) for key in TIMING_KEYS})
 
     def record_evaluation(self, epoch, train_loss, val_loss, test_loss):
@@ -173,11 +179,13 @@ class TrainingState:
         self.epoch, self.batch_in_epoch, self.epoch_loss_sum = epoch, 0, 0.0
 
 
-def build_checkpoint(config, model, ema_model, optimizer, state, use_cuda):
-    """The checkpoint dict of a training run at this moment (see the module docstring)."""
+def build_checkpoint(config, model, ema_model, optimizer, state, use_cuda, scaler=None):
+    """The checkpoint dict of a training run at this moment (see the module docstring); scaler: fp16's
+    GradScaler, or None."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if use_cuda else []}
     return {**checkpoint_header(config), "model": model.state_dict(), "ema": ema_model.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": rng, **dataclasses.asdict(state)}
+            "optimizer": optimizer.state_dict(), "rng": rng,
+            "grad_scaler": scaler.state_dict() if scaler is not None else None, **dataclasses.asdict(state)}
 
 
 def nonfinite_weights(ckpt, parts=("model", "ema")):
@@ -255,11 +263,15 @@ def load_resumable(resume, models_dir, run_name):
     return path, ckpt
 
 
-def restore_training(ckpt, model, ema_model, optimizer, use_cuda):
-    """Put a checkpoint's weights, EMA, optimizer state and RNG states back; returns its TrainingState."""
+def restore_training(ckpt, model, ema_model, optimizer, use_cuda, scaler=None):
+    """Put a checkpoint's weights, EMA, optimizer state and RNG states back, and fp16's loss scale when both the
+    checkpoint and this run have one (a run that changes precision on resume starts the scaler afresh); returns its
+    TrainingState."""
     model.load_state_dict(ckpt["model"])
     ema_model.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("grad_scaler"):
+        scaler.load_state_dict(ckpt["grad_scaler"])
     state = TrainingState.from_checkpoint(ckpt)
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if use_cuda and ckpt["rng"]["cuda"]:

@@ -12,6 +12,7 @@ sample with.
 import contextlib
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -358,16 +359,33 @@ def generate(diffusion, denoiser, settings, num_images, image_size, channels=3, 
              batch_size=1000, seed=None, progress=False):
     """num_images samples (num_images, channels, image_size, image_size) in [−1, 1], on the CPU, made batch_size
     at a time; class_labels (num_images,) or None. With a seed, the noise comes from it and the caller's RNG
-    state is left as it was; without, from the caller's RNG."""
+    state is left as it was; without, from the caller's RNG.
+
+    A batch that runs out of device memory is tried again at half the size, down to one image, with one warning
+    line: the end of a long run is not lost to a --sample_batch the card cannot hold."""
     device = diffusion.betas.device
-    chunks = []
-    with seeded_rng(seed, device) if seed is not None else contextlib.nullcontext():
-        for start in tqdm(range(0, num_images, batch_size), desc="sampling batches", disable=not progress,
-                          leave=False):
-            n = min(batch_size, num_images - start)
-            labels = None if class_labels is None else class_labels[start:start + n]
-            chunks.append(diffusion.sample(denoiser, (n, channels, image_size, image_size), settings, labels,
-                                           progress=progress).cpu())
+    chunks, done, warned = [], 0, False
+    with seeded_rng(seed, device) if seed is not None else contextlib.nullcontext(), \
+            tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
+        while done < num_images:
+            n = min(batch_size, num_images - done)
+            labels = None if class_labels is None else class_labels[done:done + n]
+            try:
+                chunks.append(diffusion.sample(denoiser, (n, channels, image_size, image_size), settings, labels,
+                                               progress=progress).cpu())
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+                batch_size = n // 2
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not warned:
+                    print(f"warning: out of memory sampling {n} images at a time; going on with {batch_size} "
+                          "(halved again if need be; a smaller --sample_batch avoids the retry)", file=sys.stderr)
+                    warned = True
+                continue
+            done += n
+            bar.update(n)
     return torch.cat(chunks)
 
 

@@ -1,5 +1,6 @@
 """Small shared pieces: the error types, crash-safe writes that refuse NaN, pixel ranges, images and plots, the
-Denoiser (how the network is run: bf16, torch.compile, memory layout) and the torchrun helpers."""
+precision and compile choices, the Denoiser (how the network is run: autocast, torch.compile, memory layout) and the
+torchrun helpers."""
 import contextlib
 import json
 import os
@@ -174,32 +175,76 @@ def plot_loss_history(history, path, title=""):
 
 # ------------------------------------------------------------------------------------ runtime
 
-def bf16_is_fast(device):
-    """Whether to run the U-Net under bf16 autocast on `device`: on CUDA, and on CPUs with bf16 instructions
-    (AVX512-BF16 or AMX), where sampling runs about 1.8× faster than in float32 (BENCHMARKS.md). Other CPUs
-    would emulate bf16, so they keep float32."""
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def cpu_bf16_instructions():
+    """The bf16 instructions this CPU has ('AVX512-BF16', 'AMX'); torch.cpu's checks are private, so a torch without
+    them finds none."""
+    checks = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    return [name for name, check in checks.items() if getattr(torch.cpu, check, lambda: False)()]
+
+
+def choose_precision(requested, device):
+    """(precision, why): what the U-Net runs in ('bf16', 'fp16' or 'fp32') for --precision `requested` on `device`,
+    and why, for the banner. auto: bf16 where the hardware has it natively (CUDA compute capability ≥ 8.0, CPUs with
+    AVX512-BF16 or AMX), fp16 with a dynamic loss scaler on older CUDA devices (no bf16 tensor cores), else float32.
+    Weights, EMA, optimizer state and checkpoints stay float32 whatever runs."""
     if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    # torch.cpu's capability checks are private; a torch without them gets float32
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+        major, minor = torch.cuda.get_device_capability(device)
+        native = major >= 8
+        hardware = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has " + (
+            "native bf16" if native else "no bf16 tensor cores")
+    else:
+        found = cpu_bf16_instructions() if device.type == "cpu" else []
+        native = bool(found)
+        hardware = f"the CPU has {' and '.join(found)}" if native else "the CPU has neither AVX512-BF16 nor AMX"
+    if requested == "auto":
+        if native:
+            return "bf16", hardware
+        if device.type == "cuda":
+            return "fp16", f"{hardware}: fp16 with a dynamic loss scaler"
+        return "fp32", f"{hardware}: bf16 would be emulated"
+    if requested == "bf16" and not native:
+        return "bf16", f"--precision bf16, though {hardware}: emulated, expect it slower than float32"
+    if requested == "fp16" and device.type != "cuda":
+        return "fp16", "--precision fp16: emulated on the CPU, expect it much slower than float32"
+    return requested, f"--precision {requested}"
+
+
+def describe_precision(precision):
+    return {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "fp32": "float32"}[precision]
+
+
+def choose_compile(requested, device):
+    """Whether to torch.compile the U-Net for --compile `requested`: auto compiles on CUDA only (on a CPU it measured
+    no faster, after minutes of compiling: BENCHMARKS.md)."""
+    return requested == "on" or (requested == "auto" and device.type == "cuda")
+
+
+def synchronize(device):
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Denoiser:
-    """Calls ε_θ under bf16 autocast and torch.compile when asked, always returning float32, with the
-    input in the model's memory format (channels-last models — what ddpm_main builds — train 20 % and
-    sample 40 % faster on the 2-core CPU, and it is the layout bf16 convolutions want on NVIDIA GPUs).
+    """Calls ε_θ under autocast at the run's precision ('bf16', 'fp16' or 'fp32': none) and through torch.compile
+    when asked, always returning float32, with the input in the model's memory format (channels-last models — what
+    ddpm_main builds — train 20 % and sample 40 % faster on the 2-core CPU, and it is the layout bf16 convolutions
+    want on NVIDIA GPUs).
 
     If compilation fails (no compiler, unsupported op), it warns once and continues eagerly:
     the same function, only slower. Exposes the model's num_classes for classifier-free guidance.
     """
 
-    def __init__(self, model, compile=False, amp=False):
+    def __init__(self, model, compile=False, precision="fp32"):
         self.model = model
         self.num_classes = getattr(model, "module", model).num_classes  # through a DistributedDataParallel
-        self.amp = amp
+        self.precision = precision
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.device_type = next(model.parameters()).device.type
         conv_weight = next(p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1)  # (O, I, k, k)
         self.memory_format = torch.contiguous_format if conv_weight.is_contiguous() else torch.channels_last
@@ -207,16 +252,18 @@ class Denoiser:
         self.compiled = compile
 
     def __call__(self, x, t, class_labels=None):
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            x = x.contiguous(memory_format=self.memory_format)
             try:
-                out = self.forward(x.contiguous(memory_format=self.memory_format), t, class_labels)
+                out = self.forward(x, t, class_labels)
             except torch.OutOfMemoryError:
                 raise  # not a compilation problem: eager would run out of memory too
             except Exception as e:
                 if not self.compiled:
                     raise
                 print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      "continuing without compilation (--no_compile silences this)", file=sys.stderr)
+                      "continuing without compilation (--compile off silences this)", file=sys.stderr)
                 self.forward, self.compiled = self.model, False
                 out = self.model(x, t, class_labels)
         return out.float()

@@ -30,12 +30,14 @@ from ddpm_data import (DATASETS, DEFAULT_DATA_DIR, DeviceLoader, crop_to_data, d
 from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, SAMPLERS, SPACINGS, Diffusion,
                             SamplerSettings, generate, guidance_sweep)
 from ddpm_fid import FIDFeatures, check_ref_stats, frechet_distance, reference_statistics
-from ddpm_helpers import (Denoiser, NonFiniteError, UserError, all_ranks_mean, atomic_open, barrier, bf16_is_fast,
-                          check_writable_folder, init_distributed, max_over_ranks, plot_loss_history, require_finite,
+from ddpm_helpers import (COMPILE_CHOICES, PRECISIONS, Denoiser, NonFiniteError, UserError, all_ranks_mean,
+                          atomic_open, barrier, check_writable_folder, choose_compile, choose_precision,
+                          describe_precision, init_distributed, max_over_ranks, plot_loss_history, require_finite,
                           save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal, to_model_range,
                           to_uint8, write_json)
 from ddpm_model import UNetConfig
-from ddpm_train import TrainingClock, TrainingStep, evaluate_loss, learning_rate
+from ddpm_train import (TrainingClock, TrainingStep, build_loss_scaler, build_optimizer, evaluate_loss,
+                        learning_rate)
 
 GRID_SEED = 4321          # fixed noise for the per-epoch sample grid, so epochs can be compared
 GRID_PER_CLASS = 8        # columns of the per-epoch grid of a conditional model (one row per class)
@@ -92,7 +94,12 @@ def build_parser():
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=5,
                    help="passes over the training split (90 %% of the training images: 45,000 for CIFAR-10)")
-    g.add_argument("--batch_size", type=int, default=64, help="images per optimizer step")
+    g.add_argument("--batch_size", type=int, default=64,
+                   help="images per forward pass (per rank under torchrun); an optimizer step takes --grad_accum "
+                   "of them")
+    g.add_argument("--grad_accum", type=int, default=1, metavar="K",
+                   help="micro-batches of --batch_size per optimizer step, their gradients summed: the batch of K × "
+                   "--batch_size (× ranks) in the memory of one --batch_size")
     g.add_argument("--lr", type=float, default=0.003, help="AdamW learning rate (after warm-up)")
     g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up, in steps")
     g.add_argument("--timesteps", type=int, default=100, help="T, the number of diffusion steps")
@@ -129,11 +136,10 @@ def build_parser():
     g.add_argument("--log_interval", type=int, default=100,
                    help="steps between loss read-outs and NaN checks; without a terminal, a log line at a read-out "
                    f"once {LOG_LINE_SECONDS} s have passed since the last")
-    g.add_argument("--no_compile", action="store_true", help="do not torch.compile the model on CUDA")
     g.add_argument("--resume", metavar="PATH|auto",
                    help="continue from a last.pt ('auto': <models_dir>/<run_name>/last.pt) with its settings; --lr, "
-                   "--lr_decay, --warmup_steps, --epochs, --time_budget_min, the intervals, folders and sampling "
-                   "flags may change, the model and diffusion may not")
+                   "--lr_decay, --warmup_steps, --epochs, --time_budget_min, --precision, the intervals, folders and "
+                   "sampling flags may change, the model and diffusion may not")
     g.add_argument("--time_budget_min", type=float,
                    help="stop training after this many minutes of training steps in all (a resumed run counts "
                    "what it spent before), then finish cleanly (default: no limit)")
@@ -170,9 +176,6 @@ def build_parser():
                    f"{DEFAULT_GUIDANCE_SCALE})")
     g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
     g.add_argument("--sample_batch", type=int, default=1000, help="images generated per forward batch")
-    g.add_argument("--no_bf16", action="store_true",
-                   help="with --inference: run the network in float32 (default: bf16 autocast on CUDA and on CPUs "
-                   "with AVX512-BF16 or AMX, where it samples about 1.8× faster)")
 
     g = p.add_argument_group("FID (Fréchet Inception Distance)")
     g.add_argument("--eval_fid", type=int, default=0, metavar="N",
@@ -187,13 +190,23 @@ def build_parser():
                    "the checkpoint's run name)")
     g.add_argument("--save_dir", default="outputs", help="folder for grids, samples and JSON")
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same results on CPU)")
+    g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help="torch.compile the U-Net for training, grids, inference and FID: auto on CUDA only; on: on "
+                   "the CPU too (through inductor: minutes of compiling, no faster on a 2-core CPU); off: eager")
+    g.add_argument("--no_compile", action="store_true", help="the same as --compile off")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="what the U-Net computes in, for training and sampling (weights, EMA, optimizer and "
+                   "checkpoints stay float32): auto is bf16 autocast where the hardware has bf16 (CUDA compute capability ≥ 8.0, "
+                   "CPUs with AVX512-BF16 or AMX), fp16 autocast with a dynamic loss scaler on older CUDA GPUs, else "
+                   "fp32")
+    g.add_argument("--no_bf16", action="store_true", help="the same as --precision fp32 (kept for older scripts)")
     g.add_argument("--no_cuda", action="store_true", help="run on CPU even when CUDA is available")
     g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     return p
 
 
-AT_LEAST_ONE = ("epochs", "batch_size", "timesteps", "num_samples", "log_interval", "sample_batch", "dim",
-                "eval_every", "checkpoint_every", "sampling_steps")
+AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "timesteps", "num_samples", "log_interval", "sample_batch",
+                "dim", "eval_every", "checkpoint_every", "sampling_steps")
 NUMBER_RANGES = [  # (flag, test, what the value must be) for the flags that are not off (None)
     *((name, lambda v: v >= 1, "at least 1") for name in AT_LEAST_ONE),
     ("lr", lambda v: v > 0, "greater than 0"),
@@ -253,8 +266,7 @@ def check_flag_combinations(args):
                         "--conditional (or --guidance_sweep)")
     if args.guidance_sweep is not None and not args.inference:
         raise UserError("--guidance_sweep goes with --inference (it samples from a trained model)")
-    if args.no_bf16 and not args.inference:
-        raise UserError("--no_bf16 goes with --inference (training runs in float32 on the CPU, bf16 autocast on CUDA)")
+    resolve_synonyms(args)
     if args.eval_fid and not args.fid_inception:
         raise UserError("--eval_fid needs --fid_inception PATH: the TF-Inception TorchScript (see README, FID)")
     if args.tensorboard is not None:
@@ -262,6 +274,18 @@ def check_flag_combinations(args):
             raise UserError("--tensorboard logs training; --inference writes its samples and metrics to --save_dir")
         if importlib.util.find_spec("tensorboard") is None:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+def resolve_synonyms(args):
+    """--no_compile is --compile off and --no_bf16 is --precision fp32; given beside a contradicting --compile or
+    --precision, they are an error."""
+    for old, flag, value in (("no_compile", "compile", "off"), ("no_bf16", "precision", "fp32")):
+        if getattr(args, old):
+            if flag in args.given and getattr(args, flag) != value:
+                raise UserError(f"--{old} means --{flag} {value}, but --{flag} {getattr(args, flag)} was given too; "
+                                "give one of them")
+            setattr(args, flag, value)
+            args.given = args.given | {flag}  # as if given: a resume takes it over the checkpoint's
 
 
 def check_paths(args):
@@ -499,15 +523,19 @@ class Reporter:
                               disable=not self.bars)
         return self.batch_bar
 
-    def read_out(self, step, epoch, loss, lr, images_per_s, minutes_left):
-        """A loss read-out; minutes_left: of the time budget (None: no budget)."""
-        self.batch_bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
+    def read_out(self, step, epoch, loss, lr, images_per_s, minutes_left, skipped=None):
+        """A loss read-out; minutes_left: of the time budget (None: no budget); skipped: fp16 steps the loss scaler
+        has skipped so far (None: not fp16)."""
+        postfix = {"loss": f"{loss:.4f}", "img_s": f"{images_per_s:.0f}"}
+        self.batch_bar.set_postfix(postfix if skipped is None else {**postfix, "fp16_skips": skipped})
         if self.verbose and not self.bars and time.perf_counter() - self.last_line >= LOG_LINE_SECONDS:
             budget = f"  {minutes_left:.1f} min of the budget left" if minutes_left is not None else ""
-            print(f"step {step}  epoch {epoch}  loss {loss:.4f}  lr {lr:.3g}  {images_per_s:.0f} img/s{budget}",
+            skips = f"  {skipped} fp16 steps skipped (overflow)" if skipped is not None else ""
+            print(f"step {step}  epoch {epoch}  loss {loss:.4f}  lr {lr:.3g}  {images_per_s:.0f} img/s{skips}{budget}",
                   flush=True)
             self.last_line = time.perf_counter()
-        self.scalars(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s})
+        self.scalars(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s,
+                            **({"train/fp16_skipped_steps": skipped} if skipped is not None else {})})
 
     def epoch_done(self, epoch, step, train_loss, losses, images_per_s):
         """losses: {'val_loss', 'test_loss'} on evaluated epochs, else None."""
@@ -551,6 +579,8 @@ class Run:
     sampler: SamplerSettings       # how the grids and FID sample
     report: Reporter
     decode_s: float                # seconds spent reading the data
+    precision: str                 # what the U-Net computes in: config["precision"] resolved for the device
+    precision_why: str             # and why (choose_precision), for the banner
     last_saved: tuple = None       # (path, where training stood) of the last good last.pt; None: none yet
     last_save_time: float = dataclasses.field(default_factory=time.perf_counter)  # for --checkpoint_minutes
 
@@ -575,7 +605,7 @@ class Run:
 
     def checkpoint(self, state):
         return build_checkpoint(self.config, self.model, self.ema_model, self.optimizer, state,
-                                self.device.type == "cuda")
+                                self.device.type == "cuda", self.train_step.scaler)
 
     def sample(self, num_images, class_labels=None, seed=None, progress=False):
         """Samples from the EMA weights at the data's size, (num_images, C, H, W) in [−1, 1] on the CPU."""
@@ -607,8 +637,9 @@ def set_up_run(args, saved):
         os.makedirs(args.save_dir, exist_ok=True)
         os.makedirs(os.path.join(args.models_dir, config["run_name"]), exist_ok=True)
 
-    # the splits live on the device as uint8 tensors
-    batch_size = config["batch_size"]
+    # the splits live on the device as uint8 tensors; a batch holds an optimizer step's micro-batches, and the
+    # evaluation's batches as many images (no gradients kept), so its t and ε are drawn as with one --batch_size
+    batch_size = config["batch_size"] * config["grad_accum"]
     side = config["image_size"]  # images smaller than the U-Net's side are padded to it, batch by batch
     train_loader = DeviceLoader(data["train_images"][train_idx], data["train_labels"][train_idx], batch_size, device,
                                 shuffle=True, flip=True, seed=config["seed"], rank=rank, world_size=world_size,
@@ -623,18 +654,20 @@ def set_up_run(args, saved):
     torch.manual_seed(config["seed"])
     model = build_model(config).to(device, memory_format=torch.channels_last)  # faster convolutions, GPU and CPU
     ema_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], fused=use_cuda)
+    optimizer = build_optimizer(model, config["lr"])
     diffusion = build_diffusion(config, device)
-    compile_model = use_cuda and not args.no_compile
+    precision, precision_why = choose_precision(config["precision"], device)
+    compile_model = choose_compile(args.compile, device)
     trained_model = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
         trained_model = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
-    train_step = TrainingStep(model, ema_model, optimizer, diffusion, Denoiser(trained_model, compile_model, use_cuda),
-                              config["p_uncond"], config["loss_type"], config["ema_decay"], rank, world_size)
+    train_step = TrainingStep(model, ema_model, optimizer, diffusion, Denoiser(trained_model, compile_model, precision),
+                              config["p_uncond"], config["loss_type"], config["ema_decay"], rank, world_size,
+                              config["grad_accum"], build_loss_scaler(precision, device))
     return Run(args, config, device, data["train_images"], train_loader, eval_loaders, model, ema_model, optimizer,
-               diffusion, train_step, Denoiser(ema_model, compile_model, use_cuda), sampling,
-               Reporter(args, rank == 0), decode_s)
+               diffusion, train_step, Denoiser(ema_model, compile_model, precision), sampling,
+               Reporter(args, rank == 0), decode_s, precision, precision_why)
 
 
 def check_data(args, saved, facts, data_dir):
@@ -662,7 +695,8 @@ def start_or_resume(run, saved):
     states and TrainingState put back; config.json either way."""
     config, name = run.config, run.config["run_name"]
     if saved:
-        state = restore_training(saved, run.model, run.ema_model, run.optimizer, run.device.type == "cuda")
+        state = restore_training(saved, run.model, run.ema_model, run.optimizer, run.device.type == "cuda",
+                                 run.train_step.scaler)
         run.last_saved = (run.args.resume, training_position(state))
     else:
         state = TrainingState()
@@ -681,12 +715,25 @@ def start_or_resume(run, saved):
                    + (f"; {run.world_size} ranks × batch {config['batch_size']}" if run.world_size > 1 else "")
                    + (f"; time budget {budget:g} min: {spent_min:.1f} spent, {max(0, budget - spent_min):.1f} left"
                       if budget else ""))
+    run.report.say(compute_description(run))
     if saved:
         changes = resume_changes(saved["config"], config)
         if changes:
             run.report.say("changed from the checkpoint: " + ", ".join(
                 f"{key} {setting_text(key, old)} → {setting_text(key, new)}" for key, (old, new) in changes.items()))
     return state
+
+
+def compute_description(run):
+    """How the run computes, for people: the precision and why, compilation, and the micro-batches of a step."""
+    config = run.config
+    text = (f"compute: {describe_precision(run.precision)} ({run.precision_why}); weights, EMA and optimizer "
+            f"state in float32; {'torch.compile' if run.train_step.denoiser.compiled else 'eager'}")
+    if config["grad_accum"] > 1:
+        text += (f"; {config['grad_accum']} micro-batches of {config['batch_size']} per optimizer step"
+                 + (f" on each of {run.world_size} ranks" if run.world_size > 1 else "")
+                 + f": {config['global_batch_size']} images a step")
+    return text
 
 
 def data_description(config):
@@ -718,6 +765,7 @@ def train_one_epoch(run, state, clock, epoch, signals):
     config, world_size, steps_per_epoch = run.config, run.world_size, len(run.train_loader)
     run.model.train()
     loss_sum = torch.tensor(state.epoch_loss_sum, device=run.device)
+    skipped = torch.zeros((), device=run.device)  # fp16 steps the loss scaler skipped in this epoch
     batches = run.report.batches(run.train_loader.batches(epoch, state.batch_in_epoch), steps_per_epoch,
                                  state.batch_in_epoch, epoch)
     clock.start_epoch()
@@ -728,7 +776,9 @@ def train_one_epoch(run, state, clock, epoch, signals):
             progress = (clock.agreed_progress if config["time_budget_min"]
                         else state.step / (config["epochs"] * steps_per_epoch))
             lr = learning_rate(config, state.step, progress)
-            loss_sum += run.train_step(x, y, state.step, lr)
+            loss, step_skipped = run.train_step(x, y, state.step, lr)
+            loss_sum += loss
+            skipped += step_skipped
             state.step += 1
             state.batch_in_epoch += 1
         interval_images += len(x)
@@ -739,15 +789,17 @@ def train_one_epoch(run, state, clock, epoch, signals):
             check_finite(running, f"the training loss at epoch {epoch}, step {state.step}")
             now = time.perf_counter()
             run.report.read_out(state.step, epoch, running, lr, interval_images * world_size / (now - interval_start),
-                                clock.minutes_left(clock.epoch_seconds()))
+                                clock.minutes_left(clock.epoch_seconds()),
+                                state.skipped_steps + int(skipped.item()) if run.train_step.scaler else None)
             interval_start, interval_images = now, 0
         if read_out or world_size == 1:
             stop, checkpoint_due = agree_on_stop_and_checkpoint(run, clock, signals)
             if stop:
                 break
             if checkpoint_due:
-                save_mid_epoch(run, state, clock, loss_sum)
+                save_mid_epoch(run, state, clock, loss_sum, skipped)
     state.epoch_loss_sum = all_ranks_mean(loss_sum, world_size).item()  # waits for the device: steps are done
+    state.skipped_steps += int(skipped.item())
     epoch_train_s = clock.end_epoch()
     check_finite(state.epoch_loss_sum, f"the training loss of epoch {epoch} (step {state.step})")
     return epoch_images * world_size / max(epoch_train_s, 1e-9)
@@ -777,12 +829,12 @@ def save_last(run, state):
     return ckpt
 
 
-def save_mid_epoch(run, state, clock, loss_sum):
-    """last.pt inside an epoch (--checkpoint_minutes): the position, the epoch's loss sum and the training time so
-    far, so that a resume continues from this very step."""
+def save_mid_epoch(run, state, clock, loss_sum, skipped):
+    """last.pt inside an epoch (--checkpoint_minutes): the position, the epoch's loss sum and fp16 skips, and the
+    training time so far, so that a resume continues from this very step."""
     timing = {**state.timing, "train_s": state.timing["train_s"] + clock.epoch_seconds()}
     snapshot = dataclasses.replace(state, epoch_loss_sum=all_ranks_mean(loss_sum, run.world_size).item(),
-                                   timing=timing)
+                                   skipped_steps=state.skipped_steps + int(skipped.item()), timing=timing)
     save_last(run, snapshot)
 
 
@@ -845,10 +897,12 @@ def finish(run, state, clock):
     args, config, name, timing = run.args, run.config, run.config["run_name"], state.timing
     if args.save_model:
         save_checkpoint(run.checkpoint(state), os.path.join(run.ckpt_dir, "ckpt.pt"))
-    images_seen = state.step * config["batch_size"] * run.world_size
+    images_seen = state.step * config["global_batch_size"]
     metrics = {"world_size": run.world_size, "run_name": name, "device": str(run.device),
                "num_params": run.num_params, "steps": state.step,
-               "epochs_done": state.epoch, "batch_size": config["batch_size"],
+               "epochs_done": state.epoch, "batch_size": config["batch_size"], "grad_accum": config["grad_accum"],
+               "global_batch_size": config["global_batch_size"], "precision": run.precision,
+               "compiled": run.train_step.denoiser.compiled, "fp16_skipped_steps": state.skipped_steps,
                "stopped_by_time_budget": clock.out_of_time(),
                "train_images_per_s": images_seen / timing["train_s"] if timing["train_s"] else None,
                "timing": timing, "final": {k: v[-1] for k, v in state.history.items() if v}}
@@ -874,7 +928,7 @@ def train(args):
     config, report = run.config, run.report
     with report:
         state = start_or_resume(run, saved)
-        clock = TrainingClock(state.timing, config["time_budget_min"], compiles=run.train_step.denoiser.compiled)
+        clock = TrainingClock(state.timing, config["time_budget_min"], run.train_step.denoiser.compiled, run.device)
         try:
             with SignalFlag() as signals:
                 for epoch in report.epochs(state.epoch, config["epochs"]):
@@ -987,13 +1041,13 @@ def inference(args):
     args.run_name = args.run_name or config.get("run_name") or "DDPM"
     settings = sampler_settings(args, saved_sampler_settings(config), config["timesteps"])
     check_against_model(args, config)
-    use_cuda = device.type == "cuda"
+    precision, precision_why = choose_precision(args.precision, device)
     model = sampling_model(ckpt).to(device, memory_format=torch.channels_last).eval()
-    denoiser = Denoiser(model, compile=use_cuda and not args.no_compile,
-                        amp=bf16_is_fast(device) and not args.no_bf16)
+    denoiser = Denoiser(model, choose_compile(args.compile, device), precision)
     diffusion = build_diffusion(config, device)
     if not args.quiet:
-        print(f"sampling on {device}{' in bf16' if denoiser.amp else ''}: {settings.describe()}", flush=True)
+        print(f"sampling on {device} in {describe_precision(precision)} ({precision_why}"
+              f"{', compiled' if denoiser.compiled else ''}): {settings.describe()}", flush=True)
     torch.manual_seed(args.seed)
     if args.guidance_sweep:
         return write_guidance_sweep(args, diffusion, denoiser, settings, config)
@@ -1016,7 +1070,8 @@ def inference(args):
         fid = measure_fid(diffusion, denoiser, settings, config, args, args.seed, features, reference, not args.quiet)
         write_json({"run_name": args.run_name, "model_path": args.model_path, "fid": fid, "fid_samples": args.eval_fid,
                     "fid_sampler": settings.describe(), "conditional": args.conditional,
-                    "fid_s": reference_s + time.perf_counter() - start, "device": str(device)},
+                    "fid_s": reference_s + time.perf_counter() - start, "device": str(device),
+                    "precision": precision},
                    os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
 
 

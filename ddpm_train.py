@@ -1,9 +1,11 @@
-"""The training step and what measures it: one AdamW step on the diffusion loss with the EMA update, the
-learning-rate schedule, the evaluation loss, and the clock that keeps the time budget.
+"""The training step and what measures it: one AdamW step on the diffusion loss (accumulated over micro-batches,
+loss-scaled in fp16) with the EMA update, the learning-rate schedule, the evaluation loss, and the clock that keeps
+the time budget.
 
 ddpm_main.py's training loop is made of these, and bench/bench.py times the very same step.
 """
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -12,10 +14,11 @@ import torch
 from torch import nn
 
 from ddpm_diffusion import Diffusion
-from ddpm_helpers import Denoiser, all_ranks_mean
+from ddpm_helpers import Denoiser, all_ranks_mean, synchronize
 
 EVAL_SEED = 1234  # fixed t and noise for validation / test losses, comparable across epochs
 GRAD_CLIP_NORM = 1.0  # as in Ho et al.'s training
+FP16_INIT_SCALE = 2.0 ** 16  # the loss scale fp16 training starts from (GradScaler's default)
 
 
 def learning_rate(config, step, progress):
@@ -26,6 +29,18 @@ def learning_rate(config, step, progress):
     return config["lr"] * warmup * decay
 
 
+def build_optimizer(model, lr):
+    """AdamW with its fused kernel, on the CPU too, where it trains the speedrun U-Net about 10 % faster in float32 and
+    as fast in bf16 (BENCHMARKS.md)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+
+
+def build_loss_scaler(precision, device):
+    """fp16's dynamic loss scaler (starting at 2¹⁶, halved on overflow, doubled after 2,000 clean steps); None for
+    bf16 and fp32, whose range needs none."""
+    return torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE) if precision == "fp16" else None
+
+
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
     """θ_ema ← decay · θ_ema + (1 − decay) · θ."""
@@ -34,27 +49,55 @@ def update_ema(ema_model, model, decay):
 
 @dataclass(eq=False)
 class TrainingStep:
-    """One optimizer step: the diffusion loss (eq. 14) on a batch, AdamW with the gradient norm clipped, then
-    the EMA update (decay warmed up as min(ema_decay, (1 + step) / (10 + step))).
+    """One optimizer step: the diffusion loss (eq. 14) on a batch, accumulated over grad_accum micro-batches, AdamW
+    with the gradient norm clipped, then the EMA update (decay warmed up as min(ema_decay, (1 + step) / (10 + step))).
 
     t, the label drops and ε are drawn for the global batch (world_size · B) and sliced to this rank's
-    images: any number of ranks trains on the randomness of one process with the global batch."""
+    images, then cut into micro-batches: any number of ranks and micro-batches trains on the randomness, and
+    computes the loss and gradient, of one process with the global batch. Under DDP the gradients are all-reduced
+    once per step, on the last micro-batch (no_sync before it).
+
+    fp16 (scaler given): the loss is scaled before the backward pass; a step whose scaled gradients overflow is
+    skipped by the scaler, which lowers the scale, and reported in the returned flag."""
     model: nn.Module           # the weights AdamW moves
     ema_model: nn.Module       # their moving average, used for evaluation and sampling
     optimizer: torch.optim.Optimizer
     diffusion: Diffusion
-    denoiser: Denoiser         # how the training forward runs: DDP-wrapped, compiled, bf16 as the run asks
+    denoiser: Denoiser         # how the training forward runs: DDP-wrapped, compiled, under autocast as the run asks
     p_uncond: float            # probability a label is dropped to the null label (classifier-free guidance)
     loss_type: str             # 'l1', 'l2' or 'huber'
     ema_decay: float
     rank: int = 0
     world_size: int = 1
+    grad_accum: int = 1        # micro-batches per optimizer step
+    scaler: torch.amp.GradScaler = None  # fp16's dynamic loss scaler; None: bf16 and fp32 need none
 
     def __call__(self, x, y, step, lr):
-        """Images x (B, 3, H, W), labels y (B,); returns the loss as a device tensor, so the caller decides
-        when to synchronise with the host."""
+        """Images x (B, C, H, W), labels y (B,), B = grad_accum micro-batches; returns (the batch's mean loss,
+        whether the scaler skipped the step: 1.0 or 0.0) as device tensors, so the caller decides when to
+        synchronise with the host."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        t, labels, noise = self.draw_randomness(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = -(-len(x) // self.grad_accum)  # ⌈B / grad_accum⌉ images per micro-batch
+        chunks = list(zip(x.split(micro), t.split(micro), noise.split(micro),
+                          labels.split(micro) if labels is not None else itertools.repeat(None)))
+        loss = torch.zeros((), device=x.device)
+        for i, (x_i, t_i, noise_i, labels_i) in enumerate(chunks):
+            with self.gradient_sync(i == len(chunks) - 1):
+                # the micro-batch's share of the batch mean, so the gradients add up to the batch's
+                part = self.diffusion.p_losses(self.denoiser, x_i, t_i, noise_i, self.loss_type, labels_i)
+                part = part * (len(x_i) / len(x))
+                (self.scaler.scale(part) if self.scaler else part).backward()
+            loss += part.detach()
+        skipped = self.optimizer_step()
+        update_ema(self.ema_model, self.model, min(self.ema_decay, (1 + step) / (10 + step)))
+        return loss, skipped
+
+    def draw_randomness(self, x, y):
+        """t (B,), the labels after the classifier-free guidance drops (B,) or None, and ε like x: drawn for the
+        global batch and sliced to this rank's images."""
         n, mine = len(x) * self.world_size, slice(self.rank, None, self.world_size)
         t = torch.randint(0, self.diffusion.timesteps, (n,), device=x.device)[mine]
         labels = None
@@ -62,13 +105,25 @@ class TrainingStep:
             labels = torch.where(torch.rand(n, device=x.device)[mine] < self.p_uncond,
                                  torch.full_like(y, self.denoiser.num_classes), y)
         noise = torch.randn((n, *x.shape[1:]), device=x.device)[mine]
-        loss = self.diffusion.p_losses(self.denoiser, x, t, noise, loss_type=self.loss_type, class_labels=labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
-        self.optimizer.step()
-        update_ema(self.ema_model, self.model, min(self.ema_decay, (1 + step) / (10 + step)))
-        return loss.detach()
+        return t, labels, noise
+
+    def gradient_sync(self, last):
+        """Under DDP, no gradient all-reduce before the last micro-batch of a step (no_sync); else nothing."""
+        no_sync = getattr(self.denoiser.model, "no_sync", None)
+        return no_sync() if no_sync is not None and not last else contextlib.nullcontext()
+
+    def optimizer_step(self):
+        """Clip the gradient norm and step AdamW (through the scaler in fp16); returns 1.0 when the scaler
+        skipped the step for overflowing gradients, else 0.0, as a device tensor."""
+        if self.scaler is None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
+            self.optimizer.step()
+            return torch.zeros((), device=norm.device)
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
+        self.scaler.step(self.optimizer)  # skipped when the unscaled gradients hold inf or NaN
+        self.scaler.update()
+        return (~torch.isfinite(norm)).float()  # the norm is finite exactly when every gradient is
 
 
 @torch.no_grad()
@@ -92,11 +147,12 @@ class TrainingClock:
     """Where training time goes, and how much of the time budget (minutes; None: none) the steps have used.
 
     timing is the TrainingState's dict (decode_s, compile_s, train_s, eval_s, sample_s; fid_s at the end), so
-    it survives a resume. With compiles=True (torch.compile on CUDA), a step that meets a new batch size
-    compiles, and is timed apart as compile_s: the budget counts training steps only."""
+    it survives a resume. With compiles=True (torch.compile, on CUDA or asked for on the CPU), a step that meets a
+    new batch size compiles, and is timed apart as compile_s, the device's queue drained before and after it: the
+    budget counts training steps only."""
 
-    def __init__(self, timing, budget_min, compiles):
-        self.timing, self.budget_min, self.compiles = timing, budget_min, compiles
+    def __init__(self, timing, budget_min, compiles, device=torch.device("cpu")):
+        self.timing, self.budget_min, self.compiles, self.device = timing, budget_min, compiles, device
         self.compiled_batch_sizes = set()
         self.agreed_progress = self.spent()  # the budget fraction all ranks last agreed on (the lr follows it)
         self.epoch_start, self.untimed = time.perf_counter(), 0.0
@@ -109,11 +165,11 @@ class TrainingClock:
         """Times a training step; one that compiles a new batch size counts as compile time, not training."""
         new_shape = self.compiles and batch_size not in self.compiled_batch_sizes
         if new_shape:
-            torch.cuda.synchronize()
+            synchronize(self.device)
         start = time.perf_counter()
         yield
         if new_shape:
-            torch.cuda.synchronize()
+            synchronize(self.device)
             seconds = time.perf_counter() - start
             self.untimed += seconds
             self.timing["compile_s"] += seconds

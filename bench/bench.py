@@ -1,16 +1,16 @@
 """The project's speed benchmark: the seed-style pipeline and the fast path side by side, in one run.
 
 (a) seed-style: per-image torchvision transforms + DataLoader, fp32, eager, batch 64, default U-Net;
-(b) fast path (ddpm_train.TrainingStep, the CLI's step): data resident on the device, bf16 autocast, channels_last,
-    fused AdamW, torch.compile, no host sync per step — at each batch size given, for the default
-    U-Net and for the DDPM-size U-Net (--dim 128 --dim_mults 1,2,2,2);
-(c) sampling: 1,000 and 10,000 class-conditional CFG samples at T=100 with the default U-Net.
+(b) fast path (ddpm_train.TrainingStep, the CLI's step): data resident on the device, autocast at each --precisions
+    (fp16 with its loss scaler), channels_last, fused AdamW, torch.compile (--compile), no host sync per step — at
+    each batch size given, for the default U-Net and for the DDPM-size U-Net (--dim 128 --dim_mults 1,2,2,2);
+(c) sampling: 1,000 and 10,000 class-conditional CFG samples at T=100 with the default U-Net, at each precision.
 
     python bench/bench.py                  # on whatever device is present
     python bench/bench.py --smoke          # seconds on CPU: tiny sizes, checks that everything runs
 
 Prints a table and writes JSON (--out). Training throughput is timed over --steps steps after
---warmup steps (compilation happens in the warm-up and is reported apart).
+--warmup steps (compilation happens in the warm-up and is reported apart, as warmup_s).
 """
 import argparse
 import copy
@@ -24,17 +24,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm_data import DeviceLoader  # noqa: E402
 from ddpm_diffusion import Diffusion, SamplerSettings, generate, make_schedule  # noqa: E402
-from ddpm_helpers import Denoiser  # noqa: E402
+from ddpm_helpers import Denoiser, choose_compile, synchronize  # noqa: E402
 from ddpm_model import UNet, UNetConfig  # noqa: E402
-from ddpm_train import TrainingStep  # noqa: E402
+from ddpm_train import TrainingStep, build_loss_scaler, build_optimizer  # noqa: E402
 
 MODELS = {"default (dim 32, 1,2,4)": dict(dim=32, dim_mults=(1, 2, 4)),
           "DDPM-size (dim 128, 1,2,2,2)": dict(dim=128, dim_mults=(1, 2, 2, 2))}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def synthetic_cifar(n, size, seed=0):
@@ -69,7 +64,7 @@ def bench_seed_style(images, labels, device, model_kwargs, steps, warmup, timest
     while done < warmup + steps:
         for x, y in loader:
             if done == warmup:
-                sync(device)
+                synchronize(device)
                 start = time.perf_counter()
             x, y = x.to(device), y.to(device)
             t = torch.randint(0, timesteps, (len(x),), device=device)
@@ -81,29 +76,31 @@ def bench_seed_style(images, labels, device, model_kwargs, steps, warmup, timest
             done += 1
             if done == warmup + steps:
                 break
-    sync(device)
+    synchronize(device)
     return steps * 64 / (time.perf_counter() - start)
 
 
-def bench_fast(images, labels, device, model_kwargs, batch_size, steps, warmup, timesteps, compile_model):
-    """The CLI's TrainingStep on device-resident data; returns (img/s, warm-up seconds, peak GB)."""
+def bench_fast(images, labels, device, model_kwargs, batch_size, steps, warmup, timesteps, compile_model,
+               precision):
+    """The CLI's TrainingStep on device-resident data; returns (img/s, warm-up seconds, peak GB, fp16 steps the
+    loss scaler skipped)."""
     use_cuda = device.type == "cuda"
     model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_cuda)
+    optimizer = build_optimizer(model, 1e-4)
     diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), device)
-    denoiser = Denoiser(model, compile=compile_model, amp=use_cuda)
+    denoiser = Denoiser(model, compile=compile_model, precision=precision)
     train_step = TrainingStep(model, ema_model, optimizer, diffusion, denoiser, p_uncond=0.1, loss_type="l2",
-                              ema_decay=0.999)
+                              ema_decay=0.999, scaler=build_loss_scaler(precision, device))
     loader = DeviceLoader(images, labels, batch_size, device)
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()
     batches, epoch = iter(()), 0
     t0 = time.perf_counter()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, skipped = torch.zeros((), device=device), torch.zeros((), device=device)
     for step in range(warmup + steps):
         if step == warmup:
-            sync(device)
+            synchronize(device)
             warmup_s = time.perf_counter() - t0
             start = time.perf_counter()
         x = next(batches, None)
@@ -111,19 +108,20 @@ def bench_fast(images, labels, device, model_kwargs, batch_size, steps, warmup, 
             epoch += 1
             batches = loader.batches(epoch)
             x = next(batches)
-        loss_sum += train_step(*x, step, lr=1e-4)
+        loss, step_skipped = train_step(*x, step, lr=1e-4)
+        loss_sum += loss
+        skipped += step_skipped
     loss_sum.item()
-    sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 1e9 if use_cuda else None
-    return steps * batch_size / seconds, warmup_s, peak
+    return steps * batch_size / seconds, warmup_s, peak, int(skipped.item())
 
 
-def bench_sampling(device, model_kwargs, counts, timesteps, size, sample_batch, compile_model):
+def bench_sampling(device, model_kwargs, counts, timesteps, size, sample_batch, compile_model, precision):
     """Seconds for `count` class-conditional CFG samples (w = 3, DDPM, T steps), default U-Net."""
-    use_cuda = device.type == "cuda"
     model = UNet(UNetConfig(num_classes=10, **model_kwargs)).to(device, memory_format=torch.channels_last).eval()
-    denoiser = Denoiser(model, compile=compile_model, amp=use_cuda)
+    denoiser = Denoiser(model, compile=compile_model, precision=precision)
     diffusion = Diffusion(timesteps, lambda T: make_schedule("cosine", T), device)
     timed = SamplerSettings("ddpm", guidance_scale=3.0)
     quick = SamplerSettings("ddim", steps=2, guidance_scale=3.0)
@@ -131,95 +129,133 @@ def bench_sampling(device, model_kwargs, counts, timesteps, size, sample_batch, 
     for shape in sorted({min(count, sample_batch) for count in counts} | {c % sample_batch for c in counts} - {0}):
         labels = torch.arange(shape, device=device) % 10  # compile for every batch shape the timed runs use
         generate(diffusion, denoiser, quick, shape, size, 3, labels, batch_size=shape)
-    sync(device)
+    synchronize(device)
     results = {"warmup_s": time.perf_counter() - warm}
     for count in counts:
         labels = torch.arange(count, device=device) % 10
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         generate(diffusion, denoiser, timed, count, size, 3, labels, batch_size=sample_batch)
-        sync(device)
+        synchronize(device)
         results[count] = time.perf_counter() - start
     return results
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, to check that it runs")
     p.add_argument("--batch_sizes", default="512,1024", help="fast-path batch sizes to try (default U-Net)")
     p.add_argument("--big_batch_sizes", default="256", help="fast-path batch sizes for the DDPM-size U-Net")
+    p.add_argument("--precisions", help="fast-path precisions to time, comma-separated (default: bf16,fp16,fp32 on "
+                   "CUDA; fp32,bf16 on a CPU, where fp16 is emulated and very slow; all three with --smoke)")
     p.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     p.add_argument("--seed_steps", type=int, default=150, help="timed steps of the seed-style pipeline")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers for the seed-style pipeline")
     p.add_argument("--sample_counts", default="1000,10000", help="sample counts to time")
     p.add_argument("--sample_batch", type=int, default=5000, help="images per sampling batch")
-    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the U-Net: auto on CUDA only, as the CLI")
     p.add_argument("--out", default="outputs/bench.json", help="where the JSON goes")
     a = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
-    size, n, timesteps = 32, 45000, 100
-    models = MODELS
+    a.device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    a.size, a.n, a.timesteps, a.models = 32, 45000, 100, MODELS
     if a.smoke:
-        size, n, timesteps = 16, 256, 4
+        a.size, a.n, a.timesteps = 16, 256, 4
         a.batch_sizes, a.big_batch_sizes, a.sample_counts = "16", "8", "8,16"
         a.steps, a.warmup, a.seed_steps, a.workers, a.sample_batch = 2, 1, 2, 0, 8
-        models = {"smoke: tiny (dim 8, 1,2)": dict(dim=8, dim_mults=(1, 2)),
-                  "smoke: tiny (dim 8, 1,2,2)": dict(dim=8, dim_mults=(1, 2, 2))}
-    compile_model = device.type == "cuda" and not a.no_compile
+        a.models = {"smoke: tiny (dim 8, 1,2)": dict(dim=8, dim_mults=(1, 2)),
+                    "smoke: tiny (dim 8, 1,2,2)": dict(dim=8, dim_mults=(1, 2, 2))}
+    default_precisions = "bf16,fp16,fp32" if a.device.type == "cuda" or a.smoke else "fp32,bf16"
+    a.precisions = (a.precisions or default_precisions).split(",")
+    a.compile_model = choose_compile(a.compile, a.device)
+    return a
+
+
+def bench_training(a, images, labels, result):
+    """The fast path's rows: each model × batch size × precision."""
+    for (label, kwargs), sizes in zip(a.models.items(), (a.batch_sizes, a.big_batch_sizes)):
+        params = sum(p.numel() for p in UNet(UNetConfig(num_classes=10, **kwargs)).parameters())
+        for batch in [int(b) for b in sizes.split(",")]:
+            for precision in a.precisions:
+                try:
+                    ips, warm, peak, skipped = bench_fast(images, labels, a.device, kwargs, batch, a.steps, a.warmup,
+                                                          a.timesteps, a.compile_model, precision)
+                except torch.OutOfMemoryError:
+                    print(f"fast {label} batch {batch} {precision}: out of memory", flush=True)
+                    continue
+                result["train"].append({"pipeline": "fast", "model": label, "params": params, "batch": batch,
+                                        "precision": precision, "img_s": ips, "warmup_s": warm, "peak_gb": peak,
+                                        "fp16_skipped_steps": skipped})
+                save(result, a.out)
+                print(f"fast {label} ({params / 1e6:.1f}M) batch {batch} {precision}: {ips:,.0f} img/s "
+                      f"(warm-up {warm:.0f} s, peak {peak or 0:.1f} GB)", flush=True)
+
+
+def save(result, path):
+    """The JSON as it stands, rewritten after every measurement: a run killed part-way keeps what it measured."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def print_tables(a, result):
+    seed = result["train"][0]
+    print("\n| pipeline | model | batch | precision | img/s | × seed-style | 45k-image epoch (s) | warm-up (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| seed-style | {seed['model']} | 64 | fp32 | {seed['img_s']:,.0f} | 1.0 | {45000 / seed['img_s']:.1f} | |")
+    for row in result["train"][1:]:
+        print(f"| fast | {row['model']} | {row['batch']} | {row['precision']} | {row['img_s']:,.0f} | "
+              f"{row['img_s'] / seed['img_s']:.1f} | {45000 / row['img_s']:.2f} | {row['warmup_s']:.0f} |")
+    print(f"\n| CFG samples (T={a.timesteps}, w=3, DDPM) | precision | seconds | img/s |")
+    print("|---|---|---|---|")
+    for precision, sampling in result["sampling"]["seconds"].items():
+        for count, seconds in sampling.items():
+            print(f"| {int(count):,} | {precision} | {seconds:.2f} | {int(count) / seconds:,.0f} |")
+
+
+def main():
+    a = parse_args()
+    device = a.device
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    images, labels = synthetic_cifar(n, size)
+    images, labels = synthetic_cifar(a.n, a.size)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device: {name}, torch {torch.__version__}, compile={compile_model}, smoke={a.smoke}", flush=True)
+    print(f"device: {name}, torch {torch.__version__}, compile={a.compile_model}, precisions {','.join(a.precisions)}, "
+          f"smoke={a.smoke}", flush=True)
 
-    result = {"device": name, "torch": torch.__version__, "smoke": a.smoke, "compile": compile_model,
+    result = {"device": name, "torch": torch.__version__, "smoke": a.smoke, "compile": a.compile_model,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv), "train": []}
-    default_label = next(iter(models))
-    seed_ips = bench_seed_style(images, labels, device, models[default_label], a.seed_steps, 5 if not a.smoke else 1, timesteps, a.workers)
-    result["train"].append({"pipeline": "seed-style", "model": default_label, "batch": 64, "img_s": seed_ips})
+    default_label = next(iter(a.models))
+    seed_ips = bench_seed_style(images, labels, device, a.models[default_label], a.seed_steps, 5 if not a.smoke else 1,
+                                a.timesteps, a.workers)
+    result["train"].append({"pipeline": "seed-style", "model": default_label, "batch": 64, "precision": "fp32",
+                            "img_s": seed_ips})
     print(f"seed-style (DataLoader, {a.workers} workers, fp32, batch 64): {seed_ips:,.0f} img/s", flush=True)
-    for (label, kwargs), sizes in zip(models.items(), (a.batch_sizes, a.big_batch_sizes)):
-        params = sum(p.numel() for p in UNet(UNetConfig(num_classes=10, **kwargs)).parameters())
-        for batch in [int(b) for b in sizes.split(",")]:
-            try:
-                ips, warm, peak = bench_fast(images, labels, device, kwargs, batch, a.steps, a.warmup, timesteps,
-                                             compile_model)
-            except torch.cuda.OutOfMemoryError:
-                print(f"fast {label} batch {batch}: out of memory", flush=True)
-                continue
-            result["train"].append({"pipeline": "fast", "model": label, "params": params, "batch": batch,
-                                    "img_s": ips, "warmup_s": warm, "peak_gb": peak})
-            print(f"fast {label} ({params / 1e6:.1f}M) batch {batch}: {ips:,.0f} img/s "
-                  f"(warm-up {warm:.0f} s, peak {peak or 0:.1f} GB)", flush=True)
+    save(result, a.out)
+    bench_training(a, images, labels, result)
     counts = [int(c) for c in a.sample_counts.split(",")]
-    sampling = bench_sampling(device, models[default_label], counts, timesteps, size, a.sample_batch, compile_model)
-    result["sampling"] = {"timesteps": timesteps, "guidance_scale": 3.0, "sample_batch": a.sample_batch,
-                          "warmup_s": sampling["warmup_s"], "seconds": {str(c): sampling[c] for c in counts}}
+    result["sampling"] = {"timesteps": a.timesteps, "guidance_scale": 3.0, "sample_batch": a.sample_batch,
+                          "warmup_s": {}, "seconds": {}}
+    for precision in a.precisions:
+        sampling = bench_sampling(device, a.models[default_label], counts, a.timesteps, a.size, a.sample_batch,
+                                  a.compile_model, precision)
+        result["sampling"]["warmup_s"][precision] = sampling["warmup_s"]
+        result["sampling"]["seconds"][precision] = {str(c): sampling[c] for c in counts}
+        print(f"sampling {precision}: " + ", ".join(f"{c:,} in {sampling[c]:.2f} s" for c in counts), flush=True)
+        save(result, a.out)
     if device.type == "cuda":
         result["peak_gb_overall"] = torch.cuda.max_memory_allocated() / 1e9
-
     best = {}
-    for row in result["train"]:
-        if row["pipeline"] == "fast" and row["img_s"] > best.get(row["model"], {}).get("img_s", 0):
+    for row in result["train"][1:]:
+        if row["img_s"] > best.get(row["model"], {}).get("img_s", 0):
             best[row["model"]] = row
     result["best"] = best
-    print("\n| pipeline | model | batch | img/s | × seed-style | 45k-image epoch (s) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| seed-style | {default_label} | 64 | {seed_ips:,.0f} | 1.0 | {45000 / seed_ips:.1f} |")
-    for label, row in best.items():
-        print(f"| fast | {label} | {row['batch']} | {row['img_s']:,.0f} | {row['img_s'] / seed_ips:.1f} | "
-              f"{45000 / row['img_s']:.2f} |")
     if default_label in best:
         result["speedup_default_vs_seed"] = best[default_label]["img_s"] / seed_ips
-    print("\n| CFG samples (T=%d, w=3) | seconds | img/s |" % timesteps)
-    print("|---|---|---|")
-    for c in counts:
-        print(f"| {c:,} | {sampling[c]:.2f} | {c / sampling[c]:,.0f} |")
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+    print_tables(a, result)
+    save(result, a.out)
     print(f"\nwrote {a.out}")
 
 

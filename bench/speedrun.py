@@ -43,12 +43,24 @@ def load_referee(path):
     return module
 
 
+def read_referee_fid(a, device, samples_path):
+    """The referee's FID of the samples at samples_path against --ref_stats, or the training images."""
+    referee = load_referee(a.referee)
+    features = referee.FidFeatures(a.net, device)
+    mu, sigma = features.stats(referee.load_images(samples_path))
+    if a.ref_stats:
+        mu_ref, sigma_ref = referee.load_ref(a.ref_stats)
+    else:
+        mu_ref, sigma_ref = features.stats(load_dataset(a.data_dir)["train_images"].permute(0, 2, 3, 1).numpy())
+    return referee.frechet(mu, sigma, mu_ref, sigma_ref)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="/tmp/cifar10", help="image-folder CIFAR-10 (train/, test/)")
     p.add_argument("--data_tar", help="unpack this .tar.xz into --data_dir first when train/ is missing")
     p.add_argument("--net", required=True, help="TF-Inception TorchScript (.pt.xz) for both FIDs")
-    p.add_argument("--referee", required=True, help="referee_fid.py")
+    p.add_argument("--referee", help="referee_fid.py (without it, only the project's FID is read: a smoke run's)")
     p.add_argument("--ref_stats", help="reference statistics npz for the referee (default: the training images)")
     p.add_argument("--unconditional", action="store_true", help="train without labels (default: conditional + CFG)")
     p.add_argument("--minutes", type=float, default=5.0, help="training-time budget")
@@ -85,16 +97,8 @@ def main():
     sample_fid_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    referee = load_referee(a.referee)
     device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
-    features = referee.FidFeatures(a.net, device)
-    samples = referee.load_images(os.path.join(a.out, f"fid_samples_{name}.npz"))
-    mu, sigma = features.stats(samples)
-    if a.ref_stats:
-        mu_ref, sigma_ref = referee.load_ref(a.ref_stats)
-    else:
-        mu_ref, sigma_ref = features.stats(load_dataset(a.data_dir)["train_images"].permute(0, 2, 3, 1).numpy())
-    referee_fid = referee.frechet(mu, sigma, mu_ref, sigma_ref)
+    referee_fid = read_referee_fid(a, device, os.path.join(a.out, f"fid_samples_{name}.npz")) if a.referee else None
     referee_s = time.perf_counter() - t0
 
     if a.export:
@@ -105,6 +109,7 @@ def main():
         "train_args": train_args, "sample_args": sample_args, "sampler": ours["fid_sampler"],
         "referee_fid": referee_fid, "project_fid": ours["fid"], "num_fid": a.num_fid,
         "num_params": train_metrics["num_params"], "steps": train_metrics["steps"],
+        "precision": train_metrics["precision"], "compiled": train_metrics["compiled"],
         "epochs": train_metrics["epochs_done"], "train_images_per_s": train_metrics["train_images_per_s"],
         "time_s": {"unpack": unpack_s, **train_metrics["timing"], "sample_and_project_fid": sample_fid_s,
                    "referee": referee_s, "total": time.perf_counter() - start},
@@ -113,8 +118,8 @@ def main():
     with open(os.path.join(a.out, f"summary_{name}.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
-    print(f"referee FID {referee_fid:.3f} (n={len(samples)}); project FID {ours['fid']:.3f}; "
-          f"total {summary['time_s']['total']:.0f} s")
+    referee_text = f"referee FID {referee_fid:.3f}" if referee_fid is not None else "no referee given"
+    print(f"{referee_text} (n={a.num_fid}); project FID {ours['fid']:.3f}; total {summary['time_s']['total']:.0f} s")
 
 
 if __name__ == "__main__":

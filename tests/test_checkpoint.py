@@ -22,11 +22,12 @@ FLAGS_A = ["--conditional", "--timesteps", "10", "--schedule", "linear", "--loss
            "--min_snr_gamma", "5", "--dim", "8", "--dim_mults", "1,2", "--lr", "0.002", "--lr_decay", "cosine",
            "--warmup_steps", "3", "--batch_size", "8", "--p_uncond", "0.2", "--ema_decay", "0.99", "--seed", "7",
            "--epochs", "2", "--run_name", "a", "--data_dir", "data_a", "--time_budget_min", "3",
-           "--sampler", "ddim", "--sampling_steps", "4", "--eta", "0.5", "--guidance_scale", "2"]
+           "--sampler", "ddim", "--sampling_steps", "4", "--eta", "0.5", "--guidance_scale", "2", "--grad_accum", "2",
+           "--precision", "fp32"]
 FLAGS_B = ["--timesteps", "20", "--schedule", "sigmoid", "--loss_type", "huber", "--dim", "16", "--dim_mults", "1",
            "--lr", "0.001", "--lr_decay", "none", "--warmup_steps", "5", "--batch_size", "4", "--p_uncond", "0.3",
            "--ema_decay", "0.9", "--seed", "8", "--epochs", "5", "--run_name", "b", "--data_dir", "data_b",
-           "--time_budget_min", "4"]
+           "--time_budget_min", "4", "--precision", "bf16"]
 
 
 def flags(argv, world_size, saved_sampling=None):
@@ -83,17 +84,21 @@ def test_resumed_config_takes_fixed_settings_from_the_checkpoint_and_adjustable_
     for key in RUN_SETTINGS:
         assert saved[key] != fresh[key] and resumed[key] == fresh[key], key
     assert resumed["model"] == saved["model"]  # derived from the checkpoint's dim, dim_mults, conditional
-    assert resumed["global_batch_size"] == 8 * 2  # the checkpoint's batch on this run's ranks
+    assert resumed["global_batch_size"] == 8 * 2 * 2  # the checkpoint's batch and accumulation on this run's ranks
 
 
 def test_fixed_settings_given_with_other_values_are_conflicts_and_adjustable_changes_are_listed():
     saved = training_config(flags(FLAGS_A, 1), FACTS)
-    argv = ["--dim", "8", "--dim_mults", "1,2,4", "--timesteps", "20", "--lr", "0.001", "--epochs", "9"]
+    argv = ["--dim", "8", "--dim_mults", "1,2,4", "--timesteps", "20", "--lr", "0.001", "--epochs", "9",
+            "--precision", "fp32"]
     assert fixed_setting_conflicts(saved, flags(argv, 1), given(argv)) == {"dim_mults": ([1, 2], [1, 2, 4]),
                                                                            "timesteps": (10, 20)}
     resumed = training_config(flags(argv, 1), FACTS, saved_config=saved, given=given(argv))
     assert resume_changes(saved, resumed) == {"lr": (0.002, 0.001), "epochs": (2, 9),
                                               "sampling": (saved["sampling"], resumed["sampling"])}
+    in_bf16 = argv + ["--precision", "bf16"]  # precision may change on resume
+    in_bf16 = training_config(flags(in_bf16, 1), FACTS, saved_config=saved, given=given(in_bf16))
+    assert resume_changes(saved, in_bf16)["precision"] == ("fp32", "bf16")
 
 
 def test_sampling_settings_come_from_the_flags_given_else_the_checkpoint():
@@ -120,18 +125,22 @@ def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_state():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).sum().backward()
     optimizer.step()
-    state = TrainingState(epoch=3, step=40, batch_in_epoch=2, epoch_loss_sum=0.5, best_val=0.25)
+    state = TrainingState(epoch=3, step=40, batch_in_epoch=2, epoch_loss_sum=0.5, best_val=0.25, skipped_steps=6)
     state.record_evaluation(3, 0.3, 0.25, 0.27)
-    ckpt = build_checkpoint({"k": 1}, model, ema, optimizer, state, use_cuda=False)
-    assert set(ckpt) == {"format", "version", "config", "versions", "model", "ema", "optimizer", "rng", "epoch", "step",
-                         "batch_in_epoch", "epoch_loss_sum", "best_val", "history", "timing"}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # fp16's loss scale, as training left it
+    ckpt = build_checkpoint({"k": 1}, model, ema, optimizer, state, use_cuda=False, scaler=scaler)
+    assert set(ckpt) == {"format", "version", "config", "versions", "model", "ema", "optimizer", "rng", "grad_scaler",
+                         "epoch", "step", "batch_in_epoch", "epoch_loss_sum", "best_val", "skipped_steps", "history",
+                         "timing"}
     expected_draw = torch.rand(3)
 
     torch.manual_seed(1)
     model2, ema2 = UNet(dim=8, dim_mults=(1,)), UNet(dim=8, dim_mults=(1,))
     optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
-    restored = restore_training(ckpt, model2, ema2, optimizer2, use_cuda=False)
-    assert restored == state
+    scaler2 = torch.amp.GradScaler("cpu")
+    restored = restore_training(ckpt, model2, ema2, optimizer2, use_cuda=False, scaler=scaler2)
+    assert restored == state and scaler2.get_scale() == 2.0 ** 10
+    assert restore_training(ckpt, model2, ema2, optimizer2, use_cuda=False) == state  # now in bf16 or fp32: no scaler
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the checkpoint was taken
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)

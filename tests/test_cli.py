@@ -15,7 +15,7 @@ from PIL import Image
 import ddpm_main
 from conftest import MAIN, ROOT, TINY_MODEL, make_image_folder, run_main
 from ddpm_checkpoint import TOOL_VERSION, export_for_inference, load_checkpoint
-from ddpm_helpers import NonFiniteError, bf16_is_fast, write_json
+from ddpm_helpers import NonFiniteError, choose_precision, write_json
 
 SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")  # 10 classes
 
@@ -110,7 +110,10 @@ BAD_ARGUMENTS = [
     (["--eta", "0.5"], "--eta applies to --sampler ddim (the sampler here is dpm++2m)"),
     (["--sampler", "ddim", "--eta", "2"], "--eta must be in [0, 1]"),
     (["--guidance_scale", "-1"], "--guidance_scale must be 0 or more"),
-    (["--no_bf16"], "--no_bf16 goes with --inference"),
+    (["--no_bf16", "--precision", "bf16"], "--no_bf16 means --precision fp32, but --precision bf16 was given too"),
+    (["--no_compile", "--compile", "on"], "--no_compile means --compile off, but --compile on was given too"),
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["--grad_accum", "0"], "--grad_accum must be at least 1"),
     (["--inference", "--model_path", SHIPPED, "--sampling_steps", "1001"], "1001 is more than the model's T = 1000"),
     (["--inference", "--model_path", SHIPPED, "--sampler", "ddpm", "--sampling_steps", "5"],
      "--sampling_steps applies to --sampler dpm++2m and ddim"),
@@ -347,11 +350,14 @@ def test_checkpoints_carry_the_settings_they_sample_with(tiny_data, tmp_path, mo
     assert sampled_with(model="old.pt").endswith(": dpm++2m, 10 steps (lambda spacing), guidance 3.0")
 
 
-@pytest.mark.parametrize("no_bf16", [False, True])
-def test_inference_samples_in_bf16_where_that_is_fast_unless_told_not_to(no_bf16, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flags,precision", [([], None), (["--no_bf16"], "fp32"), (["--precision", "fp32"], "fp32"),
+                                             (["--precision", "bf16"], "bf16")])
+def test_inference_samples_in_bf16_where_that_is_fast_unless_told_not_to(flags, precision, tmp_path, monkeypatch,
+                                                                          capsys):
     monkeypatch.chdir(tmp_path)
     ddpm_main.main(["--inference", "--conditional", "--model_path", SHIPPED, "--num_samples", "1", "--sampling_steps",
-                    "1", "--no_cuda", *(["--no_bf16"] if no_bf16 else [])])
+                    "1", "--no_cuda", "--run_name", "p", *flags])
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sampling on "))
-    in_bf16 = bf16_is_fast(torch.device("cpu")) and not no_bf16
-    assert line.startswith("sampling on cpu in bf16: " if in_bf16 else "sampling on cpu: ")
+    expected = precision or choose_precision("auto", torch.device("cpu"))[0]
+    starts = {"bf16": "sampling on cpu in bf16 autocast (", "fp32": "sampling on cpu in float32 ("}
+    assert line.startswith(starts[expected])

@@ -1,4 +1,5 @@
-"""torchrun with two CPU ranks (gloo): one set of outputs, disjoint shards, and the same run as one process."""
+"""torchrun with two CPU ranks (gloo): one set of outputs, disjoint shards, and the same run as one process, with
+gradient accumulation on top (all-reduced on each step's last micro-batch only)."""
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from conftest import MAIN, ROOT, make_image_folder, run_main
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 COMMON = ["--conditional", "--seed", "3", "--dim", "8", "--dim_mults", "1,2", "--timesteps", "10", "--no_cuda",
-          "--log_interval", "2"]
+          "--log_interval", "2", "--precision", "fp32"]  # fp32: the comparisons are to float32 round-off
 
 
 def torchrun(args, cwd):
@@ -47,11 +48,13 @@ def test_ranks_see_disjoint_shards_covering_the_epoch(tmp_path):
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(50))
 
 
-def test_two_ranks_match_one_process_with_the_global_batch_and_resume(data, tmp_path):
-    first = torchrun([MAIN, "--data_dir", data, "--epochs", "1", "--batch_size", "4", "--run_name", "ddp", *COMMON],
-                     tmp_path)
+def test_two_ranks_accumulating_match_one_process_with_the_global_batch_and_resume(data, tmp_path):
+    """2 ranks × 2 micro-batches of 2 = one process with batch 8: the same losses and weights."""
+    first = torchrun([MAIN, "--data_dir", data, "--epochs", "1", "--batch_size", "2", "--grad_accum", "2",
+                      "--run_name", "ddp", *COMMON], tmp_path)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("training 'ddp'") == 1 and "2 ranks × batch 4" in first.stdout  # rank 0 prints
+    assert first.stdout.count("training 'ddp'") == 1 and "2 ranks × batch 2" in first.stdout  # rank 0 prints
+    assert "2 micro-batches of 2 per optimizer step on each of 2 ranks: 8 images a step" in first.stdout
     resumed = torchrun([MAIN, "--epochs", "2", "--run_name", "ddp", "--resume", "auto", "--save_model", "--no_cuda"],
                        tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -69,7 +72,7 @@ def test_two_ranks_match_one_process_with_the_global_batch_and_resume(data, tmp_
     for name in a["model"]:
         # Adam divides by √v: float32 round-off in near-zero gradients moves a weight by up to ~lr per step
         assert torch.allclose(a["model"][name], b["model"][name], atol=2e-3), name
-    assert a["config"]["world_size"] == 2 and a["config"]["global_batch_size"] == 8
+    assert a["config"]["world_size"] == 2 and a["config"]["global_batch_size"] == 8 and a["step"] == b["step"]
     outputs = sorted(p.name for p in (tmp_path / "outputs").iterdir() if "ddp" in p.name)
     assert outputs == ["forward_process_ddp.png", "loss_curves_ddp.png", "loss_history_ddp.json", "metrics_ddp.json",
                        "samples_ddp_epoch001.png", "samples_ddp_epoch002.png"]

@@ -1,0 +1,337 @@
+"""The code a GPU run takes, executed on the CPU: the precision each kind of hardware gets, fp16 with its loss scaler,
+fused AdamW, torch.compile of the training step and of the sampler (inductor, the CPU's code generator), gradient
+accumulation, and the out-of-memory retry of sampling."""
+import contextlib
+import copy
+import json
+import os
+import re
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import ddpm_helpers
+import ddpm_main
+import ddpm_train
+from conftest import TINY_MODEL, run_main
+from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule, generate
+from ddpm_helpers import Denoiser, choose_compile, choose_precision
+from ddpm_model import UNet, UNetConfig
+from ddpm_train import TrainingStep, build_loss_scaler, build_optimizer
+
+
+def tiny_unet(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return UNet(UNetConfig(**{"dim": 8, "dim_mults": (1, 2), "num_classes": 10, **kwargs}))
+
+
+def a_batch(n=8, size=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
+
+
+def training_step(model, precision="fp32", compile=False, grad_accum=1, scaler=None):
+    return TrainingStep(model, copy.deepcopy(model).requires_grad_(False), build_optimizer(model, 1e-3),
+                        Diffusion(10, cosine_beta_schedule), Denoiser(model, compile, precision), p_uncond=0.1,
+                        loss_type="l2", ema_decay=0.999, grad_accum=grad_accum,
+                        scaler=scaler or build_loss_scaler(precision, torch.device("cpu")))
+
+
+# ---------------------------------------------------------------------------------- precision
+
+@pytest.fixture
+def cuda_device(monkeypatch):
+    """A stand-in CUDA device of a given compute capability, as torch.cuda reports it."""
+    def make(name, capability):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        return torch.device("cuda", 0)
+    return make
+
+
+def test_auto_precision_is_bf16_where_native_fp16_on_older_gpus_else_fp32(cuda_device, monkeypatch):
+    assert choose_precision("auto", cuda_device("NVIDIA H200", (9, 0))) == (
+        "bf16", "NVIDIA H200 (compute capability 9.0) has native bf16")
+    assert choose_precision("auto", cuda_device("NVIDIA A100", (8, 0)))[0] == "bf16"
+    assert choose_precision("auto", cuda_device("Tesla T4", (7, 5))) == (
+        "fp16", "Tesla T4 (compute capability 7.5) has no bf16 tensor cores: fp16 with a dynamic loss scaler")
+    assert choose_precision("auto", cuda_device("Tesla V100", (7, 0)))[0] == "fp16"
+    assert choose_precision("fp32", cuda_device("Tesla T4", (7, 5))) == ("fp32", "--precision fp32")
+    assert choose_precision("bf16", cuda_device("Tesla T4", (7, 5)))[1].endswith("expect it slower than float32")
+
+    cpu = torch.device("cpu")
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: False)
+    assert choose_precision("auto", cpu) == ("fp32", "the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated")
+    assert choose_precision("bf16", cpu)[1].startswith("--precision bf16, though the CPU has neither")
+    assert choose_precision("fp16", cpu) == ("fp16", "--precision fp16: emulated on the CPU, expect it much slower "
+                                                     "than float32")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert choose_precision("auto", cpu) == ("bf16", "the CPU has AMX")
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a torch without the private checks
+        monkeypatch.delattr(torch.cpu, check)
+    assert ddpm_helpers.cpu_bf16_instructions() == [] and choose_precision("auto", cpu)[0] == "fp32"
+
+
+def test_compile_auto_is_cuda_only_and_on_means_the_cpu_too():
+    assert choose_compile("auto", torch.device("cuda", 0)) and not choose_compile("auto", torch.device("cpu"))
+    assert choose_compile("on", torch.device("cpu")) and not choose_compile("off", torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_loss_and_gradients_match_fp32_and_weights_stay_fp32(precision):
+    """bf16 keeps 8 bits of mantissa, fp16 11: the loss within 2 % and the gradient's direction within cos > 0.99."""
+    results = {}
+    for p in ("fp32", precision):
+        model = tiny_unet()
+        step = training_step(model, p)
+        torch.manual_seed(5)
+        loss, skipped = step(*a_batch(), step=0, lr=1e-3)
+        assert skipped.item() == 0
+        results[p] = loss.item(), torch.cat([q.grad.flatten() for q in model.parameters()])
+        assert all(q.dtype == torch.float32 for q in [*model.parameters(), *step.ema_model.parameters()])
+        assert all(v.dtype == torch.float32 for s in step.optimizer.state.values() for v in s.values())
+    assert results[precision][0] == pytest.approx(results["fp32"][0], rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(results["fp32"][1], results[precision][1], dim=0) > 0.99
+
+
+def test_fp16_steps_whose_gradients_overflow_are_skipped_counted_and_leave_the_weights_alone():
+    """From a loss scale of 2¹⁹ the tiny U-Net's scaled gradients overflow fp16 (max 65,504) twice: those steps change
+    no weight and halve the scale; the third step trains, at 2¹⁷."""
+    model = tiny_unet()
+    step = training_step(model, "fp16", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 19))
+    x, y = a_batch()
+    flags, scales = [], []
+    for i in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        loss, skipped = step(x, y, step=i, lr=1e-3)
+        assert torch.isfinite(loss)  # an overflow in the backward pass, not in the loss
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert unchanged == bool(skipped.item())
+        flags.append(int(skipped.item()))
+        scales.append(step.scaler.get_scale())
+    assert flags == [1, 1, 0] and scales == [2.0 ** 18, 2.0 ** 17, 2.0 ** 17]
+
+
+def test_fused_adamw_steps_as_the_plain_one():
+    """One step from the same weights and gradients agrees to float32 round-off (later steps drift apart by up to
+    ~lr where a gradient is near 0, as any two AdamW implementations do)."""
+    model, plain_model = tiny_unet(), tiny_unet()
+    fused, plain = build_optimizer(model, 1e-3), torch.optim.AdamW(plain_model.parameters(), lr=1e-3)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x, y = a_batch()
+    t = torch.arange(8) % 10
+    for m, optimizer in ((model, fused), (plain_model, plain)):
+        (m(x, t, y) - x).pow(2).mean().backward()
+        optimizer.step()
+    for a, b in zip(model.parameters(), plain_model.parameters()):
+        assert torch.equal(a.grad, b.grad) and torch.allclose(a, b, rtol=0, atol=1e-7)
+        assert not torch.equal(a, tiny_unet().state_dict()[next(k for k, v in model.named_parameters() if v is a)])
+
+
+def test_fp16_training_through_the_cli_reports_skipped_steps_and_a_resume_may_change_precision(
+        tiny_data, tmp_path, monkeypatch, capsys):
+    """27 training images, batch 8: 4 steps an epoch. From a loss scale of 2¹⁹ the first steps overflow: counted in
+    the log lines and the metrics (each skip halved the scale), no NaN stop. The resume runs in float32 and says so."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ddpm_train, "FP16_INIT_SCALE", 2.0 ** 19)
+    monkeypatch.setattr(ddpm_main, "LOG_LINE_SECONDS", 0)
+    ddpm_main.main(["--data_dir", tiny_data, "--epochs", "1", "--log_interval", "1", "--run_name", "half",
+                    "--sampling_steps", "1", *TINY_MODEL, "--precision", "fp16"])
+    out = capsys.readouterr().out
+    assert "compute: fp16 autocast (--precision fp16: emulated on the CPU" in out
+    skips = [re.fullmatch(r"step \d  epoch 1  loss \S+  lr \S+  \d+ img/s  (\d) fp16 steps skipped \(overflow\)", line)
+             for line in out.splitlines() if line.startswith("step ")]
+    skips = [int(match.group(1)) for match in skips]
+    assert len(skips) == 4 and skips[0] == 1 and skips == sorted(skips) and skips[-1] < 4  # the first overflows
+    metrics = json.loads((tmp_path / "outputs" / "metrics_half.json").read_text())
+    assert metrics["fp16_skipped_steps"] == skips[-1] and metrics["precision"] == "fp16" and metrics["steps"] == 4
+    last = torch.load(tmp_path / "models" / "half" / "last.pt", weights_only=True)
+    assert last["grad_scaler"]["scale"] == 2.0 ** (19 - skips[-1]) and last["config"]["precision"] == "fp16"
+
+    ddpm_main.main(["--resume", "auto", "--run_name", "half", "--epochs", "2", "--precision", "fp32", "--no_cuda"])
+    out = capsys.readouterr().out
+    assert "precision fp16 → fp32" in out and "compute: float32 (--precision fp32)" in out
+    metrics = json.loads((tmp_path / "outputs" / "metrics_half.json").read_text())
+    assert metrics["steps"] == 8 and metrics["fp16_skipped_steps"] == skips[-1] and metrics["precision"] == "fp32"
+
+
+def test_fp16_loss_that_is_not_finite_still_stops_the_run(tiny_data, tmp_path, monkeypatch, capsys):
+    """A NaN loss is not an overflow the scaler can mend: the run stops (exit 1) as in float32, writing nothing."""
+    monkeypatch.chdir(tmp_path)
+    real_losses = Diffusion.p_losses
+    monkeypatch.setattr(Diffusion, "p_losses", lambda self, *a, **k: real_losses(self, *a, **k) * float("nan"))
+    code = run_main("--data_dir", tiny_data, "--epochs", "1", "--log_interval", "1", "--run_name", "nan16",
+                    *TINY_MODEL, "--precision", "fp16", cwd=tmp_path)
+    assert code.returncode == 1 and "the training loss at epoch 1, step 1 became nan; stopped" in code.stderr
+    assert not (tmp_path / "models" / "nan16" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------------------ compile
+
+def test_compiled_training_step_matches_eager_and_compiles_one_graph():
+    """Inductor's CPU code for the forward and backward pass of a one-stage U-Net, three steps of one batch shape:
+    one graph, compiled once; losses within 1e-4, first-step gradients within 1e-4 of the largest, weights within
+    3 · lr (Adam's step is about lr wherever a gradient's sign is uncertain)."""
+    torch._dynamo.reset()
+    counters.clear()
+    x, y = a_batch(4, 8)
+    runs = {}
+    for compiled in (False, True):
+        model = tiny_unet(dim_mults=(1,), attn_heads=1, attn_dim_head=8).to(memory_format=torch.channels_last)
+        step = training_step(model, "fp32", compile=compiled)
+        torch.manual_seed(3)
+        losses, grads = [], None
+        for i in range(3):
+            loss, _ = step(x, y, step=i, lr=1e-3)
+            losses.append(loss.item())
+            grads = grads or [p.grad.clone() for p in model.parameters()]
+        assert step.denoiser.compiled == compiled
+        runs[compiled] = losses, grads, [p.detach().clone() for p in model.parameters()]
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1
+    (eager_losses, eager_grads, eager_weights), (losses, grads, weights) = runs[False], runs[True]
+    assert losses == pytest.approx(eager_losses, rel=1e-4)
+    scale = max(g.abs().max() for g in eager_grads)
+    assert all((a - b).abs().max() <= 1e-4 * scale for a, b in zip(grads, eager_grads))
+    assert all((a - b).abs().max() <= 3e-3 for a, b in zip(weights, eager_weights))
+
+
+def test_compiled_sampler_matches_eager_and_compiles_one_graph():
+    """DPM-Solver++(2M) with guidance (both halves in one 2N batch) over two batches of one shape: one graph; the
+    samples within 1e-3 of eager."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_unet(dim_mults=(1,), attn_heads=1, attn_dim_head=8).to(memory_format=torch.channels_last).eval()
+    diffusion = Diffusion(10, cosine_beta_schedule)
+    settings = SamplerSettings("dpm++2m", steps=4, guidance_scale=3.0)
+    labels = torch.arange(8) % 10
+    eager = generate(diffusion, Denoiser(model), settings, 8, 8, class_labels=labels, batch_size=4, seed=0)
+    compiled_denoiser = Denoiser(model, compile=True)
+    compiled = generate(diffusion, compiled_denoiser, settings, 8, 8, class_labels=labels, batch_size=4, seed=0)
+    assert compiled_denoiser.compiled
+    assert counters["stats"]["unique_graphs"] == 1
+    assert (compiled - eager).abs().max() < 1e-3
+
+
+def test_compile_on_compiles_training_and_inference_on_the_cpu(tiny_data, tmp_path, monkeypatch, capsys):
+    """--compile on through the CLI hands the training U-Net and its EMA (training) or the sampled U-Net (inference)
+    to torch.compile, and the first step of each batch size is timed apart from training (the device drained
+    before and after it: a no-op on the CPU). torch.compile is recorded here, not run: what it makes of the U-Net
+    is checked above."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(type(model).__name__) or model)
+    monkeypatch.chdir(tmp_path)
+    ddpm_main.main(["--data_dir", tiny_data, "--epochs", "1", "--compile", "on", "--save_model", "--run_name", "c",
+                    "--sampling_steps", "1", *TINY_MODEL])
+    assert "; torch.compile" in capsys.readouterr().out and compiled == ["UNet", "UNet"]
+    metrics = json.loads((tmp_path / "outputs" / "metrics_c.json").read_text())
+    assert metrics["compiled"] and 0 < metrics["timing"]["compile_s"] < metrics["timing"]["compile_s"] + \
+        metrics["timing"]["train_s"]
+    ddpm_main.main(["--inference", "--model_path", "models/c/ckpt.pt", "--num_samples", "2", "--compile", "on",
+                    "--no_cuda"])
+    assert ", compiled): " in capsys.readouterr().out and compiled == ["UNet"] * 3
+    ddpm_main.main(["--inference", "--model_path", "models/c/ckpt.pt", "--num_samples", "2", "--no_cuda"])
+    assert ", compiled" not in capsys.readouterr().out and len(compiled) == 3  # auto: CUDA only
+
+
+# ------------------------------------------------------------------------- gradient accumulation
+
+class FakeDDP(torch.nn.Module):
+    """What TrainingStep asks of DistributedDataParallel: forward, and no_sync (counted)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.no_sync_entered = module, 0
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def no_sync(self):
+        self.no_sync_entered += 1
+        return contextlib.nullcontext()
+
+
+def test_accumulated_step_computes_the_whole_batch_step_and_syncs_only_the_last_micro_batch():
+    x, y = a_batch(7)  # 7 = 4 + 3: micro-batches need not be equal
+    whole, accumulated = tiny_unet(), tiny_unet()
+    step_whole = training_step(whole)
+    wrapper = FakeDDP(accumulated)
+    step_accumulated = TrainingStep(accumulated, copy.deepcopy(accumulated).requires_grad_(False),
+                                    build_optimizer(accumulated, 1e-3), Diffusion(10, cosine_beta_schedule),
+                                    Denoiser(wrapper), 0.1, "l2", 0.999, grad_accum=2)
+    for i in range(2):
+        torch.manual_seed(i)
+        loss_whole, _ = step_whole(x, y, step=i, lr=1e-3)
+        torch.manual_seed(i)
+        loss_accumulated, _ = step_accumulated(x, y, step=i, lr=1e-3)
+        assert loss_accumulated.item() == pytest.approx(loss_whole.item(), rel=1e-5)
+        scale = max(p.grad.abs().max() for p in whole.parameters())
+        for a, b in zip(whole.parameters(), accumulated.parameters()):  # float32 sums in another order
+            assert (a.grad - b.grad).abs().max() <= 1e-5 * scale
+    assert wrapper.no_sync_entered == 2  # the first of each step's two micro-batches
+    for a, b in zip(step_whole.ema_model.parameters(), step_accumulated.ema_model.parameters()):
+        assert torch.allclose(a, b, atol=2e-3)  # Adam moves a weight whose gradient is ~0 by up to lr either way
+
+
+def test_grad_accum_through_the_cli_trains_what_the_whole_batch_trains(tiny_data, tmp_path):
+    """--batch_size 4 --grad_accum 2 against --batch_size 8: the same steps, read-outs, loss history and weights."""
+    common = ["--data_dir", tiny_data, "--epochs", "2", "--conditional", "--precision", "fp32", "--save_model",
+              "--log_interval", "3", *TINY_MODEL]
+    for name, batch in (("accum", ["--batch_size", "4", "--grad_accum", "2"]), ("whole", ["--batch_size", "8"])):
+        result = run_main(*common, "--run_name", name, *batch, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert ("; 2 micro-batches of 4 per optimizer step: 8 images a step" in result.stdout) == (name == "accum")
+    accum, whole = (json.loads((tmp_path / "outputs" / f"loss_history_{n}.json").read_text())
+                    for n in ("accum", "whole"))
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert accum[key] == pytest.approx(whole[key], rel=1e-5), key
+    a, b = (torch.load(tmp_path / "models" / n / "ckpt.pt", weights_only=True) for n in ("accum", "whole"))
+    assert a["step"] == b["step"] == 8 and a["config"]["global_batch_size"] == 8 and a["config"]["grad_accum"] == 2
+    for name in a["model"]:
+        assert torch.allclose(a["model"][name], b["model"][name], atol=2e-3), name
+    metrics = json.loads((tmp_path / "outputs" / "metrics_accum.json").read_text())
+    assert metrics["grad_accum"] == 2 and metrics["global_batch_size"] == 8
+
+
+# ---------------------------------------------------------------------------- out of memory
+
+def card_holding(images, tried):
+    """Diffusion.sample on a device with room for `images` at a time: larger batches raise out of memory; every batch
+    size asked for is appended to `tried`."""
+    real_sample = Diffusion.sample
+
+    def sample(self, model, shape, *args, **kwargs):
+        tried.append(shape[0])
+        if shape[0] > images:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_sample(self, model, shape, *args, **kwargs)
+    return sample
+
+
+def test_sampling_out_of_memory_halves_the_batch_and_says_so_once(monkeypatch, capsys):
+    """A device that holds 2 images: 5 asked for 8 at a time are tried at 5, then 2, 2 and 1 — all 5 come back."""
+    tried = []
+    monkeypatch.setattr(Diffusion, "sample", card_holding(2, tried))
+    model = tiny_unet().eval()
+    images = generate(Diffusion(10, cosine_beta_schedule), Denoiser(model), SamplerSettings("ddim", steps=2), 5, 16,
+                      class_labels=torch.arange(5), batch_size=8)
+    assert images.shape == (5, 3, 16, 16) and tried == [5, 2, 2, 1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: out of memory sampling 5 images at a time; going on with 2 (halved again if need be; "
+                   "a smaller --sample_batch avoids the retry)"]
+    monkeypatch.setattr(Diffusion, "sample", card_holding(0, tried))
+    with pytest.raises(torch.OutOfMemoryError):  # not even one image fits: the error stands
+        generate(Diffusion(10, cosine_beta_schedule), Denoiser(model), SamplerSettings("ddim", steps=2), 1, 16)
+
+
+def test_inference_that_runs_out_of_memory_still_writes_every_sample(trained, monkeypatch, tmp_path):
+    """Room for 3: 10 at a time fail, then 5; 2 at a time fit, and the rest goes 2 at a time."""
+    tried = []
+    monkeypatch.setattr(Diffusion, "sample", card_holding(3, tried))
+    result = run_main("--inference", "--model_path", os.path.join(trained, "models", "cond", "ckpt.pt"),
+                      "--conditional", "--num_samples", "10", "--sample_batch", "10", "--no_cuda", "--run_name", "oom",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("warning: out of memory sampling 10 images at a time") == 1
+    assert tried == [10, 5, 2, 2, 2, 2, 2] and len(os.listdir(tmp_path / "outputs" / "samples_oom")) == 10
