@@ -83,17 +83,17 @@ class TrainingStep:
         micro = -(-len(x) // self.grad_accum)  # ⌈B / grad_accum⌉ images per micro-batch
         chunks = list(zip(x.split(micro), t.split(micro), noise.split(micro),
                           labels.split(micro) if labels is not None else itertools.repeat(None)))
-        loss = torch.zeros((), device=x.device)
+        parts = []
         for i, (x_i, t_i, noise_i, labels_i) in enumerate(chunks):
             with self.gradient_sync(i == len(chunks) - 1):
-                # the micro-batch's share of the batch mean, so the gradients add up to the batch's
                 part = self.diffusion.p_losses(self.denoiser, x_i, t_i, noise_i, self.loss_type, labels_i)
-                part = part * (len(x_i) / len(x))
+                if len(chunks) > 1:  # the micro-batch's share of the batch mean, so the gradients add up to its
+                    part = part * (len(x_i) / len(x))
                 (self.scaler.scale(part) if self.scaler else part).backward()
-            loss += part.detach()
+            parts.append(part.detach())
         skipped = self.optimizer_step()
         update_ema(self.ema_model, self.model, min(self.ema_decay, (1 + step) / (10 + step)))
-        return loss, skipped
+        return (parts[0] if len(parts) == 1 else torch.stack(parts).sum()), skipped
 
     def draw_randomness(self, x, y):
         """t (B,), the labels after the classifier-free guidance drops (B,) or None, and ε like x: drawn for the

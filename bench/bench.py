@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm_data import DeviceLoader  # noqa: E402
 from ddpm_diffusion import Diffusion, SamplerSettings, generate, make_schedule  # noqa: E402
-from ddpm_helpers import Denoiser, choose_compile, synchronize  # noqa: E402
+from ddpm_helpers import COMPILE_CHOICES, Denoiser, choose_compile, synchronize  # noqa: E402
 from ddpm_model import UNet, UNetConfig  # noqa: E402
 from ddpm_train import TrainingStep, build_loss_scaler, build_optimizer  # noqa: E402
 
@@ -154,7 +154,7 @@ def parse_args():
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers for the seed-style pipeline")
     p.add_argument("--sample_counts", default="1000,10000", help="sample counts to time")
     p.add_argument("--sample_batch", type=int, default=5000, help="images per sampling batch")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help="torch.compile the U-Net: auto on CUDA only, as the CLI")
     p.add_argument("--out", default="outputs/bench.json", help="where the JSON goes")
     a = p.parse_args()
