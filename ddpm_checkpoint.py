@@ -14,6 +14,10 @@ A checkpoint is one dict that loads with torch.load(path, weights_only=True):
     epoch, step, batch_in_epoch, epoch_loss_sum, best_val, skipped_steps, history, timing    the TrainingState
 
 An export for inference (export_for_inference) keeps format, version, config, versions and the EMA weights in bf16.
+
+Every checkpoint is checked for what it must hold before it is used (checkpoint_problem: the config's entries, weights
+of the shapes its network has, and for a resume the optimizer, RNG and position), and what a config needs in memory is
+estimated before anything is built (memory_needs).
 """
 import dataclasses
 import math
@@ -24,9 +28,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ddpm_data import CIFAR10_CLASSES, model_side
-from ddpm_diffusion import Diffusion, SamplerSettings, make_schedule
-from ddpm_helpers import NonFiniteError, UserError, atomic_torch_save, write_json
+from ddpm_diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, Diffusion, SamplerSettings, make_schedule
+from ddpm_helpers import PRECISIONS, NonFiniteError, UserError, atomic_torch_save, write_json
 from ddpm_model import UNet, UNetConfig
+from ddpm_train import LR_DECAYS
 
 CHECKPOINT_FORMAT = "ddpm-cifar10"
 CHECKPOINT_VERSION = 1
@@ -210,7 +215,8 @@ def save_checkpoint(ckpt, path, with_optimizer=True):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load and check a checkpoint written by this tool (weights_only=True: no code is unpickled)."""
+    """Load a checkpoint written by this tool (weights_only=True: no code is unpickled) and check that it holds what
+    sampling needs (checkpoint_problem): UserError naming the file and what is wrong."""
     if not path:
         raise UserError("--model_path is required with --inference")
     if not os.path.exists(path):
@@ -225,6 +231,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
         raise UserError(f"{path!r} is not a checkpoint of this tool (ddpm_main.py); "
                         "it holds no 'format': 'ddpm-cifar10' entry and config")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"{path!r} is damaged or incomplete: {problem}")
     refuse_nonfinite(ckpt, path, ("ema",) if ckpt.get("ema") else ("model",))  # the weights it samples with
     return ckpt
 
@@ -234,6 +243,229 @@ def refuse_nonfinite(ckpt, path, parts):
     if nonfinite_weights(ckpt, parts):
         raise UserError(f"{path!r} holds NaN or infinite weights (written by a run that diverged); "
                         "use an earlier checkpoint")
+
+
+# ------------------------------------------------------------- what a checkpoint must hold, what a config needs
+
+def _whole(least):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _number(test):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and test(v)
+
+
+def _sampling_settings_valid(value):
+    try:
+        SamplerSettings(**value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch's generators take (a negative seed is taken modulo 2⁶⁴)
+# (test, what the value must be) of each config entry a checkpoint may hold; SAMPLING_NEEDS and RESUME_NEEDS name
+# those that must be there
+CONFIG_ENTRIES = {
+    "model": (lambda v: isinstance(v, dict), "the U-Net's settings (a dict)"),
+    "timesteps": (_whole(1), "a whole number ≥ 1"),
+    "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+    "image_size": (_whole(1), "a whole number ≥ 1"),
+    "conditional": (lambda v: isinstance(v, bool), "true or false"),
+    "num_classes": (lambda v: v is None or _whole(1)(v), "none or a whole number ≥ 1"),
+    "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of class names"),
+    "channels": (_whole(1), "a whole number ≥ 1"),
+    "data_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_whole(1), v)), "[height, width]"),
+    "dataset": (lambda v: isinstance(v, str), "a name"),
+    "prediction": (lambda v: v in PREDICTIONS, f"one of {', '.join(PREDICTIONS)}"),
+    "min_snr_gamma": (lambda v: v is None or _number(lambda x: x > 0)(v), "none or a number > 0"),
+    "sampling": (lambda v: isinstance(v, dict) and _sampling_settings_valid(v), "sampler settings"),
+    "run_name": (lambda v: isinstance(v, str), "a name"),
+    "data_dir": (lambda v: isinstance(v, str), "a folder"),
+    "loss_type": (lambda v: v in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}"),
+    "dim": (_whole(1), "a whole number ≥ 1"),
+    "dim_mults": (lambda v: isinstance(v, list) and v and all(map(_whole(1), v)), "a list of whole numbers ≥ 1"),
+    "batch_size": (_whole(1), "a whole number ≥ 1"),
+    "grad_accum": (_whole(1), "a whole number ≥ 1"),
+    "world_size": (_whole(1), "a whole number ≥ 1"),
+    "epochs": (_whole(1), "a whole number ≥ 1"),
+    "p_uncond": (_number(lambda x: 0 <= x <= 1), "a number in [0, 1]"),
+    "ema_decay": (_number(lambda x: 0 <= x < 1), "a number in [0, 1)"),
+    "seed": (lambda v: _whole(SEED_RANGE[0])(v) and v <= SEED_RANGE[1], "a seed in the generator's range"),
+    "lr": (_number(lambda x: x > 0), "a number > 0"),
+    "lr_decay": (lambda v: v in LR_DECAYS, f"one of {', '.join(LR_DECAYS)}"),
+    "warmup_steps": (_whole(0), "a whole number ≥ 0"),
+    "time_budget_min": (lambda v: v is None or _number(lambda x: x > 0)(v), "none or a number > 0"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+}
+SAMPLING_NEEDS = ("model", "timesteps", "schedule", "image_size")
+RESUME_NEEDS = SAMPLING_NEEDS + ("run_name", "data_dir", "conditional", "num_classes", "loss_type", "batch_size",
+                                 "grad_accum", "p_uncond", "ema_decay", "seed", "lr", "lr_decay", "warmup_steps",
+                                 "epochs")
+MODEL_ENTRIES = {key: (_whole(1), "a whole number ≥ 1") for key in ("dim", "channels", "class_emb_dim", "groups",
+                                                                  "attn_heads", "attn_dim_head")}
+MODEL_ENTRIES.update(dim_mults=CONFIG_ENTRIES["dim_mults"], num_classes=CONFIG_ENTRIES["num_classes"])
+
+
+def _entries_problem(entries, needed, checks, where):
+    missing = [key for key in needed if key not in entries]
+    if missing:
+        return f"{where} lacks {', '.join(missing)}"
+    for key, value in entries.items():
+        test, must = checks.get(key, (lambda v: True, ""))
+        if not test(value):
+            return f"{where}'s {key} is {value!r:.60}, not {must}"
+    return None
+
+
+def config_problem(config, needed=SAMPLING_NEEDS):
+    """What makes a checkpoint's config unusable (None: nothing): an entry in `needed` missing, an entry that is not
+    what it must be (CONFIG_ENTRIES, MODEL_ENTRIES), or a network the settings cannot build."""
+    if not isinstance(config, dict):
+        return "its config is not a dict"
+    problem = _entries_problem(config, needed, CONFIG_ENTRIES, "the config")
+    if problem or (problem := _entries_problem(config["model"], ("dim", "dim_mults"), MODEL_ENTRIES, "the model")):
+        return problem
+    model, classes = UNetConfig.from_dict(config["model"]), config.get("classes")
+    if (model.dim % model.groups or model.num_classes != config.get("num_classes", model.num_classes)
+            or (model.num_classes and classes is not None and len(classes) != model.num_classes)):
+        return "the config's settings contradict each other (dim and groups, num_classes and classes)"
+    return None
+
+
+def weights_problem(weights, model, what):
+    """What keeps the state dict `weights` from loading into `model` (None: nothing): a missing or extra tensor, or one
+    of another shape, the first named."""
+    if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
+        return f"its {what} are not a dict of tensors"
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    reshaped = [name for name in expected if name in weights and tuple(weights[name].shape) != expected[name]]
+    if not (missing or extra or reshaped):
+        return None
+    size = lambda shape: "×".join(map(str, shape)) or "scalar"
+    if reshaped:
+        first = reshaped[0]
+        detail = (f"{first} is {size(weights[first].shape)} in the file and {size(expected[first])} for the "
+                  f"network its config describes; {len(reshaped)} tensors differ in shape")
+    else:
+        detail = f"{len(missing)} tensors missing ({', '.join(missing[:2])}…), {len(extra)} unknown"
+    return f"its {what} do not fit the network its config describes ({detail})"
+
+
+def network_to_check(config, weights):
+    """(the U-Net the config describes, None), or (None, what keeps it from being built). Built on the CPU, unless a
+    count on the meta device (parameter_count) says it is far larger than `weights`: a damaged config never makes it
+    allocate much more than the file holds."""
+    try:
+        count, held = parameter_count(UNetConfig.from_dict(config["model"])), sum(w.numel() for w in weights.values())
+        if count > max(16 * held, 10 ** 8):
+            return None, f"its config describes a network of {count:,} parameters, its weights hold {held:,}"
+        return build_model(config), None
+    except Exception as e:
+        return None, f"the network its config describes cannot be built ({type(e).__name__})"
+
+
+def checkpoint_problem(ckpt):
+    """What keeps a checkpoint from being sampled (None: nothing): its config (config_problem), and weights ('ema', else
+    'model') that fit the network the config describes."""
+    problem = config_problem(ckpt["config"])
+    if problem:
+        return problem
+    parts = [part for part in ("ema", "model") if ckpt.get(part)]
+    if not parts:
+        return "it holds no weights ('ema' or 'model')"
+    for part in parts:
+        if not isinstance(ckpt[part], dict) or not all(isinstance(w, torch.Tensor) for w in ckpt[part].values()):
+            return f"its {part} weights are not a dict of tensors"
+    model, problem = network_to_check(ckpt["config"], ckpt[parts[0]])
+    return problem or next(filter(None, (weights_problem(ckpt[part], model, f"{part} weights") for part in parts)),
+                           None)
+
+
+POSITION_ENTRIES = {"epoch": (_whole(0), "a whole number ≥ 0"), "step": (_whole(0), "a whole number ≥ 0"),
+                    "batch_in_epoch": (_whole(0), "a whole number ≥ 0"),
+                    "epoch_loss_sum": (lambda v: isinstance(v, float), "a number"),
+                    "best_val": (lambda v: isinstance(v, float), "a number"),
+                    "history": (lambda v: isinstance(v, dict) and all(isinstance(v.get(key), list) for key in
+                                ("train_loss", "val_loss", "test_loss", "epochs")), "the loss history"),
+                    "timing": (lambda v: isinstance(v, dict), "seconds per activity"),
+                    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("cpu"), torch.Tensor)
+                            and v["cpu"].dtype == torch.uint8 and v["cpu"].shape == torch.get_rng_state().shape
+                            and isinstance(v.get("cuda"), list), "the generators' states")}
+
+
+def resume_problem(ckpt):
+    """What keeps a last.pt from being resumed (None: nothing), beyond checkpoint_problem: the config's training
+    settings, both weights, the optimizer state of those parameters, the RNG states and the position."""
+    problem = config_problem(ckpt["config"], RESUME_NEEDS)
+    if problem:
+        return problem
+    if not isinstance(ckpt.get("model"), dict):
+        return "it holds no training weights ('model')"
+    model, problem = network_to_check(ckpt["config"], ckpt["model"])
+    if problem:
+        return problem
+    for part in ("model", "ema"):
+        problem = weights_problem(ckpt.get(part), model, f"{part} weights")
+        if problem:
+            return problem
+    problem = _entries_problem(ckpt, tuple(POSITION_ENTRIES), POSITION_ENTRIES, "the checkpoint")
+    if problem:
+        return problem
+    return optimizer_problem(ckpt["optimizer"], [p.shape for p in model.parameters()])  # as AdamW numbers them
+
+
+def optimizer_problem(state, shapes):
+    """What keeps AdamW's state dict from fitting parameters of `shapes` (None: nothing)."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(state.get("state"), dict):
+        return "its optimizer state is not AdamW's over one parameter group"
+    if len(groups[0].get("params", ())) != len(shapes):
+        return (f"its optimizer state is for {len(groups[0].get('params', ()))} parameters, the network has "
+                f"{len(shapes)}")
+    for index, moments in state["state"].items():
+        if not (isinstance(index, int) and 0 <= index < len(shapes) and isinstance(moments, dict)) or any(
+                moments.get(key) is None or moments[key].shape != shapes[index] for key in ("exp_avg", "exp_avg_sq")):
+            return f"its optimizer state of parameter {index} does not fit the network"
+    return None
+
+
+def parameter_count(model_config):
+    """The parameters of the U-Net a UNetConfig describes, counted on the meta device (nothing allocated) without the
+    class embedding (its normal_ initialisation there imports torch._dynamo, a second): exact for unconditional
+    networks, a lower bound for conditional ones. Widths no machine could hold are not built even there: their count
+    is the lower bound of the middle blocks' four 3 × 3 convolutions."""
+    widest = model_config.dim * model_config.dim_mults[-1]
+    lower_bound = 4 * 9 * widest ** 2
+    if lower_bound > 2 ** 50:  # 10¹⁵ parameters: more than any machine holds, and past what meta shapes can count
+        return lower_bound
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(dataclasses.replace(model_config, num_classes=None)).parameters())
+
+
+SCHEDULE_BYTES_PER_STEP = 14 * (8 + 4)  # Diffusion's 14 per-t tables, built in float64 and kept in float32
+TRAINING_COPIES = 5                     # weights, their gradients, the EMA and AdamW's two moments, float32 each
+ACTIVATION_BYTES = 2                    # the least a stored activation takes (bf16 / fp16 autocast)
+
+
+def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, training, guided):
+    """What a run needs in memory before it starts, as lower bounds [(bytes, what, flag that lowers it)]: the weights
+    (and for `training` their gradients, EMA and optimizer moments), the noise schedule, one sampling batch (its images
+    and the U-Net's skip connections, for both halves of a guided batch) and the samples kept (float32, C × side²)."""
+    params = parameter_count(model_config)
+    copies = TRAINING_COPIES if training else 1
+    dims = [model_config.dim * m for m in model_config.dim_mults]
+    stage_inputs = [model_config.dim] + dims[:-1]                   # channels of each stage's two skips
+    skips = model_config.dim * side ** 2 + sum(2 * d * (side // 2 ** i) ** 2 for i, d in enumerate(stage_inputs))
+    image = model_config.channels * side ** 2
+    return [(params * 4 * copies, f"for {params:,} parameters{' while training' if training else ''}",
+             "--dim or --dim_mults"),
+            (timesteps * SCHEDULE_BYTES_PER_STEP, f"for the noise schedule of T = {timesteps:,}", "--timesteps"),
+            (sample_batch * (2 if guided else 1) * (skips * ACTIVATION_BYTES + 4 * image * 4),
+             f"for a sampling batch of {sample_batch:,}", "--sample_batch"),
+            (samples_kept * image * 4, f"to hold {samples_kept:,} samples",
+             "--eval_fid" if training else "--num_samples or --eval_fid")]
 
 
 def resumable_runs(models_dir):
@@ -259,6 +491,9 @@ def load_resumable(resume, models_dir, run_name):
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt:
         raise UserError(f"--resume {path!r} holds weights only (no optimizer state); resume from last.pt")
+    problem = resume_problem(ckpt)
+    if problem:
+        raise UserError(f"{path!r} is damaged or incomplete: {problem}")
     refuse_nonfinite(ckpt, path, ("model", "ema"))
     return path, ckpt
 

@@ -2,6 +2,7 @@
 the padding that fits any image size to the U-Net, and the device-resident batch loader that feeds training
 (cifar10-airbench style: no DataLoader on the hot path)."""
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ddpm_helpers import UserError, atomic_torch_save, stderr_is_terminal, to_model_range
+from ddpm_helpers import UserError, WriteError, atomic_torch_save, stderr_is_terminal, to_model_range
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_NAME = "ddpm_uint8_cache.pt"
@@ -84,12 +85,12 @@ def _load_image_folders(data_dir):
     listings = {split: _list_image_folder(os.path.join(data_dir, split)) for split in ("train", "test")}
     counts = [len(files) for files, _ in listings.values()]
     if os.path.isfile(cache_path):
-        try:
-            cached = torch.load(cache_path, weights_only=True)
-            if cached.get("file_counts") == counts and cached.get("version") == CACHE_VERSION:
-                return cached
-        except Exception:
-            pass  # unreadable or stale cache: decode again and rewrite it
+        cached, problem = _read_cache(cache_path, counts, listings["train"][1])
+        if cached is not None:
+            return cached
+        if problem:  # a stale cache (other files, an older version) is decoded again without a word
+            print(f"warning: the decode cache {cache_path} is damaged ({problem}); decoding the images again",
+                  file=sys.stderr)
     for split, (files, _) in listings.items():
         if not files:
             raise UserError(f"no images (.png/.jpg) in the class folders of {os.path.join(data_dir, split)}")
@@ -106,9 +107,34 @@ def _load_image_folders(data_dir):
                              f"to {kinds[0]}, the mode of most of them")
     try:
         atomic_torch_save(data, cache_path)
-    except OSError:
-        pass  # a read-only data folder still works, it is just decoded every run
+    except WriteError:
+        pass  # a read-only or full data folder still works, it is just decoded every run
     return data
+
+
+def _read_cache(path, counts, classes):
+    """(the decode cache at path, None) when it holds the images of the listed folders (file counts `counts`, class
+    names `classes`); (None, None) when it is stale (other files, an older version); (None, what is wrong) when it is
+    damaged."""
+    try:
+        cached = torch.load(path, weights_only=True)
+    except Exception as e:
+        return None, f"unreadable: {type(e).__name__}"
+    if not isinstance(cached, dict):
+        return None, "not a dict"
+    if cached.get("file_counts") != counts or cached.get("version") != CACHE_VERSION:
+        return None, None
+    for split, count in zip(("train", "test"), counts):
+        images, labels = cached.get(f"{split}_images"), cached.get(f"{split}_labels")
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4
+                and len(images) == count and images.shape[1] in (1, 3)):
+            return None, f"its {split} images are not {count} uint8 images (N, C, H, W)"
+        if not (isinstance(labels, torch.Tensor) and labels.shape == (count,) and labels.dtype == torch.long
+                and (count == 0 or 0 <= labels.min() <= labels.max() < len(classes))):
+            return None, f"its {split} labels are not {count} class indices"
+    if cached.get("classes") != classes or cached["train_images"].shape[1:] != cached["test_images"].shape[1:]:
+        return None, "its class names or image shapes do not match the folders'"
+    return {**cached, "mode_note": cached.get("mode_note")}, None
 
 
 def _load_torchvision(dataset, data_dir):
@@ -276,7 +302,7 @@ class DeviceLoader:
         """This rank's image indices and flip flags for the epoch, both (num_local,). With several ranks
         the epoch's order is cut to a multiple of world_size (at most world_size − 1 images wait for
         the next epoch's order), so every rank runs the same number of steps."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2 ** 64)  # any seed: the generator's range
         n = len(self.images)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)

@@ -23,6 +23,9 @@ from tqdm.auto import tqdm
 DEFAULT_GUIDANCE_SCALE = 3.0
 DEFAULT_SAMPLING_STEPS = 25   # network evaluations of dpm++2m and ddim when nothing says otherwise
 SAMPLERS = ("dpm++2m", "ddim", "ddpm")
+SCHEDULES = ("linear", "cosine", "sigmoid")
+PREDICTIONS = ("eps", "v")
+LOSS_TYPES = ("l1", "l2", "huber")
 SPACINGS = ("time", "lambda")
 LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++(2M) with fewer steps takes its step onto the last timestep first order
 

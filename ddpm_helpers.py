@@ -1,12 +1,14 @@
-"""Small shared pieces: the error types, crash-safe writes that refuse NaN, pixel ranges, images and plots, the
-precision and compile choices, the Denoiser (how the network is run: autocast, torch.compile, memory layout) and the
-torchrun helpers."""
+"""Small shared pieces: the error types, crash-safe writes that refuse NaN, the run name and every path a run writes,
+pixel ranges, images and plots, the machine's memory and out-of-memory errors, the precision and compile choices, the
+Denoiser (how the network is run: autocast, torch.compile, memory layout) and the torchrun helpers."""
 import contextlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -20,6 +22,15 @@ class NonFiniteError(Exception):
     """Numbers about to be written (weights, losses, images) are NaN or infinite: nothing was written."""
 
 
+class WriteError(Exception):
+    """A file could not be written (no space left, permission lost, quota): the file it was to replace is untouched
+    and no temporary file is left. Reported as one line, exit status 1."""
+
+
+class OutOfMemory(Exception):
+    """Memory ran out: reported as one line saying what ran out and which flag lowers the need, exit status 1."""
+
+
 def require_finite(tensor, what):
     """Raise NonFiniteError unless every value of `tensor` is finite; `what` names it in the message."""
     if not torch.isfinite(tensor).all():
@@ -30,21 +41,51 @@ def require_finite(tensor, what):
 
 @contextlib.contextmanager
 def atomic_open(path):
-    """A binary file that appears at `path` only once the block has written all of it (temporary file, then
-    rename): a crash, Ctrl-C or error never leaves a half-written file."""
+    """A binary file that appears at `path` only once the block has written all of it and it is on the disk
+    (temporary file, fsync, rename): a crash, Ctrl-C or error never leaves a half-written file, and the file it
+    replaces stays as it was until then. A write that fails (no space left, permission lost, quota) is a
+    WriteError naming the file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"could not write {path} ({e.strerror or e})") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+
+
+class _WriteErrorRecorder:
+    """A file whose failing write keeps its OSError: torch.save turns it into a RuntimeError that no longer says why
+    ('unexpected pos 64 vs 0')."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def atomic_torch_save(obj, path):
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        recorder = _WriteErrorRecorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise recorder.error from None
 
 
 def atomic_write_text(text, path):
@@ -73,6 +114,80 @@ def check_writable_folder(path, flag):
             pass
     except OSError as e:
         raise UserError(f"{flag} {path!r} is not writable: {e.strerror} in {existing}") from None
+
+
+# ------------------------------------------------------------------------------ run names and paths
+
+NAME_MAX = 255  # the longest file name most file systems take (ext4, XFS, APFS, NTFS), in bytes
+RUN_NAME_CHARACTERS = "letters A-Z a-z, digits, '_', '-' and '.'"  # POSIX's portable file name characters
+# What a run writes to --save_dir, by what it holds ({run}: the run name); RunFiles builds every path from these.
+OUTPUT_NAMES = {
+    "forward_strip": "forward_process_{run}.png", "loss_history": "loss_history_{run}.json",
+    "loss_curves": "loss_curves_{run}.png", "epoch_grid": "samples_{run}_epoch{epoch:03d}.png",
+    "metrics": "metrics_{run}.json", "fid_samples": "fid_samples_{run}.npz", "samples_grid": "samples_{run}.png",
+    "samples_folder": "samples_{run}", "samples_npz": "samples_{run}.npz",
+    "guidance_sweep": "guidance_sweep_{run}.png",
+}
+CHECKPOINT_NAMES = ("last.pt", "best.pt", "ckpt.pt", "config.json")  # what a run writes to <models_dir>/<run>/
+# the most a name gains: the longest output name (epochs up to 10⁹) and atomic_open's '.tmp<pid>' (pid < 2²²)
+LONGEST_DECORATION = (max(len(name.format(run="", epoch=999_999_999)) for name in OUTPUT_NAMES.values())
+                      + len(f".tmp{2 ** 22}"))
+MAX_RUN_NAME = NAME_MAX - LONGEST_DECORATION
+
+
+def run_name_problem(name):
+    """What is wrong with `name` as a run name (None: nothing). A run name becomes part of file and folder names,
+    never a path: POSIX's portable characters only, not '.' or '..', and short enough for every name made from it."""
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return f"is {name!r}, which names a folder, not a run"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        return f"may hold only {RUN_NAME_CHARACTERS} (no path separators, spaces or other characters)"
+    if len(name) > MAX_RUN_NAME:
+        return (f"is {len(name)} characters long; at most {MAX_RUN_NAME} leave room for the longest file name made "
+                f"from it ({NAME_MAX} characters)")
+    return None
+
+
+def check_run_name(name):
+    """UserError unless `name` is a valid run name (run_name_problem)."""
+    problem = run_name_problem(name)
+    if problem:
+        raise UserError(f"--run_name {name!r} {problem}: it names files, not a place")
+
+
+def sanitized_run_name(name, fallback="DDPM"):
+    """A valid run name made from any text (an older or foreign checkpoint's): every run of other characters becomes
+    '_', leading '.', '_' and '-' go ('../../x y' → 'x_y'), cut to MAX_RUN_NAME; `fallback` when nothing is left."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name or "")).lstrip("._-")[:MAX_RUN_NAME]
+    return name or fallback
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Every path a run writes, built here alone from the two folders and the run name, which is checked first
+    (check_run_name): checkpoints and config.json in <models_dir>/<run>/, outputs as <save_dir>/OUTPUT_NAMES."""
+    models_dir: str
+    save_dir: str
+    run_name: str
+
+    def __post_init__(self):
+        check_run_name(self.run_name)
+
+    @property
+    def ckpt_dir(self):
+        return os.path.join(self.models_dir, self.run_name)
+
+    def checkpoint(self, name):
+        """<models_dir>/<run>/<name>, name one of CHECKPOINT_NAMES."""
+        if name not in CHECKPOINT_NAMES:
+            raise ValueError(f"unknown checkpoint file {name!r}")
+        return os.path.join(self.ckpt_dir, name)
+
+    def output(self, kind, **fields):
+        """<save_dir>/<OUTPUT_NAMES[kind] for this run>, e.g. output('epoch_grid', epoch=3)."""
+        return os.path.join(self.save_dir, OUTPUT_NAMES[kind].format(run=self.run_name, **fields))
 
 
 def stderr_is_terminal():
@@ -111,20 +226,28 @@ def file_name_part(text):
 
 def save_individual_pngs(images, folder, labels=None, classes=None):
     """One PNG per image (mode L for 1-channel images, else RGB): NNNNN.png, or NNNNN_<class>.png when labels are
-    given."""
+    given. They are written to a temporary folder beside `folder` and moved in only once all are written, so a write
+    that fails leaves the earlier images as they were; then an earlier, larger batch's extra images are removed."""
     arrays = to_uint8(images)  # (N, H, W, C); checked finite before anything is touched
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):  # an earlier, larger batch must not leave images behind
-        if re.fullmatch(r"\d{5}(_.+)?\.png", name):
-            os.remove(os.path.join(folder, name))
-    paths = []
-    for i, array in enumerate(arrays):
-        suffix = f"_{file_name_part(classes[int(labels[i])])}" if labels is not None else ""
-        path = os.path.join(folder, f"{i:05d}{suffix}.png")
-        with atomic_open(path) as f:
-            Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(f, format="png")
-        paths.append(path)
-    return paths
+    names = [f"{i:05d}{f'_{file_name_part(classes[int(labels[i])])}' if labels is not None else ''}.png"
+             for i in range(len(arrays))]
+    staging = f"{folder}.tmp{os.getpid()}"
+    try:
+        os.makedirs(staging, exist_ok=True)
+        for name, array in zip(names, arrays):
+            with open(os.path.join(staging, name), "wb") as f:
+                Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(f, format="png")
+        os.makedirs(folder, exist_ok=True)
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+        for name in set(os.listdir(folder)) - set(names):
+            if re.fullmatch(r"\d{5}(_.+)?\.png", name):
+                os.remove(os.path.join(folder, name))
+    except OSError as e:
+        raise WriteError(f"could not write the sample PNGs in {folder} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [os.path.join(folder, name) for name in names]
 
 
 def save_labelled_grid(images, path, row_labels, col_labels):
@@ -171,6 +294,63 @@ def plot_loss_history(history, path, title=""):
     with atomic_open(path) as f:
         fig.savefig(f, format="png")
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ memory
+
+def format_bytes(n):
+    """1234567 → '1.2 MB' (decimal units, as disks and cards are sold); past petabytes, '3.7e+21 B'."""
+    if n >= 1e18:
+        return f"{n:.1e} B"
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def memory_of(device):
+    """(bytes, what) of memory `device` has in all: a CUDA card's, else the machine's RAM; (None, what) where the
+    system does not say."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"{torch.cuda.get_device_name(device)} has"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    except (AttributeError, ValueError, OSError):
+        return None, "this machine has"
+
+
+def check_memory(needs, device, host_needs=()):
+    """UserError when what a run needs before it starts is more than the memory there is: needs [(bytes, what, flag)]
+    on `device`, host_needs the same in the machine's RAM (the samples kept, on a CUDA run). Lower bounds only, so
+    nothing that could run is refused; the message names the largest need and the flag that lowers it."""
+    places = {device: list(needs)}
+    places.setdefault(torch.device("cpu"), []).extend(host_needs)  # on a CPU run, the same memory
+    for place, parts in places.items():
+        have, owner = memory_of(place)
+        total = sum(n for n, _, _ in parts)
+        if have is None or total <= have:
+            continue
+        parts = sorted(parts, key=lambda part: -part[0])
+        listed = ", ".join(f"{format_bytes(n)} {what}" for n, what, _ in parts if n >= total / 100)
+        raise UserError(f"this would need at least {format_bytes(total)} of memory ({listed}) and {owner} "
+                        f"{format_bytes(have)}: lower {parts[0][2]}")
+
+
+ALLOCATION_FAILURES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
+
+
+@contextlib.contextmanager
+def memory_guard(activity, remedy):
+    """Turns running out of memory inside the block (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError,
+    Python's MemoryError) into OutOfMemory: 'out of GPU memory while <activity>: <remedy>'."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        text = str(e).lower()
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not any(a in text for a in ALLOCATION_FAILURES):
+            raise
+        where = "GPU memory" if isinstance(e, torch.OutOfMemoryError) or "cuda" in text else "memory"
+        raise OutOfMemory(f"out of {where} while {activity}: {remedy}") from None
 
 
 # ------------------------------------------------------------------------------------ runtime

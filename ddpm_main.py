@@ -21,22 +21,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_checkpoint import (TOOL_VERSION, TrainingState, build_checkpoint, build_diffusion, build_model,
-                             data_conflicts, fixed_setting_conflicts, load_checkpoint, load_resumable,
+from ddpm_checkpoint import (SEED_RANGE, TOOL_VERSION, TrainingState, build_checkpoint, build_diffusion, build_model,
+                             data_conflicts, fixed_setting_conflicts, load_checkpoint, load_resumable, memory_needs,
                              require_finite_weights, restore_training, resume_changes, sampling_model, save_checkpoint,
                              saved_sampler_settings, trained_data, training_config, write_config_json)
 from ddpm_data import (DATASETS, DEFAULT_DATA_DIR, DeviceLoader, crop_to_data, data_facts, describe_data,
-                       image_size_of, load_dataset, require_image_folder, stages_allowed, train_val_split)
-from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, SAMPLERS, SPACINGS, Diffusion,
-                            SamplerSettings, generate, guidance_sweep)
-from ddpm_fid import FIDFeatures, check_ref_stats, frechet_distance, reference_statistics
-from ddpm_helpers import (COMPILE_CHOICES, PRECISIONS, Denoiser, NonFiniteError, UserError, all_ranks_mean,
-                          atomic_open, barrier, check_writable_folder, choose_compile, choose_precision,
-                          describe_precision, init_distributed, max_over_ranks, plot_loss_history, require_finite,
-                          save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal, to_model_range,
-                          to_uint8, write_json)
+                       image_size_of, load_dataset, model_side, require_image_folder, stages_allowed, train_val_split)
+from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS_TYPES, PREDICTIONS, SAMPLERS,
+                            SCHEDULES, SPACINGS, Diffusion, SamplerSettings, generate, guidance_sweep)
+from ddpm_fid import FIDFeatures, frechet_distance, ref_statistics_file, reference_statistics
+from ddpm_helpers import (COMPILE_CHOICES, PRECISIONS, RUN_NAME_CHARACTERS, Denoiser, NonFiniteError, OutOfMemory,
+                          RunFiles, UserError, WriteError, all_ranks_mean, atomic_open, barrier, check_memory,
+                          check_run_name, check_writable_folder, choose_compile, choose_precision, describe_precision,
+                          init_distributed, max_over_ranks, memory_guard, plot_loss_history, require_finite,
+                          sanitized_run_name, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
+                          to_model_range, to_uint8, write_json)
 from ddpm_model import UNetConfig
-from ddpm_train import (TrainingClock, TrainingStep, build_loss_scaler, build_optimizer, evaluate_loss,
+from ddpm_train import (LR_DECAYS, TrainingClock, TrainingStep, build_loss_scaler, build_optimizer, evaluate_loss,
                         learning_rate)
 
 GRID_SEED = 4321          # fixed noise for the per-epoch sample grid, so epochs can be compared
@@ -44,6 +45,8 @@ GRID_PER_CLASS = 8        # columns of the per-epoch grid of a conditional model
 MAX_CLASS_ROWS = 16       # with more classes, grids show one image per class (or, sweeps, the first this many)
 GRID_UNCONDITIONAL = 64   # images in the per-epoch grid of an unconditional model
 LOG_LINE_SECONDS = 60     # without a terminal, the least time between two training log lines
+BATCH_REMEDY = "lower --batch_size (--grad_accum K keeps K × --batch_size images a step)"
+SAMPLE_REMEDY = "lower --sample_batch"
 
 
 class TrainingError(Exception):
@@ -103,13 +106,13 @@ def build_parser():
     g.add_argument("--lr", type=float, default=0.003, help="AdamW learning rate (after warm-up)")
     g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up, in steps")
     g.add_argument("--timesteps", type=int, default=100, help="T, the number of diffusion steps")
-    g.add_argument("--schedule", choices=("linear", "cosine", "sigmoid"), default="cosine", help="noise schedule β_t")
-    g.add_argument("--loss_type", choices=("l1", "l2", "huber"), default="l2", help="norm of ε − ε_θ (or v − v_θ)")
-    g.add_argument("--prediction", choices=("eps", "v"), default="eps",
+    g.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="noise schedule β_t")
+    g.add_argument("--loss_type", choices=LOSS_TYPES, default="l2", help="norm of ε − ε_θ (or v − v_θ)")
+    g.add_argument("--prediction", choices=PREDICTIONS, default="eps",
                    help="what the network predicts: the noise ε (Ho et al.) or v = √ᾱ ε − √(1−ᾱ) x_0")
     g.add_argument("--min_snr_gamma", type=float,
                    help="Min-SNR-γ loss weighting, e.g. 5 (default: uniform over t)")
-    g.add_argument("--lr_decay", choices=("none", "cosine"), default="none",
+    g.add_argument("--lr_decay", choices=LR_DECAYS, default="none",
                    help="after warm-up: constant lr, or cosine decay to 0 over --epochs (or --time_budget_min)")
     g.add_argument("--conditional", action="store_true", help="class-conditional model (classifier-free guidance)")
     g.add_argument("--p_uncond", type=float, default=0.1, help="probability a label is dropped to the null label")
@@ -219,6 +222,8 @@ NUMBER_RANGES = [  # (flag, test, what the value must be) for the flags that are
     ("checkpoint_minutes", lambda v: v > 0, "greater than 0"),
     ("time_budget_min", lambda v: v > 0, "greater than 0"),
     ("eval_fid", lambda v: v >= 0, "0 (off) or a sample count"),
+    ("seed", lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], f"in {SEED_RANGE[0]} … {SEED_RANGE[1]}, the random "
+     "generator's range"),
 ]
 
 
@@ -289,8 +294,11 @@ def resolve_synonyms(args):
 
 
 def check_paths(args):
-    """The files the flags name exist, the folders they name can be written, and a new run's images can be halved
-    once per U-Net stage (from the first image's header: nothing else is read)."""
+    """The run name is a name, the files the flags name exist, the folders they name can be written, and a new run's
+    images can be halved once per U-Net stage and its model, schedule and samples fit in memory (from the first
+    image's header: nothing else is read)."""
+    if args.run_name is not None:
+        check_run_name(args.run_name)
     if args.eval_fid:
         if not os.path.isfile(args.fid_inception):
             raise UserError(f"--fid_inception {args.fid_inception!r} is not a file")
@@ -306,7 +314,22 @@ def check_paths(args):
         data_dir = args.data_dir or DEFAULT_DATA_DIR
         if args.dataset == "folder":
             require_image_folder(data_dir)
-        check_stage_count(args.dim_mults, image_size_of(data_dir, args.dataset))
+        image_size = image_size_of(data_dir, args.dataset)
+        check_stage_count(args.dim_mults, image_size)
+        # a lower bound: one channel and no classes (the data is not read yet), and the unconditional grid
+        model = UNetConfig(dim=args.dim, dim_mults=tuple(args.dim_mults), channels=1)
+        check_run_memory(args, model, args.timesteps, model_side(image_size or (1, 1), len(args.dim_mults)),
+                         max(GRID_UNCONDITIONAL, args.eval_fid), training=True, guided=False)
+
+
+def check_run_memory(args, model_config, timesteps, side, samples, training, guided):
+    """UserError before anything is allocated when the weights, the schedule, one sampling batch and the samples kept
+    need more memory than the device (and for the samples, the machine) has: ddpm_checkpoint.memory_needs. On CUDA a
+    batch that does not fit is halved down to one image (generate), so only one image of it must fit there."""
+    device = pick_device(args)
+    batch = 1 if device.type == "cuda" else min(args.sample_batch, samples)
+    needs = memory_needs(model_config, timesteps, side, batch, samples, training, guided)
+    check_memory(needs[:3], device, needs[3:])
 
 
 def check_stage_count(dim_mults, image_size):
@@ -344,6 +367,11 @@ def class_indices(items, classes):
 
 
 # ------------------------------------------------------------------- shared by training and inference
+
+def run_files(args):
+    """Where this command's files go: RunFiles of --models_dir, --save_dir and the (checked) run name."""
+    return RunFiles(args.models_dir, args.save_dir, args.run_name)
+
 
 def pick_device(args):
     if torch.cuda.is_available() and not args.no_cuda:
@@ -385,11 +413,11 @@ def sample_images(diffusion, denoiser, settings, config, num_images, class_label
     return crop_to_data(images, trained_data(config)["data_size"])
 
 
-def fid_reference(args, config, data_dir, train_images_uint8, device, verbose):
-    """The Inception features and the reference statistics (mu, sigma) FID compares the model's samples with:
-    --fid_ref_stats, or the training images (train_images_uint8 (N, C, H, W), or those at data_dir when None);
-    either must describe the data the model was trained on (UserError)."""
-    features = FIDFeatures(args.fid_inception, device)
+def fid_reference(args, config, data_dir, train_images_uint8, device, verbose, features=None):
+    """The Inception features (`features`, loaded now when None) and the reference statistics (mu, sigma) FID
+    compares the model's samples with: --fid_ref_stats, or the training images (train_images_uint8 (N, C, H, W), or
+    those at data_dir when None); either must describe the data the model was trained on (UserError)."""
+    features = features or FIDFeatures(args.fid_inception, device)
     facts = trained_data(config)
     if facts["channels"] == 1 and verbose:
         print("FID: the grayscale images are repeated into the Inception network's three colour channels", flush=True)
@@ -411,7 +439,7 @@ def measure_fid(diffusion, denoiser, settings, config, args, seed, features, ref
     labels = torch.arange(n, device=device) % config["num_classes"] if config["conditional"] else None
     images = to_uint8(sample_images(diffusion, denoiser, settings, config, n, labels, args.sample_batch, seed,
                                     verbose and stderr_is_terminal()))
-    with atomic_open(os.path.join(args.save_dir, f"fid_samples_{args.run_name}.npz")) as f:
+    with atomic_open(run_files(args).output("fid_samples")) as f:
         np.savez(f, images=images)
     fid = frechet_distance(*features.statistics(images), *reference)
     if verbose:
@@ -471,6 +499,16 @@ def diverged_message(run, problem):
     path, position = run.last_saved
     return (f"{problem}; stopped. The last good checkpoint is {path} ({position}); to continue from it with a "
             f"lower learning rate:\n  {resume_command(run.args.argv, resume=path, lr=lower_lr)}")
+
+
+def write_failed_message(run, problem):
+    """What to say when a file could not be written: training stops (it does not go on as if saved), and the last
+    good checkpoint, which the failed write left as it was, is where to go on from."""
+    if run.last_saved is None:
+        return f"{problem}; training stopped, and this run has no checkpoint yet: make room and start it again"
+    path, position = run.last_saved
+    return (f"{problem}; training stopped. The last good checkpoint is {path} ({position}): make room (or restore "
+            f"access) and continue with --resume {path}")
 
 
 def save_forward_strip(diffusion, image_uint8, path, count=10):
@@ -581,6 +619,7 @@ class Run:
     decode_s: float                # seconds spent reading the data
     precision: str                 # what the U-Net computes in: config["precision"] resolved for the device
     precision_why: str             # and why (choose_precision), for the banner
+    fid_features: FIDFeatures = None  # --eval_fid's network, loaded and tried on one image before training
     last_saved: tuple = None       # (path, where training stood) of the last good last.pt; None: none yet
     last_save_time: float = dataclasses.field(default_factory=time.perf_counter)  # for --checkpoint_minutes
 
@@ -597,11 +636,9 @@ class Run:
         return sum(p.numel() for p in self.model.parameters())
 
     @property
-    def ckpt_dir(self):
-        return os.path.join(self.args.models_dir, self.config["run_name"])
-
-    def output(self, name):
-        return os.path.join(self.args.save_dir, name)
+    def files(self):
+        """Where the run's checkpoints and outputs go (every path is built by RunFiles)."""
+        return RunFiles(self.args.models_dir, self.args.save_dir, self.config["run_name"])
 
     def checkpoint(self, state):
         return build_checkpoint(self.config, self.model, self.ema_model, self.optimizer, state,
@@ -622,6 +659,8 @@ def set_up_run(args, saved):
                 if saved else sampler_settings(args, None, args.timesteps))
     data_dir = args.data_dir or (saved["config"]["data_dir"] if saved else DEFAULT_DATA_DIR)
     dataset = args.dataset or (saved["config"].get("dataset") if saved and not args.data_dir else None)
+    # FID's network runs on one image now: a bad file costs seconds, not the run
+    fid_features = FIDFeatures(args.fid_inception, device) if args.eval_fid and rank == 0 else None
     start = time.perf_counter()
     data = load_dataset(data_dir, dataset)
     train_idx, val_idx = train_val_split(len(data["train_images"]))
@@ -635,7 +674,7 @@ def set_up_run(args, saved):
                               "num_test": len(data["test_images"])}, saved and saved["config"], args.given)
     if rank == 0:
         os.makedirs(args.save_dir, exist_ok=True)
-        os.makedirs(os.path.join(args.models_dir, config["run_name"]), exist_ok=True)
+        os.makedirs(RunFiles(args.models_dir, args.save_dir, config["run_name"]).ckpt_dir, exist_ok=True)
 
     # the splits live on the device as uint8 tensors; a batch holds an optimizer step's micro-batches, and the
     # evaluation's batches as many images (no gradients kept), so its t and ε are drawn as with one --batch_size
@@ -667,7 +706,7 @@ def set_up_run(args, saved):
                               config["grad_accum"], build_loss_scaler(precision, device))
     return Run(args, config, device, data["train_images"], train_loader, eval_loaders, model, ema_model, optimizer,
                diffusion, train_step, Denoiser(ema_model, compile_model, precision), sampling,
-               Reporter(args, rank == 0), decode_s, precision, precision_why)
+               Reporter(args, rank == 0), decode_s, precision, precision_why, fid_features)
 
 
 def check_data(args, saved, facts, data_dir):
@@ -680,7 +719,7 @@ def check_data(args, saved, facts, data_dir):
                                     for key, (old, new) in conflicts.items())
                         + "); point --data_dir (and --dataset) at the run's data")
     if args.eval_fid and args.fid_ref_stats:
-        check_ref_stats(args.fid_ref_stats, facts)
+        ref_statistics_file(args.fid_ref_stats, facts)
 
 
 def data_text(value):
@@ -702,9 +741,9 @@ def start_or_resume(run, saved):
         state = TrainingState()
         state.timing["decode_s"] = run.decode_s
     if run.is_main:
-        write_config_json(config, os.path.join(run.ckpt_dir, "config.json"))
+        write_config_json(config, run.files.checkpoint("config.json"))
         if not saved:
-            save_forward_strip(run.diffusion, run.train_loader.images[:1], run.output(f"forward_process_{name}.png"))
+            save_forward_strip(run.diffusion, run.train_loader.images[:1], run.files.output("forward_strip"))
     what = (f"resuming '{name}' from {run.args.resume} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
             if saved else f"training '{name}'")
     budget, spent_min = config["time_budget_min"], state.timing["train_s"] / 60
@@ -819,7 +858,7 @@ def agree_on_stop_and_checkpoint(run, clock, signals):
 def save_last(run, state):
     """last.pt where training stands (rank 0 writes it and gets the checkpoint dict back; other ranks None). Every
     rank checks the weights (the same on all), so that NaN weights stop all ranks together and are never written."""
-    ckpt, path = None, os.path.join(run.ckpt_dir, "last.pt")
+    ckpt, path = None, run.files.checkpoint("last.pt")
     if run.is_main:
         ckpt = run.checkpoint(state)
         save_checkpoint(ckpt, path)
@@ -843,7 +882,8 @@ def stop_on_signal(run, state, epoch, signal_name):
     save_last(run, state)
     barrier(run.world_size)
     raise Interrupted(f"{signal_name or 'a signal (on another rank)'} received: stopped after step {state.step} "
-                      f"(epoch {epoch}, batch {state.batch_in_epoch}); saved {run.ckpt_dir}/last.pt. Resume with:\n"
+                      f"(epoch {epoch}, batch {state.batch_in_epoch}); saved {run.files.checkpoint('last.pt')}. "
+                      "Resume with:\n"
                       f"  {resume_command(run.args.argv, resume='auto')}")
 
 
@@ -851,7 +891,7 @@ def evaluate_epoch(run, state, clock, epoch, train_loss):
     """EMA validation and test losses (fixed t and ε, so epochs compare); on rank 0 the loss JSON and plot and
     the epoch's sample grid. Returns the losses and whether the validation loss is the best so far."""
     config, name = run.config, run.config["run_name"]
-    with clock.timed("eval_s"):
+    with clock.timed("eval_s"), memory_guard("computing the validation and test losses", "lower --batch_size"):
         run.ema_model.eval()
         losses = {f"{split}_loss": evaluate_loss(run.diffusion, run.ema_denoiser, loader, config["conditional"],
                                                  config["loss_type"]) for split, loader in run.eval_loaders.items()}
@@ -859,11 +899,11 @@ def evaluate_epoch(run, state, clock, epoch, train_loss):
         check_finite(value, f"the {'validation' if key == 'val_loss' else 'test'} loss of epoch {epoch}")
     is_best = state.record_evaluation(epoch, train_loss, losses["val_loss"], losses["test_loss"])
     if run.is_main:
-        write_json(state.history, run.output(f"loss_history_{name}.json"))
-        plot_loss_history(state.history, run.output(f"loss_curves_{name}.png"), name)
-        with clock.timed("sample_s"):
+        write_json(state.history, run.files.output("loss_history"))
+        plot_loss_history(state.history, run.files.output("loss_curves"), name)
+        with clock.timed("sample_s"), memory_guard("sampling the epoch's grid", SAMPLE_REMEDY):
             images, nrow = epoch_grid(run)
-            save_grid(images, run.output(f"samples_{name}_epoch{epoch:03d}.png"), nrow)
+            save_grid(images, run.files.output("epoch_grid", epoch=epoch), nrow)
         run.report.grid(state.step, images, nrow)
     return losses, is_best
 
@@ -886,7 +926,7 @@ def save_epoch_checkpoints(run, state, is_best):
     """last.pt, and best.pt (without the optimizer) when the validation loss is the best so far."""
     last = save_last(run, state)
     if is_best and run.is_main:
-        save_checkpoint(last, os.path.join(run.ckpt_dir, "best.pt"), with_optimizer=False)
+        save_checkpoint(last, run.files.checkpoint("best.pt"), with_optimizer=False)
 
 
 def finish(run, state, clock):
@@ -896,7 +936,7 @@ def finish(run, state, clock):
         return
     args, config, name, timing = run.args, run.config, run.config["run_name"], state.timing
     if args.save_model:
-        save_checkpoint(run.checkpoint(state), os.path.join(run.ckpt_dir, "ckpt.pt"))
+        save_checkpoint(run.checkpoint(state), run.files.checkpoint("ckpt.pt"))
     images_seen = state.step * config["global_batch_size"]
     metrics = {"world_size": run.world_size, "run_name": name, "device": str(run.device),
                "num_params": run.num_params, "steps": state.step,
@@ -907,15 +947,15 @@ def finish(run, state, clock):
                "train_images_per_s": images_seen / timing["train_s"] if timing["train_s"] else None,
                "timing": timing, "final": {k: v[-1] for k, v in state.history.items() if v}}
     if args.eval_fid:
-        with clock.timed("fid_s"):
+        with clock.timed("fid_s"), memory_guard("computing FID", SAMPLE_REMEDY):
             features, reference = fid_reference(args, config, config["data_dir"], run.train_images, run.device,
-                                                run.report.verbose)
+                                                run.report.verbose, run.fid_features)
             metrics["fid"] = measure_fid(run.diffusion, run.ema_denoiser, run.sampler, config, args, config["seed"],
                                          features, reference, run.report.verbose)
         metrics.update(fid_samples=args.eval_fid, fid_sampler=run.sampler.describe())
         run.report.scalars(state.step, {"fid": metrics["fid"]})
-    write_json(metrics, run.output(f"metrics_{name}.json"))
-    run.report.say(f"done: loss history {run.output(f'loss_history_{name}.json')}, checkpoints in {run.ckpt_dir}")
+    write_json(metrics, run.files.output("metrics"))
+    run.report.say(f"done: loss history {run.files.output('loss_history')}, checkpoints in {run.files.ckpt_dir}")
     barrier(run.world_size)
 
 
@@ -932,7 +972,8 @@ def train(args):
         try:
             with SignalFlag() as signals:
                 for epoch in report.epochs(state.epoch, config["epochs"]):
-                    images_per_s = train_one_epoch(run, state, clock, epoch, signals)
+                    with memory_guard(f"training on batches of {config['batch_size']}", BATCH_REMEDY):
+                        images_per_s = train_one_epoch(run, state, clock, epoch, signals)
                     interrupted, budget_spent = (bool(v) for v in max_over_ranks(
                         [signals.received is not None, clock.out_of_time()], run.world_size))
                     if interrupted:
@@ -952,6 +993,8 @@ def train(args):
             finish(run, state, clock)
         except NonFiniteError as e:
             raise TrainingError(diverged_message(run, e)) from None
+        except WriteError as e:
+            raise TrainingError(write_failed_message(run, e)) from None
 
 
 def resumed_checkpoint(args):
@@ -961,8 +1004,11 @@ def resumed_checkpoint(args):
         args.run_name = args.run_name or "DDPM"
         return None
     path, saved = load_resumable(args.resume, args.models_dir, args.run_name or "DDPM")
-    args.run_name = args.run_name or saved["config"]["run_name"]
-    conflicts = fixed_setting_conflicts(saved["config"], vars(args), args.given)
+    args.run_name = args.run_name or stored_run_name(saved["config"], path)
+    config = saved["config"]
+    check_run_memory(args, UNetConfig.from_dict(config["model"]), config["timesteps"], config["image_size"],
+                     max(GRID_UNCONDITIONAL, args.eval_fid), training=True, guided=False)
+    conflicts = fixed_setting_conflicts(config, vars(args), args.given)
     if conflicts:
         given = ", ".join(f"--{key} {flag_text(value)}" for key, (_, value) in conflicts.items())
         kept = ", ".join(f"{key} {flag_text(saved_value)}" for key, (saved_value, _) in conflicts.items())
@@ -970,6 +1016,17 @@ def resumed_checkpoint(args):
                         "change mid-run: drop them, or start a new run under another --run_name")
     args.resume = path
     return saved
+
+
+def stored_run_name(config, path):
+    """The run name a checkpoint's config carries, made a valid one (with a note) when it is not: an older or foreign
+    file's name never chooses where files go."""
+    stored = config.get("run_name")
+    name = sanitized_run_name(stored)
+    if name != stored:
+        print(f"note: {path!r} carries the run name {str(stored)!r:.80}, which is not a valid one "
+              f"({RUN_NAME_CHARACTERS}); its files are named {name!r}", file=sys.stderr)
+    return name
 
 
 def flag_text(value):
@@ -1006,7 +1063,7 @@ def write_guidance_sweep(args, diffusion, denoiser, settings, config):
                             config["model"]["channels"], args.seed)
     images = crop_to_data(images, trained_data(config)["data_size"])
     os.makedirs(args.save_dir, exist_ok=True)
-    path = os.path.join(args.save_dir, f"guidance_sweep_{args.run_name}.png")
+    path = run_files(args).output("guidance_sweep")
     save_labelled_grid(images, path, [f"w = {w:g}" for w in args.guidance_sweep],
                        [config["classes"][c] for c in classes])
     if not args.quiet:
@@ -1016,20 +1073,19 @@ def write_guidance_sweep(args, diffusion, denoiser, settings, config):
 def save_samples(args, images, labels, config, seconds, device):
     """samples_<run>.png (conditional: a column per class), one PNG per image, and the uint8 npz."""
     os.makedirs(args.save_dir, exist_ok=True)
-    name = f"samples_{args.run_name}"
+    files = run_files(args)
     columns = len(args.sample_classes or range(config["num_classes"])) if labels is not None else None
     if columns is not None and columns <= MAX_CLASS_ROWS:
         nrow = min(columns, args.num_samples)  # a column per class
     else:
         nrow = math.ceil(math.sqrt(args.num_samples))
-    grid_path = os.path.join(args.save_dir, f"{name}.png")
-    save_grid(images, grid_path, nrow)
-    save_individual_pngs(images, os.path.join(args.save_dir, name), labels, config.get("classes"))
-    with atomic_open(os.path.join(args.save_dir, f"{name}.npz")) as f:
+    save_grid(images, files.output("samples_grid"), nrow)
+    save_individual_pngs(images, files.output("samples_folder"), labels, config.get("classes"))
+    with atomic_open(files.output("samples_npz")) as f:
         np.savez(f, images=to_uint8(images))
     if not args.quiet:
-        print(f"{args.num_samples} samples in {seconds:.1f} s on {device}: grid {grid_path}, "
-              f"PNGs in {os.path.join(args.save_dir, name)}/", flush=True)
+        print(f"{args.num_samples} samples in {seconds:.1f} s on {device}: grid {files.output('samples_grid')}, "
+              f"PNGs in {files.output('samples_folder')}/", flush=True)
 
 
 def inference(args):
@@ -1038,8 +1094,11 @@ def inference(args):
     device = pick_device(args)
     ckpt = load_checkpoint(args.model_path)
     config = ckpt["config"]
-    args.run_name = args.run_name or config.get("run_name") or "DDPM"
+    args.run_name = args.run_name or stored_run_name(config, args.model_path)
     settings = sampler_settings(args, saved_sampler_settings(config), config["timesteps"])
+    kept = len(args.guidance_sweep) * MAX_CLASS_ROWS if args.guidance_sweep else args.num_samples + args.eval_fid
+    check_run_memory(args, UNetConfig.from_dict(config["model"]), config["timesteps"], config["image_size"], kept,
+                     training=False, guided=args.conditional and settings.guidance_scale not in (0, 1))
     check_against_model(args, config)
     precision, precision_why = choose_precision(args.precision, device)
     model = sampling_model(ckpt).to(device, memory_format=torch.channels_last).eval()
@@ -1061,8 +1120,9 @@ def inference(args):
     if args.conditional:
         labels = class_cycle(args.sample_classes or list(range(config["num_classes"])), args.num_samples, device)
     start = time.perf_counter()
-    images = sample_images(diffusion, denoiser, settings, config, args.num_samples, labels, args.sample_batch,
-                           progress=not args.quiet and stderr_is_terminal())
+    with memory_guard(f"sampling {args.num_samples} images", SAMPLE_REMEDY):
+        images = sample_images(diffusion, denoiser, settings, config, args.num_samples, labels, args.sample_batch,
+                               progress=not args.quiet and stderr_is_terminal())
     require_finite(images, "the samples")
     save_samples(args, images, labels, config, time.perf_counter() - start, device)
     if args.eval_fid:
@@ -1072,7 +1132,7 @@ def inference(args):
                     "fid_sampler": settings.describe(), "conditional": args.conditional,
                     "fid_s": reference_s + time.perf_counter() - start, "device": str(device),
                     "precision": precision},
-                   os.path.join(args.save_dir, f"metrics_{args.run_name}.json"))
+                   run_files(args).output("metrics"))
 
 
 def flags_given(parser, args, argv):
@@ -1091,6 +1151,8 @@ def failure_text(e):
         return "interrupted (Ctrl-C); files already written stay, nothing is half-written"
     if isinstance(e, NonFiniteError):
         return f"error: {e}; nothing was written from them"
+    if isinstance(e, (WriteError, OutOfMemory)):
+        return f"error: {e}"
     if isinstance(e, OSError):
         return f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}"
     return f"error: {e}"
@@ -1105,8 +1167,10 @@ def main(argv=None):
     args.rank, args.world_size, args.local_rank = (0, 1, 0) if args.inference else \
         init_distributed(torch.cuda.is_available() and not args.no_cuda)
     try:
-        inference(args) if args.inference else train(args)
-    except (UserError, TrainingError, NonFiniteError, Interrupted, KeyboardInterrupt, OSError) as e:
+        with memory_guard("inference" if args.inference else "training", "lower --sample_batch, --batch_size or --dim"):
+            inference(args) if args.inference else train(args)
+    except (UserError, TrainingError, NonFiniteError, WriteError, OutOfMemory, Interrupted, KeyboardInterrupt,
+            OSError) as e:
         if args.rank == 0:
             print(f"{parser.prog}: {failure_text(e)}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 130 if isinstance(e, (Interrupted, KeyboardInterrupt)) else 1)

@@ -19,6 +19,7 @@ from ddpm_helpers import Denoiser, all_ranks_mean, synchronize
 EVAL_SEED = 1234  # fixed t and noise for validation / test losses, comparable across epochs
 GRAD_CLIP_NORM = 1.0  # as in Ho et al.'s training
 FP16_INIT_SCALE = 2.0 ** 16  # the loss scale fp16 training starts from (GradScaler's default)
+LR_DECAYS = ("none", "cosine")  # after warm-up: constant, or cosine-decayed to 0
 
 
 def learning_rate(config, step, progress):

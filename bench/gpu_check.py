@@ -150,7 +150,7 @@ def part_cli(a, data, limit_s):
              *(SMOKE_CLI_TRAIN_ARGS if a.smoke else CLI_TRAIN_ARGS)]
     model = os.path.join(a.work, "models", "gpu_cli", "ckpt.pt")
     commands = [("train", train)] + [(sampler, [*main, "--inference", "--model_path", model, "--sampler", sampler,
-                                                "--run_name", f"gpu_cli_{sampler}", *folders,
+                                                "--run_name", f"gpu_cli_{sampler.replace('+', 'p')}", *folders,
                                                 *(["--num_samples", "4", "--no_cuda"] if a.smoke else [])])
                                      for sampler in SAMPLERS]
     for name, command in commands:

@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 import ddpm_main  # noqa: E402
 from ddpm_checkpoint import export_for_inference, load_checkpoint  # noqa: E402
 from ddpm_data import load_dataset  # noqa: E402
+from ddpm_helpers import RunFiles  # noqa: E402
 
 # The recipe: a starting point, not yet tuned on a GPU (see BENCHMARKS.md).
 TRAIN_ARGS = ["--dim", "48", "--dim_mults", "1,2,2", "--batch_size", "500", "--lr", "2e-3",
@@ -87,18 +88,19 @@ def main():
     conditional = [] if a.unconditional else ["--conditional"]
     ddpm_main.main(["--data_dir", a.data_dir, "--epochs", "100000", "--time_budget_min", str(a.minutes),
                     "--save_model", "--guidance_scale", str(a.guidance_scale), *conditional, *train_args, *common])
-    train_metrics = json.load(open(os.path.join(a.out, f"metrics_{name}.json")))
-    ckpt_path = os.path.join(models_dir, name, "ckpt.pt")
+    files = RunFiles(models_dir, a.out, name)  # where the tool wrote the run's files
+    train_metrics = json.load(open(files.output("metrics")))
+    ckpt_path = files.checkpoint("ckpt.pt")
 
     t0 = time.perf_counter()
     ddpm_main.main(["--inference", "--model_path", ckpt_path, "--num_samples", "100", "--eval_fid", str(a.num_fid),
                     "--fid_inception", a.net, "--data_dir", a.data_dir, *conditional, *sample_args, *common[:4]])
-    ours = json.load(open(os.path.join(a.out, f"metrics_{name}.json")))
+    ours = json.load(open(files.output("metrics")))
     sample_fid_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
-    referee_fid = read_referee_fid(a, device, os.path.join(a.out, f"fid_samples_{name}.npz")) if a.referee else None
+    referee_fid = read_referee_fid(a, device, files.output("fid_samples")) if a.referee else None
     referee_s = time.perf_counter() - t0
 
     if a.export:

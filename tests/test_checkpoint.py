@@ -150,7 +150,8 @@ def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_state():
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_nonfinite_weights_are_never_written_nor_loaded(bad_value, tmp_path):
     model, ema = UNet(dim=8, dim_mults=(1,)), UNet(dim=8, dim_mults=(1,))
-    ckpt = build_checkpoint({"k": 1}, model, ema, torch.optim.AdamW(model.parameters()), TrainingState(), False)
+    config = {"model": model.config.to_dict(), "timesteps": 10, "schedule": "cosine", "image_size": 8}
+    ckpt = build_checkpoint(config, model, ema, torch.optim.AdamW(model.parameters()), TrainingState(), False)
     ckpt["ema"]["final_conv.bias"][1] = bad_value
     with pytest.raises(NonFiniteError, match=r"NaN or infinite values \(ema.final_conv.bias\)"):
         save_checkpoint(ckpt, tmp_path / "last.pt")

@@ -138,6 +138,15 @@ BAD_ARGUMENTS = [
     (["--inference", "--model_path", SHIPPED, "--save_dir", "/sys/ddpm_outputs"],
      "--save_dir '/sys/ddpm_outputs' is not writable"),
     (["--sample_classes", "3"], "--sample_classes picks the classes of class-guided samples"),
+    (["--seed", str(2 ** 64)], "--seed must be in -9223372036854775808 … 18446744073709551615, the random generator's "
+                               "range, got 18446744073709551616"),
+    (["--seed", str(-2 ** 63 - 1)], "--seed must be in -9223372036854775808 … 18446744073709551615"),
+    (["--dim", "800000000"], "this would need at least 7.4e+21 B of memory (7.4e+21 B for "
+                             "368,640,000,000,000,000,000 parameters while training) and this machine has "),
+    (["--timesteps", "2000000000"], "this would need at least 336.1 GB of memory (336.0 GB for the noise schedule of "
+                                    "T = 2,000,000,000) and this machine has "),
+    (["--inference", "--model_path", SHIPPED, "--num_samples", "1000000000000"],
+     "this would need at least 12.3 PB of memory (12.3 PB to hold 1,000,000,000,000 samples) and this machine has "),
     (["--inference", "--model_path", SHIPPED, "--sample_classes", "3"], "it goes with --inference --conditional"),
 ]
 

@@ -58,7 +58,8 @@ def test_checkpoint_round_trip_reproduces_outputs(tmp_path):
     config = UNetConfig(dim=8, dim_mults=(1, 2), num_classes=10)
     model = UNet(config)
     path = str(tmp_path / "ckpt.pt")
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": {"model": config.to_dict()},
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": {"model": config.to_dict(), "timesteps": 10,
+                                                               "schedule": "cosine", "image_size": 16},
                        "model": model.state_dict()}, path)
     ckpt = load_checkpoint(path)
     rebuilt = UNet(UNetConfig.from_dict(ckpt["config"]["model"]))
