@@ -320,11 +320,12 @@ def _entries_problem(entries, needed, checks, where):
 
 def config_problem(config, needed=SAMPLING_NEEDS):
     """What makes a checkpoint's config unusable (None: nothing): an entry in `needed` missing, an entry that is not
-    what it must be (CONFIG_ENTRIES, MODEL_ENTRIES), or a network the settings cannot build."""
+    what it must be (CONFIG_ENTRIES, MODEL_ENTRIES), or settings that contradict each other."""
     if not isinstance(config, dict):
         return "its config is not a dict"
-    problem = _entries_problem(config, needed, CONFIG_ENTRIES, "the config")
-    if problem or (problem := _entries_problem(config["model"], ("dim", "dim_mults"), MODEL_ENTRIES, "the model")):
+    problem = (_entries_problem(config, needed, CONFIG_ENTRIES, "the config")
+               or _entries_problem(config["model"], ("dim", "dim_mults"), MODEL_ENTRIES, "the model"))
+    if problem:
         return problem
     model, classes = UNetConfig.from_dict(config["model"]), config.get("classes")
     if (model.dim % model.groups or model.num_classes != config.get("num_classes", model.num_classes)
@@ -396,24 +397,20 @@ POSITION_ENTRIES = {"epoch": (_whole(0), "a whole number ≥ 0"), "step": (_whol
 
 
 def resume_problem(ckpt):
-    """What keeps a last.pt from being resumed (None: nothing), beyond checkpoint_problem: the config's training
-    settings, both weights, the optimizer state of those parameters, the RNG states and the position."""
+    """What keeps a last.pt that passed checkpoint_problem (so its weights fit) from being resumed (None: nothing):
+    the config's training settings, both weights there, the RNG states and the position, and an optimizer state of
+    the network's parameters."""
     problem = config_problem(ckpt["config"], RESUME_NEEDS)
     if problem:
         return problem
-    if not isinstance(ckpt.get("model"), dict):
-        return "it holds no training weights ('model')"
-    model, problem = network_to_check(ckpt["config"], ckpt["model"])
-    if problem:
-        return problem
-    for part in ("model", "ema"):
-        problem = weights_problem(ckpt.get(part), model, f"{part} weights")
-        if problem:
-            return problem
+    missing = [part for part in ("model", "ema") if not ckpt.get(part)]
+    if missing:
+        return f"it holds no {' and no '.join(missing)} weights"
     problem = _entries_problem(ckpt, tuple(POSITION_ENTRIES), POSITION_ENTRIES, "the checkpoint")
     if problem:
         return problem
-    return optimizer_problem(ckpt["optimizer"], [p.shape for p in model.parameters()])  # as AdamW numbers them
+    parameters = build_model(ckpt["config"]).parameters()  # in the order AdamW numbers them
+    return optimizer_problem(ckpt["optimizer"], [p.shape for p in parameters])
 
 
 def optimizer_problem(state, shapes):

@@ -637,8 +637,8 @@ class Run:
 
     @property
     def files(self):
-        """Where the run's checkpoints and outputs go (every path is built by RunFiles)."""
-        return RunFiles(self.args.models_dir, self.args.save_dir, self.config["run_name"])
+        """Where the run's checkpoints and outputs go (args.run_name is the config's)."""
+        return run_files(self.args)
 
     def checkpoint(self, state):
         return build_checkpoint(self.config, self.model, self.ema_model, self.optimizer, state,
@@ -674,7 +674,7 @@ def set_up_run(args, saved):
                               "num_test": len(data["test_images"])}, saved and saved["config"], args.given)
     if rank == 0:
         os.makedirs(args.save_dir, exist_ok=True)
-        os.makedirs(RunFiles(args.models_dir, args.save_dir, config["run_name"]).ckpt_dir, exist_ok=True)
+        os.makedirs(run_files(args).ckpt_dir, exist_ok=True)
 
     # the splits live on the device as uint8 tensors; a batch holds an optimizer step's micro-batches, and the
     # evaluation's batches as many images (no gradients kept), so its t and ε are drawn as with one --batch_size
