@@ -23,13 +23,15 @@ import dataclasses
 import math
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from ddpm_data import CIFAR10_CLASSES, model_side
 from ddpm_diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, Diffusion, SamplerSettings, make_schedule
-from ddpm_helpers import PRECISIONS, NonFiniteError, UserError, atomic_torch_save, write_json
+from ddpm_helpers import (PRECISIONS, RUN_NAME_CHARACTERS, NonFiniteError, UserError, atomic_torch_save, check_memory,
+                          sanitized_run_name, write_json)
 from ddpm_model import UNet, UNetConfig
 from ddpm_train import LR_DECAYS
 
@@ -54,6 +56,8 @@ SAMPLING_SETTINGS = ("sampling",)
 # Derived: what follows from the settings above and the data (data_facts): what the data is, its class names, channels
 # and image size [H, W], and the side of the square the model works on (image_size: data_size padded to fit the
 # stages, ddpm_data.model_side).
+# What training_config takes from the command line (RUN_SETTINGS' data_dir as resolved by the run).
+COMMAND_LINE_SETTINGS = FIXED_SETTINGS + ADJUSTABLE_SETTINGS + RUN_SETTINGS
 DERIVED_KEYS = ("model", "num_classes", "dataset", "classes", "channels", "data_size", "image_size", "num_train",
                 "num_val", "num_test", "global_batch_size")
 
@@ -67,7 +71,7 @@ def training_config(flags, data_facts, saved_config=None, given=()):
     SamplerSettings; data_facts: ddpm_data.data_facts and num_train, num_val, num_test. saved_config: the checkpoint's
     config when resuming, whose fixed settings win over the flags, and whose adjustable ones win over flags not
     `given` on the command line (a key it lacks, from an older version, falls back to the flag)."""
-    chosen = {key: flags[key] for key in FIXED_SETTINGS + ADJUSTABLE_SETTINGS + RUN_SETTINGS}
+    chosen = {key: flags[key] for key in COMMAND_LINE_SETTINGS}
     if saved_config is not None:
         kept = FIXED_SETTINGS + tuple(key for key in ADJUSTABLE_SETTINGS if key not in given)
         chosen.update({key: saved_config.get(key, chosen[key]) for key in kept})
@@ -98,6 +102,21 @@ def fixed_setting_conflicts(saved_config, flags, given):
     {key: (checkpoint's value, flag's value)}."""
     return {key: (saved_config[key], flags[key]) for key in FIXED_SETTINGS
             if key in given and key in saved_config and flags[key] != saved_config[key]}
+
+
+def check_fixed_settings(saved_config, flags, given):
+    """UserError naming the fixed settings a resume's command line gives other values than the checkpoint's."""
+    conflicts = fixed_setting_conflicts(saved_config, flags, given)
+    if conflicts:
+        given = ", ".join(f"--{key} {flag_text(value)}" for key, (_, value) in conflicts.items())
+        kept = ", ".join(f"{key} {flag_text(saved_value)}" for key, (saved_value, _) in conflicts.items())
+        raise UserError(f"--resume: {given} differ from the run being resumed ({kept}); what the run trains cannot "
+                        "change mid-run: drop them, or start a new run under another --run_name")
+
+
+def flag_text(value):
+    """A setting's value as it is written on the command line (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def trained_data(config):
@@ -217,6 +236,30 @@ def save_checkpoint(ckpt, path, with_optimizer=True):
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by this tool (weights_only=True: no code is unpickled) and check that it holds what
     sampling needs (checkpoint_problem): UserError naming the file and what is wrong."""
+    return _load_checked(path, map_location)[0]
+
+
+def load_sampling_model(path):
+    """(checkpoint, its U-Net on the CPU with the weights it samples with: the EMA's, else the raw ones), checked as
+    load_checkpoint checks; the network the check builds is the one returned."""
+    ckpt, model = _load_checked(path, "cpu")
+    model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+    return ckpt, model
+
+
+def stored_run_name(config, path):
+    """The run name a checkpoint's config carries, made a valid one (with a note) when it is not: an older or foreign
+    file's name never chooses where files go."""
+    stored = config.get("run_name")
+    name = sanitized_run_name(stored)
+    if name != stored:
+        print(f"note: {path!r} carries the run name {str(stored)!r:.80}, which is not a valid one "
+              f"({RUN_NAME_CHARACTERS}); its files are named {name!r}", file=sys.stderr)
+    return name
+
+
+def _load_checked(path, map_location):
+    """(checkpoint, the U-Net its config describes, weights not loaded) of load_checkpoint."""
     if not path:
         raise UserError("--model_path is required with --inference")
     if not os.path.exists(path):
@@ -231,11 +274,11 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
         raise UserError(f"{path!r} is not a checkpoint of this tool (ddpm_main.py); "
                         "it holds no 'format': 'ddpm-cifar10' entry and config")
-    problem = checkpoint_problem(ckpt)
+    model, problem = checked_network(ckpt)
     if problem:
         raise UserError(f"{path!r} is damaged or incomplete: {problem}")
     refuse_nonfinite(ckpt, path, ("ema",) if ckpt.get("ema") else ("model",))  # the weights it samples with
-    return ckpt
+    return ckpt, model
 
 
 def refuse_nonfinite(ckpt, path, parts):
@@ -370,18 +413,24 @@ def network_to_check(config, weights):
 def checkpoint_problem(ckpt):
     """What keeps a checkpoint from being sampled (None: nothing): its config (config_problem), and weights ('ema', else
     'model') that fit the network the config describes."""
+    return checked_network(ckpt)[1]
+
+
+def checked_network(ckpt):
+    """(the U-Net the checkpoint's config describes, None), or (None, checkpoint_problem's answer)."""
     problem = config_problem(ckpt["config"])
     if problem:
-        return problem
+        return None, problem
     parts = [part for part in ("ema", "model") if ckpt.get(part)]
     if not parts:
-        return "it holds no weights ('ema' or 'model')"
+        return None, "it holds no weights ('ema' or 'model')"
     for part in parts:
         if not isinstance(ckpt[part], dict) or not all(isinstance(w, torch.Tensor) for w in ckpt[part].values()):
-            return f"its {part} weights are not a dict of tensors"
+            return None, f"its {part} weights are not a dict of tensors"
     model, problem = network_to_check(ckpt["config"], ckpt[parts[0]])
-    return problem or next(filter(None, (weights_problem(ckpt[part], model, f"{part} weights") for part in parts)),
-                           None)
+    problem = problem or next(filter(None, (weights_problem(ckpt[part], model, f"{part} weights") for part in parts)),
+                              None)
+    return (None, problem) if problem else (model, None)
 
 
 POSITION_ENTRIES = {"epoch": (_whole(0), "a whole number ≥ 0"), "step": (_whole(0), "a whole number ≥ 0"),
@@ -465,6 +514,15 @@ def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, trai
              "--eval_fid" if training else "--num_samples or --eval_fid")]
 
 
+def check_run_memory(device, sample_batch, model_config, timesteps, side, samples, training, guided):
+    """UserError before anything is allocated when the weights, the schedule, one sampling batch (of sample_batch) and
+    the samples kept need more memory than the device (and for the samples, the machine) has: memory_needs. On CUDA a
+    batch that does not fit is halved down to one image (generate), so only one image of it must fit there."""
+    batch = 1 if device.type == "cuda" else min(sample_batch, samples)
+    needs = memory_needs(model_config, timesteps, side, batch, samples, training, guided)
+    check_memory(needs[:3], device, needs[3:])
+
+
 def resumable_runs(models_dir):
     """A phrase naming the runs under models_dir that hold a last.pt."""
     names = sorted(name for name in (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
@@ -519,10 +577,3 @@ def export_for_inference(ckpt, path):
              "ema": {k: v.to(torch.bfloat16) for k, v in weights.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_torch_save(small, path)
-
-
-def sampling_model(ckpt):
-    """The checkpoint's U-Net with its EMA weights (the raw weights if it has none), for sampling."""
-    model = build_model(ckpt["config"])
-    model.load_state_dict(ckpt.get("ema") or ckpt["model"])
-    return model

@@ -239,6 +239,15 @@ def stages_allowed(data_size):
     return max(data_size).bit_length()
 
 
+def check_stage_count(dim_mults, image_size):
+    """UserError when the U-Net has more stages than the images can be halved (padded, they allow
+    stages_allowed); image_size (H, W), or None when unknown (the data is then checked as it is read)."""
+    if image_size is not None and len(dim_mults) > stages_allowed(image_size):
+        raise UserError(f"--dim_mults {','.join(map(str, dim_mults))} has {len(dim_mults)} stages, which need "
+                        f"images of at least {2 ** (len(dim_mults) - 1)} pixels a side; these images are "
+                        f"{image_size[0]}×{image_size[1]}, which allow at most {stages_allowed(image_size)} stages")
+
+
 def model_side(data_size, stages):
     """The side of the square the U-Net works on for images of data_size (H, W): the smallest multiple of
     2^(stages − 1) (each stage after the first halves it) that holds both sides."""

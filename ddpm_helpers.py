@@ -31,6 +31,37 @@ class OutOfMemory(Exception):
     """Memory ran out: reported as one line saying what ran out and which flag lowers the need, exit status 1."""
 
 
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss diverged): reported as one line, exit status 1."""
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM during training: state saved, reported with how to resume; exit status 130."""
+
+
+# what stops a command with a message (failure_text) and an exit status (exit_status) instead of a traceback
+STOPPING_ERRORS = (UserError, TrainingError, NonFiniteError, WriteError, OutOfMemory, Interrupted, KeyboardInterrupt,
+                   OSError)
+
+
+def failure_text(e):
+    """How a command reports one of the STOPPING_ERRORS it stops on: one line (the resume command on a second)."""
+    if isinstance(e, Interrupted):
+        return str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); files already written stay, nothing is half-written"
+    if isinstance(e, NonFiniteError):
+        return f"error: {e}; nothing was written from them"
+    if isinstance(e, OSError):
+        return f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+    return f"error: {e}"
+
+
+def exit_status(e):
+    """2 for bad input, 130 for an interruption, else 1."""
+    return 2 if isinstance(e, UserError) else 130 if isinstance(e, (Interrupted, KeyboardInterrupt)) else 1
+
+
 def require_finite(tensor, what):
     """Raise NonFiniteError unless every value of `tensor` is finite; `what` names it in the message."""
     if not torch.isfinite(tensor).all():
@@ -413,8 +444,8 @@ def synchronize(device):
 class Denoiser:
     """Calls ε_θ under autocast at the run's precision ('bf16', 'fp16' or 'fp32': none) and through torch.compile
     when asked, always returning float32, with the input in the model's memory format (channels-last models — what
-    ddpm_main builds — train 20 % and sample 40 % faster on the 2-core CPU, and it is the layout bf16 convolutions
-    want on NVIDIA GPUs).
+    ddpm_run and ddpm_sample build — train 20 % and sample 40 % faster on the 2-core CPU, and it is the layout bf16
+    convolutions want on NVIDIA GPUs).
 
     If compilation fails (no compiler, unsupported op), it warns once and continues eagerly:
     the same function, only slower. Exposes the model's num_classes for classifier-free guidance.

@@ -41,8 +41,8 @@ class SinusoidalPosEmb(nn.Module):
     def forward(self, t):
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000) / (half - 1)))
-        args = t.float()[:, None] * freqs[None]                 # (N, dim/2)
-        return torch.cat([args.sin(), args.cos()], dim=-1)      # (N, dim)
+        angles = t.float()[:, None] * freqs[None]               # (N, dim/2)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (N, dim)
 
 
 class ResnetBlock(nn.Module):

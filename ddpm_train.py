@@ -1,8 +1,8 @@
-"""The training step and what measures it: one AdamW step on the diffusion loss (accumulated over micro-batches,
-loss-scaled in fp16) with the EMA update, the learning-rate schedule, the evaluation loss, and the clock that keeps
-the time budget.
+"""The training step and what measures and reports it: one AdamW step on the diffusion loss (accumulated over
+micro-batches, loss-scaled in fp16) with the EMA update, the learning-rate schedule, the evaluation loss, the clock
+that keeps the time budget, and the Reporter (bars, log lines, TensorBoard).
 
-ddpm_main.py's training loop is made of these, and bench/bench.py times the very same step.
+The training run (ddpm_run.py) is made of these, and bench/bench.py times the very same step.
 """
 import contextlib
 import itertools
@@ -12,14 +12,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ddpm_diffusion import Diffusion
-from ddpm_helpers import Denoiser, all_ranks_mean, synchronize
+from ddpm_helpers import Denoiser, all_ranks_mean, stderr_is_terminal, synchronize
 
 EVAL_SEED = 1234  # fixed t and noise for validation / test losses, comparable across epochs
 GRAD_CLIP_NORM = 1.0  # as in Ho et al.'s training
 FP16_INIT_SCALE = 2.0 ** 16  # the loss scale fp16 training starts from (GradScaler's default)
 LR_DECAYS = ("none", "cosine")  # after warm-up: constant, or cosine-decayed to 0
+LOG_LINE_SECONDS = 60  # without a terminal, the least time between two training log lines
 
 
 def learning_rate(config, step, progress):
@@ -205,3 +207,82 @@ class TrainingClock:
         start = time.perf_counter()
         yield
         self.timing[key] = self.timing.get(key, 0.0) + time.perf_counter() - start
+
+
+class Reporter:
+    """What a training run tells people: progress bars on a terminal, else a line per epoch and a line at read-outs
+    at most every LOG_LINE_SECONDS; with a tensorboard_dir (--tensorboard) the loss and lr at read-outs, img/s,
+    validation/test losses, FID and the per-epoch grids as TensorBoard events there. Only rank 0 speaks (is_main),
+    and nothing when quiet. Used as a context manager, so that the TensorBoard writer is closed on every way out: the
+    end, Ctrl-C / SIGTERM, a NaN stop, an error."""
+
+    def __init__(self, quiet, tensorboard_dir, is_main):
+        self.verbose = not quiet and is_main
+        self.bars = self.verbose and stderr_is_terminal()
+        self.tensorboard_dir = tensorboard_dir if is_main else None
+        self.writer = self.epoch_bar = self.batch_bar = None
+        self.total_epochs = None
+        self.last_line = time.perf_counter()  # when the last log line (no terminal) was printed
+
+    def __enter__(self):
+        if self.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # only when asked for: tensorboard is optional
+            self.writer = SummaryWriter(self.tensorboard_dir)
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def say(self, text):
+        if self.verbose:
+            print(text, flush=True)
+
+    def epochs(self, done, total):
+        """The epochs still to train, done + 1 … total."""
+        self.total_epochs = total
+        self.epoch_bar = tqdm(range(done + 1, total + 1), desc="epochs", disable=not self.bars, initial=done,
+                              total=total)
+        return self.epoch_bar
+
+    def batches(self, batches, total, done, epoch):
+        self.batch_bar = tqdm(batches, total=total, initial=done, desc=f"epoch {epoch}", leave=False,
+                              disable=not self.bars)
+        return self.batch_bar
+
+    def read_out(self, step, epoch, loss, lr, images_per_s, minutes_left, skipped=None):
+        """A loss read-out; minutes_left: of the time budget (None: no budget); skipped: fp16 steps the loss scaler
+        has skipped so far (None: not fp16)."""
+        postfix = {"loss": f"{loss:.4f}", "img_s": f"{images_per_s:.0f}"}
+        self.batch_bar.set_postfix(postfix if skipped is None else {**postfix, "fp16_skips": skipped})
+        if self.verbose and not self.bars and time.perf_counter() - self.last_line >= LOG_LINE_SECONDS:
+            budget = f"  {minutes_left:.1f} min of the budget left" if minutes_left is not None else ""
+            skips = f"  {skipped} fp16 steps skipped (overflow)" if skipped is not None else ""
+            print(f"step {step}  epoch {epoch}  loss {loss:.4f}  lr {lr:.3g}  {images_per_s:.0f} img/s{skips}{budget}",
+                  flush=True)
+            self.last_line = time.perf_counter()
+        self.scalars(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s,
+                            **({"train/fp16_skipped_steps": skipped} if skipped is not None else {})})
+
+    def epoch_done(self, epoch, step, train_loss, losses, images_per_s):
+        """losses: {'val_loss', 'test_loss'} on evaluated epochs, else None."""
+        if losses:
+            self.epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{losses['val_loss']:.4f}")
+        if self.verbose and not self.bars:  # a line per epoch where there are no bars (logs, pipes)
+            evaluated = f"  val {losses['val_loss']:.4f}  test {losses['test_loss']:.4f}" if losses else ""
+            print(f"epoch {epoch}/{self.total_epochs}  train {train_loss:.4f}{evaluated}  ({images_per_s:.0f} img/s)",
+                  flush=True)
+        self.scalars(step, {"epoch/train_loss": train_loss, "epoch/images_per_s": images_per_s,
+                            **{f"epoch/{key}": value for key, value in (losses or {}).items()}})
+
+    def grid(self, step, images, nrow):
+        if self.writer is not None:
+            from torchvision.utils import make_grid
+            self.writer.add_image("samples", make_grid(images.float(), nrow=nrow, normalize=True, value_range=(-1, 1),
+                                                       padding=2), step)
+
+    def scalars(self, step, values):
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)

@@ -56,7 +56,7 @@ def read_referee_fid(a, device, samples_path):
     return referee.frechet(mu, sigma, mu_ref, sigma_ref)
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="/tmp/cifar10", help="image-folder CIFAR-10 (train/, test/)")
     p.add_argument("--data_tar", help="unpack this .tar.xz into --data_dir first when train/ is missing")
@@ -71,14 +71,23 @@ def main():
     p.add_argument("--out", default="outputs/speedrun", help="outputs, checkpoints and the summary JSON")
     p.add_argument("--export", help="write the EMA weights (bf16) as an inference checkpoint here")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes on CPU: checks the pipeline")
-    a = p.parse_args()
+    return p
+
+
+def unpack_data(data_dir, data_tar):
+    """Unpack the image-folder pack data_tar into data_dir unless data_dir already holds train/."""
+    if not os.path.isdir(os.path.join(data_dir, "train")):
+        if not data_tar:
+            sys.exit(f"{data_dir} has no train/: give --data_tar to unpack the image-folder pack")
+        os.makedirs(data_dir, exist_ok=True)
+        with tarfile.open(data_tar) as tar:
+            tar.extractall(data_dir, filter="data")
+
+
+def main():
+    a = build_parser().parse_args()
     start = time.perf_counter()
-    if not os.path.isdir(os.path.join(a.data_dir, "train")):
-        if not a.data_tar:
-            sys.exit(f"{a.data_dir} has no train/: give --data_tar to unpack the image-folder pack")
-        os.makedirs(a.data_dir, exist_ok=True)
-        with tarfile.open(a.data_tar) as tar:
-            tar.extractall(a.data_dir, filter="data")
+    unpack_data(a.data_dir, a.data_tar)
     unpack_s = time.perf_counter() - start
 
     name = "speedrun_uncond" if a.unconditional else "speedrun_cond"

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import ddpm_main
+import ddpm_train
 from conftest import MAIN, ROOT, TINY_MODEL, make_image_folder, run_main
 from ddpm_checkpoint import TOOL_VERSION, export_for_inference, load_checkpoint
 from ddpm_helpers import NonFiniteError, choose_precision, write_json
@@ -323,7 +324,7 @@ def test_without_a_terminal_training_logs_a_line_per_read_out_at_most_once_a_min
     argv = ["--data_dir", tiny_data, "--epochs", "2", "--log_interval", "2", "--time_budget_min", "5", *TINY_MODEL]
     ddpm_main.main([*argv, "--run_name", "slow"])  # a short run: no minute has passed, no step lines
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    monkeypatch.setattr(ddpm_main, "LOG_LINE_SECONDS", 0)
+    monkeypatch.setattr(ddpm_train, "LOG_LINE_SECONDS", 0)
     ddpm_main.main([*argv, "--run_name", "fast"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split("  ")[:2] for line in lines] == [["step 2", "epoch 1"], ["step 4", "epoch 1"],

@@ -10,12 +10,12 @@ import torch
 import torchvision
 from PIL import Image
 
-import ddpm_main
 from conftest import TINY_MODEL, make_image_folder, run_main
 from ddpm_data import (CIFAR10_CLASSES, DeviceLoader, crop_to_data, load_dataset, majority_mode, model_side,
                        pad_to_side, padding, stages_allowed)
 from ddpm_fid import FIDFeatures
 from ddpm_helpers import file_name_part
+from ddpm_sample import class_indices
 
 FAST_SAMPLING = ["--sampler", "ddim", "--sampling_steps", "2"]  # for the per-epoch grids too
 
@@ -59,8 +59,8 @@ def test_twelve_classes_train_and_sample_class_11_by_index_and_by_name(tmp_path)
 
 def test_a_class_named_by_a_number_is_taken_by_its_name():
     classes = sorted(str(c) for c in range(12))  # '0', '1', '10', '11', '2', …: folder names sort as text
-    assert ddpm_main.class_indices(["2", "3", "11", "1"], classes) == [4, 5, 3, 1]
-    assert ddpm_main.class_indices(["ant", "0"], ["ant", "bee"]) == [0, 0]
+    assert class_indices(["2", "3", "11", "1"], classes) == [4, 5, 3, 1]
+    assert class_indices(["ant", "0"], ["ant", "bee"]) == [0, 0]
 
 
 def test_grayscale_folder_trains_a_one_channel_model_and_writes_mode_l_images(tmp_path):

@@ -136,7 +136,7 @@ def test_fp16_training_through_the_cli_reports_skipped_steps_and_a_resume_may_ch
     the log lines and the metrics (each skip halved the scale), no NaN stop. The resume runs in float32 and says so."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ddpm_train, "FP16_INIT_SCALE", 2.0 ** 19)
-    monkeypatch.setattr(ddpm_main, "LOG_LINE_SECONDS", 0)
+    monkeypatch.setattr(ddpm_train, "LOG_LINE_SECONDS", 0)
     ddpm_main.main(["--data_dir", tiny_data, "--epochs", "1", "--log_interval", "1", "--run_name", "half",
                     "--sampling_steps", "1", *TINY_MODEL, "--precision", "fp16"])
     out = capsys.readouterr().out

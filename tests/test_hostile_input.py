@@ -18,7 +18,7 @@ from torch import nn
 
 import ddpm_helpers
 from conftest import MAIN, TINY_MODEL, FakeInception, make_image_folder, run_main
-from ddpm_checkpoint import memory_needs, parameter_count
+from ddpm_checkpoint import check_run_memory, memory_needs, parameter_count
 from ddpm_data import CACHE_NAME, DeviceLoader, load_dataset
 from ddpm_fid import FID_STATS_NAME, FIDFeatures, reference_statistics, statistics_problem
 from ddpm_helpers import (MAX_RUN_NAME, NAME_MAX, OUTPUT_NAMES, RunFiles, UserError, check_memory, format_bytes,
@@ -244,10 +244,6 @@ def test_check_memory_names_the_largest_need_and_its_flag():
 def test_on_cuda_the_samples_count_against_ram_and_a_sampling_batch_may_halve_down_to_one(monkeypatch):
     """The CUDA branch, on the CPU: the card's memory and the machine's are checked apart, and a --sample_batch the
     card cannot hold is not refused (generate halves it), while on a CPU it is."""
-    import argparse
-
-    import ddpm_main
-
     def memory_of(device):
         return (10 ** 9, "the GPU has") if device.type == "cuda" else (10 ** 12, "this machine has")
 
@@ -258,13 +254,10 @@ def test_on_cuda_the_samples_count_against_ram_and_a_sampling_batch_may_halve_do
         check_memory([(2 * 10 ** 9, "weights", "--dim")], cuda, [(9 * 10 ** 11, "samples", "--num_samples")])
     with pytest.raises(UserError, match=r"and this machine has 1.0 TB: lower --num_samples$"):
         check_memory([(10, "weights", "--dim")], cuda, [(2 * 10 ** 12, "samples", "--num_samples")])
-    args = argparse.Namespace(sample_batch=10 ** 7, no_cuda=False, local_rank=0)
     model = UNetConfig(dim=32, dim_mults=(1, 2, 2))
-    monkeypatch.setattr(ddpm_main, "pick_device", lambda args: cuda)
-    ddpm_main.check_run_memory(args, model, 1000, 32, 10 ** 7, training=False, guided=True)  # one image must fit
-    monkeypatch.setattr(ddpm_main, "pick_device", lambda args: torch.device("cpu"))
+    check_run_memory(cuda, 10 ** 7, model, 1000, 32, 10 ** 7, training=False, guided=True)  # one image must fit
     with pytest.raises(UserError, match="lower --sample_batch$"):
-        ddpm_main.check_run_memory(args, model, 1000, 32, 10 ** 7, training=False, guided=True)
+        check_run_memory(torch.device("cpu"), 10 ** 7, model, 1000, 32, 10 ** 7, training=False, guided=True)
 
 
 def test_the_epoch_order_takes_any_seed_in_the_generators_range_and_is_unchanged_for_the_rest():

@@ -1,0 +1,139 @@
+"""A digest of everything a set of fixed-seed CLI runs writes and says, to prove that a change of layout changes no
+behaviour: run it before and after, and diff the two outputs.
+
+    python bench/fixed_seed_digest.py > before.txt   # on the old code
+    python bench/fixed_seed_digest.py > after.txt    # on the new
+    diff before.txt after.txt
+
+It builds a tiny image folder and a stand-in FID network, then runs ddpm_main.py (a new process each, as a user
+would) for training (conditional with evaluation and best.pt; unconditional with FID), a resume, inference (class
+lists, the three samplers, a guidance sweep, FID) and bad inputs, after --help. It prints, per command, the exit status and what
+it said, and per file written a SHA-256: JSON, checkpoints and npz files without their timings, versions and
+network hash (which differ from run to run), every other file as its bytes. Timings in messages ("1.2 s",
+"350 img/s") are masked. CPU, float32: about a minute on 2 cores.
+"""
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dim", "8", "--dim_mults", "1,2", "--timesteps", "10", "--batch_size", "8", "--no_cuda", "--precision",
+        "fp32", "--data_dir", "data"]
+VARYING = {"timing", "versions", "train_images_per_s", "fid_s",  # entries that differ between identical runs
+           "network"}  # the FID cache's SHA-256 of the stand-in network, which torch.jit.save makes anew each time
+TIMES = re.compile(r"\d+(\.\d+)? ?(s|img/s|min)\b")
+
+
+def make_folder(root, classes=4, per_class=(6, 2), size=16):
+    """train/<class>/*.png, test/<class>/*.png: noisy images around a colour per class."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "test"), per_class):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"))
+            for i in range(count):
+                pixels = np.clip(rng.integers(0, 255, 3) + rng.normal(0, 30, (size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+
+
+def make_fake_inception(path):
+    """A TorchScript with the FID network's contract, (N, 3, 299, 299) → (N, 2048), xz-compressed."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 2048))
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(net), buffer)
+    with open(path, "wb") as f:
+        f.write(lzma.compress(buffer.getvalue()))
+
+
+COMMANDS = [
+    ["--help"],
+    ["--epochs", "2", "--conditional", "--save_model", "--run_name", "cond", "--log_interval", "1"],
+    ["--epochs", "1", "--save_model", "--run_name", "uncond", "--eval_fid", "16", "--fid_inception", "net.pt.xz"],
+    ["--epochs", "1", "--run_name", "refstats", "--eval_fid", "8", "--fid_inception", "net.pt.xz", "--fid_ref_stats",
+     "data/ddpm_fid_train_stats.npz", "--eval_every", "2"],
+    ["--epochs", "1", "--run_name", "resumed", "--conditional", "--lr_decay", "cosine"],
+    ["--resume", "auto", "--run_name", "resumed", "--epochs", "2", "--conditional", "--lr", "0.001"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--conditional", "--num_samples", "10",
+     "--sample_classes", "class1,2"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--num_samples", "6", "--run_name", "null_label"],
+    ["--inference", "--model_path", "models/cond/best.pt", "--conditional", "--num_samples", "5", "--sampler", "ddim",
+     "--eta", "0.5", "--run_name", "ddim"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--conditional", "--num_samples", "4", "--sampler", "ddpm",
+     "--run_name", "ddpm"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--guidance_sweep", "0,1,3", "--run_name", "sweep"],
+    ["--inference", "--model_path", "models/uncond/ckpt.pt", "--num_samples", "8", "--eval_fid", "12",
+     "--fid_inception", "net.pt.xz", "--seed", "3"],
+    # bad input: exit status 2 and one line, nothing written
+    ["--epochs", "0"],
+    ["--inference"],
+    ["--inference", "--model_path", "missing.pt"],
+    ["--inference", "--model_path", "net.pt.xz"],
+    ["--inference", "--model_path", "models/uncond/ckpt.pt", "--conditional"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--conditional", "--sample_classes", "horse"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--sampling_steps", "50"],
+    ["--resume", "auto", "--run_name", "nothing_here"],
+    ["--resume", "auto", "--run_name", "resumed", "--dim", "16"],
+    ["--run_name", "../escape"],
+    ["--eval_fid", "10"],
+    ["--sampler", "ddpm", "--sampling_steps", "5"],
+    ["--guidance_sweep", "1,2"],
+    ["--dim_mults", "1,2,2,2,2,2"],
+]
+
+
+def digest_file(path):
+    """SHA-256 of a file, of its content without VARYING entries for JSON and checkpoints."""
+    if path.endswith(".json"):
+        content = json.load(open(path))
+        if isinstance(content, dict):
+            content = {k: v for k, v in content.items() if k not in VARYING}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    if path.endswith(".pt"):
+        ckpt = torch.load(path, weights_only=True)
+        buffer = io.BytesIO()
+        torch.save({k: v for k, v in ckpt.items() if k not in VARYING}, buffer)
+        return hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
+    if path.endswith(".npz"):
+        arrays = np.load(path)
+        content = b"".join(name.encode() + arrays[name].tobytes() for name in sorted(arrays) if name not in VARYING)
+        return hashlib.sha256(content).hexdigest()[:16]
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="ddpm_digest_")
+    make_folder(os.path.join(work, "data"))
+    make_fake_inception(os.path.join(work, "net.pt.xz"))
+    seen = {}
+    for command in COMMANDS:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm_main.py"), *TINY, *command], cwd=work,
+                                capture_output=True, text=True, timeout=600)
+        print(f"$ {' '.join(command)}\nexit {result.returncode}")
+        for stream, text in (("out", result.stdout), ("err", result.stderr)):
+            for line in text.splitlines():
+                print(f"  {stream}: {TIMES.sub('#', line)}")
+        for folder, _, names in sorted(os.walk(work)):
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                relative = os.path.relpath(path, work)
+                if relative == "net.pt.xz" or relative.startswith("data") and relative.endswith(".png"):
+                    continue  # made above
+                digest = digest_file(path)
+                if seen.get(relative) != digest:
+                    print(f"  wrote {relative} {digest}")
+                    seen[relative] = digest
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

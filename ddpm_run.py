@@ -1,0 +1,530 @@
+"""A training run: its options, its set-up (data on the device, the networks, the resolved config), the epoch of
+training steps, evaluation (losses, grids, plots), checkpoint saves, signals, and the end (final checkpoint, FID,
+metrics).
+
+ddpm_main.py's train() is the story these pieces make; the step itself, the clock and the reporting are in
+ddpm_train.py. Nothing here reads the command line: a run takes its config (what it trains) and TrainingOptions (how
+it goes about it).
+"""
+import copy
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddpm_checkpoint import (TrainingState, build_checkpoint, build_diffusion, build_model, data_conflicts,
+                             require_finite_weights, restore_training, resume_changes, save_checkpoint, trained_data,
+                             training_config, write_config_json)
+from ddpm_data import DEFAULT_DATA_DIR, DeviceLoader, data_facts, describe_data, load_dataset, train_val_split
+from ddpm_diffusion import Diffusion, SamplerSettings
+from ddpm_fid import FIDFeatures, ref_statistics_file
+from ddpm_helpers import (Denoiser, Interrupted, NonFiniteError, RunFiles, UserError, all_ranks_mean, barrier,
+                          choose_compile, choose_precision, describe_precision, max_over_ranks, memory_guard,
+                          plot_loss_history, save_grid, to_model_range, write_json)
+from ddpm_sample import MAX_CLASS_ROWS, Sampler, fid_reference, grayscale_fid_note, measure_fid
+from ddpm_train import Reporter, TrainingStep, build_loss_scaler, build_optimizer, evaluate_loss, learning_rate
+
+GRID_SEED = 4321          # fixed noise for the per-epoch sample grid, so epochs can be compared
+GRID_PER_CLASS = 8        # columns of the per-epoch grid of a conditional model (one row per class)
+GRID_UNCONDITIONAL = 64   # images in the per-epoch grid of an unconditional model
+BATCH_REMEDY = "lower --batch_size (--grad_accum K keeps K × --batch_size images a step)"
+SAMPLE_REMEDY = "lower --sample_batch"
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How a training run goes about it, beside what it trains (the config): its files and device, how often it saves,
+    evaluates and reports, how it samples and measures. ddpm_main.py fills it from the command line."""
+    files: RunFiles                 # where checkpoints and outputs go, under the run's (checked) name
+    device: torch.device
+    command_line: tuple = ()        # the run's arguments, for the commands that resume it
+    resume: str = None              # the last.pt the run continues (None: a new run)
+    data_dir: str = None            # --data_dir (None: a resumed run's, else ./data)
+    dataset: str = None             # --dataset (None: a resumed run's, else what data_dir holds)
+    rank: int = 0                   # under torchrun, this process's rank and the number of ranks
+    world_size: int = 1
+    compile: str = "auto"           # --compile: auto, on or off
+    checkpoint_every: int = 1       # epochs between last.pt writes
+    checkpoint_minutes: float = 10  # also write last.pt after this many minutes without one
+    eval_every: int = 1             # epochs between evaluations (losses, grid, plot)
+    log_interval: int = 100         # steps between loss read-outs
+    save_model: bool = False        # also write ckpt.pt at the end
+    sample_batch: int = 1000        # images per sampling batch (grids, FID)
+    eval_fid: int = 0               # FID of this many samples at the end (0: none)
+    fid_inception: str = None       # the FID network (--fid_inception)
+    fid_ref_stats: str = None       # reference statistics (None: the training images')
+    quiet: bool = False             # no bars or per-epoch lines
+    tensorboard: str = None         # a TensorBoard log folder (None: none)
+
+
+@dataclass(eq=False)
+class Run:
+    """What a training run builds once. Training settings are read from config alone (a resumed run's come
+    from its checkpoint); options holds how the run goes about it: files, intervals, reporting, FID."""
+    options: TrainingOptions
+    config: dict
+    train_images: torch.Tensor     # the training folder's images (N, 3, H, W) uint8: FID's reference
+    train_loader: DeviceLoader
+    eval_loaders: dict             # 'val' and 'test': the validation and test splits
+    model: nn.Module
+    ema_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    diffusion: Diffusion
+    train_step: TrainingStep
+    ema_denoiser: Denoiser         # evaluation uses the EMA weights
+    sampler: Sampler               # how the grids and FID sample: the EMA weights with the config's settings
+    precision: str                 # what the U-Net computes in: config["precision"] resolved for the device
+    precision_why: str             # and why (choose_precision), for the banner
+    report: Reporter
+    decode_s: float                # seconds spent reading the data
+    fid_features: FIDFeatures = None  # --eval_fid's network, loaded and tried on one image before training
+    fid_ref_stats: tuple = None    # --fid_ref_stats' (mu, sigma), read and checked before training
+    last_saved: tuple = None       # (path, where training stood) of the last good last.pt; None: none yet
+    last_save_time: float = dataclasses.field(default_factory=time.perf_counter)  # for --checkpoint_minutes
+
+    @property
+    def device(self):
+        return self.options.device
+
+    @property
+    def is_main(self):  # only rank 0 writes files and prints
+        return self.options.rank == 0
+
+    @property
+    def world_size(self):
+        return self.options.world_size
+
+    @property
+    def num_params(self):
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def files(self):
+        """Where the run's checkpoints and outputs go (the run name is the config's)."""
+        return self.options.files
+
+    def checkpoint(self, state):
+        return build_checkpoint(self.config, self.model, self.ema_model, self.optimizer, state,
+                                self.device.type == "cuda", self.train_step.scaler)
+
+
+def set_up_run(settings, given, options, saved):
+    """Read the data, resolve the config (from the command line's settings, or for a resumed run from its checkpoint
+    `saved`: ddpm_checkpoint.training_config, with `given` the settings given on the command line), and build the
+    loaders, networks, optimizer and diffusion on the device."""
+    data_dir = options.data_dir or (saved["config"]["data_dir"] if saved else DEFAULT_DATA_DIR)
+    dataset = options.dataset or (saved["config"].get("dataset") if saved and not options.data_dir else None)
+    # FID's network runs on one image now: a bad file costs seconds, not the run
+    fid_features = FIDFeatures(options.fid_inception, options.device) if options.eval_fid and options.rank == 0 \
+        else None
+    start = time.perf_counter()
+    data = load_dataset(data_dir, dataset)
+    train_idx, val_idx = train_val_split(len(data["train_images"]))
+    decode_s = time.perf_counter() - start
+    facts = data_facts(data)
+    fid_ref_stats = check_data(options, saved, facts, data_dir)
+    if data["mode_note"] and options.rank == 0:
+        print(f"warning: {data['mode_note']}", file=sys.stderr)
+    config = training_config({**settings, "data_dir": data_dir},
+                             {**facts, "num_train": len(train_idx), "num_val": len(val_idx),
+                              "num_test": len(data["test_images"])}, saved and saved["config"], given)
+    if options.rank == 0:
+        os.makedirs(options.files.save_dir, exist_ok=True)
+        os.makedirs(options.files.ckpt_dir, exist_ok=True)
+    train_loader, eval_loaders = device_loaders(data, train_idx, val_idx, config, options)
+    return Run(options=options, config=config, train_images=data["train_images"], train_loader=train_loader,
+               eval_loaders=eval_loaders, **build_networks(config, options),
+               report=Reporter(options.quiet, options.tensorboard, options.rank == 0), decode_s=decode_s,
+               fid_features=fid_features, fid_ref_stats=fid_ref_stats)
+
+
+def device_loaders(data, train_idx, val_idx, config, options):
+    """The training split's loader (shuffled, flipped) and the validation and test splits' {'val', 'test'}: the
+    splits live on the device as uint8 tensors. A batch holds an optimizer step's micro-batches, and the evaluation's
+    batches as many images (no gradients kept), so its t and ε are drawn as with one --batch_size."""
+    batch_size, side = config["batch_size"] * config["grad_accum"], config["image_size"]  # smaller images are padded
+    shards = {"device": options.device, "rank": options.rank, "world_size": options.world_size, "side": side}
+    train_loader = DeviceLoader(data["train_images"][train_idx], data["train_labels"][train_idx], batch_size,
+                                shuffle=True, flip=True, seed=config["seed"], **shards)
+    eval_loaders = {name: DeviceLoader(images, labels, batch_size, shuffle=False, flip=False, **shards)
+                    for name, images, labels in (
+                        ("val", data["train_images"][val_idx], data["train_labels"][val_idx]),
+                        ("test", data["test_images"], data["test_labels"]))}
+    return train_loader, eval_loaders
+
+
+def build_networks(config, options):
+    """The U-Net (seeded by the config), its EMA, AdamW, the diffusion, the training step (through DDP under torchrun)
+    and the EMA's Sampler, at the precision and compilation chosen for the device: the Run's fields of those names."""
+    device = options.device
+    torch.manual_seed(config["seed"])
+    model = build_model(config).to(device, memory_format=torch.channels_last)  # faster convolutions, GPU and CPU
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    optimizer = build_optimizer(model, config["lr"])
+    diffusion = build_diffusion(config, device)
+    precision, precision_why = choose_precision(config["precision"], device)
+    compile_model = choose_compile(options.compile, device)
+    trained_model = model
+    if options.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_step = TrainingStep(model, ema_model, optimizer, diffusion, Denoiser(trained_model, compile_model, precision),
+                              config["p_uncond"], config["loss_type"], config["ema_decay"], options.rank,
+                              options.world_size, config["grad_accum"], build_loss_scaler(precision, device))
+    ema_denoiser = Denoiser(ema_model, compile_model, precision)
+    sampler = Sampler(diffusion, ema_denoiser, SamplerSettings(**config["sampling"]), config, options.sample_batch)
+    return {"model": model, "ema_model": ema_model, "optimizer": optimizer, "diffusion": diffusion,
+            "train_step": train_step, "ema_denoiser": ema_denoiser, "sampler": sampler, "precision": precision,
+            "precision_why": precision_why}
+
+
+def check_data(options, saved, facts, data_dir):
+    """What the data must be, once read: a resumed run's the data its checkpoint was trained on, and --fid_ref_stats
+    statistics of it (UserError: nothing has been written yet). Returns those statistics (mu, sigma), or None."""
+    conflicts = data_conflicts(saved["config"], facts) if saved else {}
+    if conflicts:
+        raise UserError(f"--resume: the data at {data_dir!r} is not what the run was trained on ("
+                        + "; ".join(f"{key} {data_text(old)} in the checkpoint, {data_text(new)} here"
+                                    for key, (old, new) in conflicts.items())
+                        + "); point --data_dir (and --dataset) at the run's data")
+    return ref_statistics_file(options.fid_ref_stats, facts) if options.eval_fid and options.fid_ref_stats else None
+
+
+def data_text(value):
+    """A data fact for people: class lists shortened ('10: airplane, automobile, …'), sizes as H×W."""
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return f"{len(value)}: {', '.join(value[:3])}{', …' if len(value) > 3 else ''}"
+    return "×".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def start_or_resume(run, saved):
+    """A fresh TrainingState (and the forward-process picture), or the checkpoint's weights, optimizer, RNG
+    states and TrainingState put back; config.json either way."""
+    config, name = run.config, run.config["run_name"]
+    if saved:
+        state = restore_training(saved, run.model, run.ema_model, run.optimizer, run.device.type == "cuda",
+                                 run.train_step.scaler)
+        run.last_saved = (run.options.resume, training_position(state))
+    else:
+        state = TrainingState()
+        state.timing["decode_s"] = run.decode_s
+    if run.is_main:
+        write_config_json(config, run.files.checkpoint("config.json"))
+        if not saved:
+            save_forward_strip(run.diffusion, run.train_loader.images[:1], run.files.output("forward_strip"))
+    what = (f"resuming '{name}' from {run.options.resume} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
+            if saved else f"training '{name}'")
+    budget, spent_min = config["time_budget_min"], state.timing["train_s"] / 60
+    run.report.say(f"{what}: {'conditional' if config['conditional'] else 'unconditional'} DDPM on {run.device}, "
+                   f"{run.num_params / 1e6:.2f}M parameters, {data_description(config)} ({config['num_train']} "
+                   f"train / {config['num_val']} val / {config['num_test']} test images), T={config['timesteps']} "
+                   f"({config['schedule']})"
+                   + (f"; {run.world_size} ranks × batch {config['batch_size']}" if run.world_size > 1 else "")
+                   + (f"; time budget {budget:g} min: {spent_min:.1f} spent, {max(0, budget - spent_min):.1f} left"
+                      if budget else ""))
+    run.report.say(compute_description(run))
+    if saved:
+        changes = resume_changes(saved["config"], config)
+        if changes:
+            run.report.say("changed from the checkpoint: " + ", ".join(
+                f"{key} {setting_text(key, old)} → {setting_text(key, new)}" for key, (old, new) in changes.items()))
+    return state
+
+
+def compute_description(run):
+    """How the run computes, for people: the precision and why, compilation, and the micro-batches of a step."""
+    config = run.config
+    text = (f"compute: {describe_precision(run.precision)} ({run.precision_why}); weights, EMA and optimizer "
+            f"state in float32; {'torch.compile' if run.train_step.denoiser.compiled else 'eager'}")
+    if config["grad_accum"] > 1:
+        text += (f"; {config['grad_accum']} micro-batches of {config['batch_size']} per optimizer step"
+                 + (f" on each of {run.world_size} ranks" if run.world_size > 1 else "")
+                 + f": {config['global_batch_size']} images a step")
+    return text
+
+
+def data_description(config):
+    """What the model is trained on, for people, with the padding to the U-Net's side when there is one."""
+    facts, side = trained_data(config), config["image_size"]
+    padded = (f", padded to {side}×{side} for the U-Net's {len(config['dim_mults'])} stages (samples are cut back)"
+              if facts["data_size"] != [side, side] else "")
+    return describe_data(facts) + padded
+
+
+def training_position(state):
+    """Where training stands, for people: 'step 140: epoch 3, batch 5' (mid-epoch) or 'step 140: epoch 2 done'."""
+    if state.batch_in_epoch:
+        return f"step {state.step}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
+    return f"step {state.step}: epoch {state.epoch} done"
+
+
+def setting_text(key, value):
+    """A config setting's value for people (the sampling settings as SamplerSettings.describe says them)."""
+    if key == "sampling" and value is not None:
+        return f"({SamplerSettings(**value).describe()})"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def save_forward_strip(diffusion, image_uint8, path, count=10):
+    """One training image noised at `count` evenly spaced t, left (t = 0) to right (t = T−1)."""
+    x0 = to_model_range(image_uint8.to(diffusion.betas.device)).expand(count, -1, -1, -1)
+    t = torch.linspace(0, diffusion.timesteps - 1, count).round().long().to(x0.device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(GRID_SEED)).to(x0.device)
+    save_grid(diffusion.q_sample(x0, t, noise), path, nrow=count)
+
+
+def train_epochs(run, state, clock):
+    """Epoch after epoch until the config's epochs, a signal (last.pt saved, then Interrupted) or the spent time
+    budget stops training; each evaluated every --eval_every epochs (and the last), last.pt saved every
+    --checkpoint_every (and when evaluated)."""
+    config, report, options = run.config, run.report, run.options
+    with SignalFlag() as signals:
+        for epoch in report.epochs(state.epoch, config["epochs"]):
+            with memory_guard(f"training on batches of {config['batch_size']}", BATCH_REMEDY):
+                images_per_s = train_one_epoch(run, state, clock, epoch, signals)
+            interrupted, budget_spent = (bool(v) for v in max_over_ranks(
+                [signals.received is not None, clock.out_of_time()], run.world_size))
+            if interrupted:
+                stop_on_signal(run, state, epoch, signals.received)
+            evaluated = epoch == config["epochs"] or epoch % options.eval_every == 0 or budget_spent
+            train_loss = state.epoch_loss_sum / max(1, state.batch_in_epoch)
+            losses, is_best = evaluate_epoch(run, state, clock, epoch, train_loss) if evaluated else (None, False)
+            state.finish_epoch(epoch)
+            if evaluated or epoch % options.checkpoint_every == 0:
+                save_epoch_checkpoints(run, state, is_best)
+            report.epoch_done(epoch, state.step, train_loss, losses, images_per_s)
+            if budget_spent:
+                report.say(f"time budget of {config['time_budget_min']:g} min spent after epoch {epoch} "
+                           f"(step {state.step}): finishing")
+                break
+
+
+def train_one_epoch(run, state, clock, epoch, signals):
+    """The epoch's training steps, from where it stands to its end, or until a signal or the spent time budget
+    stops them. Losses stay on the device until a read-out (every --log_interval steps), the only host syncs.
+    Returns the epoch's training images per second."""
+    config, world_size, steps_per_epoch = run.config, run.world_size, len(run.train_loader)
+    run.model.train()
+    loss_sum = torch.tensor(state.epoch_loss_sum, device=run.device)
+    skipped = torch.zeros((), device=run.device)  # fp16 steps the loss scaler skipped in this epoch
+    batches = run.report.batches(run.train_loader.batches(epoch, state.batch_in_epoch), steps_per_epoch,
+                                 state.batch_in_epoch, epoch)
+    clock.start_epoch()
+    interval_start, interval_images, epoch_images = clock.epoch_start, 0, 0
+    for x, y in batches:  # x (B, 3, H, W) in [−1, 1], y (B,)
+        with clock.step(len(x)):
+            # how far along, for the lr decay: by training time under a budget (as the ranks last agreed), else steps
+            progress = (clock.agreed_progress if config["time_budget_min"]
+                        else state.step / (config["epochs"] * steps_per_epoch))
+            lr = learning_rate(config, state.step, progress)
+            loss, step_skipped = run.train_step(x, y, state.step, lr)
+            loss_sum += loss
+            skipped += step_skipped
+            state.step += 1
+            state.batch_in_epoch += 1
+        interval_images += len(x)
+        epoch_images += len(x)
+        read_out = state.step % run.options.log_interval == 0
+        if read_out:
+            running = (all_ranks_mean(loss_sum, world_size) / state.batch_in_epoch).item()
+            check_finite(running, f"the training loss at epoch {epoch}, step {state.step}")
+            now = time.perf_counter()
+            run.report.read_out(state.step, epoch, running, lr, interval_images * world_size / (now - interval_start),
+                                clock.minutes_left(clock.epoch_seconds()),
+                                state.skipped_steps + int(skipped.item()) if run.train_step.scaler else None)
+            interval_start, interval_images = now, 0
+        if read_out or world_size == 1:
+            stop, checkpoint_due = agree_on_stop_and_checkpoint(run, clock, signals)
+            if stop:
+                break
+            if checkpoint_due:
+                save_mid_epoch(run, state, clock, loss_sum, skipped)
+    state.epoch_loss_sum = all_ranks_mean(loss_sum, world_size).item()  # waits for the device: steps are done
+    state.skipped_steps += int(skipped.item())
+    epoch_train_s = clock.end_epoch()
+    check_finite(state.epoch_loss_sum, f"the training loss of epoch {epoch} (step {state.step})")
+    return epoch_images * world_size / max(epoch_train_s, 1e-9)
+
+
+def agree_on_stop_and_checkpoint(run, clock, signals):
+    """Whether to stop inside the epoch (a signal, or the budget spent), and whether last.pt is due
+    (--checkpoint_minutes since the last one), decided by all ranks together, which also agree on the budget
+    fraction used, so every rank sets the same lr."""
+    running_s = clock.epoch_seconds()
+    due = time.perf_counter() - run.last_save_time >= run.options.checkpoint_minutes * 60
+    signalled, spent, due, clock.agreed_progress = max_over_ranks(
+        [signals.received is not None, clock.out_of_time(running_s), due, clock.spent(running_s)], run.world_size)
+    return bool(signalled or spent), bool(due)
+
+
+class SignalFlag:
+    """Turns SIGINT / SIGTERM into a flag checked after every training step."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])  # a second signal stops at once
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def check_finite(value, what):
+    """NonFiniteError when a loss about to be reported or written is NaN or infinite."""
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} became {value}")
+
+
+def save_last(run, state):
+    """last.pt where training stands (rank 0 writes it and gets the checkpoint dict back; other ranks None). Every
+    rank checks the weights (the same on all), so that NaN weights stop all ranks together and are never written."""
+    ckpt, path = None, run.files.checkpoint("last.pt")
+    if run.is_main:
+        ckpt = run.checkpoint(state)
+        save_checkpoint(ckpt, path)
+    else:  # nothing to write: only the weights' check
+        require_finite_weights({"model": run.model.state_dict(), "ema": run.ema_model.state_dict()})
+    run.last_saved, run.last_save_time = (path, training_position(state)), time.perf_counter()
+    return ckpt
+
+
+def save_mid_epoch(run, state, clock, loss_sum, skipped):
+    """last.pt inside an epoch (--checkpoint_minutes): the position, the epoch's loss sum and fp16 skips, and the
+    training time so far, so that a resume continues from this very step."""
+    timing = {**state.timing, "train_s": state.timing["train_s"] + clock.epoch_seconds()}
+    snapshot = dataclasses.replace(state, epoch_loss_sum=all_ranks_mean(loss_sum, run.world_size).item(),
+                                   skipped_steps=state.skipped_steps + int(skipped.item()), timing=timing)
+    save_last(run, snapshot)
+
+
+def save_epoch_checkpoints(run, state, is_best):
+    """last.pt, and best.pt (without the optimizer) when the validation loss is the best so far."""
+    last = save_last(run, state)
+    if is_best and run.is_main:
+        save_checkpoint(last, run.files.checkpoint("best.pt"), with_optimizer=False)
+
+
+def stop_on_signal(run, state, epoch, signal_name):
+    """Save last.pt where training stands (mid-epoch included), then stop with the command that resumes."""
+    save_last(run, state)
+    barrier(run.world_size)
+    raise Interrupted(f"{signal_name or 'a signal (on another rank)'} received: stopped after step {state.step} "
+                      f"(epoch {epoch}, batch {state.batch_in_epoch}); saved {run.files.checkpoint('last.pt')}. "
+                      "Resume with:\n"
+                      f"  {resume_command(run.options.command_line, resume='auto')}")
+
+
+def resume_command(argv, **flags):
+    """The command line of this run (its arguments: argv) with each of `flags` (e.g. resume="auto") in place of
+    its value there."""
+    replaced = {f"--{name}" for name in flags}
+    kept, argv = [], iter(argv)
+    for arg in argv:
+        if arg.split("=")[0] not in replaced:
+            kept.append(arg)
+        elif "=" not in arg:
+            next(argv, None)  # "--flag value": drop the value too
+    return " ".join(["python", sys.argv[0], *kept, *(f"--{name} {value}" for name, value in flags.items())])
+
+
+def evaluate_epoch(run, state, clock, epoch, train_loss):
+    """EMA validation and test losses (fixed t and ε, so epochs compare); on rank 0 the loss JSON and plot and
+    the epoch's sample grid. Returns the losses and whether the validation loss is the best so far."""
+    config, name = run.config, run.config["run_name"]
+    with clock.timed("eval_s"), memory_guard("computing the validation and test losses", "lower --batch_size"):
+        run.ema_model.eval()
+        losses = {f"{split}_loss": evaluate_loss(run.diffusion, run.ema_denoiser, loader, config["conditional"],
+                                                 config["loss_type"]) for split, loader in run.eval_loaders.items()}
+    for key, value in losses.items():  # the same on every rank: all stop together
+        check_finite(value, f"the {'validation' if key == 'val_loss' else 'test'} loss of epoch {epoch}")
+    is_best = state.record_evaluation(epoch, train_loss, losses["val_loss"], losses["test_loss"])
+    if run.is_main:
+        write_json(state.history, run.files.output("loss_history"))
+        plot_loss_history(state.history, run.files.output("loss_curves"), name)
+        with clock.timed("sample_s"), memory_guard("sampling the epoch's grid", SAMPLE_REMEDY):
+            images, nrow = epoch_grid(run)
+            save_grid(images, run.files.output("epoch_grid", epoch=epoch), nrow)
+        run.report.grid(state.step, images, nrow)
+    return losses, is_best
+
+
+def epoch_grid(run):
+    """The per-epoch grid from fixed noise: conditional, a row per class (with more than MAX_CLASS_ROWS classes, one
+    image per class, in rows of about √K); unconditional, 8 × 8. Returns (images, nrow)."""
+    num_classes = run.config["num_classes"]
+    if not run.config["conditional"]:
+        return run.sampler.sample(GRID_UNCONDITIONAL, seed=GRID_SEED), 8
+    if num_classes <= MAX_CLASS_ROWS:
+        per_class, nrow = GRID_PER_CLASS, GRID_PER_CLASS
+    else:
+        per_class, nrow = 1, math.isqrt(num_classes - 1) + 1  # ⌈√K⌉ columns
+    labels = torch.arange(num_classes, device=run.device).repeat_interleave(per_class)
+    return run.sampler.sample(len(labels), labels, seed=GRID_SEED), nrow
+
+
+def finish(run, state, clock):
+    """Rank 0 writes the final checkpoint (--save_model), FID (--eval_fid) and the metrics JSON; others wait."""
+    if not run.is_main:
+        barrier(run.world_size)
+        return
+    options, config, timing = run.options, run.config, state.timing
+    if options.save_model:
+        save_checkpoint(run.checkpoint(state), run.files.checkpoint("ckpt.pt"))
+    images_seen = state.step * config["global_batch_size"]
+    metrics = {"world_size": run.world_size, "run_name": config["run_name"], "device": str(run.device),
+               "num_params": run.num_params, "steps": state.step,
+               "epochs_done": state.epoch, "batch_size": config["batch_size"], "grad_accum": config["grad_accum"],
+               "global_batch_size": config["global_batch_size"], "precision": run.precision,
+               "compiled": run.train_step.denoiser.compiled, "fp16_skipped_steps": state.skipped_steps,
+               "stopped_by_time_budget": clock.out_of_time(),
+               "train_images_per_s": images_seen / timing["train_s"] if timing["train_s"] else None,
+               "timing": timing, "final": {k: v[-1] for k, v in state.history.items() if v}}
+    if options.eval_fid:
+        with clock.timed("fid_s"), memory_guard("computing FID", SAMPLE_REMEDY):
+            grayscale_fid_note(config, run.report.verbose)
+            reference = run.fid_ref_stats if run.fid_ref_stats is not None else fid_reference(
+                run.fid_features, config, run.train_images, config["data_dir"], None, run.report.verbose)
+            metrics["fid"] = measure_fid(run.sampler, options.eval_fid, config["seed"], run.fid_features, reference,
+                                         run.files.output("fid_samples"), run.report.verbose)
+        metrics.update(fid_samples=options.eval_fid, fid_sampler=run.sampler.settings.describe())
+        run.report.scalars(state.step, {"fid": metrics["fid"]})
+    write_json(metrics, run.files.output("metrics"))
+    run.report.say(f"done: loss history {run.files.output('loss_history')}, checkpoints in {run.files.ckpt_dir}")
+    barrier(run.world_size)
+
+
+def diverged_message(run, problem):
+    """What to say when training produced NaN or infinity: the problem, the last checkpoint that is really good
+    (or that there is none), and the command that continues from it with a tenth of the learning rate."""
+    lower_lr = f"{run.config['lr'] / 10:g}"
+    if run.last_saved is None:
+        return (f"{problem}; stopped, and this run wrote no checkpoint before that. Start again with a lower --lr "
+                f"(e.g. {lower_lr}) or a larger --warmup_steps.")
+    path, position = run.last_saved
+    return (f"{problem}; stopped. The last good checkpoint is {path} ({position}); to continue from it with a "
+            f"lower learning rate:\n  {resume_command(run.options.command_line, resume=path, lr=lower_lr)}")
+
+
+def write_failed_message(run, problem):
+    """What to say when a file could not be written: training stops (it does not go on as if saved), and the last
+    good checkpoint, which the failed write left as it was, is where to go on from."""
+    if run.last_saved is None:
+        return f"{problem}; training stopped, and this run has no checkpoint yet: make room and start it again"
+    path, position = run.last_saved
+    return (f"{problem}; training stopped. The last good checkpoint is {path} ({position}): make room (or restore "
+            f"access) and continue with --resume {path}")
