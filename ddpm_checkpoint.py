@@ -53,11 +53,11 @@ RUN_SETTINGS = ("run_name", "data_dir", "world_size")
 # Sampling settings: how the model is to be sampled (SamplerSettings as a dict): the run's sampling flags, else the
 # resumed checkpoint's, else the defaults. Inference takes them from the checkpoint unless its flags say otherwise.
 SAMPLING_SETTINGS = ("sampling",)
+# What training_config takes from the command line (RUN_SETTINGS' data_dir as resolved by the run).
+COMMAND_LINE_SETTINGS = FIXED_SETTINGS + ADJUSTABLE_SETTINGS + RUN_SETTINGS
 # Derived: what follows from the settings above and the data (data_facts): what the data is, its class names, channels
 # and image size [H, W], and the side of the square the model works on (image_size: data_size padded to fit the
 # stages, ddpm_data.model_side).
-# What training_config takes from the command line (RUN_SETTINGS' data_dir as resolved by the run).
-COMMAND_LINE_SETTINGS = FIXED_SETTINGS + ADJUSTABLE_SETTINGS + RUN_SETTINGS
 DERIVED_KEYS = ("model", "num_classes", "dataset", "classes", "channels", "data_size", "image_size", "num_train",
                 "num_val", "num_test", "global_batch_size")
 
@@ -108,9 +108,9 @@ def check_fixed_settings(saved_config, flags, given):
     """UserError naming the fixed settings a resume's command line gives other values than the checkpoint's."""
     conflicts = fixed_setting_conflicts(saved_config, flags, given)
     if conflicts:
-        given = ", ".join(f"--{key} {flag_text(value)}" for key, (_, value) in conflicts.items())
+        asked = ", ".join(f"--{key} {flag_text(value)}" for key, (_, value) in conflicts.items())
         kept = ", ".join(f"{key} {flag_text(saved_value)}" for key, (saved_value, _) in conflicts.items())
-        raise UserError(f"--resume: {given} differ from the run being resumed ({kept}); what the run trains cannot "
+        raise UserError(f"--resume: {asked} differ from the run being resumed ({kept}); what the run trains cannot "
                         "change mid-run: drop them, or start a new run under another --run_name")
 
 
