@@ -213,14 +213,11 @@ def cached_statistics(cache_path, num_images, identity, fingerprint):
     return (cached["mu"].astype(np.float64), cached["sigma"].astype(np.float64)), None
 
 
-def reference_statistics(features, data_dir, dataset, model_facts, train_images_uint8=None, stats_path=None,
-                         progress=False):
-    """The reference (mu, sigma) for a model trained on data described by model_facts (data_facts): from stats_path
-    (ref_statistics_file) when given, else from the training images (N, C, H, W) uint8 — read from data_dir
-    (a `dataset`, see ddpm_data.load_dataset) when None — cached in data_dir, keyed by the network, the image count
-    and what they are. Statistics of another dataset are a UserError."""
-    if stats_path:
-        return ref_statistics_file(stats_path, model_facts)
+def reference_statistics(features, data_dir, dataset, model_facts, train_images_uint8=None, progress=False):
+    """The reference (mu, sigma) for a model trained on data described by model_facts (data_facts) when no
+    --fid_ref_stats are given (ref_statistics_file): those of the training images (N, C, H, W) uint8 — read from
+    data_dir (a `dataset`, see ddpm_data.load_dataset) when None — cached in data_dir, keyed by the network, the image
+    count and what they are. Training images of another dataset are a UserError."""
     if train_images_uint8 is None:
         data = load_dataset(data_dir, dataset)
         facts, train_images_uint8 = data_facts(data), data["train_images"]
@@ -236,11 +233,7 @@ def reference_statistics(features, data_dir, dataset, model_facts, train_images_
         if cached:
             return cached
         print(f"note: the FID reference statistics {cache_path} {why}: computing them again", file=sys.stderr)
-    mu, sigma = features.statistics(train_images_uint8.permute(0, 2, 3, 1).numpy(), progress=progress)
-    problem = statistics_problem({"mu": mu, "sigma": sigma})
-    if problem:
-        raise UserError(f"--fid_inception {features.path!r} gave statistics that are not a covariance ({problem}); "
-                        "nothing was cached")
+    mu, sigma = features.statistics(train_images_uint8.permute(0, 2, 3, 1).numpy(), progress=progress)  # finite
     if cache_path:
         try:
             with atomic_open(cache_path) as f:

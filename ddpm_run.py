@@ -77,10 +77,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     diffusion: Diffusion
     train_step: TrainingStep
-    ema_denoiser: Denoiser         # evaluation uses the EMA weights
-    sampler: Sampler               # how the grids and FID sample: the EMA weights with the config's settings
-    precision: str                 # what the U-Net computes in: config["precision"] resolved for the device
-    precision_why: str             # and why (choose_precision), for the banner
+    sampler: Sampler               # the EMA weights with the config's settings: grids, FID, evaluation
+    precision_why: str             # why the U-Net computes in run.precision (choose_precision), for the banner
     report: Reporter
     decode_s: float                # seconds spent reading the data
     fid_features: FIDFeatures = None  # --eval_fid's network, loaded and tried on one image before training
@@ -99,6 +97,14 @@ class Run:
     @property
     def world_size(self):
         return self.options.world_size
+
+    @property
+    def ema_denoiser(self):  # evaluation, grids and FID use the EMA weights
+        return self.sampler.denoiser
+
+    @property
+    def precision(self):  # what the U-Net computes in: config["precision"] resolved for the device
+        return self.train_step.denoiser.precision
 
     @property
     def num_params(self):
@@ -177,11 +183,10 @@ def build_networks(config, options):
     train_step = TrainingStep(model, ema_model, optimizer, diffusion, Denoiser(trained_model, compile_model, precision),
                               config["p_uncond"], config["loss_type"], config["ema_decay"], options.rank,
                               options.world_size, config["grad_accum"], build_loss_scaler(precision, device))
-    ema_denoiser = Denoiser(ema_model, compile_model, precision)
-    sampler = Sampler(diffusion, ema_denoiser, SamplerSettings(**config["sampling"]), config, options.sample_batch)
+    sampler = Sampler(diffusion, Denoiser(ema_model, compile_model, precision), SamplerSettings(**config["sampling"]),
+                      config, options.sample_batch)
     return {"model": model, "ema_model": ema_model, "optimizer": optimizer, "diffusion": diffusion,
-            "train_step": train_step, "ema_denoiser": ema_denoiser, "sampler": sampler, "precision": precision,
-            "precision_why": precision_why}
+            "train_step": train_step, "sampler": sampler, "precision_why": precision_why}
 
 
 def check_data(options, saved, facts, data_dir):

@@ -40,6 +40,10 @@ class Sampler:
         (num_images, C, H, W) in [−1, 1] on the CPU. class_labels (num_images,) or None: unconditional."""
         images = generate(self.diffusion, self.denoiser, self.settings, num_images, self.config["image_size"],
                           self.config["model"]["channels"], class_labels, self.batch_size, seed, progress)
+        return self.to_data_size(images)
+
+    def to_data_size(self, images):
+        """Images of the model's side (N, C, S, S) cut back to the data's size (N, C, H, W)."""
         return crop_to_data(images, trained_data(self.config)["data_size"])
 
 
@@ -106,9 +110,8 @@ def write_guidance_sweep(sampler, scales, classes, seed, files, verbose):
     model's first MAX_CLASS_ROWS), every row from the same noise."""
     config = sampler.config
     classes = classes or list(range(min(config["num_classes"], MAX_CLASS_ROWS)))
-    images = guidance_sweep(sampler.diffusion, sampler.denoiser, sampler.settings, scales, classes,
-                            config["image_size"], config["model"]["channels"], seed)
-    images = crop_to_data(images, trained_data(config)["data_size"])
+    images = sampler.to_data_size(guidance_sweep(sampler.diffusion, sampler.denoiser, sampler.settings, scales,
+                                                 classes, config["image_size"], config["model"]["channels"], seed))
     os.makedirs(files.save_dir, exist_ok=True)
     path = files.output("guidance_sweep")
     save_labelled_grid(images, path, [f"w = {w:g}" for w in scales], [config["classes"][c] for c in classes])
