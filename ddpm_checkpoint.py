@@ -32,7 +32,7 @@ from ddpm_data import CIFAR10_CLASSES, model_side
 from ddpm_diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, Diffusion, SamplerSettings, make_schedule
 from ddpm_helpers import (PRECISIONS, RUN_NAME_CHARACTERS, NonFiniteError, UserError, atomic_torch_save, check_memory,
                           sanitized_run_name, write_json)
-from ddpm_model import UNet, UNetConfig
+from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig, build_unet
 from ddpm_train import LR_DECAYS
 
 CHECKPOINT_FORMAT = "ddpm-cifar10"
@@ -42,12 +42,15 @@ TOOL_VERSION = "0.1.0"
 # The config's keys, in five kinds. A test checks that every key is in exactly one of them.
 # Fixed settings: what the run trains (model, diffusion, objective, batches, seed). A new run takes them from the
 # flags of the same name; a resumed run from its checkpoint, and a flag given with another value is an error.
-FIXED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma", "dim",
-                  "dim_mults", "batch_size", "grad_accum", "p_uncond", "ema_decay", "seed")
+# The network's (MODEL_SETTINGS) are also the config's model entry (UNetConfig); a resume takes them from there.
+MODEL_SETTINGS = ("architecture", "dim", "dim_mults", "num_res_blocks", "attn_resolutions", "dropout", "resblock",
+                  "groups")
+FIXED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma",
+                  *MODEL_SETTINGS, "batch_size", "grad_accum", "p_uncond", "ema_decay", "seed")
 # Adjustable settings: how long and how fast it trains. A resumed run takes a flag given, else its checkpoint's value.
 # precision is the --precision asked for ('auto' is resolved anew on each run's hardware:
 # ddpm_helpers.choose_precision).
-ADJUSTABLE_SETTINGS = ("lr", "lr_decay", "warmup_steps", "epochs", "time_budget_min", "precision")
+ADJUSTABLE_SETTINGS = ("lr", "lr_decay", "warmup_steps", "weight_decay", "epochs", "time_budget_min", "precision")
 # Run settings: every run, resumed or not, takes them from its own command line (and torchrun).
 RUN_SETTINGS = ("run_name", "data_dir", "world_size")
 # Sampling settings: how the model is to be sampled (SamplerSettings as a dict): the run's sampling flags, else the
@@ -75,17 +78,21 @@ def training_config(flags, data_facts, saved_config=None, given=()):
     if saved_config is not None:
         kept = FIXED_SETTINGS + tuple(key for key in ADJUSTABLE_SETTINGS if key not in given)
         chosen.update({key: saved_config.get(key, chosen[key]) for key in kept})
+        chosen.update(saved_model_settings(saved_config))
     classes = list(data_facts["classes"])
-    model = UNetConfig(dim=chosen["dim"], dim_mults=tuple(chosen["dim_mults"]), channels=data_facts["channels"],
-                       num_classes=len(classes) if chosen["conditional"] else None)
+    side = model_side(data_facts["data_size"], len(chosen["dim_mults"]))
+    model = UNetConfig.from_dict({**{key: chosen[key] for key in MODEL_SETTINGS}, "channels": data_facts["channels"],
+                                  "num_classes": len(classes) if chosen["conditional"] else None, "image_size": side})
+    check_attention_sides(model)
+    model = dataclasses.replace(model, attn_resolutions=model.attention_sides())
     return {
+        **{key: flag_value(value) for key, value in model.to_dict().items() if key in MODEL_SETTINGS},
         "model": model.to_dict(), "conditional": chosen["conditional"], "num_classes": model.num_classes,
         "dataset": data_facts["dataset"], "classes": classes, "channels": data_facts["channels"],
-        "data_size": list(data_facts["data_size"]),
-        "image_size": model_side(data_facts["data_size"], len(chosen["dim_mults"])), "timesteps": chosen["timesteps"],
+        "data_size": list(data_facts["data_size"]), "image_size": side, "timesteps": chosen["timesteps"],
         "schedule": chosen["schedule"], "loss_type": chosen["loss_type"], "prediction": chosen["prediction"],
-        "min_snr_gamma": chosen["min_snr_gamma"], "lr_decay": chosen["lr_decay"], "dim": chosen["dim"],
-        "dim_mults": list(chosen["dim_mults"]), "lr": chosen["lr"], "warmup_steps": chosen["warmup_steps"],
+        "min_snr_gamma": chosen["min_snr_gamma"], "lr_decay": chosen["lr_decay"], "lr": chosen["lr"],
+        "warmup_steps": chosen["warmup_steps"], "weight_decay": chosen["weight_decay"],
         "batch_size": chosen["batch_size"], "grad_accum": chosen["grad_accum"], "epochs": chosen["epochs"],
         "p_uncond": chosen["p_uncond"], "ema_decay": chosen["ema_decay"], "seed": chosen["seed"],
         "run_name": chosen["run_name"],
@@ -97,11 +104,34 @@ def training_config(flags, data_facts, saved_config=None, given=()):
     }
 
 
+def check_attention_sides(model):
+    """UserError when --attn_resolutions names a side that no stage of the U-Net has."""
+    sides = model.stage_sides()
+    wrong = [side for side in model.attn_resolutions or () if side not in sides]
+    if wrong:
+        raise UserError(f"--attn_resolutions {flag_text(list(model.attn_resolutions))}: no stage works at "
+                        f"{flag_text(wrong)} pixels a side; the stages of these {model.image_size}×{model.image_size} "
+                        f"images work at {flag_text(sides)}")
+
+
+def saved_model_settings(saved_config):
+    """The model settings (MODEL_SETTINGS) of a checkpoint's network, from its model entry: those older checkpoints
+    lack are the defaults they were built with."""
+    model = UNetConfig.from_dict(saved_config["model"])
+    return {key: flag_value(getattr(model, key)) for key in MODEL_SETTINGS}
+
+
+def flag_value(value):
+    """A setting as the flags hold it: tuples as lists."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def fixed_setting_conflicts(saved_config, flags, given):
     """The fixed settings given on a resume's command line with values other than the checkpoint's:
     {key: (checkpoint's value, flag's value)}."""
-    return {key: (saved_config[key], flags[key]) for key in FIXED_SETTINGS
-            if key in given and key in saved_config and flags[key] != saved_config[key]}
+    saved = {**saved_config, **saved_model_settings(saved_config)}
+    return {key: (saved[key], flags[key]) for key in FIXED_SETTINGS
+            if key in given and key in saved and flags[key] != saved[key]}
 
 
 def check_fixed_settings(saved_config, flags, given):
@@ -148,7 +178,7 @@ def saved_sampler_settings(config):
 
 def build_model(config):
     """The U-Net the config describes, with freshly initialised weights."""
-    return UNet(UNetConfig.from_dict(config["model"]))
+    return build_unet(UNetConfig.from_dict(config["model"]))
 
 
 def build_diffusion(config, device):
@@ -338,6 +368,14 @@ CONFIG_ENTRIES = {
     "lr": (_number(lambda x: x > 0), "a number > 0"),
     "lr_decay": (lambda v: v in LR_DECAYS, f"one of {', '.join(LR_DECAYS)}"),
     "warmup_steps": (_whole(0), "a whole number ≥ 0"),
+    "weight_decay": (_number(lambda x: x >= 0), "a number ≥ 0"),
+    "architecture": (lambda v: v in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}"),
+    "num_res_blocks": (_whole(1), "a whole number ≥ 1"),
+    "attn_resolutions": (lambda v: v is None or isinstance(v, list) and all(map(_whole(1), v)),
+                         "none or a list of whole numbers ≥ 1"),
+    "dropout": (_number(lambda x: 0 <= x < 1), "a number in [0, 1)"),
+    "resblock": (lambda v: v in RESBLOCKS, f"one of {', '.join(RESBLOCKS)}"),
+    "groups": (_whole(1), "a whole number ≥ 1"),
     "time_budget_min": (lambda v: v is None or _number(lambda x: x > 0)(v), "none or a number > 0"),
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
 }
@@ -347,7 +385,8 @@ RESUME_NEEDS = SAMPLING_NEEDS + ("run_name", "data_dir", "conditional", "num_cla
                                  "epochs")
 MODEL_ENTRIES = {key: (_whole(1), "a whole number ≥ 1") for key in ("dim", "channels", "class_emb_dim", "groups",
                                                                   "attn_heads", "attn_dim_head")}
-MODEL_ENTRIES.update(dim_mults=CONFIG_ENTRIES["dim_mults"], num_classes=CONFIG_ENTRIES["num_classes"])
+MODEL_ENTRIES.update({key: CONFIG_ENTRIES[key] for key in ("num_classes", *MODEL_SETTINGS)},
+                     image_size=(lambda v: v is None or _whole(1)(v), "none or a whole number ≥ 1"))
 
 
 def _entries_problem(entries, needed, checks, where):
@@ -372,8 +411,10 @@ def config_problem(config, needed=SAMPLING_NEEDS):
         return problem
     model, classes = UNetConfig.from_dict(config["model"]), config.get("classes")
     if (model.dim % model.groups or model.num_classes != config.get("num_classes", model.num_classes)
-            or (model.num_classes and classes is not None and len(classes) != model.num_classes)):
-        return "the config's settings contradict each other (dim and groups, num_classes and classes)"
+            or (model.num_classes and classes is not None and len(classes) != model.num_classes)
+            or (model.attn_resolutions is not None and model.image_size is None)):
+        return ("the config's settings contradict each other (dim and groups, num_classes and classes, "
+                "attn_resolutions without image_size)")
     return None
 
 
@@ -487,10 +528,10 @@ def parameter_count(model_config):
     if lower_bound > 2 ** 50:  # 10¹⁵ parameters: more than any machine holds, and past what meta shapes can count
         return lower_bound
     with torch.device("meta"):
-        return sum(p.numel() for p in UNet(dataclasses.replace(model_config, num_classes=None)).parameters())
+        return sum(p.numel() for p in build_unet(dataclasses.replace(model_config, num_classes=None)).parameters())
 
 
-SCHEDULE_BYTES_PER_STEP = 14 * (8 + 4)  # Diffusion's 14 per-t tables, built in float64 and kept in float32
+SCHEDULE_BYTES_PER_STEP = 15 * (8 + 4)  # Diffusion's 15 per-t tables, built in float64 and kept in float32
 TRAINING_COPIES = 5                     # weights, their gradients, the EMA and AdamW's two moments, float32 each
 ACTIVATION_BYTES = 2                    # the least a stored activation takes (bf16 / fp16 autocast)
 
@@ -502,8 +543,9 @@ def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, trai
     params = parameter_count(model_config)
     copies = TRAINING_COPIES if training else 1
     dims = [model_config.dim * m for m in model_config.dim_mults]
-    stage_inputs = [model_config.dim] + dims[:-1]                   # channels of each stage's two skips
-    skips = model_config.dim * side ** 2 + sum(2 * d * (side // 2 ** i) ** 2 for i, d in enumerate(stage_inputs))
+    stage_inputs = [model_config.dim] + dims[:-1]                   # channels of each stage's skips (or more)
+    skips = model_config.dim * side ** 2 + sum(model_config.num_res_blocks * d * (side // 2 ** i) ** 2
+                                               for i, d in enumerate(stage_inputs))
     image = model_config.channels * side ** 2
     return [(params * 4 * copies, f"for {params:,} parameters{' while training' if training else ''}",
              "--dim or --dim_mults"),

@@ -27,6 +27,8 @@ SCHEDULES = ("linear", "cosine", "sigmoid")
 PREDICTIONS = ("eps", "v")
 LOSS_TYPES = ("l1", "l2", "huber")
 SPACINGS = ("time", "lambda")
+NLL_VARIANCES = ("posterior", "beta")  # σ_t² of p_θ(x_{t−1} | x_t) in the bound: β̃_t (the ancestral sampler's) or β_t
+PIXEL_HALF_BIN = 1 / 255  # half the width of a uint8 pixel's bin once pixels are scaled to [−1, 1]
 LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++(2M) with fewer steps takes its step onto the last timestep first order
 
 
@@ -126,6 +128,31 @@ def guided_prediction(model, x, t, class_labels=None, guidance_scale=DEFAULT_GUI
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) ‖ N(mean2, e^log_var2)), elementwise, in nats."""
+    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2)
+                  - 1)
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log p(x) of pixels x (uint8 scaled to [−1, 1]) under N(mean, e^{2 log_scale}) integrated over each pixel's bin
+    [x − 1/255, x + 1/255], the bins of −1 and 1 reaching to −∞ and ∞ (the decoder of Ho et al. §3.3, eq. 13);
+    elementwise, in nats. In float64 and log space: a bin's mass Φ(b) − Φ(a) is taken on the side of the Gaussian
+    nearer to it, as log Φ(b) + log(1 − Φ(a)/Φ(b)), so that bins far out in a tail keep their (tiny) mass."""
+    x, mean, inv_std = x.double(), mean.double(), torch.exp(-log_scale.double())
+    upper, lower = inv_std * (x - mean + PIXEL_HALF_BIN), inv_std * (x - mean - PIXEL_HALF_BIN)
+    log_cdf = torch.special.log_ndtr                                       # log Φ, the standard normal CDF
+    a, b = torch.where(lower > 0, -upper, lower), torch.where(lower > 0, -lower, upper)  # the mass Φ(b) − Φ(a)
+    log_mass = log_cdf(b) + torch.log(-torch.expm1(log_cdf(a) - log_cdf(b)))
+    return torch.where(x < -1 + PIXEL_HALF_BIN, log_cdf(upper),                        # log Φ(upper)
+                       torch.where(x > 1 - PIXEL_HALF_BIN, log_cdf(-lower), log_mass))  # log (1 − Φ(lower))
+
+
+def bits_per_dim(nats):
+    """Nats per element (N, C, H, W) → bits per dimension of each image (N,)."""
+    return nats.flatten(1).mean(1) / math.log(2)
+
+
 class Diffusion(nn.Module):
     """The forward process q(x_t | x_0), the loss, and the reverse-process samplers."""
 
@@ -157,6 +184,8 @@ class Diffusion(nn.Module):
             "posterior_variance": posterior_variance,
             # β̃_0 = 0: log-variance clipped to β̃_1 so it stays finite
             "posterior_log_variance_clipped": torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
+            # log β_t, with β̃_1 at t = 0 for the decoder (Ho et al.'s code): the bound's other choice of σ_t²
+            "log_betas_decoder_clipped": torch.cat([posterior_variance[1:2], betas[1:]]).log(),
             # μ̃_t = coef1 · x_0 + coef2 · x_t   (eq. 7)
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
@@ -239,17 +268,63 @@ class Diffusion(nn.Module):
             per_image = per_image * snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
         return per_image.mean()
 
+    # likelihood -----------------------------------------------------------------------------
+
+    def p_mean_variance(self, model, x_t, t, class_labels=None, variance="posterior", clip_denoised=True):
+        """Mean and log-variance of p_θ(x_{t−1} | x_t) = N(μ̃_t(x_t, x̂_0), σ_t² I) (eq. 11 through x̂_0), unguided:
+        σ_t² = β̃_t ('posterior', what the ancestral sampler draws with) or β_t ('beta')."""
+        _, x_zero = self.model_predictions(model, x_t, t, class_labels, 1.0, clip_denoised)
+        mean, _, posterior_log_variance = self.q_posterior_mean_variance(x_zero, x_t, t)
+        if variance == "posterior":
+            return mean, posterior_log_variance
+        return mean, extract(self.log_betas_decoder_clipped, t, x_t.shape)
+
+    def prior_bpd(self, x_zero):
+        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) of each image (eq. 5), in bits/dim: (N,). No parameters: about 0 when
+        ᾱ_T is."""
+        t = torch.full((len(x_zero),), self.timesteps - 1, device=x_zero.device, dtype=torch.long)
+        mean = extract(self.sqrt_alphas_cumprod, t, x_zero.shape).double() * x_zero.double()
+        log_var = extract(1 - self.alphas_cumprod, t, x_zero.shape).double().log()
+        return bits_per_dim(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)))
+
+    def vb_term_bpd(self, model, x_zero, x_t, t, class_labels=None, variance="posterior", clip_denoised=True):
+        """The bound's term at t of each image, in bits/dim (N,) (eq. 5): L_t = KL(q(x_t | x_{t+1}, x_0) ‖
+        p_θ(x_t | x_{t+1})) in the paper's 1-based steps, here index t > 0; at index 0 the decoder
+        L_0 = −log p_θ(x_0 | x_1), discretized (§3.3). t is one index for the whole batch."""
+        mean, log_var = self.p_mean_variance(model, x_t, t, class_labels, variance, clip_denoised)
+        if int(t[0]) == 0:
+            return -bits_per_dim(discretized_gaussian_log_likelihood(x_zero, mean, 0.5 * log_var))
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_zero, x_t, t)
+        return bits_per_dim(normal_kl(true_mean.double(), true_log_var.double(), mean.double(), log_var.double()))
+
+    @torch.no_grad()
+    def bound_terms(self, model, x_zero, class_labels=None, variance="posterior", clip_denoised=True, bar=None):
+        """The variational bound (eq. 5) of images x_zero (N, C, H, W), pixels uint8 scaled to [−1, 1], term by term
+        in bits/dim: (terms (N, T), column t the term L_t of index t: L_0 the decoder, L_1 … L_{T−1} the KLs; and
+        L_T, the prior, (N,)). The total is their sum. One x_t ~ q(x_t | x_0) per t: T network evaluations an image;
+        `bar` (a tqdm) counts them."""
+        terms = []
+        for step in range(self.timesteps):
+            t = torch.full((len(x_zero),), step, device=x_zero.device, dtype=torch.long)
+            terms.append(self.vb_term_bpd(model, x_zero, self.q_sample(x_zero, t), t, class_labels, variance,
+                                          clip_denoised))
+            if bar is not None:
+                bar.update(len(x_zero))
+        return torch.stack(terms, 1), self.prior_bpd(x_zero)               # (N, T), (N,)
+
     # reverse process ----------------------------------------------------------------------
 
     @torch.no_grad()
     def p_sample(self, model, x, t, t_index, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-                 clip_denoised=True, noise=None):
+                 clip_denoised=True, noise=None, trace=None):
         """One ancestral step x_t → x_{t−1} (Algorithm 2) with variance β̃_t; no noise at t_index 0.
 
         clip_denoised clamps the implied x̂_0 to [−1, 1] before forming the posterior mean
-        (Ho et al.'s released sampler); without it the step is eq. 11 exactly.
+        (Ho et al.'s released sampler); without it the step is eq. 11 exactly. trace: a list x̂_0 is appended to.
         """
         _, x_zero = self.model_predictions(model, x, t, class_labels, guidance_scale, clip_denoised)
+        if trace is not None:
+            trace.append(x_zero)
         mean, _, log_variance = self.q_posterior_mean_variance(x_zero, x, t)
         if t_index == 0:
             return mean
@@ -259,9 +334,12 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def ddim_step(self, model, x, t, t_prev, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-                  eta=0.0, clip_denoised=True, noise=None):
-        """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); t_prev = −1 means x_0."""
+                  eta=0.0, clip_denoised=True, noise=None, trace=None):
+        """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); t_prev = −1 means x_0. trace: a list x̂_0 is
+        appended to."""
         eps, x_zero = self.model_predictions(model, x, t, class_labels, guidance_scale, clip_denoised)
+        if trace is not None:
+            trace.append(x_zero)
         if t_prev < 0:
             return x_zero
         alpha_bar = extract(self.alphas_cumprod, t, x.shape)
@@ -275,19 +353,22 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def dpm_solver_2m(self, model, x, steps, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-                      clip_denoised=True, progress=False):
+                      clip_denoised=True, progress=False, trace=None):
         """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): x at timestep steps[0] through steps[1:] to x_0, one
         network evaluation (its data prediction x̂_0) per timestep. With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t) and
         λ_t = log(α_t/σ_t), each step s → t is x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D, h = λ_t − λ_s: D = x̂_0(s)
         is first order (DDIM), D from the last two x̂_0 second order. First order are: the first step, having one
         x̂_0; with fewer than 15 steps the step onto the last timestep (the paper's lower-order final step, which
-        steadies few-step sampling); and the final step onto σ = 0, where e^{−h} = 0 and the step returns x̂_0."""
+        steadies few-step sampling); and the final step onto σ = 0, where e^{−h} = 0 and the step returns x̂_0.
+        trace: a list each step's x̂_0 is appended to."""
         alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
         lam = self.half_log_snr.tolist()  # on the host once: no device sync per step
         x_zero_prev = h_prev = None
         for i, s in enumerate(tqdm(steps, desc="sampling (dpm++2m)", leave=False, disable=not progress)):
             t_vec = torch.full((len(x),), s, device=x.device, dtype=torch.long)
             _, x_zero = self.model_predictions(model, x, t_vec, class_labels, guidance_scale, clip_denoised)
+            if trace is not None:
+                trace.append(x_zero)
             if i + 1 == len(steps):
                 return x_zero                                          # last step, onto σ = 0: x_0 = x̂_0
             t = steps[i + 1]
@@ -318,32 +399,35 @@ class Diffusion(nn.Module):
             indices.append(min(max(index, steps - 1 - i), highest))
         return indices
 
+    def sampler_timesteps(self, settings):
+        """The timestep indices a sampler evaluates the network at, T−1 first: dpm++2m's spaced as settings say,
+        DDIM's evenly in t (as the DDIM paper), all T for ddpm."""
+        settings = settings.for_timesteps(self.timesteps)
+        if settings.sampler == "ddpm":
+            return list(range(self.timesteps - 1, -1, -1))
+        return self.sampling_timesteps(settings.steps, settings.spacing if settings.sampler == "dpm++2m" else "time")
+
     @torch.no_grad()
     def sample(self, model, shape, settings=SamplerSettings(), class_labels=None, noise=None, clip_denoised=True,
-               progress=False):
+               progress=False, trace=None):
         """The reverse process from x_T ~ N(0, I) (or `noise`) to x_0, `shape` (N, C, H, W), in [−1, 1], sampled
-        as `settings` say; class_labels (N,) or None."""
+        as `settings` say; class_labels (N,) or None. trace: a list each network evaluation's x̂_0 is appended to."""
         device = self.betas.device
         x = torch.randn(shape, device=device) if noise is None else noise.to(device)
         if class_labels is not None:
             class_labels = class_labels.to(device)
         settings = settings.for_timesteps(self.timesteps)
-        w = settings.guidance_scale
+        w, steps = settings.guidance_scale, self.sampler_timesteps(settings)
         if settings.sampler == "dpm++2m":
-            steps = self.sampling_timesteps(settings.steps, settings.spacing)
-            return self.dpm_solver_2m(model, x, steps, class_labels, w, clip_denoised, progress).clamp(-1, 1)
-        if settings.sampler == "ddim":
-            steps = self.sampling_timesteps(settings.steps)  # evenly in t, as the DDIM paper
-        else:
-            steps = list(range(self.timesteps - 1, -1, -1))
+            return self.dpm_solver_2m(model, x, steps, class_labels, w, clip_denoised, progress, trace).clamp(-1, 1)
         for i, step in enumerate(tqdm(steps, desc=f"sampling ({settings.sampler})", leave=False,
                                       disable=not progress)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             if settings.sampler == "ddpm":
-                x = self.p_sample(model, x, t, step, class_labels, w, clip_denoised)
+                x = self.p_sample(model, x, t, step, class_labels, w, clip_denoised, trace=trace)
             else:
                 t_prev = steps[i + 1] if i + 1 < len(steps) else -1
-                x = self.ddim_step(model, x, t, t_prev, class_labels, w, settings.eta, clip_denoised)
+                x = self.ddim_step(model, x, t, t_prev, class_labels, w, settings.eta, clip_denoised, trace=trace)
         return x.clamp(-1, 1)
 
 

@@ -157,7 +157,8 @@ OUTPUT_NAMES = {
     "loss_curves": "loss_curves_{run}.png", "epoch_grid": "samples_{run}_epoch{epoch:03d}.png",
     "metrics": "metrics_{run}.json", "fid_samples": "fid_samples_{run}.npz", "samples_grid": "samples_{run}.png",
     "samples_folder": "samples_{run}", "samples_npz": "samples_{run}.npz",
-    "guidance_sweep": "guidance_sweep_{run}.png",
+    "guidance_sweep": "guidance_sweep_{run}.png", "denoising_strip": "denoising_strip_{run}.png",
+    "nll": "nll_{run}.json", "nll_plot": "nll_terms_{run}.png",
 }
 CHECKPOINT_NAMES = ("last.pt", "best.pt", "ckpt.pt", "config.json")  # what a run writes to <models_dir>/<run>/
 # the most a name gains: the longest output name (epochs up to 10⁹) and atomic_open's '.tmp<pid>' (pid < 2²²)
@@ -321,6 +322,30 @@ def plot_loss_history(history, path, title=""):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def plot_bound_terms(terms, prior, total, path, title=""):
+    """The variational bound's terms against the paper's t (1 … T), bits/dim on a log scale: the decoder L_0 at t = 1,
+    the KL terms L_{t−1} after it, the prior L_T as a line; the total in the legend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    steps = list(range(1, len(terms) + 1))
+    ax.semilogy(steps[1:], terms[1:], lw=1, label="$L_{t-1}$: KL(q(x$_{t-1}$|x$_t$,x$_0$) ‖ p$_θ$(x$_{t-1}$|x$_t$))")
+    ax.semilogy(steps[:1], terms[:1], "o", color="C3", label=f"$L_0$: decoder −log p$_θ$(x$_0$|x$_1$) = {terms[0]:.3f}")
+    ax.axhline(max(prior, 1e-12), color="C2", ls="--", lw=1, label=f"$L_T$: prior KL = {prior:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("t (the paper's steps, 1 … T)")
+    ax.set_ylabel("bits / dim")
+    ax.set_title(f"{title}: bound {total:.3f} bits/dim" if title else f"bound {total:.3f} bits/dim")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_open(path) as f:
         fig.savefig(f, format="png")

@@ -19,18 +19,20 @@ from ddpm_checkpoint import (COMMAND_LINE_SETTINGS, SEED_RANGE, TOOL_VERSION, ch
                              load_resumable, load_sampling_model, saved_sampler_settings, stored_run_name,
                              trained_data)
 from ddpm_data import DATASETS, DEFAULT_DATA_DIR, check_stage_count, image_size_of, model_side, require_image_folder
-from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS_TYPES, PREDICTIONS, SAMPLERS,
-                            SCHEDULES, SPACINGS, SamplerSettings)
+from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS_TYPES, NLL_VARIANCES, PREDICTIONS,
+                            SAMPLERS, SCHEDULES, SPACINGS, SamplerSettings)
 from ddpm_fid import FIDFeatures, ref_statistics_file
 from ddpm_helpers import (COMPILE_CHOICES, PRECISIONS, STOPPING_ERRORS, NonFiniteError, RunFiles, TrainingError,
                           UserError, WriteError, check_run_name, check_writable_folder, exit_status,
                           failure_text, init_distributed, memory_guard, require_finite, stderr_is_terminal,
                           write_json)
-from ddpm_model import UNetConfig
+from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig
+from ddpm_presets import PRESETS, presets_help
 from ddpm_run import (GRID_UNCONDITIONAL, SAMPLE_REMEDY, TrainingOptions, diverged_message, finish, set_up_run,
                       start_or_resume, train_epochs, write_failed_message)
-from ddpm_sample import (MAX_CLASS_ROWS, class_cycle, class_indices, fid_reference, grayscale_fid_note, measure_fid,
-                         parse_classes, prepare_sampler, save_samples, write_guidance_sweep)
+from ddpm_sample import (MAX_CLASS_ROWS, STRIP_COLUMNS, STRIP_ROWS, class_cycle, class_indices, fid_reference,
+                         grayscale_fid_note, measure_fid, measure_nll, nll_test_images, parse_classes, prepare_sampler,
+                         save_samples, write_denoising_strip, write_guidance_sweep)
 from ddpm_train import LR_DECAYS, LOG_LINE_SECONDS, TrainingClock
 
 # --------------------------------------------------------------------------------------- CLI
@@ -71,6 +73,8 @@ def build_parser():
     p.add_argument("--version", action="version",
                    version=f"%(prog)s {TOOL_VERSION} (ddpm-cifar10), torch {torch.__version__}")
     g = p.add_argument_group("training")
+    g.add_argument("--preset", choices=PRESETS, help="a named recipe: sets the flags it names, unless they are given "
+                   f"too (a new training run only). {presets_help()}")
     g.add_argument("--epochs", type=int, default=5,
                    help="passes over the training split (90 %% of the training images: 45,000 for CIFAR-10)")
     g.add_argument("--batch_size", type=int, default=64,
@@ -81,6 +85,7 @@ def build_parser():
                    "--batch_size (× ranks) in the memory of one --batch_size")
     g.add_argument("--lr", type=float, default=0.003, help="AdamW learning rate (after warm-up)")
     g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up, in steps")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's decoupled weight decay (0: Adam)")
     g.add_argument("--timesteps", type=int, default=100, help="T, the number of diffusion steps")
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="noise schedule β_t")
     g.add_argument("--loss_type", choices=LOSS_TYPES, default="l2", help="norm of ε − ε_θ (or v − v_θ)")
@@ -93,10 +98,22 @@ def build_parser():
     g.add_argument("--conditional", action="store_true", help="class-conditional model (classifier-free guidance)")
     g.add_argument("--p_uncond", type=float, default=0.1, help="probability a label is dropped to the null label")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the weights used for sampling; 0: off")
-    g.add_argument("--dim", type=int, default=32,
-                   help=f"U-Net base channels, a multiple of {UNetConfig.groups} (its GroupNorm groups)")
+    g.add_argument("--architecture", choices=ARCHITECTURES, default="compact",
+                   help="the U-Net: compact, this tool's (channels change in the resampling convolutions, one "
+                   "attention per stage); ddpm, Ho et al.'s (channels change in a stage's first block, attention after "
+                   "every block, one block more per up-stage, 3 × 3 strided down-sampling)")
+    g.add_argument("--dim", type=int, default=32, help="U-Net base channels, a multiple of --groups")
     g.add_argument("--dim_mults", type=int_list, default="1,2,4",
                    help="U-Net channel multipliers, one per stage; each stage after the first halves the image")
+    g.add_argument("--num_res_blocks", type=int, default=2,
+                   help="ResNet blocks per stage on the way down (ddpm: one more on the way up)")
+    g.add_argument("--attn_resolutions", type=int_list, metavar="SIDE,...",
+                   help="image sides whose stages get self-attention, e.g. 16 (default: every stage after the first)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout before each ResNet block's second convolution")
+    g.add_argument("--resblock", choices=RESBLOCKS, default="film",
+                   help="how the time (and class) embedding enters a ResNet block: film, a scale and shift after its "
+                   "second GroupNorm; add, added after its first convolution (Ho et al.)")
+    g.add_argument("--groups", type=int, default=UNetConfig.groups, help="GroupNorm groups of the U-Net")
     g.add_argument("--data_dir", help="a train/<class>/ test/<class>/ image-folder tree, or where --dataset is "
                    "downloaded (default: ./data; at inference the folder the model was trained on)")
     g.add_argument("--dataset", choices=DATASETS,
@@ -134,6 +151,9 @@ def build_parser():
                    f"--num_samples (default: all the model's classes; a sweep's first {MAX_CLASS_ROWS})")
     g.add_argument("--guidance_sweep", type=float_list, metavar="W,W,...",
                    help="write one grid: a row per guidance scale, a column per class, from the same noise")
+    g.add_argument("--denoising_strip", action="store_true",
+                   help=f"write one grid instead of samples: a row per sample ({STRIP_ROWS}, or --num_samples), x̂_0 "
+                   f"as the network predicts it at {STRIP_COLUMNS} evenly spaced steps of the sampler, x_T to x_0")
 
     g = p.add_argument_group(
         "sampling (inference, the per-epoch grids and FID)",
@@ -164,6 +184,15 @@ def build_parser():
     g.add_argument("--fid_ref_stats", metavar="NPZ",
                    help="reference statistics (mu, sigma) instead of computing them from the training images")
 
+    g = p.add_argument_group("likelihood (the variational bound, Ho et al. eq. 5)")
+    g.add_argument("--eval_nll", type=int, default=0, metavar="N",
+                   help="after training (null label), or with --inference instead of sampling (--conditional: with "
+                   "the images' labels): the bound on N test images (spread over the split) in bits/dim, each term per t to "
+                   "nll_<run>.json and a plot; T network evaluations per image, --sample_batch images at a time")
+    g.add_argument("--nll_variance", choices=NLL_VARIANCES, default="posterior",
+                   help="σ_t² of p_θ(x_{t−1} | x_t) in the bound: posterior, β̃_t (what --sampler ddpm draws with), or "
+                   "beta, β_t")
+
     g = p.add_argument_group("general")
     g.add_argument("--run_name", help="names the checkpoint folder and output files (default: DDPM; at inference "
                    "the checkpoint's run name)")
@@ -185,7 +214,7 @@ def build_parser():
 
 
 AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "timesteps", "num_samples", "log_interval", "sample_batch",
-                "dim", "eval_every", "checkpoint_every", "sampling_steps")
+                "dim", "eval_every", "checkpoint_every", "sampling_steps", "num_res_blocks", "groups")
 NUMBER_RANGES = [  # (flag, test, what the value must be) for the flags that are not off (None)
     *((name, lambda v: v >= 1, "at least 1") for name in AT_LEAST_ONE),
     ("lr", lambda v: v > 0, "greater than 0"),
@@ -193,6 +222,9 @@ NUMBER_RANGES = [  # (flag, test, what the value must be) for the flags that are
     ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("min_snr_gamma", lambda v: v > 0, "greater than 0"),
     ("warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("eval_nll", lambda v: v >= 0, "0 (off) or an image count"),
     ("eta", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("guidance_scale", lambda v: v >= 0, "0 or more"),
     ("checkpoint_minutes", lambda v: v > 0, "greater than 0"),
@@ -223,8 +255,8 @@ def check_numbers(args):
         value = getattr(args, name)
         if value is not None and not in_range(value):
             raise UserError(f"--{name} must be {must}, got {value}")
-    if args.dim % UNetConfig.groups:
-        raise UserError(f"--dim must be a multiple of {UNetConfig.groups} (the U-Net's GroupNorm groups), "
+    if args.dim % args.groups:
+        raise UserError(f"--dim must be a multiple of --groups {args.groups} (the U-Net's GroupNorm groups), "
                         f"got {args.dim}")
     if any(m < 1 for m in args.dim_mults):
         raise UserError(f"--dim_mults must be positive integers, got {args.dim_mults}")
@@ -247,6 +279,15 @@ def check_flag_combinations(args):
                         "--conditional (or --guidance_sweep)")
     if args.guidance_sweep is not None and not args.inference:
         raise UserError("--guidance_sweep goes with --inference (it samples from a trained model)")
+    if args.denoising_strip and not args.inference:
+        raise UserError("--denoising_strip goes with --inference (it samples from a trained model)")
+    jobs = [flag for flag, asked in (("--guidance_sweep", args.guidance_sweep is not None),
+                                     ("--denoising_strip", args.denoising_strip), ("--eval_nll", args.eval_nll),
+                                     ("--eval_fid", args.eval_fid)) if asked]
+    if args.inference and len(jobs) > 1:
+        raise UserError(f"{' and '.join(jobs)} are separate jobs at inference: give one per command")
+    if "nll_variance" in args.given and not args.eval_nll:
+        raise UserError("--nll_variance chooses σ_t² in the bound of --eval_nll N; give --eval_nll too")
     resolve_synonyms(args)
     if args.eval_fid and not args.fid_inception:
         raise UserError("--eval_fid needs --fid_inception PATH: the TF-Inception TorchScript (see README, FID)")
@@ -292,8 +333,9 @@ def check_paths(args):
             require_image_folder(data_dir)
         image_size = image_size_of(data_dir, args.dataset)
         check_stage_count(args.dim_mults, image_size)
-        # a lower bound: one channel and no classes (the data is not read yet), and the unconditional grid
-        model = UNetConfig(dim=args.dim, dim_mults=tuple(args.dim_mults), channels=1)
+        # a lower bound: one channel, no classes (the data is not read yet), no attention, the unconditional grid
+        model = UNetConfig(dim=args.dim, dim_mults=tuple(args.dim_mults), channels=1, architecture=args.architecture,
+                           num_res_blocks=args.num_res_blocks, attn_resolutions=(), groups=args.groups)
         check_run_memory(pick_device(args), args.sample_batch, model, args.timesteps,
                          model_side(image_size or (1, 1), len(args.dim_mults)), max(GRID_UNCONDITIONAL, args.eval_fid),
                          training=True, guided=False)
@@ -406,12 +448,19 @@ def inference(args):
     torch.manual_seed(args.seed)
     if args.guidance_sweep:
         return write_guidance_sweep(sampler, args.guidance_sweep, args.sample_classes, args.seed, files, verbose)
+    classes = (args.sample_classes or list(range(config["num_classes"]))) if args.conditional else None
+    if args.denoising_strip:
+        rows = args.num_samples if "num_samples" in args.given else STRIP_ROWS
+        return write_denoising_strip(sampler, rows, classes, args.seed, files, verbose)
+    if args.eval_nll:
+        images, labels = nll_test_images(config, args.data_dir or config["data_dir"], args.dataset, args.eval_nll,
+                                         args.conditional)
+        return measure_nll(sampler, images, labels, args.nll_variance, args.seed, files, verbose)
     start = time.perf_counter()
     if args.eval_fid:  # the reference first: one of another dataset stops before anything is written
         features, reference = inference_fid_reference(args, config, device)
     reference_s = time.perf_counter() - start
 
-    classes = (args.sample_classes or list(range(config["num_classes"]))) if args.conditional else None
     labels = class_cycle(classes, args.num_samples, device) if classes else None
     start = time.perf_counter()
     with memory_guard(f"sampling {args.num_samples} images", SAMPLE_REMEDY):
@@ -468,9 +517,21 @@ def flags_given(parser, args, argv):
     return frozenset(name for name, value in vars(given).items() if value is not unset)
 
 
+def parse_command_line(parser, argv):
+    """argv's flags, those a --preset names (ddpm_presets) filling in the ones not given: a new training run's."""
+    args = parser.parse_args(argv)
+    if args.preset is not None:
+        if args.inference or args.resume is not None:
+            parser.error("--preset sets up a new training run; a resumed run keeps its checkpoint's settings, and "
+                         "inference samples with the checkpoint's")
+        parser.set_defaults(**PRESETS[args.preset][1])
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.given = flags_given(parser, args, args.argv)
     check_args(args, parser)

@@ -1,4 +1,5 @@
-"""The noise-prediction U-Net ε_θ(x_t, t, c) and its configuration."""
+"""The noise-prediction U-Nets ε_θ(x_t, t, c) and their configuration: this tool's compact U-Net (UNet) and Ho et
+al.'s CIFAR-10 network (DDPMUNet, the paper's Appendix B and its published code), built by build_unet."""
 import math
 from dataclasses import asdict, dataclass
 
@@ -16,19 +17,44 @@ class UNetConfig:
     num_classes: int = None        # None: unconditional; else labels 0..num_classes-1, num_classes = null label
     class_emb_dim: int = 128       # width of the class embedding before its MLP
     groups: int = 8                # GroupNorm groups
-    attn_heads: int = 4
+    attn_heads: int = 4            # compact: heads × dim_head channels of attention (ddpm: one head, all channels)
     attn_dim_head: int = 32
+    architecture: str = "compact"  # "compact": UNet, this tool's; "ddpm": DDPMUNet, Ho et al.'s
+    num_res_blocks: int = 2        # ResNet blocks per stage on the way down (ddpm: one more on the way up)
+    attn_resolutions: tuple = None  # sides whose stages get attention (None: every stage below the first)
+    dropout: float = 0.0           # before each ResNet block's second convolution (Ho et al.: 0.1 on CIFAR-10)
+    resblock: str = "film"         # how the embedding enters a ResNet block: "film" scale and shift after the second
+                                   # norm, or "add": added after the first convolution (Ho et al.)
+    image_size: int = None         # the side the network works on: where attn_resolutions fall
 
     def to_dict(self):
         d = asdict(self)
         d["dim_mults"] = list(self.dim_mults)
+        if self.attn_resolutions is not None:
+            d["attn_resolutions"] = list(self.attn_resolutions)
         return d
 
     @classmethod
     def from_dict(cls, d):
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         known["dim_mults"] = tuple(known.get("dim_mults", cls.dim_mults))
+        if known.get("attn_resolutions") is not None:
+            known["attn_resolutions"] = tuple(known["attn_resolutions"])
         return cls(**known)
+
+    def stage_sides(self):
+        """The side of each stage's images (image_size halved per stage), or None when image_size is not known."""
+        return None if self.image_size is None else [self.image_size // 2 ** i for i in range(len(self.dim_mults))]
+
+    def attends(self, stage):
+        """Whether a stage gets attention: its side is in attn_resolutions, or (None) it is not the first stage."""
+        if self.attn_resolutions is None:
+            return stage > 0
+        return bool(self.attn_resolutions) and self.stage_sides()[stage] in self.attn_resolutions
+
+    def attention_sides(self):
+        """The sides of the stages that get attention (attn_resolutions resolved; needs image_size)."""
+        return tuple(side for stage, side in enumerate(self.stage_sides()) if self.attends(stage))
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -46,33 +72,41 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm → SiLU → conv, twice, with FiLM (scale, shift) from the embedding before the second conv."""
+    """GroupNorm → SiLU → conv, twice, the embedding entering between them: FiLM (scale, shift) after the second
+    GroupNorm, or (resblock "add", Ho et al.) added after the first conv; dropout before the second conv."""
 
-    def __init__(self, dim_in, dim_out, emb_dim, groups):
+    def __init__(self, dim_in, dim_out, emb_dim, groups, resblock="film", dropout=0.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, dim_in)
         self.conv1 = nn.Conv2d(dim_in, dim_out, 3, padding=1)
-        self.film = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out * 2))
+        if resblock == "film":
+            self.film = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out * 2))
+        else:
+            self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out))
         self.norm2 = nn.GroupNorm(groups, dim_out)
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
         self.skip = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = rearrange(self.film(emb), "n c -> n c 1 1").chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(F.silu(h))
+        if hasattr(self, "film"):
+            scale, shift = rearrange(self.film(emb), "n c -> n c 1 1").chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + rearrange(self.emb_proj(emb), "n c -> n c 1 1"))
+        h = self.conv2(self.dropout(F.silu(h)))
         return h + self.skip(x)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention over all H·W positions, pre-norm, residual."""
 
-    def __init__(self, dim, heads, dim_head, groups):
+    def __init__(self, dim, heads, dim_head, groups, qkv_bias=False):
         super().__init__()
         self.heads = heads
         self.norm = nn.GroupNorm(groups, dim)
-        self.to_qkv = nn.Conv2d(dim, heads * dim_head * 3, 1, bias=False)
+        self.to_qkv = nn.Conv2d(dim, heads * dim_head * 3, 1, bias=qkv_bias)
         self.to_out = nn.Conv2d(heads * dim_head, dim, 1)
 
     def forward(self, x):
@@ -85,6 +119,8 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
+    """A 4 × 4 convolution of stride 2: half the side."""
+
     def __init__(self, dim_in, dim_out):
         super().__init__()
         self.conv = nn.Conv2d(dim_in, dim_out, 4, stride=2, padding=1)
@@ -93,7 +129,21 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+class StridedConvDownsample(nn.Module):
+    """Ho et al.'s down-sampling: a 3 × 3 convolution of stride 2 after padding the right and bottom by one pixel
+    (TensorFlow's 'SAME' padding, where the paper's network was written): half the side."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
 class Upsample(nn.Module):
+    """Nearest-neighbour doubling of the side, then a 3 × 3 convolution."""
+
     def __init__(self, dim_in, dim_out):
         super().__init__()
         self.conv = nn.Conv2d(dim_in, dim_out, 3, padding=1)
@@ -102,20 +152,16 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-class UNet(nn.Module):
-    """ε-prediction U-Net: stages of two ResNet blocks (+ attention below full resolution), skips
-    from every block of the down path to the up path, and a middle block with attention."""
+class NoisePredictor(nn.Module):
+    """What both U-Nets share: their config, and the embedding every ResNet block takes: the timestep's sinusoidal
+    embedding through an MLP (4 · dim wide), plus, for a class-conditional network, its class's (the null label
+    num_classes when none is given)."""
 
-    def __init__(self, config: UNetConfig = None, **kwargs):
+    def __init__(self, config):
         super().__init__()
-        config = config or UNetConfig(**kwargs)
         self.config = config
         self.num_classes = config.num_classes
-        dim, groups = config.dim, config.groups
-        emb_dim = dim * 4
-        dims = [dim * m for m in config.dim_mults]
-        stage_io = list(zip([dim] + dims[:-1], dims))  # (in, out) channels per stage
-
+        dim, emb_dim = config.dim, config.dim * 4
         self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
         if config.num_classes is not None:
@@ -123,56 +169,151 @@ class UNet(nn.Module):
             self.class_mlp = nn.Sequential(nn.Linear(config.class_emb_dim, emb_dim), nn.SiLU(),
                                            nn.Linear(emb_dim, emb_dim))
 
+    def embed(self, t, class_labels=None):
+        """t (N,), class_labels (N,) or None → the embedding (N, 4·dim)."""
+        emb = self.time_mlp(t)
+        if self.num_classes is not None:
+            if class_labels is None:
+                class_labels = torch.full_like(t, self.num_classes)     # null label: unconditional
+            emb = emb + self.class_mlp(self.class_emb(class_labels))
+        return emb
+
+
+class UNet(NoisePredictor):
+    """This tool's compact ε-prediction U-Net: stages of num_res_blocks ResNet blocks (+ attention after the last
+    where config.attends), the channels changing in the down- and up-sampling convolutions, skips from every block of
+    the down path to the up path, a middle block with attention, and a last ResNet block on the first conv's output."""
+
+    def __init__(self, config: UNetConfig = None, **kwargs):
+        config = config or UNetConfig(**kwargs)
+        super().__init__(config)
+        dim, groups = config.dim, config.groups
+        emb_dim = dim * 4
+        dims = [dim * m for m in config.dim_mults]
+        stage_io = list(zip([dim] + dims[:-1], dims))  # (in, out) channels per stage
+
         def attention(d, stage):
-            return Attention(d, config.attn_heads, config.attn_dim_head, groups) if stage > 0 else nn.Identity()
+            return Attention(d, config.attn_heads, config.attn_dim_head, groups) if config.attends(stage) \
+                else nn.Identity()
+
+        def block(d_in, d_out):
+            return ResnetBlock(d_in, d_out, emb_dim, groups, config.resblock, config.dropout)
 
         self.init_conv = nn.Conv2d(config.channels, dim, 3, padding=1)
         self.downs = nn.ModuleList()
         for i, (d_in, d_out) in enumerate(stage_io):
             last = i == len(stage_io) - 1
             self.downs.append(nn.ModuleList([
-                ResnetBlock(d_in, d_in, emb_dim, groups),
-                ResnetBlock(d_in, d_in, emb_dim, groups),
+                *(block(d_in, d_in) for _ in range(config.num_res_blocks)),
                 attention(d_in, i),
                 nn.Conv2d(d_in, d_out, 3, padding=1) if last else Downsample(d_in, d_out),
             ]))
         mid = dims[-1]
-        self.mid_block1 = ResnetBlock(mid, mid, emb_dim, groups)
+        self.mid_block1 = block(mid, mid)
         self.mid_attn = Attention(mid, config.attn_heads, config.attn_dim_head, groups)
-        self.mid_block2 = ResnetBlock(mid, mid, emb_dim, groups)
+        self.mid_block2 = block(mid, mid)
         self.ups = nn.ModuleList()
         for i, (d_in, d_out) in reversed(list(enumerate(stage_io))):
             first = i == 0
             self.ups.append(nn.ModuleList([
-                ResnetBlock(d_out + d_in, d_out, emb_dim, groups),
-                ResnetBlock(d_out + d_in, d_out, emb_dim, groups),
+                *(block(d_out + d_in, d_out) for _ in range(config.num_res_blocks)),
                 attention(d_out, i),
                 nn.Conv2d(d_out, d_in, 3, padding=1) if first else Upsample(d_out, d_in),
             ]))
-        self.final_block = ResnetBlock(dim * 2, dim, emb_dim, groups)
+        self.final_block = block(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, config.channels, 1)
 
     def forward(self, x, t, class_labels=None):
         """x: (N, C, H, W) noisy images; t: (N,) timestep indices; class_labels: (N,) or None.
         Returns the predicted noise ε, (N, C, H, W)."""
-        emb = self.time_mlp(t)                                          # (N, 4·dim)
-        if self.num_classes is not None:
-            if class_labels is None:
-                class_labels = torch.full_like(t, self.num_classes)     # null label: unconditional
-            emb = emb + self.class_mlp(self.class_emb(class_labels))
+        emb = self.embed(t, class_labels)                               # (N, 4·dim)
         x = self.init_conv(x)                                           # (N, dim, H, W)
         residual = x
         skips = []
-        for block1, block2, attn, down in self.downs:
-            x = block1(x, emb)
-            skips.append(x)
-            x = attn(block2(x, emb))
-            skips.append(x)
+        for *blocks, attn, down in self.downs:
+            for i, block in enumerate(blocks):
+                x = block(x, emb)
+                x = attn(x) if i == len(blocks) - 1 else x
+                skips.append(x)
             x = down(x)                                                 # (N, d_out, H/2, W/2)
         x = self.mid_block2(self.mid_attn(self.mid_block1(x, emb)), emb)
-        for block1, block2, attn, up in self.ups:
-            x = block1(torch.cat([x, skips.pop()], dim=1), emb)
-            x = attn(block2(torch.cat([x, skips.pop()], dim=1), emb))
+        for *blocks, attn, up in self.ups:
+            for i, block in enumerate(blocks):
+                x = block(torch.cat([x, skips.pop()], dim=1), emb)
+                x = attn(x) if i == len(blocks) - 1 else x
             x = up(x)                                                   # (N, d_in, 2H, 2W)
         x = self.final_block(torch.cat([x, residual], dim=1), emb)
         return self.final_conv(x)
+
+
+class DDPMUNet(NoisePredictor):
+    """Ho et al.'s U-Net (2020, Appendix B; the layout of their published code): stages of num_res_blocks ResNet
+    blocks that change the channels in their first block, attention after every block of a stage whose side is in
+    attn_resolutions (one head over all channels), 3 × 3 strided down-sampling; skips from the first conv, every
+    block and every down-sampling to the up path, whose stages have one block more; GroupNorm → SiLU → 3 × 3 conv out.
+    With dim 128, dim_mults 1,2,2,2, 2 blocks, attention at 16 and resblock "add": the paper's 35.7M-parameter
+    CIFAR-10 network."""
+
+    def __init__(self, config: UNetConfig = None, **kwargs):
+        config = config or UNetConfig(architecture="ddpm", **kwargs)
+        super().__init__(config)
+        dim, groups = config.dim, config.groups
+        emb_dim = dim * 4
+        dims = [dim * m for m in config.dim_mults]
+
+        def block(d_in, d_out):
+            return ResnetBlock(d_in, d_out, emb_dim, groups, config.resblock, config.dropout)
+
+        def attention(d, stage):
+            return Attention(d, 1, d, groups, qkv_bias=True) if config.attends(stage) else nn.Identity()
+
+        self.init_conv = nn.Conv2d(config.channels, dim, 3, padding=1)
+        skip_channels, d_in = [dim], dim                # what each skip holds, in the order they are made
+        self.downs = nn.ModuleList()
+        for i, d_out in enumerate(dims):
+            stage = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                stage.append(nn.ModuleList([block(d_in, d_out), attention(d_out, i)]))
+                skip_channels.append(d_out)
+                d_in = d_out
+            self.downs.append(nn.ModuleList([stage, StridedConvDownsample(d_out) if i < len(dims) - 1
+                                             else nn.Identity()]))
+            if i < len(dims) - 1:
+                skip_channels.append(d_out)
+        self.mid_block1 = block(d_in, d_in)
+        self.mid_attn = Attention(d_in, 1, d_in, groups, qkv_bias=True)
+        self.mid_block2 = block(d_in, d_in)
+        self.ups = nn.ModuleList()
+        for i, d_out in reversed(list(enumerate(dims))):
+            stage = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                stage.append(nn.ModuleList([block(d_in + skip_channels.pop(), d_out), attention(d_out, i)]))
+                d_in = d_out
+            self.ups.append(nn.ModuleList([stage, Upsample(d_out, d_out) if i > 0 else nn.Identity()]))
+        self.out = nn.Sequential(nn.GroupNorm(groups, d_in), nn.SiLU(), nn.Conv2d(d_in, config.channels, 3, padding=1))
+
+    def forward(self, x, t, class_labels=None):
+        """x: (N, C, H, W) noisy images; t: (N,) timestep indices; class_labels: (N,) or None.
+        Returns the predicted noise ε, (N, C, H, W)."""
+        emb = self.embed(t, class_labels)                               # (N, 4·dim)
+        skips = [self.init_conv(x)]                                     # (N, dim, H, W)
+        for stage, down in self.downs:
+            for block, attn in stage:
+                skips.append(attn(block(skips[-1], emb)))
+            if not isinstance(down, nn.Identity):
+                skips.append(down(skips[-1]))                           # (N, d, H/2, W/2)
+        x = self.mid_block2(self.mid_attn(self.mid_block1(skips[-1], emb)), emb)
+        for stage, up in self.ups:
+            for block, attn in stage:
+                x = attn(block(torch.cat([x, skips.pop()], dim=1), emb))
+            x = up(x)                                                   # (N, d, 2H, 2W)
+        return self.out(x)
+
+
+ARCHITECTURES = {"compact": UNet, "ddpm": DDPMUNet}
+RESBLOCKS = ("film", "add")
+
+
+def build_unet(config: UNetConfig):
+    """The network a UNetConfig describes, freshly initialised: UNet or DDPMUNet, as config.architecture says."""
+    return ARCHITECTURES[config.architecture](config)

@@ -27,7 +27,8 @@ from ddpm_fid import FIDFeatures, ref_statistics_file
 from ddpm_helpers import (Denoiser, Interrupted, NonFiniteError, RunFiles, UserError, all_ranks_mean, barrier,
                           choose_compile, choose_precision, describe_precision, max_over_ranks, memory_guard,
                           plot_loss_history, save_grid, to_model_range, write_json)
-from ddpm_sample import MAX_CLASS_ROWS, Sampler, fid_reference, grayscale_fid_note, measure_fid
+from ddpm_sample import (MAX_CLASS_ROWS, Sampler, fid_reference, grayscale_fid_note, measure_fid, measure_nll,
+                         spread)
 from ddpm_train import Reporter, TrainingStep, build_loss_scaler, build_optimizer, evaluate_loss, learning_rate
 
 GRID_SEED = 4321          # fixed noise for the per-epoch sample grid, so epochs can be compared
@@ -59,6 +60,8 @@ class TrainingOptions:
     eval_fid: int = 0               # FID of this many samples at the end (0: none)
     fid_inception: str = None       # the FID network (--fid_inception)
     fid_ref_stats: str = None       # reference statistics (None: the training images')
+    eval_nll: int = 0               # the bound in bits/dim on this many test images at the end (0: none)
+    nll_variance: str = "posterior"  # σ_t² of p_θ in the bound: β̃_t ('posterior') or β_t ('beta')
     quiet: bool = False             # no bars or per-epoch lines
     tensorboard: str = None         # a TensorBoard log folder (None: none)
 
@@ -171,8 +174,8 @@ def build_networks(config, options):
     device = options.device
     torch.manual_seed(config["seed"])
     model = build_model(config).to(device, memory_format=torch.channels_last)  # faster convolutions, GPU and CPU
-    ema_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer = build_optimizer(model, config["lr"])
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # no dropout where the EMA samples
+    optimizer = build_optimizer(model, config["lr"], config["weight_decay"])
     diffusion = build_diffusion(config, device)
     precision, precision_why = choose_precision(config["precision"], device)
     compile_model = choose_compile(options.compile, device)
@@ -215,6 +218,8 @@ def start_or_resume(run, saved):
     if saved:
         state = restore_training(saved, run.model, run.ema_model, run.optimizer, run.device.type == "cuda",
                                  run.train_step.scaler)
+        for group in run.optimizer.param_groups:  # the state's own is the checkpoint's: an adjustable setting
+            group["weight_decay"] = config["weight_decay"]
         run.last_saved = (run.options.resume, training_position(state))
     else:
         state = TrainingState()
@@ -508,6 +513,11 @@ def finish(run, state, clock):
                                          run.files.output("fid_samples"), run.report.verbose)
         metrics.update(fid_samples=options.eval_fid, fid_sampler=run.sampler.settings.describe())
         run.report.scalars(state.step, {"fid": metrics["fid"]})
+    if options.eval_nll:
+        with clock.timed("nll_s"), memory_guard("computing the bound in bits/dim", SAMPLE_REMEDY):
+            test_images, _ = spread(run.eval_loaders["test"].images.cpu(), None, options.eval_nll)
+            metrics["nll_bits_per_dim"] = measure_nll(run.sampler, test_images, None, options.nll_variance,
+                                                      config["seed"], run.files, run.report.verbose)["bits_per_dim"]
     write_json(metrics, run.files.output("metrics"))
     run.report.say(f"done: loss history {run.files.output('loss_history')}, checkpoints in {run.files.ckpt_dir}")
     barrier(run.world_size)

@@ -1,25 +1,32 @@
 """Sampling a trained model, and what it writes: a `Sampler` (the diffusion, the network and how to sample them),
 samples at the data's size, the class list of class-guided samples, the sample files inference writes (grid, PNGs,
-npz), the guidance sweep, and the FID of a model's samples.
+npz), the guidance sweep and the denoising strip; and what measures a model: the FID of its samples and the
+variational bound of test images in bits/dim.
 
 Training (its per-epoch grids and final FID, ddpm_run.py) and inference (ddpm_main.py) both sample through these.
 """
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ddpm_checkpoint import build_diffusion, trained_data
-from ddpm_data import crop_to_data
-from ddpm_diffusion import Diffusion, SamplerSettings, generate, guidance_sweep
+from tqdm.auto import tqdm
+
+from ddpm_checkpoint import build_diffusion, data_conflicts, trained_data
+from ddpm_data import crop_to_data, data_facts, load_dataset, pad_to_side
+from ddpm_diffusion import Diffusion, SamplerSettings, generate, guidance_sweep, seeded_rng
 from ddpm_fid import frechet_distance, reference_statistics
 from ddpm_helpers import (Denoiser, UserError, atomic_open, choose_compile, choose_precision, describe_precision,
-                          save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal, to_uint8)
+                          plot_bound_terms, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
+                          to_model_range, to_uint8, write_json)
 
 MAX_CLASS_ROWS = 16  # with more classes, grids show one image per class (or, sweeps, the first this many)
+STRIP_ROWS = 8       # samples in the denoising strip unless --num_samples says otherwise
+STRIP_COLUMNS = 10   # x̂_0 at this many evenly spaced network evaluations, the first to the last
 
 
 @dataclass(eq=False)
@@ -119,6 +126,31 @@ def write_guidance_sweep(sampler, scales, classes, seed, files, verbose):
         print(f"guidance sweep ({len(scales)} scales × {len(classes)} classes): {path}", flush=True)
 
 
+@torch.no_grad()
+def write_denoising_strip(sampler, rows, classes, seed, files, verbose):
+    """denoising_strip_<run>.png: a row per sample (classes: class indices cycled over the rows, class-guided; None:
+    unconditional), and in each, x̂_0 as the network predicts it at STRIP_COLUMNS evenly spaced evaluations of the
+    sampler, from the first at x_T (left) to the sample (right); each column labelled with the paper's t."""
+    diffusion, config = sampler.diffusion, sampler.config
+    labels = class_cycle(classes, rows, sampler.device) if classes else None
+    side, trace = config["image_size"], []
+    with seeded_rng(seed, sampler.device):
+        final = diffusion.sample(sampler.denoiser, (rows, config["model"]["channels"], side, side), sampler.settings,
+                                 labels, trace=trace)
+    trace[-1] = final                                                   # the sample, as every sampler returns it
+    picks = torch.linspace(0, len(trace) - 1, min(STRIP_COLUMNS, len(trace))).round().long().tolist()
+    images = torch.stack([trace[i].float().clamp(-1, 1).cpu() for i in picks], 1)  # (rows, columns, C, side, side)
+    steps = diffusion.sampler_timesteps(sampler.settings)
+    row_labels = [config["classes"][c] for c in labels.tolist()] if labels is not None else [""] * rows
+    os.makedirs(files.save_dir, exist_ok=True)
+    path = files.output("denoising_strip")
+    save_labelled_grid(sampler.to_data_size(images.flatten(0, 1)), path, row_labels,
+                       [f"t = {steps[i] + 1}" if i + 1 < len(trace) else "x_0" for i in picks])
+    if verbose:
+        print(f"denoising strip ({rows} samples, x̂_0 at {len(picks)} of {len(trace)} steps, "
+              f"{sampler.settings.describe()}): {path}", flush=True)
+
+
 def grayscale_fid_note(config, verbose):
     """Says, for a model of grayscale images, that FID repeats them into the network's three colour channels."""
     if trained_data(config)["channels"] == 1 and verbose:
@@ -150,3 +182,74 @@ def measure_fid(sampler, num_samples, seed, features, reference, samples_path, v
     if verbose:
         print(f"FID {fid:.3f} (n={num_samples}, {sampler.settings.describe()})", flush=True)
     return fid
+
+
+def spread(images, labels, count):
+    """`count` of the images (and their labels, or None), evenly spaced over the split: in a class-sorted split (an
+    image folder) as many of each class as there are; all of them when the split holds fewer (with a note)."""
+    if count > len(images):
+        print(f"note: --eval_nll {count}: the test split holds {len(images)} images; using all of them",
+              file=sys.stderr)
+        count = len(images)
+    chosen = torch.linspace(0, len(images) - 1, count).round().long()
+    return images[chosen], None if labels is None else labels[chosen]
+
+
+def nll_test_images(config, data_dir, dataset, count, with_labels):
+    """`count` test images (uint8, (N, C, H, W), spread over the split) of the data at data_dir (a `dataset`), which
+    must be what the model was trained on (UserError), and their labels (N,) when with_labels, else None."""
+    data = load_dataset(data_dir, dataset)
+    conflicts = data_conflicts(config, data_facts(data))
+    if conflicts:
+        raise UserError(f"--eval_nll: the data at {data_dir!r} is not what the model was trained on ("
+                        + "; ".join(f"{key}: {old} for the model, {new} here" for key, (old, new) in conflicts.items())
+                        + "); point --data_dir (and --dataset) at the model's data")
+    return spread(data["test_images"], data["test_labels"] if with_labels else None, count)
+
+
+def measure_nll(sampler, images_uint8, labels, variance, seed, files, verbose):
+    """The variational bound (eq. 5) of test images (N, C, H, W uint8, at the data's size; padded to the model's side)
+    in bits/dim, with labels (N,) or without (the null label of a conditional model). Writes each term's mean per t,
+    the total and its standard error to nll_<run>.json, and the terms against t to nll_terms_<run>.png; returns
+    the JSON's dict. T network evaluations per image, sampler.batch_size images at a time, in the sampler's
+    precision."""
+    diffusion, config, n = sampler.diffusion, sampler.config, len(images_uint8)
+    x = pad_to_side(to_model_range(images_uint8), config["image_size"])  # (N, C, side, side) in [−1, 1]
+    terms, priors, start = [], [], time.perf_counter()
+    with seeded_rng(seed, sampler.device), tqdm(total=n * diffusion.timesteps, desc="bits/dim", unit="eval",
+                                                leave=False, disable=not (verbose and stderr_is_terminal())) as bar:
+        for first in range(0, n, sampler.batch_size):
+            batch = slice(first, first + sampler.batch_size)
+            batch_terms, prior = diffusion.bound_terms(sampler.denoiser, x[batch].to(sampler.device),
+                                                       None if labels is None else labels[batch].to(sampler.device),
+                                                       variance, bar=bar)
+            terms.append(batch_terms.cpu())
+            priors.append(prior.cpu())
+    seconds = time.perf_counter() - start
+    terms, prior = torch.cat(terms), torch.cat(priors)                     # (N, T), (N,)
+    os.makedirs(files.save_dir, exist_ok=True)
+    total = terms.sum(1) + prior                                           # (N,)
+    result = {"bits_per_dim": total.mean().item(), "std_error": (total.std() / math.sqrt(n)).item() if n > 1 else None,
+              "images": n, "labels": nll_labels_text(config, labels), "variance": variance, "clip_denoised": True,
+              "prior_L_T": prior.mean().item(), "decoder_L_0": terms[:, 0].mean().item(),
+              "terms_L_t": terms.mean(0).tolist(), "seconds": seconds, "seconds_per_image": seconds / n,
+              "network_evaluations_per_image": diffusion.timesteps, "device": str(sampler.device),
+              "precision": sampler.denoiser.precision, "run_name": files.run_name}
+    write_json(result, files.output("nll"))
+    plot_bound_terms(result["terms_L_t"], result["prior_L_T"], result["bits_per_dim"], files.output("nll_plot"),
+                     files.run_name)
+    if verbose:
+        error = f" ± {result['std_error']:.4f} (standard error)" if n > 1 else ""
+        print(f"bits/dim {result['bits_per_dim']:.4f}{error} on {n} test images ({result['labels']}, σ_t² "
+              f"{'β̃_t' if variance == 'posterior' else 'β_t'}): L_T {result['prior_L_T']:.2g}, L_0 "
+              f"{result['decoder_L_0']:.4f}; {seconds / n:.2f} s per image ({diffusion.timesteps} network evaluations) "
+              f"on {sampler.device}: {files.output('nll')}, plot {files.output('nll_plot')}", flush=True)
+    return result
+
+
+def nll_labels_text(config, labels):
+    """How the bound was conditioned, for people: an unconditional model, the images' class labels, or the null
+    label of a conditional one."""
+    if not config["conditional"]:
+        return "unconditional model"
+    return "conditioned on each image's class label" if labels is not None else "null label (unconditional)"

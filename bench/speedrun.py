@@ -26,14 +26,13 @@ import ddpm_main  # noqa: E402
 from ddpm_checkpoint import export_for_inference, load_checkpoint  # noqa: E402
 from ddpm_data import load_dataset  # noqa: E402
 from ddpm_helpers import RunFiles  # noqa: E402
+from ddpm_presets import preset_flags  # noqa: E402
 
-# The recipe: a starting point, not yet tuned on a GPU (see BENCHMARKS.md).
-TRAIN_ARGS = ["--dim", "48", "--dim_mults", "1,2,2", "--batch_size", "500", "--lr", "2e-3",
-              "--warmup_steps", "300", "--ema_decay", "0.9995", "--timesteps", "1000", "--schedule", "cosine",
-              "--eval_every", "1000", "--checkpoint_every", "1000"]
+# The recipe is ddpm_presets.SPEEDRUN (ddpm_main.py --preset speedrun); the smoke run shrinks its sizes.
+TRAIN_ARGS = ["--preset", "speedrun"]
 SAMPLE_ARGS = ["--sample_batch", "2500"]  # the sampler is the checkpoint's: the default, at --guidance_scale
-SMOKE_TRAIN_ARGS = ["--dim", "8", "--dim_mults", "1,2", "--batch_size", "8", "--timesteps", "10",
-                    "--eval_every", "1000", "--checkpoint_every", "1000", "--no_cuda"]
+SMOKE_TRAIN_ARGS = ["--preset", "speedrun", "--dim", "8", "--dim_mults", "1,2", "--batch_size", "8", "--timesteps",
+                    "10", "--no_cuda"]
 SMOKE_SAMPLE_ARGS = ["--sample_batch", "50"]
 
 
@@ -117,7 +116,8 @@ def main():
     summary = {
         "run": name, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-        "train_args": train_args, "sample_args": sample_args, "sampler": ours["fid_sampler"],
+        "train_args": train_args, "preset": preset_flags("speedrun"), "sample_args": sample_args,
+        "sampler": ours["fid_sampler"],
         "referee_fid": referee_fid, "project_fid": ours["fid"], "num_fid": a.num_fid,
         "num_params": train_metrics["num_params"], "steps": train_metrics["steps"],
         "precision": train_metrics["precision"], "compiled": train_metrics["compiled"],

@@ -23,11 +23,12 @@ FLAGS_A = ["--conditional", "--timesteps", "10", "--schedule", "linear", "--loss
            "--warmup_steps", "3", "--batch_size", "8", "--p_uncond", "0.2", "--ema_decay", "0.99", "--seed", "7",
            "--epochs", "2", "--run_name", "a", "--data_dir", "data_a", "--time_budget_min", "3",
            "--sampler", "ddim", "--sampling_steps", "4", "--eta", "0.5", "--guidance_scale", "2", "--grad_accum", "2",
-           "--precision", "fp32"]
+           "--precision", "fp32", "--architecture", "ddpm", "--num_res_blocks", "1", "--attn_resolutions", "8",
+           "--dropout", "0.1", "--resblock", "add", "--groups", "4", "--weight_decay", "0"]
 FLAGS_B = ["--timesteps", "20", "--schedule", "sigmoid", "--loss_type", "huber", "--dim", "16", "--dim_mults", "1",
            "--lr", "0.001", "--lr_decay", "none", "--warmup_steps", "5", "--batch_size", "4", "--p_uncond", "0.3",
            "--ema_decay", "0.9", "--seed", "8", "--epochs", "5", "--run_name", "b", "--data_dir", "data_b",
-           "--time_budget_min", "4", "--precision", "bf16"]
+           "--time_budget_min", "4", "--precision", "bf16", "--weight_decay", "0.02"]
 
 
 def flags(argv, world_size, saved_sampling=None):
@@ -49,7 +50,8 @@ def test_every_config_key_is_of_exactly_one_kind():
 
 
 def test_the_config_holds_what_the_data_is_and_older_checkpoints_are_taken_as_square_colour_images():
-    config = training_config(flags(FLAGS_A, 1), {**FACTS, "channels": 1, "data_size": [14, 14]})
+    config = training_config(flags(FLAGS_A + ["--attn_resolutions", "7"], 1),  # 14 halves to 7
+                             {**FACTS, "channels": 1, "data_size": [14, 14]})
     assert config["model"]["channels"] == 1 and config["channels"] == 1
     assert config["data_size"] == [14, 14] and config["image_size"] == 14  # --dim_mults 1,2: 14 halves once
     three_stages = training_config(flags(FLAGS_A + ["--dim_mults", "1,2,2"], 1), {**FACTS, "data_size": [14, 14]})

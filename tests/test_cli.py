@@ -126,8 +126,8 @@ BAD_ARGUMENTS = [
      "--guidance_scale must be finite"),
     (["--inference", "--model_path", SHIPPED, "--guidance_sweep", "0,nan"], "--guidance_sweep must be finite"),
     (["--checkpoint_minutes", "0"], "--checkpoint_minutes must be greater than 0"),
-    (["--dim", "3"], "--dim must be a multiple of 8 (the U-Net's GroupNorm groups), got 3"),
-    (["--dim", "12"], "--dim must be a multiple of 8"),
+    (["--dim", "3"], "--dim must be a multiple of --groups 8 (the U-Net's GroupNorm groups), got 3"),
+    (["--dim", "12"], "--dim must be a multiple of --groups 8"),
     (["--dim_mults", "1,2,2,2,2,2,2"], "--dim_mults 1,2,2,2,2,2,2 has 7 stages, which need images of at least 64 "
                                        "pixels a side; these images are 32×32, which allow at most 6 stages"),
     (["--dataset", "mnist", "--dim_mults", "1,1,1,1,1,1"], "6 stages, which need images of at least 32 pixels a side; "
@@ -144,7 +144,7 @@ BAD_ARGUMENTS = [
     (["--seed", str(-2 ** 63 - 1)], "--seed must be in -9223372036854775808 … 18446744073709551615"),
     (["--dim", "800000000"], "this would need at least 7.4e+21 B of memory (7.4e+21 B for "
                              "368,640,000,000,000,000,000 parameters while training) and this machine has "),
-    (["--timesteps", "2000000000"], "this would need at least 336.1 GB of memory (336.0 GB for the noise schedule of "
+    (["--timesteps", "2000000000"], "this would need at least 360.1 GB of memory (360.0 GB for the noise schedule of "
                                     "T = 2,000,000,000) and this machine has "),
     (["--inference", "--model_path", SHIPPED, "--num_samples", "1000000000000"],
      "this would need at least 12.3 PB of memory (12.3 PB to hold 1,000,000,000,000 samples) and this machine has "),

@@ -1,0 +1,58 @@
+"""Named recipes: bundles of flag values that `--preset NAME` sets (flags given beside it override them). One home for
+each recipe: the CLI's --help and the README list them from here, and bench/speedrun.py trains with its own.
+
+Values are the flags' values, as argparse would parse them (lists for the comma-separated flags).
+"""
+from ddpm_model import UNetConfig
+
+# Ho et al. 2020, CIFAR-10 (§4, Appendix B, and their released code): the 35.7M-parameter U-Net, T = 1000 with the
+# linear β from 1e-4 to 0.02, ε-prediction with L_simple, Adam (no weight decay) at 2e-4 after 5,000 warm-up steps,
+# batch 128, EMA 0.9999, gradient norm clipped at 1 (always, ddpm_train.GRAD_CLIP_NORM), random horizontal flips
+# (always). 800k steps: 2,273 epochs of the 352 batches of 128 in the tool's 45,000 training images (the paper
+# trains on all 50,000). Samples by all T ancestral steps with the posterior variance β̃_t (the paper reports
+# σ_t² = β_t and β̃_t alike).
+DDPM_CIFAR10 = {
+    "architecture": "ddpm", "dim": 128, "dim_mults": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16],
+    "dropout": 0.1, "resblock": "add", "groups": 32,
+    "timesteps": 1000, "schedule": "linear", "prediction": "eps", "loss_type": "l2",
+    "lr": 2e-4, "warmup_steps": 5000, "weight_decay": 0.0, "lr_decay": "none", "batch_size": 128,
+    "ema_decay": 0.9999, "epochs": 2273, "sampler": "ddpm", "eval_every": 50,
+}
+
+# bench/speedrun.py's recipe for a 5-minute GPU run (a starting point, not yet tuned on a GPU: BENCHMARKS.md); the
+# speedrun adds --conditional, --time_budget_min and --guidance_scale.
+SPEEDRUN = {
+    "dim": 48, "dim_mults": [1, 2, 2], "batch_size": 500, "lr": 2e-3, "warmup_steps": 300, "ema_decay": 0.9995,
+    "timesteps": 1000, "schedule": "cosine", "eval_every": 1000, "checkpoint_every": 1000,
+}
+
+PRESETS = {
+    "ddpm_cifar10": ("Ho et al. 2020's CIFAR-10 network and training (35,746,307 parameters, 800k steps)",
+                     DDPM_CIFAR10),
+    "speedrun": ("bench/speedrun.py's 5-minute GPU recipe (3.1M parameters)", SPEEDRUN),
+}
+
+
+def flag_text(value):
+    """A flag's value as it is typed: lists comma-separated, numbers as short as they go (2e-4 as 0.0002)."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def preset_flags(name):
+    """A preset's flags as command-line text, e.g. '--dim 128 --dim_mults 1,2,2,2 …'."""
+    return " ".join(f"--{flag} {flag_text(value)}" for flag, value in PRESETS[name][1].items())
+
+
+def preset_network(name, image_size=32, channels=3, num_classes=None):
+    """The UNetConfig of a preset's network for images of image_size: its flags over UNetConfig's defaults (which
+    are the flags' defaults)."""
+    flags = PRESETS[name][1]
+    fields = {key: flags[key] for key in UNetConfig.__dataclass_fields__ if key in flags}
+    return UNetConfig.from_dict({**fields, "image_size": image_size, "channels": channels, "num_classes": num_classes})
+
+
+def presets_help():
+    """What --help says of each preset: its name, what it is, and the flags it sets."""
+    return "; ".join(f"{name}: {what}: {preset_flags(name)}" for name, (what, _) in PRESETS.items())
