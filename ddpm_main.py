@@ -435,8 +435,8 @@ def training_options(args):
 # ------------------------------------------------------------------------------- inference
 
 def inference(args):
-    """Sample from a checkpoint: a grid, a PNG per image and an npz (or, with --guidance_sweep, one labelled
-    grid); then FID with --eval_fid."""
+    """Sample from a checkpoint: a grid, a PNG per image and an npz, then FID with --eval_fid; or instead one labelled
+    grid (--guidance_sweep, --denoising_strip), or the bound in bits/dim of test images (--eval_nll)."""
     device = pick_device(args)
     ckpt, model = load_sampling_model(args.model_path)
     config = ckpt["config"]
@@ -460,7 +460,6 @@ def inference(args):
     if args.eval_fid:  # the reference first: one of another dataset stops before anything is written
         features, reference = inference_fid_reference(args, config, device)
     reference_s = time.perf_counter() - start
-
     labels = class_cycle(classes, args.num_samples, device) if classes else None
     start = time.perf_counter()
     with memory_guard(f"sampling {args.num_samples} images", SAMPLE_REMEDY):
