@@ -3,6 +3,7 @@ each recipe: the CLI's --help and the README list them from here, and bench/spee
 
 Values are the flags' values, as argparse would parse them (lists for the comma-separated flags).
 """
+from ddpm_checkpoint import flag_text
 from ddpm_model import UNetConfig
 
 # Ho et al. 2020, CIFAR-10 (§4, Appendix B, and their released code): the 35.7M-parameter U-Net, T = 1000 with the
@@ -15,7 +16,7 @@ DDPM_CIFAR10 = {
     "architecture": "ddpm", "dim": 128, "dim_mults": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16],
     "dropout": 0.1, "resblock": "add", "groups": 32,
     "timesteps": 1000, "schedule": "linear", "prediction": "eps", "loss_type": "l2",
-    "lr": 2e-4, "warmup_steps": 5000, "weight_decay": 0.0, "lr_decay": "none", "batch_size": 128,
+    "lr": 2e-4, "warmup_steps": 5000, "weight_decay": 0, "lr_decay": "none", "batch_size": 128,
     "ema_decay": 0.9999, "epochs": 2273, "sampler": "ddpm", "eval_every": 50,
 }
 
@@ -31,13 +32,6 @@ PRESETS = {
                      DDPM_CIFAR10),
     "speedrun": ("bench/speedrun.py's 5-minute GPU recipe (3.1M parameters)", SPEEDRUN),
 }
-
-
-def flag_text(value):
-    """A flag's value as it is typed: lists comma-separated, numbers as short as they go (2e-4 as 0.0002)."""
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def preset_flags(name):
