@@ -5,7 +5,8 @@ Timesteps are 0-based indices t ∈ {0, …, T−1}; index t stands for the pape
 Schedules are computed in float64 and stored as float32 buffers.
 
 Samplers: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), DDIM (Song et al. 2021, eq. 12) and ancestral DDPM
-(Algorithm 2), all with classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond).
+(Algorithm 2), all with classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond), at
+every step or only in an interval of noise levels (Kynkäänniemi et al. 2024).
 SamplerSettings names one way to sample; generate() and guidance_sweep() are what the CLI, the benchmarks and FID
 sample with.
 """
@@ -81,12 +82,24 @@ class SamplerSettings:
     eta: float = 0.0             # DDIM noise: 0 deterministic, 1 DDPM's variance (eq. 16)
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # w: 0 unconditional, 1 conditional, > 1 stronger class
     spacing: str = "lambda"      # dpm++2m's steps evenly spaced in λ_t = log(√ᾱ_t / √(1 − ᾱ_t)), or in t ('time')
+    guidance_interval: tuple = None  # (σ_lo, σ_hi): w only where σ_lo < σ_t ≤ σ_hi, else the conditional output
+                                     # (one forward of N); σ_t = √(1 − ᾱ_t)/√ᾱ_t. None: w at every step
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {self.spacing!r}; use one of {', '.join(SPACINGS)}")
+        if self.guidance_interval is not None:
+            interval = tuple(float(v) for v in self.guidance_interval)  # a list, as JSON and checkpoints keep it
+            if len(interval) != 2 or not 0 <= interval[0] < interval[1] or math.isnan(interval[1]):
+                raise ValueError(f"the guidance interval is two noise levels 0 ≤ σ_lo < σ_hi, got {interval}")
+            # (0, ∞) is every step: stored as None, so both say the same thing the same way
+            object.__setattr__(self, "guidance_interval", None if interval == (0, math.inf) else interval)
+
+    def guides_at(self, sigma):
+        """Whether w applies at noise level σ_t (inside the guidance interval, or there is none)."""
+        return self.guidance_interval is None or self.guidance_interval[0] < sigma <= self.guidance_interval[1]
 
     def for_timesteps(self, timesteps):
         """These settings with `steps` filled in for a T-step model: T for ddpm, else steps or min(25, T)."""
@@ -101,7 +114,9 @@ class SamplerSettings:
         if self.sampler == "dpm++2m":
             steps += f" ({self.spacing} spacing)"
         noise = f", eta {self.eta}" if self.sampler == "ddim" else ""
-        return f"{self.sampler}, {steps}{noise}, guidance {self.guidance_scale}"
+        interval = (f" for σ in ({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
+                    if self.guidance_interval is not None else "")
+        return f"{self.sampler}, {steps}{noise}, guidance {self.guidance_scale}{interval}"
 
 
 def extract(a, t, shape):
@@ -195,6 +210,8 @@ class Diffusion(nn.Module):
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
+        # σ_t = √(1 − ᾱ_t)/√ᾱ_t, EDM's noise level, in float64 on the host: where guidance applies, no device sync
+        self.noise_levels = (1 / alphas_cumprod - 1).sqrt().tolist()
         self.to(device)
 
     # forward process -----------------------------------------------------------------
@@ -352,21 +369,23 @@ class Diffusion(nn.Module):
         return x_prev
 
     @torch.no_grad()
-    def dpm_solver_2m(self, model, x, steps, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-                      clip_denoised=True, progress=False, trace=None):
+    def dpm_solver_2m(self, model, x, steps, class_labels=None, guidance_scales=None, clip_denoised=True,
+                      progress=False, trace=None):
         """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): x at timestep steps[0] through steps[1:] to x_0, one
-        network evaluation (its data prediction x̂_0) per timestep. With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t) and
-        λ_t = log(α_t/σ_t), each step s → t is x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D, h = λ_t − λ_s: D = x̂_0(s)
-        is first order (DDIM), D from the last two x̂_0 second order. First order are: the first step, having one
-        x̂_0; with fewer than 15 steps the step onto the last timestep (the paper's lower-order final step, which
-        steadies few-step sampling); and the final step onto σ = 0, where e^{−h} = 0 and the step returns x̂_0.
-        trace: a list each step's x̂_0 is appended to."""
+        network evaluation (its data prediction x̂_0) per timestep, guided by guidance_scales[i] at steps[i] (None:
+        the default w at every step). With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t) and λ_t = log(α_t/σ_t), each step s → t
+        is x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D, h = λ_t − λ_s: D = x̂_0(s) is first order (DDIM), D from the
+        last two x̂_0 second order. First order are: the first step, having one x̂_0; with fewer than 15 steps the
+        step onto the last timestep (the paper's lower-order final step, which steadies few-step sampling); and the
+        final step onto σ = 0, where e^{−h} = 0 and the step returns x̂_0. trace: a list each step's x̂_0 is
+        appended to."""
         alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
         lam = self.half_log_snr.tolist()  # on the host once: no device sync per step
+        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
         x_zero_prev = h_prev = None
         for i, s in enumerate(tqdm(steps, desc="sampling (dpm++2m)", leave=False, disable=not progress)):
             t_vec = torch.full((len(x),), s, device=x.device, dtype=torch.long)
-            _, x_zero = self.model_predictions(model, x, t_vec, class_labels, guidance_scale, clip_denoised)
+            _, x_zero = self.model_predictions(model, x, t_vec, class_labels, guidance_scales[i], clip_denoised)
             if trace is not None:
                 trace.append(x_zero)
             if i + 1 == len(steps):
@@ -407,6 +426,12 @@ class Diffusion(nn.Module):
             return list(range(self.timesteps - 1, -1, -1))
         return self.sampling_timesteps(settings.steps, settings.spacing if settings.sampler == "dpm++2m" else "time")
 
+    def guidance_scales(self, settings, steps):
+        """The guidance scale at each timestep index of `steps`: settings' w where its interval holds the noise level
+        σ_t = √(1 − ᾱ_t)/√ᾱ_t = e^{−λ_t}, else 1, the plain conditional output in one forward of the N-batch
+        (Kynkäänniemi et al. 2024: guidance in a limited interval)."""
+        return [settings.guidance_scale if settings.guides_at(self.noise_levels[t]) else 1.0 for t in steps]
+
     @torch.no_grad()
     def sample(self, model, shape, settings=SamplerSettings(), class_labels=None, noise=None, clip_denoised=True,
                progress=False, trace=None):
@@ -417,17 +442,20 @@ class Diffusion(nn.Module):
         if class_labels is not None:
             class_labels = class_labels.to(device)
         settings = settings.for_timesteps(self.timesteps)
-        w, steps = settings.guidance_scale, self.sampler_timesteps(settings)
+        steps = self.sampler_timesteps(settings)
+        scales = self.guidance_scales(settings, steps)  # w at each step: 1 outside the guidance interval
         if settings.sampler == "dpm++2m":
-            return self.dpm_solver_2m(model, x, steps, class_labels, w, clip_denoised, progress, trace).clamp(-1, 1)
+            return self.dpm_solver_2m(model, x, steps, class_labels, scales, clip_denoised, progress,
+                                      trace).clamp(-1, 1)
         for i, step in enumerate(tqdm(steps, desc=f"sampling ({settings.sampler})", leave=False,
                                       disable=not progress)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             if settings.sampler == "ddpm":
-                x = self.p_sample(model, x, t, step, class_labels, w, clip_denoised, trace=trace)
+                x = self.p_sample(model, x, t, step, class_labels, scales[i], clip_denoised, trace=trace)
             else:
                 t_prev = steps[i + 1] if i + 1 < len(steps) else -1
-                x = self.ddim_step(model, x, t, t_prev, class_labels, w, settings.eta, clip_denoised, trace=trace)
+                x = self.ddim_step(model, x, t, t_prev, class_labels, scales[i], settings.eta, clip_denoised,
+                                   trace=trace)
         return x.clamp(-1, 1)
 
 

@@ -282,8 +282,8 @@ def save_individual_pngs(images, folder, labels=None, classes=None):
     return [os.path.join(folder, name) for name in names]
 
 
-def save_labelled_grid(images, path, row_labels, col_labels):
-    """A grid of images in [−1, 1] with a label beside each row and above each column."""
+def save_labelled_grid(images, path, row_labels, col_labels, title=None):
+    """A grid of images in [−1, 1] with a label beside each row and above each column, and an optional title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -293,13 +293,15 @@ def save_labelled_grid(images, path, row_labels, col_labels):
     rows, cols = len(row_labels), len(col_labels)
     height, width = images.shape[-2:]
     grid = make_grid(images.float().cpu(), nrow=cols, normalize=True, value_range=(-1, 1), padding=2)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.75 * cols, 0.6 + 0.75 * rows), dpi=100)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.75 * cols, 0.6 + 0.75 * rows + 0.3 * bool(title)), dpi=100)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     centres = lambda n, size: [2 + (size + 2) * i + size / 2 for i in range(n)]
     ax.set_yticks(centres(rows, height), row_labels)
     ax.set_xticks(centres(cols, width), col_labels, rotation=45, ha="left")
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
+    if title:
+        ax.set_xlabel(title)
     for spine in ax.spines.values():
         spine.set_visible(False)
     fig.tight_layout()

@@ -68,6 +68,20 @@ def float_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def noise_interval(text):
+    """--guidance_interval: 'LO,HI', two noise levels 0 ≤ LO < HI (HI may be inf), or 'all' (every step)."""
+    if text.strip() == "all":
+        return (0.0, math.inf)
+    try:
+        interval = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        interval = ()
+    if len(interval) != 2 or math.isnan(interval[0] + interval[1]) or not 0 <= interval[0] < interval[1] \
+            or interval[0] == math.inf:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 ≤ LO < HI (HI may be inf), or all; got {text!r}")
+    return interval
+
+
 def build_parser():
     p = ArgumentParser(prog="ddpm_main.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--version", action="version",
@@ -159,7 +173,8 @@ def build_parser():
         "sampling (inference, the per-epoch grids and FID)",
         "Every checkpoint carries the settings it samples with: training stores these flags (or their\n"
         "defaults), and inference uses the checkpoint's unless a flag says otherwise. A --sampler other than\n"
-        "the checkpoint's starts from that sampler's defaults (the guidance scale stays the checkpoint's).")
+        "the checkpoint's starts from that sampler's defaults (the guidance scale and interval stay the\n"
+        "checkpoint's).")
     g.add_argument("--sampler", choices=SAMPLERS,
                    help="dpm++2m (the default where the checkpoint names none): DPM-Solver++(2M), second order "
                    "(Lu et al. 2022); ddim: first order (Song et al. 2021); ddpm: all T ancestral steps (Ho et al. "
@@ -173,6 +188,10 @@ def build_parser():
     g.add_argument("--guidance_scale", type=float,
                    help=f"classifier-free guidance w: 0 unconditional, 1 conditional, >1 stronger class (default "
                    f"{DEFAULT_GUIDANCE_SCALE})")
+    g.add_argument("--guidance_interval", type=noise_interval, metavar="LO,HI|all",
+                   help="apply w only at noise levels LO < σ_t ≤ HI, σ_t = √(1−ᾱ_t)/√ᾱ_t (EDM's σ), and the plain "
+                   "conditional prediction elsewhere, one forward instead of two (Kynkäänniemi et al. 2024); all: "
+                   "every step (the default where the checkpoint names no interval)")
     g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
     g.add_argument("--sample_batch", type=int, default=1000, help="images generated per forward batch")
 
@@ -247,7 +266,8 @@ def check_args(args, parser):
 
 
 def check_numbers(args):
-    """Every number finite and in its range; the U-Net's width and stages ones it can be built with."""
+    """Every number finite and in its range (--guidance_interval, whose HI may be inf, is checked by its type); the
+    U-Net's width and stages ones it can be built with."""
     for name, value in vars(args).items():
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise UserError(f"--{name} must be finite, got {value}")
@@ -357,13 +377,15 @@ def pick_device(args):
 def sampler_settings(args, saved, timesteps):
     """How to sample a T-step model (inference, the per-epoch grids and FID): the sampling flags given, else the
     checkpoint's settings `saved` (None: SamplerSettings' defaults). A --sampler other than the saved one starts
-    from that sampler's defaults, keeping the saved guidance scale. Steps are filled in for T."""
+    from that sampler's defaults, keeping the saved guidance scale and interval. Steps are filled in for T."""
     base = saved or SamplerSettings()
     if args.sampler is not None and args.sampler != base.sampler:
-        base = SamplerSettings(args.sampler, guidance_scale=base.guidance_scale)
+        base = SamplerSettings(args.sampler, guidance_scale=base.guidance_scale,
+                               guidance_interval=base.guidance_interval)
     given = {field: getattr(args, flag) for field, flag in (("sampler", "sampler"), ("steps", "sampling_steps"),
                                                            ("spacing", "spacing"), ("eta", "eta"),
-                                                           ("guidance_scale", "guidance_scale"))
+                                                           ("guidance_scale", "guidance_scale"),
+                                                           ("guidance_interval", "guidance_interval"))
              if getattr(args, flag) is not None}
     settings = dataclasses.replace(base, **given)
     if settings.sampler == "ddpm" and args.sampling_steps is not None:

@@ -114,14 +114,17 @@ def save_samples(sampler, images, labels, files, columns, seconds, verbose):
 
 def write_guidance_sweep(sampler, scales, classes, seed, files, verbose):
     """guidance_sweep_<run>.png, one labelled grid: a row per guidance scale, a column per class (indices; None: the
-    model's first MAX_CLASS_ROWS), every row from the same noise."""
+    model's first MAX_CLASS_ROWS), every row from the same noise; the guidance interval, if any, under the grid."""
     config = sampler.config
     classes = classes or list(range(min(config["num_classes"], MAX_CLASS_ROWS)))
     images = sampler.to_data_size(guidance_sweep(sampler.diffusion, sampler.denoiser, sampler.settings, scales,
                                                  classes, config["image_size"], config["model"]["channels"], seed))
     os.makedirs(files.save_dir, exist_ok=True)
     path = files.output("guidance_sweep")
-    save_labelled_grid(images, path, [f"w = {w:g}" for w in scales], [config["classes"][c] for c in classes])
+    interval = sampler.settings.guidance_interval
+    save_labelled_grid(images, path, [f"w = {w:g}" for w in scales], [config["classes"][c] for c in classes],
+                       f"w applied for σ in ({interval[0]:g}, {interval[1]:g}], conditional elsewhere" if interval
+                       else None)
     if verbose:
         print(f"guidance sweep ({len(scales)} scales × {len(classes)} classes): {path}", flush=True)
 

@@ -88,9 +88,9 @@ def test_guided_solver_follows_guided_prediction():
 
     x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     steps = d.sampling_timesteps(6)
-    guided = d.dpm_solver_2m(model, x, steps, labels, w, clip_denoised=True)
-    assert torch.equal(guided, d.dpm_solver_2m(Guided(), x, steps, None, w, clip_denoised=True))
-    assert not torch.equal(guided, d.dpm_solver_2m(model, x, steps, labels, 1.0, clip_denoised=True))
+    guided = d.dpm_solver_2m(model, x, steps, labels, [w] * len(steps), clip_denoised=True)
+    assert torch.equal(guided, d.dpm_solver_2m(Guided(), x, steps, None, [w] * len(steps), clip_denoised=True))
+    assert not torch.equal(guided, d.dpm_solver_2m(model, x, steps, labels, [1.0] * len(steps), clip_denoised=True))
 
 
 @pytest.mark.parametrize("spacing", ["time", "lambda"])
