@@ -74,11 +74,10 @@ def noise_interval(text):
         return (0.0, math.inf)
     try:
         interval = tuple(float(v) for v in text.split(","))
+        SamplerSettings(guidance_interval=interval)  # the one check of what an interval may be
     except ValueError:
-        interval = ()
-    if len(interval) != 2 or math.isnan(interval[0] + interval[1]) or not 0 <= interval[0] < interval[1] \
-            or interval[0] == math.inf:
-        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 ≤ LO < HI (HI may be inf), or all; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 ≤ LO < HI (HI may be inf), or all; got {text!r}") \
+            from None
     return interval
 
 
