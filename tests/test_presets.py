@@ -1,5 +1,6 @@
 """Ho et al.'s network (DDPMUNet) and the U-Net options, the presets (--preset ddpm_cifar10 is the paper's 35,746,307-
-parameter network and recipe; speedrun is bench/speedrun.py's), and the denoising strip."""
+parameter network and recipe; speedrun is bench/speedrun.py's; cpu is the recipe study's best row), and the denoising
+strip."""
 import json
 import math
 import os
@@ -70,6 +71,19 @@ def test_the_speedrun_preset_is_bench_speedruns_recipe():
     assert (config["dim"], config["dim_mults"], config["batch_size"], config["lr"], config["ema_decay"]) == \
         (48, [1, 2, 2], 500, 2e-3, 0.9995)
     assert config["model"]["architecture"] == "compact"
+
+
+def test_the_cpu_preset_is_the_recipe_studys_best_row():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import recipe_study
+    row_flags, _ = recipe_study.ROWS["lr_2e-3_attn_8_batch_32"]
+    study_row = config_of([*recipe_study.SHIPPED_RECIPE, *row_flags, "--epochs", "1000", "--time_budget_min", "20"])
+    preset = config_of(["--preset", "cpu", "--conditional"])
+    assert {**preset, "preset": None} == {**study_row, "preset": None}
+    assert (preset["lr"], preset["batch_size"], preset["model"]["attn_resolutions"], preset["time_budget_min"]) == \
+        (2e-3, 32, [8], 20)
+    network = build_unet(UNetConfig.from_dict(preset["model"]))
+    assert sum(p.numel() for p in network.parameters()) == 3_039_571  # the row's count in bench/recipe_study.json
 
 
 def test_ddpm_unet_shapes_conditioning_and_dropout():
