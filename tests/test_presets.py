@@ -21,6 +21,7 @@ CIFAR10 = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels": 3, "dat
            "num_val": 5000, "num_test": 10000}
 PAPER_PARAMETERS = 35_746_307  # Ho et al.'s CIFAR-10 model in its published PyTorch port
 SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # the speedrun's and the recipe study's recipes, which two presets must match
 
 
 def config_of(argv):
@@ -64,7 +65,6 @@ def test_flags_given_beside_a_preset_override_it_and_help_lists_every_preset(cap
 
 
 def test_the_speedrun_preset_is_bench_speedruns_recipe():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     import speedrun
     assert speedrun.TRAIN_ARGS == ["--preset", "speedrun"]
     config = config_of(speedrun.TRAIN_ARGS)
@@ -74,7 +74,6 @@ def test_the_speedrun_preset_is_bench_speedruns_recipe():
 
 
 def test_the_cpu_preset_is_the_recipe_studys_best_row():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     import recipe_study
     row_flags, _ = recipe_study.ROWS["lr_2e-3_attn_8_batch_32"]
     study_row = config_of([*recipe_study.SHIPPED_RECIPE, *row_flags, "--epochs", "1000", "--time_budget_min", "20"])
