@@ -1,6 +1,6 @@
 """Guidance scale × guidance interval on one model: the referee's FID-1k and the sampling time of each cell.
 
-Every cell samples 1,000 class-balanced images from seed 0 with the model's sampler (or --sampler/--steps) at
+Every cell samples 1,000 class-balanced images from --seed (0) with the model's sampler (or --sampler/--steps) at
 guidance w, applied at every step ('all') or only where σ_lo < σ_t ≤ σ_hi, and reads their FID with the referee.
 Cells already in --results are skipped; each finished cell is written there at once.
 
@@ -29,6 +29,7 @@ def build_parser():
                    help="comma-separated intervals σ_lo:σ_hi (--guidance_interval LO,HI), or all")
     p.add_argument("--sampler_flags", default="", help="extra sampling flags, e.g. '--sampling_steps 25'")
     p.add_argument("--num_samples", type=int, default=1000, help="samples for the referee's FID")
+    p.add_argument("--seed", type=int, default=0, help="the noise seed of every cell (another seed: another draw)")
     p.add_argument("--work", default="/tmp/guidance_table", help="where the samples and the log go")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "guidance_table.json"),
                    help="the results file, one entry per finished cell")
@@ -39,17 +40,18 @@ def build_parser():
 
 def measure_cell(a, w, interval, log_path):
     """Sample and read one cell; its results entry."""
-    name = f"w{w}_{interval.replace(':', '-')}"
+    name = f"w{w}_{interval.replace(':', '-')}" + (f"_seed{a.seed}" if a.seed else "")
     command = [sys.executable, "-u", "ddpm_main.py", "--inference", "--conditional", "--model_path", a.model_path,
                "--guidance_scale", w, "--guidance_interval", interval.replace(":", ","), *a.sampler_flags.split(),
-               "--num_samples", str(a.num_samples), "--sample_batch", "500", "--seed", "0", "--run_name", name,
+               "--num_samples", str(a.num_samples), "--sample_batch", "500", "--seed", str(a.seed), "--run_name", name,
                "--save_dir", a.work]
     seconds = run_logged(command, log_path)
     with open(log_path) as log:
         sampled = re.findall(r"(\d+) samples in ([0-9.]+) s on \S+?: (.*?)(?:\n|$)", log.read())
     fid, referee_s = referee_fid(a, os.path.join(a.work, f"samples_{name}.npz"), log_path)
     return {"guidance_scale": float(w), "interval": interval, "referee_fid": fid, "num_fid": a.num_samples,
-            "sampling_s": float(sampled[-1][1]) if sampled else None, "command_s": seconds, "referee_s": referee_s,
+            "seed": a.seed, "sampling_s": float(sampled[-1][1]) if sampled else None, "command_s": seconds,
+            "referee_s": referee_s,
             "model": os.path.relpath(a.model_path, ROOT), "sampler_flags": a.sampler_flags,
             "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "command": " ".join(command[1:])}
 
@@ -76,7 +78,7 @@ def main():
     for interval in a.intervals.split(","):
         for w in a.scales.split(","):
             if any(e["guidance_scale"] == float(w) and e["interval"] == interval and e["sampler_flags"] == a.sampler_flags
-                   and e["model"] == os.path.relpath(a.model_path, ROOT) for e in results):
+                   and e.get("seed", 0) == a.seed and e["model"] == os.path.relpath(a.model_path, ROOT) for e in results):
                 continue
             entry = measure_cell(a, w, interval, log_path)
             results.append(entry)
