@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 import ddpm_main
 from conftest import ROOT, run_main
-from ddpm_checkpoint import checkpoint_header, load_checkpoint, load_sampling_model, parameter_count, training_config
+from ddpm_checkpoint import (export_for_inference, load_checkpoint, load_sampling_model, parameter_count,
+                             training_config)
 from ddpm_data import CIFAR10_CLASSES
-from ddpm_helpers import atomic_torch_save
 from ddpm_model import Attention, DDPMUNet, ResnetBlock, StridedConvDownsample, UNet, UNetConfig, build_unet
 from ddpm_presets import PRESETS, preset_flags, preset_network
 
@@ -139,8 +139,8 @@ def test_older_checkpoints_build_the_network_they_were_trained_as(tmp_path):
     older_model = {"dim": 8, "dim_mults": [1, 2, 2], "channels": 3, "num_classes": 10, "class_emb_dim": 128,
                    "groups": 8, "attn_heads": 4, "attn_dim_head": 32}
     config = {**load_checkpoint(SHIPPED)["config"], "model": older_model}
-    weights = UNet(UNetConfig.from_dict(older_model)).state_dict()
-    atomic_torch_save({**checkpoint_header(config), "ema": weights}, tmp_path / "older.pt")
+    export_for_inference({"config": config, "ema": UNet(UNetConfig.from_dict(older_model)).state_dict()},
+                         tmp_path / "older.pt")
     _, model = load_sampling_model(tmp_path / "older.pt")
     assert isinstance(model, UNet) and model.config.architecture == "compact"
     assert [type(stage[2]).__name__ for stage in model.downs] == ["Identity", "Attention", "Attention"]
