@@ -1,81 +1,158 @@
-"""FID (Heusel et al. 2017) as the standard implementation computes it: TF-Inception-v3 (2015-12-05) pool
-features after TF1's bilinear resize to 299 × 299, and the Fréchet distance of two Gaussians fitted to them.
-The reference is the training images' statistics, computed once and cached beside the data, or an npz; either must
-describe the dataset the model was trained on. The cache records which network made it (a SHA-256 of the
---fid_inception file), from which images and of what data, and is made again when any of them differs. The network is
-run on one image as it loads, and statistics are checked (finite, mu (2048,), sigma (2048, 2048) symmetric) before
-they are cached or used. Grayscale images are repeated into Inception's three channels."""
+"""FID (Heusel et al. 2017) and the Inception Score (Salimans et al. 2016) as the standard implementations compute
+them, through torch-fidelity: its exact port of the TF Inception-v3 (2015-12-05) and of TF1's bilinear resize to
+299 × 299; FID from the 2048 pool features, IS from the classifier's 1008 logits (without its bias, as the TF graph
+has them), both from one pass over the images. The weights are torch-fidelity's file, fetched on first use and checked
+by SHA-256 (ddpm_download), or a local copy (--fid_inception), which is read with weights_only=True before
+torch-fidelity (which unpickles with weights_only=False) is given it: a file that would run code is refused.
+
+The reference is the statistics of the training images (--fid_ref test: the test images), computed once and cached
+beside the data, or an npz; either must describe the dataset the model was trained on. The cache records which
+network made it (the SHA-256 of the weights file), from which images and of what data, and is made again when any of
+them differs. The network is run on one image as it loads, and statistics are checked (finite, mu (2048,), sigma
+(2048, 2048) symmetric) before they are cached or used. Grayscale images are repeated into Inception's three
+channels."""
 import hashlib
 import io
-import lzma
 import os
 import sys
-import warnings
+import tempfile
+import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from tqdm.auto import tqdm
 
 from ddpm_data import CIFAR10_CLASSES, data_facts, describe_data, load_dataset
+from ddpm_download import RemoteFile, fetched
 from ddpm_helpers import UserError, WriteError, atomic_open
 
-FID_STATS_NAME = "ddpm_fid_train_stats.npz"      # beside an image folder; a torchvision dataset's names it too
-UNTAGGED_STATS = ("cifar10", 3, 32, 32)         # what an npz without a 'dataset' entry (the referee's) describes
+# torch-fidelity's weights file (the file name carries the first 8 hex digits of its SHA-256, torch.hub's convention)
+INCEPTION = RemoteFile(URL_INCEPTION_V3, "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+                       95_628_359, "the Inception-v3 weights of FID and IS", "--fid_inception")
+INCEPTION_NAME = "inception-v3-compat"          # torch-fidelity's name for this network
 FEATURES = 2048                                 # the pool features' width
+IS_SPLITS = 10                                  # the Inception Score's splits (Salimans et al., Ho et al.)
+# images per Inception batch: a GPU wants many; on a 2-core CPU 16 read 9.6 images/s and 250 read 5.6 (BENCHMARKS.md)
+FEATURE_BATCH = {"cuda": 250, "cpu": 16}
+REFERENCE_SPLITS = ("train", "test")            # --fid_ref
+UNTAGGED_STATS = ("cifar10", 3, 32, 32)         # what an npz without a 'dataset' entry (the referee's) describes
 
 
-def load_inception(path, device):
-    """(the TF-Inception (2015-12-05) pool-feature TorchScript used by the standard FID, the SHA-256 of its file);
-    `.xz` accepted. Input: float (N, 3, 299, 299) = (pixels − 128) / 128; output: (N, 2048)."""
-    if not path or not os.path.isfile(path):
-        raise UserError(f"--fid_inception {path!r} is not a file: FID needs the TF-Inception TorchScript "
-                        "(inception-2015-12-05 pool features, as used by StyleGAN2-ADA / EDM), optionally .xz")
+def stats_cache_name(split, dataset):
+    """The reference statistics' cache beside the data: ddpm_fid_<split>_stats.npz for an image folder, with
+    _<dataset> for a torchvision dataset (whose folder may hold several)."""
+    return f"ddpm_fid_{split}_stats{'' if dataset == 'folder' else f'_{dataset}'}.npz"
+
+
+def weights_problem(raw):
+    """What keeps the bytes of a --fid_inception file from being a weights file torch-fidelity may be given (None:
+    nothing): it must load with torch.load(weights_only=True), which runs no code, as a dict of tensors."""
+    if raw.startswith(b"\xfd7zXZ"):
+        return ("is xz-compressed, as the TorchScript network older versions of this tool read was; FID now runs on "
+                "torch-fidelity's weights file")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        source = io.BytesIO(lzma.decompress(raw) if path.endswith(".xz") else raw)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            net = torch.jit.load(source, map_location="cpu").float().eval().to(device)
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
+                return ("is a TorchScript network (what older versions of this tool read); FID now runs on "
+                        "torch-fidelity's weights file")
+    except zipfile.BadZipFile:
+        pass  # torch.save's legacy format is no zip; torch.load says whether it reads
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--fid_inception {path!r} is not a loadable TorchScript network ({type(e).__name__})") from None
-    return net, hashlib.sha256(raw).hexdigest()
+        return (f"cannot be read as plain weights ({type(e).__name__}): it is damaged, or it holds objects that "
+                "would run code as they load, which this tool never does")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "holds no state dict (a dict of tensors)"
+    return None
 
 
-def tf_resize_matrix(size_in, size_out):
-    """(size_out, size_in) weights of TF1's resize_bilinear (align_corners=False, no half-pixel
-    centres): output pixel j reads source position j · in / out, border pixels repeated."""
-    src = torch.arange(size_out, dtype=torch.float64) * size_in / size_out
-    lo = src.floor().long().clamp(max=size_in - 1)
-    hi = (lo + 1).clamp(max=size_in - 1)
-    frac = src - lo
-    weights = torch.zeros(size_out, size_in, dtype=torch.float64)
-    weights[torch.arange(size_out), lo] += 1 - frac
-    weights[torch.arange(size_out), hi] += frac
-    return weights.float()
+def load_inception(path, device, verbose=False, progress=False):
+    """(torch-fidelity's Inception-v3 with the weights at path on device, giving pool features and logits; the
+    SHA-256 of the file). path None: the official file, fetched into the cache on first use. UserError for a file
+    that is not such weights; a note (when verbose) for one that is not the official file."""
+    if path is None:
+        path = fetched(INCEPTION, progress, verbose)
+    elif not os.path.isfile(path):
+        raise UserError(f"--fid_inception {path!r} is not a file: leave the flag out to fetch {INCEPTION.file_name}, "
+                        "or give torch-fidelity's Inception weights file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    problem = weights_problem(raw)
+    if problem:
+        raise UserError(f"--fid_inception {path!r} {problem}: give torch-fidelity's Inception weights file "
+                        f"({INCEPTION.file_name}), or leave the flag out to fetch it")
+    try:
+        with torch.random.fork_rng(devices=[]):  # its random initialisation, replaced by the weights, leaves the
+            net = FeatureExtractorInceptionV3(   # caller's random numbers (a seeded sampler's) as they were
+                INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=path)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise UserError(f"--fid_inception {path!r} does not hold the Inception-v3 weights torch-fidelity expects "
+                        f"({type(e).__name__}: {first_line})") from None
+    sha256 = hashlib.sha256(raw).hexdigest()
+    if sha256 != INCEPTION.sha256 and verbose:
+        print(f"note: --fid_inception {path!r} is not the official {INCEPTION.file_name} (SHA-256 {sha256[:12]}…, "
+              f"official {INCEPTION.sha256[:12]}…): its FID and IS compare only with figures read with this same "
+              "file", file=sys.stderr)
+    return net.to(device), sha256
 
 
-class FIDFeatures:
-    """Inception pool features of uint8 images, resized like the standard (TF) FID implementation. The network is
-    run on one image as it loads: a file that is not the feature network is a UserError before anything uses it."""
+def random_inception(seed=0):
+    """torch-fidelity's Inception-v3 with random weights (nothing is downloaded): the stand-in of tests and smoke
+    runs, and the names and shapes of the real weights."""
 
-    def __init__(self, path, device):
-        self.path, self.device = path, torch.device(device)
-        self.net, self.fingerprint = load_inception(path, self.device)
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keeps the random initialisation
+            return None
+
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(seed)
+        empty = os.path.join(folder, "empty.pth")
+        torch.save({}, empty)
+        net = Unloaded(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=empty)
+        for module in net.modules():  # He et al.'s initialisation keeps the features' scale through 94 ReLU layers
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return net
+
+
+def write_random_inception(path, seed=0):
+    """random_inception's weights as a file of the real one's format; returns path."""
+    torch.save(random_inception(seed).state_dict(), path)
+    return path
+
+
+def inception_score(logits, splits=IS_SPLITS):
+    """(mean, standard deviation) over `splits` consecutive parts of the images of exp E_x KL(p(y|x) ‖ p(y)),
+    p(y) the part's mean of p(y|x) (Salimans et al. 2016, §4), from logits (N, 1008); torch-fidelity's
+    implementation, the parts in the images' order as in Salimans et al.'s code (no shuffle)."""
+    if len(logits) < splits:
+        raise ValueError(f"the Inception Score's {splits} splits need at least {splits} images, got {len(logits)}")
+    score = isc_features_to_metric(torch.as_tensor(logits), splits, shuffle=False)
+    return score[KEY_METRIC_ISC_MEAN], score[KEY_METRIC_ISC_STD]
+
+
+class InceptionFeatures:
+    """Inception pool features and logits of uint8 images, resized as the standard (TF) implementations do. The
+    network is run on one image as it loads: weights that give NaN are a UserError before anything uses them.
+    has_classifier: whether its logits are finite (a file without the classifier layer gives FID but no IS)."""
+
+    def __init__(self, path, device, verbose=False, progress=False):
+        self.path, self.device = path or INCEPTION.file_name, torch.device(device)
+        self.net, self.fingerprint = load_inception(path, self.device, verbose, progress)
+        self.official = self.fingerprint == INCEPTION.sha256
+        self.has_classifier = bool(torch.isfinite(self.net.fc.weight).all())
         self.check()
 
     def check(self):
         """UserError unless the network turns one image into FEATURES finite features."""
         image = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
-        try:
-            features = self(image)
-        except Exception as e:
-            raise UserError(f"--fid_inception {self.path!r} fails on one 32×32 image ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}): it is not the "
-                            "Inception pool-feature network") from None
-        if tuple(features.shape) != (1, FEATURES):
-            raise UserError(f"--fid_inception {self.path!r} gives features of shape {tuple(features.shape)} for one "
-                            f"image, not (1, {FEATURES}): it is not the Inception pool-feature network")
+        features, _ = self(image)
         if not torch.isfinite(features).all():
             raise UserError(f"--fid_inception {self.path!r} gives NaN or infinite features for one image: the "
                             "network is broken")
@@ -83,53 +160,48 @@ class FIDFeatures:
     @torch.no_grad()
     def __call__(self, images_uint8):
         """images (N, H, W, C) or (N, C, H, W) uint8, C = 3 or 1 (grey, repeated into the three channels) →
-        features (N, 2048) float64, in exact fp32 (no TF32)."""
+        (pool features (N, 2048), logits (N, 1008)), float64, in exact fp32 (no TF32)."""
         flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
-            return self._features(images_uint8)
+            x = torch.as_tensor(np.ascontiguousarray(images_uint8))
+            if x.shape[-1] in (1, 3):
+                x = x.permute(0, 3, 1, 2)
+            x = x.expand(-1, 3, -1, -1).to(self.device)                 # (N, 3, H, W) uint8: grey repeated
+            features, logits = self.net(x)                              # resized to 299 × 299 inside
+            return features.double(), logits.double()
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
-    def _features(self, images_uint8):
-        x = torch.as_tensor(np.ascontiguousarray(images_uint8)).to(self.device)
-        if x.shape[-1] in (1, 3):
-            x = x.permute(0, 3, 1, 2)
-        x = x.float().expand(-1, 3, -1, -1)                             # (N, 3, H, W) in [0, 255]: grey repeated
-        rows = tf_resize_matrix(x.shape[2], 299).to(self.device)
-        cols = tf_resize_matrix(x.shape[3], 299).to(self.device)
-        x = torch.einsum("oh,nchw,pw->ncop", rows, x, cols)            # (N, 3, 299, 299)
-        return self.net((x - 128) / 128).double()
-
-    def statistics(self, images_uint8, batch_size=250, progress=False):
-        """Mean (2048,) and covariance (2048, 2048) of the features, as float64 numpy arrays; UserError when they are
-        not finite (the network gave NaN or infinity for some image)."""
+    def statistics(self, images_uint8, batch_size=None, progress=False, keep_logits=False):
+        """(mean (2048,), covariance (2048, 2048), the logits (N, 1008) when keep_logits else None) of the images'
+        features, as float64 numpy arrays, batch_size images at a time (None: FEATURE_BATCH's for the device);
+        UserError when mean or covariance are not finite (the network gave NaN or infinity for some image)."""
+        batch_size = batch_size or FEATURE_BATCH.get(self.device.type, FEATURE_BATCH["cpu"])
         total = torch.zeros(FEATURES, dtype=torch.float64, device=self.device)
         outer = torch.zeros(FEATURES, FEATURES, dtype=torch.float64, device=self.device)
+        logits = []
         n = len(images_uint8)
-        for start in tqdm(range(0, n, batch_size), desc="FID features", disable=not progress, leave=False):
-            f = self(images_uint8[start:start + batch_size])
+        for start in tqdm(range(0, n, batch_size), desc="Inception features", disable=not progress, leave=False):
+            f, batch_logits = self(images_uint8[start:start + batch_size])
             total += f.sum(0)
             outer += f.T @ f
+            if keep_logits:
+                logits.append(batch_logits.cpu())
         mu = total / n
         sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
         if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
             raise UserError(f"--fid_inception {self.path!r} gave NaN or infinite features for some of {n} images: the "
                             "network is broken; nothing was cached")
-        return mu.cpu().numpy(), sigma.cpu().numpy()
+        return mu.cpu().numpy(), sigma.cpu().numpy(), torch.cat(logits).numpy() if keep_logits else None
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)   (Heusel et al. 2017).
-
-    tr (Σ1 Σ2)^½ is taken as Σ √λ of the symmetric Σ1^½ Σ2 Σ1^½, which has the same eigenvalues as
-    Σ1 Σ2: the value of scipy.linalg.sqrtm's, about five times faster at 2048 × 2048.
-    """
-    w, v = np.linalg.eigh(sigma1)
-    sqrt_sigma1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    eigenvalues = np.linalg.eigvalsh(sqrt_sigma1 @ sigma2 @ sqrt_sigma1)
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(eigenvalues, 0, None)).sum())
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)   (Heusel et al. 2017), by torch-fidelity (tr (Σ1 Σ2)^½ as the sum of
+    the square roots of Σ1 Σ2's eigenvalues)."""
+    statistics = [{"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+                  for mu, sigma in ((mu1, sigma1), (mu2, sigma2))]
+    return fid_statistics_to_metric(*statistics, verbose=False)[KEY_METRIC_FID]
 
 
 def fid_identity(facts):
@@ -182,9 +254,18 @@ def read_statistics(path):
     return (None, problem) if problem else (entries, None)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The statistics FID compares samples with, and where they come from (for the printed line and the JSON)."""
+    mu: np.ndarray        # (2048,) float64
+    sigma: np.ndarray     # (2048, 2048) float64
+    source: str           # e.g. "the train split at data/cifar10" or "--fid_ref_stats stats.npz"
+    images: int = None    # how many images they describe (None: a file that does not say)
+
+
 def ref_statistics_file(stats_path, model_facts):
-    """(mu, sigma) of --fid_ref_stats, checked: FID statistics (read_statistics) of the data the model was trained on
-    (UserError otherwise)."""
+    """The Reference of --fid_ref_stats, checked: FID statistics (read_statistics) of the data the model was trained
+    on (UserError otherwise)."""
     ref, problem = read_statistics(stats_path)
     if problem:
         raise UserError(f"--fid_ref_stats {stats_path!r} cannot be used: {problem}")
@@ -195,7 +276,8 @@ def ref_statistics_file(stats_path, model_facts):
         raise UserError(f"--fid_ref_stats {stats_path!r} holds statistics of {describe_identity(identity)}{untagged}, "
                         f"but the model was trained on {describe_identity(fid_identity(model_facts))}: an FID against "
                         "another dataset measures nothing. Leave --fid_ref_stats out to use the training images' own")
-    return ref["mu"].astype(np.float64), ref["sigma"].astype(np.float64)
+    return Reference(ref["mu"].astype(np.float64), ref["sigma"].astype(np.float64), f"--fid_ref_stats {stats_path}",
+                     int(ref["n"]) if "n" in ref else None)
 
 
 def cached_statistics(cache_path, num_images, identity, fingerprint):
@@ -213,32 +295,32 @@ def cached_statistics(cache_path, num_images, identity, fingerprint):
     return (cached["mu"].astype(np.float64), cached["sigma"].astype(np.float64)), None
 
 
-def reference_statistics(features, data_dir, dataset, model_facts, train_images_uint8=None, progress=False):
-    """The reference (mu, sigma) for a model trained on data described by model_facts (data_facts) when no
-    --fid_ref_stats are given (ref_statistics_file): those of the training images (N, C, H, W) uint8 — read from
-    data_dir (a `dataset`, see ddpm_data.load_dataset) when None — cached in data_dir, keyed by the network, the image
-    count and what they are. Training images of another dataset are a UserError."""
-    if train_images_uint8 is None:
+def reference_statistics(features, data_dir, dataset, model_facts, split="train", images_uint8=None, progress=False):
+    """The Reference for a model trained on data described by model_facts (data_facts) when no --fid_ref_stats are
+    given (ref_statistics_file): the statistics of the `split` images (N, C, H, W) uint8 — read from data_dir (a
+    `dataset`, see ddpm_data.load_dataset) when None — cached in data_dir (stats_cache_name), keyed by the network,
+    the image count and what they are. Images of another dataset are a UserError."""
+    if images_uint8 is None:
         data = load_dataset(data_dir, dataset)
-        facts, train_images_uint8 = data_facts(data), data["train_images"]
+        facts, images_uint8 = data_facts(data), data[f"{split}_images"]
         if fid_identity(facts) != fid_identity(model_facts) or facts["classes"] != model_facts["classes"]:
             raise UserError(f"--data_dir {data_dir!r} holds {describe_data(facts)}, but the model was trained on "
                             f"{describe_data(model_facts)}: FID compares with the training data; point --data_dir "
                             "at it")
-    identity, dataset = fid_identity(model_facts), model_facts["dataset"]
-    name = FID_STATS_NAME if dataset == "folder" else FID_STATS_NAME.replace(".npz", f"_{dataset}.npz")
-    cache_path = os.path.join(data_dir, name) if os.path.isdir(data_dir) else None
+    identity, source = fid_identity(model_facts), f"the {split} split at {data_dir}"
+    cache_path = (os.path.join(data_dir, stats_cache_name(split, model_facts["dataset"])) if os.path.isdir(data_dir)
+                  else None)
     if cache_path and os.path.isfile(cache_path):
-        cached, why = cached_statistics(cache_path, len(train_images_uint8), identity, features.fingerprint)
+        cached, why = cached_statistics(cache_path, len(images_uint8), identity, features.fingerprint)
         if cached:
-            return cached
+            return Reference(*cached, source, len(images_uint8))
         print(f"note: the FID reference statistics {cache_path} {why}: computing them again", file=sys.stderr)
-    mu, sigma = features.statistics(train_images_uint8.permute(0, 2, 3, 1).numpy(), progress=progress)  # finite
+    mu, sigma, _ = features.statistics(images_uint8.permute(0, 2, 3, 1).numpy(), progress=progress)  # finite
     if cache_path:
         try:
             with atomic_open(cache_path) as f:
-                np.savez(f, mu=mu, sigma=sigma.astype(np.float32), n=len(train_images_uint8), dataset=identity[0],
+                np.savez(f, mu=mu, sigma=sigma.astype(np.float32), n=len(images_uint8), dataset=identity[0],
                          shape=np.array(identity[1:]), network=features.fingerprint)
         except WriteError:
             pass  # a read-only or full data folder: the statistics are recomputed next time
-    return mu, sigma
+    return Reference(mu, sigma, source, len(images_uint8))

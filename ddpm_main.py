@@ -21,7 +21,7 @@ from ddpm_checkpoint import (COMMAND_LINE_SETTINGS, SEED_RANGE, TOOL_VERSION, ch
 from ddpm_data import DATASETS, DEFAULT_DATA_DIR, check_stage_count, image_size_of, model_side, require_image_folder
 from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS_TYPES, NLL_VARIANCES, PREDICTIONS,
                             SAMPLERS, SCHEDULES, SPACINGS, SamplerSettings)
-from ddpm_fid import FIDFeatures, ref_statistics_file
+from ddpm_fid import INCEPTION, IS_SPLITS, REFERENCE_SPLITS, InceptionFeatures, ref_statistics_file
 from ddpm_helpers import (COMPILE_CHOICES, PRECISIONS, STOPPING_ERRORS, NonFiniteError, RunFiles, TrainingError,
                           UserError, WriteError, check_run_name, check_writable_folder, exit_status,
                           failure_text, init_distributed, memory_guard, require_finite, stderr_is_terminal,
@@ -31,8 +31,8 @@ from ddpm_presets import PRESETS, presets_help
 from ddpm_run import (GRID_UNCONDITIONAL, SAMPLE_REMEDY, TrainingOptions, diverged_message, finish, set_up_run,
                       start_or_resume, train_epochs, write_failed_message)
 from ddpm_sample import (MAX_CLASS_ROWS, STRIP_COLUMNS, STRIP_ROWS, class_cycle, class_indices, fid_reference,
-                         grayscale_fid_note, measure_fid, measure_nll, nll_test_images, parse_classes, prepare_sampler,
-                         save_samples, write_denoising_strip, write_guidance_sweep)
+                         grayscale_fid_note, measure_fid_and_is, measure_nll, nll_test_images, parse_classes,
+                         prepare_sampler, save_samples, write_denoising_strip, write_guidance_sweep)
 from ddpm_train import LR_DECAYS, LOG_LINE_SECONDS, TrainingClock
 
 # --------------------------------------------------------------------------------------- CLI
@@ -194,13 +194,17 @@ def build_parser():
     g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
     g.add_argument("--sample_batch", type=int, default=1000, help="images generated per forward batch")
 
-    g = p.add_argument_group("FID (Fréchet Inception Distance)")
+    g = p.add_argument_group("FID (Fréchet Inception Distance) and Inception Score")
     g.add_argument("--eval_fid", type=int, default=0, metavar="N",
-                   help="after training, or with --inference: FID of N samples against the training images")
+                   help="after training, or with --inference: FID and Inception Score of N samples (class-balanced "
+                   "when conditional), from one pass of torch-fidelity's Inception-v3; published figures use 50,000")
     g.add_argument("--fid_inception", metavar="PATH",
-                   help="TF-Inception pool-feature TorchScript for FID (.pt or .pt.xz)")
+                   help=f"torch-fidelity's Inception-v3 weights file ({INCEPTION.file_name}) (default: fetched on "
+                   "first use into $TORCH_HOME/hub/checkpoints and checked by SHA-256)")
+    g.add_argument("--fid_ref", choices=REFERENCE_SPLITS, default="train",
+                   help="the split whose statistics FID compares with: train, as Ho et al., or test")
     g.add_argument("--fid_ref_stats", metavar="NPZ",
-                   help="reference statistics (mu, sigma) instead of computing them from the training images")
+                   help="reference statistics (mu, sigma) instead of computing them from the --fid_ref split")
 
     g = p.add_argument_group("likelihood (the variational bound, Ho et al. eq. 5)")
     g.add_argument("--eval_nll", type=int, default=0, metavar="N",
@@ -247,7 +251,8 @@ NUMBER_RANGES = [  # (flag, test, what the value must be) for the flags that are
     ("guidance_scale", lambda v: v >= 0, "0 or more"),
     ("checkpoint_minutes", lambda v: v > 0, "greater than 0"),
     ("time_budget_min", lambda v: v > 0, "greater than 0"),
-    ("eval_fid", lambda v: v >= 0, "0 (off) or a sample count"),
+    ("eval_fid", lambda v: v == 0 or v >= IS_SPLITS, f"0 (off) or a sample count of at least {IS_SPLITS} (the "
+     "Inception Score's splits)"),
     ("seed", lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], f"in {SEED_RANGE[0]} … {SEED_RANGE[1]}, the random "
      "generator's range"),
 ]
@@ -308,8 +313,13 @@ def check_flag_combinations(args):
     if "nll_variance" in args.given and not args.eval_nll:
         raise UserError("--nll_variance chooses σ_t² in the bound of --eval_nll N; give --eval_nll too")
     resolve_synonyms(args)
-    if args.eval_fid and not args.fid_inception:
-        raise UserError("--eval_fid needs --fid_inception PATH: the TF-Inception TorchScript (see README, FID)")
+    fid_flags = [f"--{name}" for name in ("fid_inception", "fid_ref", "fid_ref_stats") if name in args.given]
+    if fid_flags and not args.eval_fid:
+        raise UserError(f"{' and '.join(fid_flags)} {'set' if len(fid_flags) > 1 else 'sets'} up the FID of "
+                        "--eval_fid N; give --eval_fid too")
+    if "fid_ref" in args.given and args.fid_ref_stats:
+        raise UserError("--fid_ref picks the split whose statistics are computed, --fid_ref_stats gives statistics "
+                        "instead: give one of them")
     if args.tensorboard is not None:
         if args.inference:
             raise UserError("--tensorboard logs training; --inference writes its samples and metrics to --save_dir")
@@ -335,11 +345,9 @@ def check_paths(args):
     image's header: nothing else is read)."""
     if args.run_name is not None:
         check_run_name(args.run_name)
-    if args.eval_fid:
-        if not os.path.isfile(args.fid_inception):
-            raise UserError(f"--fid_inception {args.fid_inception!r} is not a file")
-        if args.fid_ref_stats and not os.path.isfile(args.fid_ref_stats):
-            raise UserError(f"--fid_ref_stats {args.fid_ref_stats!r} is not a file")
+    for flag, path in (("--fid_inception", args.fid_inception), ("--fid_ref_stats", args.fid_ref_stats)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{flag} {path!r} is not a file")
     folders = {"--save_dir": args.save_dir}
     if not args.inference:
         folders.update({"--models_dir": args.models_dir, "--tensorboard": args.tensorboard})
@@ -490,11 +498,11 @@ def inference(args):
                  verbose)
     if args.eval_fid:
         start = time.perf_counter()
-        fid = measure_fid(sampler, args.eval_fid, args.seed, features, reference, files.output("fid_samples"), verbose)
-        write_json({"run_name": args.run_name, "model_path": args.model_path, "fid": fid, "fid_samples": args.eval_fid,
-                    "fid_sampler": settings.describe(), "conditional": args.conditional,
-                    "fid_s": reference_s + time.perf_counter() - start, "device": str(device),
-                    "precision": sampler.denoiser.precision}, files.output("metrics"))
+        measured = measure_fid_and_is(sampler, args.eval_fid, args.seed, features, reference,
+                                      files.output("fid_samples"), verbose)
+        write_json({"run_name": args.run_name, "model_path": args.model_path, **measured,
+                    "conditional": args.conditional, "fid_s": reference_s + time.perf_counter() - start,
+                    "device": str(device), "precision": sampler.denoiser.precision}, files.output("metrics"))
 
 
 def check_against_model(args, config, settings):
@@ -518,15 +526,16 @@ def check_against_model(args, config, settings):
 
 
 def inference_fid_reference(args, config, device):
-    """--eval_fid's network (FIDFeatures) and reference statistics: --fid_ref_stats, else the training images at
-    --data_dir (default: where the model was trained) of --dataset (default: the model's, there)."""
-    features = FIDFeatures(args.fid_inception, device)
+    """--eval_fid's network (InceptionFeatures, fetched on first use) and Reference: --fid_ref_stats, else the
+    statistics of the --fid_ref split at --data_dir (default: where the model was trained) of --dataset (default: the
+    model's, there)."""
+    features = InceptionFeatures(args.fid_inception, device, not args.quiet, not args.quiet and stderr_is_terminal())
     grayscale_fid_note(config, not args.quiet)
     if args.fid_ref_stats:
         return features, ref_statistics_file(args.fid_ref_stats, trained_data(config))
     data_dir = args.data_dir or config["data_dir"]
     dataset = args.dataset or (config.get("dataset") if data_dir == config["data_dir"] else None)
-    return features, fid_reference(features, config, None, data_dir, dataset, not args.quiet)
+    return features, fid_reference(features, config, None, data_dir, dataset, args.fid_ref, not args.quiet)
 
 
 def flags_given(parser, args, argv):

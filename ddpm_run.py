@@ -23,12 +23,12 @@ from ddpm_checkpoint import (TrainingState, build_checkpoint, build_diffusion, b
                              training_config, write_config_json)
 from ddpm_data import DEFAULT_DATA_DIR, DeviceLoader, data_facts, describe_data, load_dataset, train_val_split
 from ddpm_diffusion import Diffusion, SamplerSettings
-from ddpm_fid import FIDFeatures, ref_statistics_file
+from ddpm_fid import InceptionFeatures, Reference, ref_statistics_file
 from ddpm_helpers import (Denoiser, Interrupted, NonFiniteError, RunFiles, UserError, all_ranks_mean, barrier,
                           choose_compile, choose_precision, describe_precision, max_over_ranks, memory_guard,
-                          plot_loss_history, save_grid, to_model_range, write_json)
-from ddpm_sample import (MAX_CLASS_ROWS, Sampler, fid_reference, grayscale_fid_note, measure_fid, measure_nll,
-                         spread)
+                          plot_loss_history, save_grid, stderr_is_terminal, to_model_range, write_json)
+from ddpm_sample import (MAX_CLASS_ROWS, Sampler, fid_reference, grayscale_fid_note, measure_fid_and_is,
+                         measure_nll, spread)
 from ddpm_train import Reporter, TrainingStep, build_loss_scaler, build_optimizer, evaluate_loss, learning_rate
 
 GRID_SEED = 4321          # fixed noise for the per-epoch sample grid, so epochs can be compared
@@ -57,9 +57,10 @@ class TrainingOptions:
     log_interval: int = 100         # steps between loss read-outs
     save_model: bool = False        # also write ckpt.pt at the end
     sample_batch: int = 1000        # images per sampling batch (grids, FID)
-    eval_fid: int = 0               # FID of this many samples at the end (0: none)
-    fid_inception: str = None       # the FID network (--fid_inception)
-    fid_ref_stats: str = None       # reference statistics (None: the training images')
+    eval_fid: int = 0               # FID and IS of this many samples at the end (0: none)
+    fid_inception: str = None       # the Inception weights file (--fid_inception; None: fetched)
+    fid_ref: str = "train"          # the split whose statistics FID compares with (--fid_ref)
+    fid_ref_stats: str = None       # reference statistics (None: the --fid_ref split's)
     eval_nll: int = 0               # the bound in bits/dim on this many test images at the end (0: none)
     nll_variance: str = "posterior"  # σ_t² of p_θ in the bound: β̃_t ('posterior') or β_t ('beta')
     quiet: bool = False             # no bars or per-epoch lines
@@ -72,7 +73,7 @@ class Run:
     from its checkpoint); options holds how the run goes about it: files, intervals, reporting, FID."""
     options: TrainingOptions
     config: dict
-    train_images: torch.Tensor     # the training folder's images (N, 3, H, W) uint8: FID's reference
+    fid_ref_images: torch.Tensor   # the --fid_ref split's images (N, C, H, W) uint8: FID's reference
     train_loader: DeviceLoader
     eval_loaders: dict             # 'val' and 'test': the validation and test splits
     model: nn.Module
@@ -84,8 +85,8 @@ class Run:
     precision_why: str             # why the U-Net computes in run.precision (choose_precision), for the banner
     report: Reporter
     decode_s: float                # seconds spent reading the data
-    fid_features: FIDFeatures = None  # --eval_fid's network, loaded and tried on one image before training
-    fid_ref_stats: tuple = None    # --fid_ref_stats' (mu, sigma), read and checked before training
+    fid_features: InceptionFeatures = None  # --eval_fid's network, loaded and tried on one image before training
+    fid_ref_stats: Reference = None  # --fid_ref_stats' statistics, read and checked before training
     last_saved: tuple = None       # (path, where training stood) of the last good last.pt; None: none yet
     last_save_time: float = dataclasses.field(default_factory=time.perf_counter)  # for --checkpoint_minutes
 
@@ -129,9 +130,10 @@ def set_up_run(settings, given, options, saved):
     loaders, networks, optimizer and diffusion on the device."""
     data_dir = options.data_dir or (saved["config"]["data_dir"] if saved else DEFAULT_DATA_DIR)
     dataset = options.dataset or (saved["config"].get("dataset") if saved and not options.data_dir else None)
-    # FID's network runs on one image now: a bad file costs seconds, not the run
-    fid_features = FIDFeatures(options.fid_inception, options.device) if options.eval_fid and options.rank == 0 \
-        else None
+    # FID's network is fetched (once) and runs on one image now: a bad file costs seconds, not the run
+    fid_features = InceptionFeatures(options.fid_inception, options.device, not options.quiet,
+                                     not options.quiet and stderr_is_terminal()) \
+        if options.eval_fid and options.rank == 0 else None
     start = time.perf_counter()
     data = load_dataset(data_dir, dataset)
     train_idx, val_idx = train_val_split(len(data["train_images"]))
@@ -147,7 +149,8 @@ def set_up_run(settings, given, options, saved):
         os.makedirs(options.files.save_dir, exist_ok=True)
         os.makedirs(options.files.ckpt_dir, exist_ok=True)
     train_loader, eval_loaders = device_loaders(data, train_idx, val_idx, config, options)
-    return Run(options=options, config=config, train_images=data["train_images"], train_loader=train_loader,
+    return Run(options=options, config=config, fid_ref_images=data[f"{options.fid_ref}_images"],
+               train_loader=train_loader,
                eval_loaders=eval_loaders, **build_networks(config, options),
                report=Reporter(options.quiet, options.tensorboard, options.rank == 0), decode_s=decode_s,
                fid_features=fid_features, fid_ref_stats=fid_ref_stats)
@@ -194,7 +197,7 @@ def build_networks(config, options):
 
 def check_data(options, saved, facts, data_dir):
     """What the data must be, once read: a resumed run's the data its checkpoint was trained on, and --fid_ref_stats
-    statistics of it (UserError: nothing has been written yet). Returns those statistics (mu, sigma), or None."""
+    statistics of it (UserError: nothing has been written yet). Returns those statistics (a Reference), or None."""
     conflicts = data_conflicts(saved["config"], facts) if saved else {}
     if conflicts:
         raise UserError(f"--resume: the data at {data_dir!r} is not what the run was trained on ("
@@ -508,11 +511,12 @@ def finish(run, state, clock):
         with clock.timed("fid_s"), memory_guard("computing FID", SAMPLE_REMEDY):
             grayscale_fid_note(config, run.report.verbose)
             reference = run.fid_ref_stats if run.fid_ref_stats is not None else fid_reference(
-                run.fid_features, config, run.train_images, config["data_dir"], None, run.report.verbose)
-            metrics["fid"] = measure_fid(run.sampler, options.eval_fid, config["seed"], run.fid_features, reference,
-                                         run.files.output("fid_samples"), run.report.verbose)
-        metrics.update(fid_samples=options.eval_fid, fid_sampler=run.sampler.settings.describe())
-        run.report.scalars(state.step, {"fid": metrics["fid"]})
+                run.fid_features, config, run.fid_ref_images, config["data_dir"], None, options.fid_ref,
+                run.report.verbose)
+            metrics.update(measure_fid_and_is(run.sampler, options.eval_fid, config["seed"], run.fid_features,
+                                              reference, run.files.output("fid_samples"), run.report.verbose))
+        run.report.scalars(state.step, {name: metrics[name] for name in ("fid", "inception_score")
+                                        if metrics[name] is not None})
     if options.eval_nll:
         with clock.timed("nll_s"), memory_guard("computing the bound in bits/dim", SAMPLE_REMEDY):
             test_images, _ = spread(run.eval_loaders["test"].images.cpu(), None, options.eval_nll)

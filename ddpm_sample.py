@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch_fidelity
 
 from tqdm.auto import tqdm
 
 from ddpm_checkpoint import build_diffusion, data_conflicts, trained_data
 from ddpm_data import crop_to_data, data_facts, load_dataset, pad_to_side
 from ddpm_diffusion import Diffusion, SamplerSettings, generate, guidance_sweep, seeded_rng
-from ddpm_fid import frechet_distance, reference_statistics
+from ddpm_fid import IS_SPLITS, frechet_distance, inception_score, reference_statistics
 from ddpm_helpers import (Denoiser, UserError, atomic_open, choose_compile, choose_precision, describe_precision,
                           plot_bound_terms, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
                           to_model_range, to_uint8, write_json)
@@ -27,6 +28,7 @@ from ddpm_helpers import (Denoiser, UserError, atomic_open, choose_compile, choo
 MAX_CLASS_ROWS = 16  # with more classes, grids show one image per class (or, sweeps, the first this many)
 STRIP_ROWS = 8       # samples in the denoising strip unless --num_samples says otherwise
 STRIP_COLUMNS = 10   # x̂_0 at this many evenly spaced network evaluations, the first to the last
+PAPER_SAMPLES = 50_000  # the samples of Ho et al.'s FID and IS (Table 1)
 
 
 @dataclass(eq=False)
@@ -160,31 +162,47 @@ def grayscale_fid_note(config, verbose):
         print("FID: the grayscale images are repeated into the Inception network's three colour channels", flush=True)
 
 
-def fid_reference(features, config, train_images_uint8, data_dir, dataset, verbose):
-    """The reference statistics (mu, sigma) FID compares a model's samples with, when no --fid_ref_stats are given:
-    those of the training images (train_images_uint8 (N, C, H, W), or those at data_dir, a `dataset`, when None),
-    which must be the data the model was trained on (UserError). features: the FIDFeatures."""
-    return reference_statistics(features, data_dir, dataset, trained_data(config), train_images_uint8,
+def fid_reference(features, config, images_uint8, data_dir, dataset, split, verbose):
+    """The Reference FID compares a model's samples with when no --fid_ref_stats are given: the statistics of the
+    `split` images (--fid_ref: images_uint8 (N, C, H, W), or those at data_dir, a `dataset`, when None), which must be
+    of the data the model was trained on (UserError). features: the InceptionFeatures."""
+    return reference_statistics(features, data_dir, dataset, trained_data(config), split, images_uint8,
                                 progress=verbose and stderr_is_terminal())
 
 
-def measure_fid(sampler, num_samples, seed, features, reference, samples_path, verbose):
-    """FID of num_samples new samples (class-balanced when the model is conditional) against the reference statistics
-    (fid_reference). The samples are saved at samples_path (fid_samples_<run>.npz), so any other FID tool can read
-    the very same images."""
-    if num_samples < 10000:
-        print(f"warning: FID from {num_samples} < 10,000 samples reads high; use 10,000 or more to compare with "
-              "published figures", file=sys.stderr)
-    config = sampler.config
+def measure_fid_and_is(sampler, num_samples, seed, features, reference, samples_path, verbose):
+    """FID and Inception Score of num_samples new samples (class-balanced when the model is conditional), from one
+    pass of the Inception network, FID against the Reference (fid_reference). The samples are saved at samples_path
+    (fid_samples_<run>.npz), so any other tool can read the very same images. Returns the entries of
+    metrics_<run>.json: fid, inception_score and its std (None when the network file has no classifier), and
+    fid_protocol, what the figures depend on."""
+    if num_samples < PAPER_SAMPLES:
+        print(f"warning: FID from {num_samples:,} samples reads high against published figures, which use "
+              f"{PAPER_SAMPLES:,} (Ho et al. 2020; some use 10,000): compare FIDs of equal sample counts",
+              file=sys.stderr)
+    config, settings = sampler.config, sampler.settings
     labels = (torch.arange(num_samples, device=sampler.device) % config["num_classes"] if config["conditional"]
               else None)
     images = to_uint8(sampler.sample(num_samples, labels, seed, verbose and stderr_is_terminal()))
     with atomic_open(samples_path) as f:
         np.savez(f, images=images)
-    fid = frechet_distance(*features.statistics(images), *reference)
+    mu, sigma, logits = features.statistics(images, progress=verbose and stderr_is_terminal(), keep_logits=True)
+    fid = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    score, score_std = inception_score(logits) if features.has_classifier else (None, None)
+    protocol = {"samples": num_samples, "class_balanced": labels is not None, "seed": seed,
+                "sampler": settings.describe(), "reference": reference.source, "reference_images": reference.images,
+                "network_sha256": features.fingerprint, "official_network": features.official,
+                "is_splits": IS_SPLITS, "torch_fidelity": torch_fidelity.__version__}
     if verbose:
-        print(f"FID {fid:.3f} (n={num_samples}, {sampler.settings.describe()})", flush=True)
-    return fid
+        is_text = (f", IS {score:.3f} ± {score_std:.3f}" if score is not None else
+                   " (no IS: the network file's classifier layer is not finite)")
+        images_text = f" ({reference.images:,} images)" if reference.images else ""
+        print(f"FID {fid:.3f}{is_text}\n  from {num_samples:,}{' class-balanced' if labels is not None else ''} "
+              f"samples (seed {seed}, {settings.describe()}) against {reference.source}{images_text}; Inception "
+              f"weights {features.fingerprint[:8]}… ({'the' if features.official else 'not the'} official file)",
+              flush=True)
+    return {"fid": fid, "inception_score": score, "inception_score_std": score_std, "fid_samples": num_samples,
+            "fid_sampler": settings.describe(), "fid_protocol": protocol}
 
 
 def spread(images, labels, count):

@@ -5,17 +5,16 @@ behaviour: run it before and after, and diff the two outputs.
     python bench/fixed_seed_digest.py > after.txt    # on the new
     diff before.txt after.txt
 
-It builds a tiny image folder and a stand-in FID network, then runs ddpm_main.py (a new process each, as a user
-would) for training (conditional with evaluation and best.pt; unconditional with FID), a resume, inference (class
-lists, the three samplers, a guidance sweep, FID) and bad inputs, after --help. It prints, per command, the exit status and what
-it said, and per file written a SHA-256: JSON, checkpoints and npz files without their timings, versions and
-network hash (which differ from run to run), every other file as its bytes. Timings in messages ("1.2 s",
-"350 img/s") are masked. CPU, float32: about a minute on 2 cores.
+It builds a tiny image folder and a stand-in FID network (torch-fidelity's, random weights), then runs ddpm_main.py
+(a new process each, as a user would) for training (conditional with evaluation and best.pt; unconditional with
+FID), a resume, inference (class lists, the three samplers, a guidance sweep, FID) and bad inputs, after --help.
+It prints, per command, the exit status and what it said, and per file written a SHA-256: JSON, checkpoints and npz
+files without their timings, versions and network hash (which differ from run to run), every other file as its
+bytes. Timings in messages ("1.2 s", "350 img/s") are masked. CPU, float32: about two minutes on 2 cores.
 """
 import hashlib
 import io
 import json
-import lzma
 import os
 import re
 import subprocess
@@ -27,10 +26,13 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from ddpm_fid import write_random_inception  # noqa: E402
+
 TINY = ["--dim", "8", "--dim_mults", "1,2", "--timesteps", "10", "--batch_size", "8", "--no_cuda", "--precision",
         "fp32", "--data_dir", "data"]
 VARYING = {"timing", "versions", "train_images_per_s", "fid_s",  # entries that differ between identical runs
-           "network"}  # the FID cache's SHA-256 of the stand-in network, which torch.jit.save makes anew each time
+           "network", "network_sha256"}  # the stand-in network file's SHA-256: torch.save writes other bytes each time
 TIMES = re.compile(r"\d+(\.\d+)? ?(s|img/s|min)\b")
 
 
@@ -45,21 +47,11 @@ def make_folder(root, classes=4, per_class=(6, 2), size=16):
                 Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
 
 
-def make_fake_inception(path):
-    """A TorchScript with the FID network's contract, (N, 3, 299, 299) → (N, 2048), xz-compressed."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 2048))
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(net), buffer)
-    with open(path, "wb") as f:
-        f.write(lzma.compress(buffer.getvalue()))
-
-
 COMMANDS = [
     ["--help"],
     ["--epochs", "2", "--conditional", "--save_model", "--run_name", "cond", "--log_interval", "1"],
-    ["--epochs", "1", "--save_model", "--run_name", "uncond", "--eval_fid", "16", "--fid_inception", "net.pt.xz"],
-    ["--epochs", "1", "--run_name", "refstats", "--eval_fid", "8", "--fid_inception", "net.pt.xz", "--fid_ref_stats",
+    ["--epochs", "1", "--save_model", "--run_name", "uncond", "--eval_fid", "16", "--fid_inception", "net.pth"],
+    ["--epochs", "1", "--run_name", "refstats", "--eval_fid", "10", "--fid_inception", "net.pth", "--fid_ref_stats",
      "data/ddpm_fid_train_stats.npz", "--eval_every", "2"],
     ["--epochs", "1", "--run_name", "resumed", "--conditional", "--lr_decay", "cosine"],
     ["--resume", "auto", "--run_name", "resumed", "--epochs", "2", "--conditional", "--lr", "0.001"],
@@ -72,31 +64,36 @@ COMMANDS = [
      "--run_name", "ddpm"],
     ["--inference", "--model_path", "models/cond/ckpt.pt", "--guidance_sweep", "0,1,3", "--run_name", "sweep"],
     ["--inference", "--model_path", "models/uncond/ckpt.pt", "--num_samples", "8", "--eval_fid", "12",
-     "--fid_inception", "net.pt.xz", "--seed", "3"],
+     "--fid_inception", "net.pth", "--seed", "3"],
     # bad input: exit status 2 and one line, nothing written
     ["--epochs", "0"],
     ["--inference"],
     ["--inference", "--model_path", "missing.pt"],
-    ["--inference", "--model_path", "net.pt.xz"],
+    ["--inference", "--model_path", "net.pth"],
     ["--inference", "--model_path", "models/uncond/ckpt.pt", "--conditional"],
     ["--inference", "--model_path", "models/cond/ckpt.pt", "--conditional", "--sample_classes", "horse"],
     ["--inference", "--model_path", "models/cond/ckpt.pt", "--sampling_steps", "50"],
     ["--resume", "auto", "--run_name", "nothing_here"],
     ["--resume", "auto", "--run_name", "resumed", "--dim", "16"],
     ["--run_name", "../escape"],
-    ["--eval_fid", "10"],
+    ["--fid_inception", "net.pth"],
     ["--sampler", "ddpm", "--sampling_steps", "5"],
     ["--guidance_sweep", "1,2"],
     ["--dim_mults", "1,2,2,2,2,2"],
 ]
 
 
+def without_varying(content):
+    """JSON content without the VARYING entries, at any depth."""
+    if isinstance(content, dict):
+        return {k: without_varying(v) for k, v in content.items() if k not in VARYING}
+    return content
+
+
 def digest_file(path):
     """SHA-256 of a file, of its content without VARYING entries for JSON and checkpoints."""
     if path.endswith(".json"):
-        content = json.load(open(path))
-        if isinstance(content, dict):
-            content = {k: v for k, v in content.items() if k not in VARYING}
+        content = without_varying(json.load(open(path)))
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     if path.endswith(".pt"):
         ckpt = torch.load(path, weights_only=True)
@@ -113,11 +110,12 @@ def digest_file(path):
 def main():
     work = tempfile.mkdtemp(prefix="ddpm_digest_")
     make_folder(os.path.join(work, "data"))
-    make_fake_inception(os.path.join(work, "net.pt.xz"))
+    write_random_inception(os.path.join(work, "net.pth"))
+    env = {**os.environ, "TORCH_HOME": os.path.join(work, "torch_home")}  # never the user's download cache
     seen = {}
     for command in COMMANDS:
         result = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm_main.py"), *TINY, *command], cwd=work,
-                                capture_output=True, text=True, timeout=600)
+                                capture_output=True, text=True, timeout=600, env=env)
         print(f"$ {' '.join(command)}\nexit {result.returncode}")
         for stream, text in (("out", result.stdout), ("err", result.stderr)):
             for line in text.splitlines():
@@ -126,7 +124,7 @@ def main():
             for name in sorted(names):
                 path = os.path.join(folder, name)
                 relative = os.path.relpath(path, work)
-                if relative == "net.pt.xz" or relative.startswith("data") and relative.endswith(".png"):
+                if relative == "net.pth" or relative.startswith("data") and relative.endswith(".png"):
                     continue  # made above
                 digest = digest_file(path)
                 if seen.get(relative) != digest:

@@ -1,7 +1,8 @@
 """The prepared GPU check: one command of at most 9 minutes on one H200 that runs the GPU half of the tool and writes
 each part's log and results to --out as it goes, so a run killed at any point still returns what it did.
 
-    ../shared/tools/prepare_device_carry.sh          # here: the data pack, Inception and the referee into .carry/
+    bench/prepare_gpu_carry.sh                        # here: the data pack, Inception, the referee and
+                                                      # torch-fidelity's wheel into .carry/
     python -u bench/gpu_check.py --out $OUT           # there, sent with carry [".carry"] (models/*.pt moved out)
     python -u bench/gpu_check.py --smoke --out DIR    # the same sequence on the CPU, tiny, in about a minute
 
@@ -17,13 +18,15 @@ The parts, one after another, each with its own time limit (BENCHMARKS.md says w
                                                                                 3_samples.png
 
 Eight files, the most the device tool brings back. Everything else goes under --work (default /tmp/gpu_check).
---smoke: CPU, a generated image folder, a stand-in Inception network (TorchScript with the real one's contract),
-the referee only where ../shared or .carry has it.
+There, torch-fidelity is imported from its carried wheel (the machine has no package registry), and the tool's
+Inception weights are made from the referee's TorchScript (bench/referee_inception.py: .carry has no room for both).
+--smoke: CPU, a generated image folder; the real network and the referee where ../shared or .carry has them, else a
+random-weight stand-in of torch-fidelity's network and no referee.
 """
+import glob
 import argparse
-import io
+import importlib.util
 import json
-import lzma
 import os
 import re
 import shutil
@@ -36,7 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT_S = 540                      # the whole check: 9 minutes, inside the device tool's 10 per command
 CAP_S = {"speed": 170, "cli": 150}  # each part's limit; the speedrun gets what is left
 SPEEDRUN_OVERHEAD_S = 170          # the speedrun's work beside training: compile, 10,000 samples, two FID reads
-CARRY = {"data": "cifar10-jpeg.tar.xz", "net": "inception-2015-12-05-fp16.pt.xz", "referee": "referee_fid.py"}
+CARRY = {"data": "cifar10-jpeg.tar.xz", "net": "inception-2015-12-05-fp16.pt.xz", "referee": "referee_fid.py",
+         "torch_fidelity": "torch_fidelity-*.whl"}
 SPEED_ARGS = ["--batch_sizes", "512", "--big_batch_sizes", "256", "--steps", "30", "--warmup", "5",
               "--seed_steps", "60", "--workers", "8", "--sample_counts", "1000,10000", "--sample_batch", "5000"]
 # the defaults a newcomer gets, with a time budget: evaluated once, at its end
@@ -80,26 +84,6 @@ def write_json(obj, path):
         json.dump(obj, f, indent=2)
 
 
-def stand_in_inception(path):
-    """A TorchScript with the FID network's contract, (N, 3, 299, 299) in [−1, 1] → (N, 2048), for --smoke."""
-    import torch
-
-    class StandIn(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(3 * 16, 2048)
-
-        def forward(self, x):
-            return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
-
-    torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(StandIn()), buffer)
-    with open(path, "wb") as f:
-        f.write(lzma.compress(buffer.getvalue()))
-    return path
-
-
 def smoke_data(folder):
     """A generated image folder: 10 classes of 16×16 images, 2 train and 1 test image each."""
     import numpy as np
@@ -114,23 +98,45 @@ def smoke_data(folder):
     return folder
 
 
+def use_carried_torch_fidelity(carry):
+    """torch-fidelity importable here and in the parts' processes: installed, or from its wheel in carry (a pure-Python
+    wheel imports as it is, from sys.path / PYTHONPATH)."""
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        return
+    wheels = sorted(glob.glob(os.path.join(carry, CARRY["torch_fidelity"])))
+    if not wheels:
+        sys.exit(f"torch_fidelity is not installed and {carry} has no {CARRY['torch_fidelity']}: run "
+                 "bench/prepare_gpu_carry.sh and send .carry")
+    sys.path.insert(0, wheels[-1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [wheels[-1], os.environ.get("PYTHONPATH")]))
+
+
 def prepare(a):
-    """The data folder, the Inception network and the referee the parts use: from .carry on the GPU (the data pack
-    unpacked once), generated for --smoke."""
+    """(the data folder, the tool's Inception weights, the referee's network, the referee) the parts use: from
+    .carry on the GPU (the data pack unpacked once, the weights made from the referee's network), generated for
+    --smoke (the real network where ../shared or .carry has it)."""
+    use_carried_torch_fidelity(a.carry)
+    from referee_inception import convert
     os.makedirs(a.work, exist_ok=True)
+    weights = os.path.join(a.work, "inception-fidelity.pth")
     if a.smoke:
-        referee = next((p for p in (os.path.join(os.path.dirname(ROOT), "shared", "tools", CARRY["referee"]),
-                                    os.path.join(a.carry, CARRY["referee"])) if os.path.isfile(p)), None)
-        return (smoke_data(os.path.join(a.work, "data")), stand_in_inception(os.path.join(a.work, "net.pt.xz")),
-                referee)
-    missing = [name for name in CARRY.values() if not os.path.isfile(os.path.join(a.carry, name))]
+        found = {name: next((p for p in (os.path.join(os.path.dirname(ROOT), "shared", folder, CARRY[name]),
+                                         os.path.join(a.carry, CARRY[name])) if os.path.isfile(p)), None)
+                 for name, folder in (("net", "fid"), ("referee", "tools"))}
+        if None in found.values():
+            from ddpm_fid import write_random_inception
+            return smoke_data(os.path.join(a.work, "data")), write_random_inception(weights), None, None
+        return smoke_data(os.path.join(a.work, "data")), convert(found["net"], weights), found["net"], found["referee"]
+    missing = [name for name in ("data", "net", "referee") if not os.path.isfile(os.path.join(a.carry, CARRY[name]))]
     if missing:
-        sys.exit(f"{a.carry} lacks {', '.join(missing)}: run ../shared/tools/prepare_device_carry.sh and send .carry")
+        sys.exit(f"{a.carry} lacks {', '.join(CARRY[m] for m in missing)}: run bench/prepare_gpu_carry.sh and send "
+                 ".carry")
     data = os.path.join(a.work, "cifar10")
     if not os.path.isdir(os.path.join(data, "train")):
         with tarfile.open(os.path.join(a.carry, CARRY["data"])) as tar:
             tar.extractall(data, filter="data")
-    return data, os.path.join(a.carry, CARRY["net"]), os.path.join(a.carry, CARRY["referee"])
+    net = os.path.join(a.carry, CARRY["net"])
+    return data, convert(net, weights), net, os.path.join(a.carry, CARRY["referee"])
 
 
 def part_speed(a, limit_s):
@@ -169,14 +175,15 @@ def part_cli(a, data, limit_s):
     return {"status": status, "seconds": sum(c["wall_s"] for c in results["commands"])}
 
 
-def part_speedrun(a, data, net, referee, limit_s):
+def part_speedrun(a, data, weights, net, referee, limit_s):
     """bench/speedrun.py with the training minutes that fit limit_s, then its summary, export and grid copied out."""
     minutes = 0.01 if a.smoke else max(0.5, (limit_s - SPEEDRUN_OVERHEAD_S) / 60)
     folder = os.path.join(a.work, "speedrun")
     export = os.path.join(a.work, "cifar10_cond_speedrun.pt")
-    command = [sys.executable, "-u", "bench/speedrun.py", "--data_dir", data, "--net", net, "--out", folder,
-               "--export", export, "--minutes", f"{minutes:.2f}", *(["--referee", referee] if referee else []),
-               *(["--smoke", "--num_fid", "20"] if a.smoke else [])]
+    command = [sys.executable, "-u", "bench/speedrun.py", "--data_dir", data, "--weights", weights, "--out", folder,
+               "--export", export, "--minutes", f"{minutes:.2f}",
+               *(["--referee", referee, "--net", net] if referee else []),
+               *(["--smoke", "--num_fid", "10"] if a.smoke else [])]
     status, seconds = run_logged(command, os.path.join(a.out, "3_speedrun.txt"), limit_s)
     for source, target in ((os.path.join(folder, "summary_speedrun_cond.json"), "3_speedrun.json"),
                            (export, "3_cifar10_cond_speedrun.pt"),
@@ -190,7 +197,7 @@ def main():
     a = parse_args()
     deadline = time.monotonic() + a.limit_s
     os.makedirs(a.out, exist_ok=True)
-    data, net, referee = prepare(a)
+    data, weights, net, referee = prepare(a)
     print(f"gpu_check{' --smoke' if a.smoke else ''}: data {data}, referee {referee or 'none'}, "
           f"{a.limit_s:.0f} s in all", flush=True)
     left = lambda: deadline - time.monotonic()  # noqa: E731
@@ -198,7 +205,7 @@ def main():
     print(f"1 speed: {parts['speed']}", flush=True)
     parts["cli"] = part_cli(a, data, min(CAP_S["cli"], left()))
     print(f"2 cli: {parts['cli']}", flush=True)
-    parts["speedrun"] = part_speedrun(a, data, net, referee, left())
+    parts["speedrun"] = part_speedrun(a, data, weights, net, referee, left())
     print(f"3 speedrun: {parts['speedrun']}", flush=True)
     for name in sorted(os.listdir(a.out)):
         print(f"  {name}: {os.path.getsize(os.path.join(a.out, name)):,} bytes")

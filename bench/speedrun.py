@@ -1,13 +1,14 @@
 """The 5-minute speedrun: train on CIFAR-10 for a fixed training-time budget, sample 10,000 images,
 and read their FID with the referee — all in this one process.
 
-    python bench/speedrun.py --data_dir /tmp/cifar10 --net .carry/inception-2015-12-05-fp16.pt.xz \\
-        --referee .carry/referee_fid.py [--unconditional] [--out outputs/speedrun]
+    python bench/speedrun.py --data_dir /tmp/cifar10 --referee .carry/referee_fid.py \\
+        --net .carry/inception-2015-12-05-fp16.pt.xz [--weights inception-fidelity.pth] [--unconditional]
 
 --data_tar unpacks the image-folder pack first (../shared/data/cifar10-jpeg.tar.xz) when --data_dir has
 no train/. Training time excludes decoding and compilation (ddpm_main.py --time_budget_min). The
-referee reads the FID of the very samples ddpm_main.py wrote (fid_samples_<run>.npz) against
---ref_stats, or against the training images when no stats are given. With --export, the EMA weights
+referee (its TorchScript --net) reads the FID of the very samples ddpm_main.py wrote (fid_samples_<run>.npz) against
+--ref_stats, or against the training images when no stats are given; the tool reads them with its Inception weights
+(--weights, default: fetched). With --export, the EMA weights
 go to a small bf16 inference checkpoint. --smoke shrinks everything to run in seconds on CPU.
 """
 import argparse
@@ -59,8 +60,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="/tmp/cifar10", help="image-folder CIFAR-10 (train/, test/)")
     p.add_argument("--data_tar", help="unpack this .tar.xz into --data_dir first when train/ is missing")
-    p.add_argument("--net", required=True, help="TF-Inception TorchScript (.pt.xz) for both FIDs")
+    p.add_argument("--weights", help="the tool's Inception weights (--fid_inception; default: fetched)")
     p.add_argument("--referee", help="referee_fid.py (without it, only the project's FID is read: a smoke run's)")
+    p.add_argument("--net", help="the referee's TF-Inception TorchScript (.pt.xz)")
     p.add_argument("--ref_stats", help="reference statistics npz for the referee (default: the training images)")
     p.add_argument("--unconditional", action="store_true", help="train without labels (default: conditional + CFG)")
     p.add_argument("--minutes", type=float, default=5.0, help="training-time budget")
@@ -84,7 +86,10 @@ def unpack_data(data_dir, data_tar):
 
 
 def main():
-    a = build_parser().parse_args()
+    parser = build_parser()
+    a = parser.parse_args()
+    if a.referee and not a.net:
+        parser.error("--referee reads FID with its own network: give --net too")
     start = time.perf_counter()
     unpack_data(a.data_dir, a.data_tar)
     unpack_s = time.perf_counter() - start
@@ -101,8 +106,9 @@ def main():
     ckpt_path = files.checkpoint("ckpt.pt")
 
     t0 = time.perf_counter()
+    weights = ["--fid_inception", a.weights] if a.weights else []
     ddpm_main.main(["--inference", "--model_path", ckpt_path, "--num_samples", "100", "--eval_fid", str(a.num_fid),
-                    "--fid_inception", a.net, "--data_dir", a.data_dir, *conditional, *sample_args, *common[:4]])
+                    *weights, "--data_dir", a.data_dir, *conditional, *sample_args, *common[:4]])
     ours = json.load(open(files.output("metrics")))
     sample_fid_s = time.perf_counter() - t0
 
@@ -119,6 +125,7 @@ def main():
         "train_args": train_args, "preset": preset_flags("speedrun"), "sample_args": sample_args,
         "sampler": ours["fid_sampler"],
         "referee_fid": referee_fid, "project_fid": ours["fid"], "num_fid": a.num_fid,
+        "inception_score": ours["inception_score"], "fid_protocol": ours["fid_protocol"],
         "num_params": train_metrics["num_params"], "steps": train_metrics["steps"],
         "precision": train_metrics["precision"], "compiled": train_metrics["compiled"],
         "epochs": train_metrics["epochs_done"], "train_images_per_s": train_metrics["train_images_per_s"],

@@ -1,21 +1,21 @@
 """Shared fixtures: tiny image-folder datasets generated on the fly (never the real CIFAR-10), and a stand-in
-for the FID network."""
+for the FID network's weights file (never downloaded)."""
 import contextlib
 import io
-import lzma
 import os
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MAIN = os.path.join(ROOT, "ddpm_main.py")
+from ddpm_fid import write_random_inception  # noqa: E402
 # float32: a U-Net this small trains slower under bf16 autocast than without (the casts outweigh the arithmetic), and
 # runs the same on every CPU; tests/test_gpu_branches.py runs the other precisions
 TINY_MODEL = ["--dim", "8", "--dim_mults", "1,2", "--timesteps", "10", "--batch_size", "8", "--no_cuda",
@@ -79,22 +79,24 @@ def trained(tiny_data, tmp_path_factory):
     return cwd
 
 
-class FakeInception(nn.Module):
-    """A stand-in with the real network's contract: (N, 3, 299, 299) in [−1, 1] → (N, 2048)."""
+@pytest.fixture(scope="session", autouse=True)
+def local_downloads_only(tmp_path_factory):
+    """Tests never touch the network, nor the user's download cache: torch's hub folder (where the tool keeps what it
+    fetches) is a new empty folder, and a fetch from anywhere but 127.0.0.1 or a file:// URL fails the test."""
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch_home"))
+    real_urlopen = urllib.request.urlopen
 
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3 * 16, 2048)
+    def local_urlopen(url, *args, **kwargs):
+        parts = urllib.parse.urlsplit(url if isinstance(url, str) else url.full_url)
+        assert parts.scheme == "file" or parts.hostname == "127.0.0.1", f"a test tried to fetch {url}"
+        return real_urlopen(url, *args, **kwargs)
 
-    def forward(self, x):
-        return self.proj(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+    urllib.request.urlopen = local_urlopen
+    yield
+    urllib.request.urlopen = real_urlopen
 
 
 @pytest.fixture(scope="session")
 def fake_inception(tmp_path_factory):
-    torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(FakeInception()), buffer)
-    path = tmp_path_factory.mktemp("net") / "fake_inception.pt.xz"
-    path.write_bytes(lzma.compress(buffer.getvalue()))
-    return str(path)
+    """A stand-in for torch-fidelity's Inception weights file: its format and shapes, random weights (seed 0)."""
+    return write_random_inception(str(tmp_path_factory.mktemp("net") / "random_inception.pth"))

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import TINY_MODEL, make_image_folder, run_main
 from ddpm_data import (CIFAR10_CLASSES, DeviceLoader, crop_to_data, load_dataset, majority_mode, model_side,
                        pad_to_side, padding, stages_allowed)
-from ddpm_fid import FIDFeatures
+from ddpm_fid import InceptionFeatures
 from ddpm_helpers import file_name_part
 from ddpm_sample import class_indices
 
@@ -237,15 +237,16 @@ def test_the_default_dataset_is_the_folder_tree_when_there_is_one_else_cifar10(t
 # ---------------------------------------------------------------------------------------------------- FID
 
 def test_fid_repeats_grey_into_three_channels(fake_inception):
-    features = FIDFeatures(fake_inception, "cpu")
+    features = InceptionFeatures(fake_inception, "cpu")
     grey = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
-    assert torch.equal(features(grey), features(np.repeat(grey, 3, axis=-1)))
+    for of_grey, of_colour in zip(features(grey), features(np.repeat(grey, 3, axis=-1))):  # pool features, logits
+        assert torch.equal(of_grey, of_colour)
 
 
 def test_fid_of_a_grayscale_model_and_references_of_other_data_are_refused(tmp_path, tiny_data, fake_inception):
     data = make_image_folder(str(tmp_path / "grey"), per_class_train=3, num_classes=2, size=16, mode="L")
     train(tmp_path, data, "g")
-    fid = ["--eval_fid", "4", "--fid_inception", fake_inception, "--num_samples", "2"]
+    fid = ["--eval_fid", "10", "--fid_inception", fake_inception, "--num_samples", "2"]
     result = sample(tmp_path, "g", *fid)
     assert result.returncode == 0, result.stderr
     assert "grayscale images are repeated into the Inception network's three colour channels" in result.stdout

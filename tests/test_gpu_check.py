@@ -9,6 +9,9 @@ import torch
 
 from conftest import ROOT, run_main
 
+SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+SHARED_NET = os.path.join(SHARED, "fid", "inception-2015-12-05-fp16.pt.xz")
+SHARED_WEIGHTS = os.path.join(SHARED, "fid", "inception-2015-12-05-torch-fidelity-fp16w.pth")
 RESULT_FILES = ["1_speed.json", "1_speed.txt", "2_cli.json", "2_cli.txt", "3_cifar10_cond_speedrun.pt",
                 "3_samples.png", "3_speedrun.json", "3_speedrun.txt"]
 
@@ -50,9 +53,10 @@ def test_cli_part_trains_then_samples_with_each_sampler(smoke):
 def test_speedrun_part_reads_fid_and_exports_a_bf16_model_that_samples(smoke, tmp_path):
     _, out, _ = smoke
     summary = json.loads((out / "3_speedrun.json").read_text())
-    assert summary["steps"] >= 1 and summary["time_s"]["train_s"] > 0 and summary["num_fid"] == 20
-    if summary["referee_fid"] is not None:  # the referee is beside this checkout (../shared)
+    assert summary["steps"] >= 1 and summary["time_s"]["train_s"] > 0 and summary["num_fid"] == 10
+    if summary["referee_fid"] is not None:  # the referee is beside this checkout (../shared): the real network
         assert summary["referee_fid"] == pytest.approx(summary["project_fid"], rel=0.01)
+        assert summary["fid_protocol"]["samples"] == 10 and summary["inception_score"] is None  # no classifier
     shipped = torch.load(out / "3_cifar10_cond_speedrun.pt", weights_only=True)
     assert set(shipped) >= {"format", "config", "ema"} and "optimizer" not in shipped and "model" not in shipped
     assert all(v.dtype == torch.bfloat16 for v in shipped["ema"].values())
@@ -60,3 +64,15 @@ def test_speedrun_part_reads_fid_and_exports_a_bf16_model_that_samples(smoke, tm
                        "--num_samples", "10", "--sampler", "ddim", "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
 
+
+
+@pytest.mark.skipif(not all(map(os.path.isfile, (SHARED_NET, SHARED_WEIGHTS))),
+                    reason="../shared's referee network and torch-fidelity copy are not beside this checkout")
+def test_the_weights_made_from_the_referee_network_equal_the_torch_fidelity_copy(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from referee_inception import convert
+    made = torch.load(convert(SHARED_NET, str(tmp_path / "made.pth")), weights_only=True)
+    copy = torch.load(SHARED_WEIGHTS, weights_only=True)
+    assert list(made) == list(copy)
+    for name, tensor in copy.items():
+        assert made[name].dtype == tensor.dtype and torch.equal(made[name].nan_to_num(), tensor.nan_to_num()), name

@@ -3,8 +3,6 @@ disks, numbers no machine can hold, run names that are paths, and FID networks a
 Each is one line and an exit status; nothing already saved is lost; nothing is written outside --models_dir and
 --save_dir."""
 import errno
-import io
-import lzma
 import os
 import resource
 import signal
@@ -14,13 +12,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import ddpm_helpers
-from conftest import MAIN, TINY_MODEL, FakeInception, make_image_folder, run_main
+from conftest import MAIN, TINY_MODEL, make_image_folder, run_main
 from ddpm_checkpoint import check_run_memory, memory_needs, parameter_count
 from ddpm_data import CACHE_NAME, DeviceLoader, load_dataset
-from ddpm_fid import FID_STATS_NAME, FIDFeatures, reference_statistics, statistics_problem
+from ddpm_fid import (InceptionFeatures, reference_statistics, statistics_problem, stats_cache_name,
+                       write_random_inception)
 from ddpm_helpers import (MAX_RUN_NAME, NAME_MAX, OUTPUT_NAMES, RunFiles, UserError, check_memory, format_bytes,
                           sanitized_run_name)
 from ddpm_model import UNet, UNetConfig
@@ -348,53 +346,24 @@ def test_every_path_is_built_inside_its_folder_and_the_longest_name_fits():
 
 # ---------------------------------------------------------------------------------------------------- FID
 
-class ScaledInception(nn.Module):
-    """Another stand-in network: the same contract as conftest's FakeInception, other features."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = FakeInception()
-
-    def forward(self, x):
-        return 3 * self.inner(x) + 1
-
-
-class NarrowNet(nn.Module):
-    def forward(self, x):
-        return x.mean(dim=(2, 3))  # (N, 3): not pool features
-
-
-class NaNNet(nn.Module):
-    def forward(self, x):
-        return torch.full((len(x), 2048), float("nan"))
-
-
-def scripted(module, path):
-    torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(module), buffer)
-    path.write_bytes(lzma.compress(buffer.getvalue()) if path.suffix == ".xz" else buffer.getvalue())
-    return str(path)
-
-
 def test_switching_fid_networks_recomputes_the_cached_statistics(tmp_path, fake_inception, capsys):
     data = make_image_folder(str(tmp_path / "d"), per_class_train=2, num_classes=3)
     loaded = load_dataset(data)
     facts = {"dataset": "folder", "classes": loaded["classes"], "channels": 3, "data_size": [16, 16]}
-    first, second = FIDFeatures(fake_inception, "cpu"), FIDFeatures(scripted(ScaledInception(), tmp_path / "b.pt"),
-                                                                      "cpu")
+    first = InceptionFeatures(fake_inception, "cpu")
+    second = InceptionFeatures(write_random_inception(str(tmp_path / "b.pth"), seed=1), "cpu")  # other features
     images = loaded["train_images"].permute(0, 2, 3, 1).numpy()
-    mu_first, _ = reference_statistics(first, data, None, facts)
-    cache = os.path.join(data, FID_STATS_NAME)
+    mu_first = reference_statistics(first, data, None, facts).mu
+    cache = os.path.join(data, stats_cache_name("train", "folder"))
     assert str(np.load(cache)["network"]) == first.fingerprint
     capsys.readouterr()
-    mu_second, sigma_second = reference_statistics(second, data, None, facts)
+    second_reference = reference_statistics(second, data, None, facts)
     assert capsys.readouterr().err == (f"note: the FID reference statistics {cache} was made by another "
                                        "--fid_inception network: computing them again\n")
-    expected_mu, expected_sigma = second.statistics(images)
-    assert np.allclose(mu_second, expected_mu) and not np.allclose(mu_second, mu_first)
-    assert np.allclose(sigma_second, expected_sigma, rtol=1e-6, atol=1e-6)
-    assert np.allclose(reference_statistics(second, data, None, facts)[0], expected_mu)  # now from the cache
+    expected_mu, expected_sigma, _ = second.statistics(images)
+    assert np.allclose(second_reference.mu, expected_mu) and not np.allclose(second_reference.mu, mu_first)
+    assert np.allclose(second_reference.sigma, expected_sigma, rtol=1e-6, atol=1e-6)
+    assert np.allclose(reference_statistics(second, data, None, facts).mu, expected_mu)  # now from the cache
     assert capsys.readouterr().err == ""
     np.savez(cache, **{k: v for k, v in np.load(cache).items() if k != "network"})  # as an older version wrote it
     reference_statistics(second, data, None, facts)
@@ -405,12 +374,12 @@ def test_features_that_are_not_finite_are_refused_and_nothing_is_cached(tmp_path
     data = make_image_folder(str(tmp_path / "d"), per_class_train=2, num_classes=3)
     loaded = load_dataset(data)
     facts = {"dataset": "folder", "classes": loaded["classes"], "channels": 3, "data_size": [16, 16]}
-    features = FIDFeatures(fake_inception, "cpu")  # finite on the one image it is tried on as it loads ...
-    features.net = torch.jit.script(NaNNet())      # ... and NaN on the training images
+    features = InceptionFeatures(fake_inception, "cpu")  # finite on the one image it is tried on as it loads ...
+    features.net = lambda x: (torch.full((len(x), 2048), float("nan")), torch.zeros(len(x), 1008))  # ... then NaN
     with pytest.raises(UserError, match="gave NaN or infinite features for some of 6 images: the network is broken; "
                                         "nothing was cached"):
         reference_statistics(features, data, None, facts)
-    assert not os.path.exists(os.path.join(data, FID_STATS_NAME))
+    assert not os.path.exists(os.path.join(data, stats_cache_name("train", "folder")))
 
 
 def test_statistics_are_checked_before_they_are_used():
@@ -424,19 +393,23 @@ def test_statistics_are_checked_before_they_are_used():
     assert statistics_problem({**good, "mu": np.zeros(64)}).startswith("its mu is (64,) and sigma (2048, 2048), not")
 
 
-def bad_fid_files(folder):
+def bad_fid_files(folder, fake_inception):
     """{name: (flags, the message)} of FID inputs that must stop a training run before its first step."""
     np.savez(folder / "no_mu.npz", sigma=np.eye(2048))
     np.savez(folder / "narrow.npz", mu=np.zeros(64), sigma=np.eye(64))
     np.savez(folder / "pickled.npz", mu=np.array([object()], dtype=object), sigma=np.eye(2048))
     (folder / "text.npz").write_text("mu, sigma")
-    (folder / "text.pt").write_text("not a network")
+    (folder / "text.pth").write_text("not a network")
+    torch.save({"conv.weight": torch.zeros(2, 2)}, folder / "other.pth")
+    state = torch.load(fake_inception, weights_only=True)
+    torch.save({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+               folder / "nan.pth")
     return {
-        "narrow network": (["--fid_inception", scripted(NarrowNet(), folder / "narrow.pt")],
-                           "gives features of shape (1, 3) for one image, not (1, 2048): it is not the Inception"),
-        "NaN network": (["--fid_inception", scripted(NaNNet(), folder / "nan.pt.xz")],
+        "other weights": (["--fid_inception", str(folder / "other.pth")],
+                          "does not hold the Inception-v3 weights torch-fidelity expects"),
+        "NaN network": (["--fid_inception", str(folder / "nan.pth")],
                         "gives NaN or infinite features for one image: the network is broken"),
-        "not a network": (["--fid_inception", str(folder / "text.pt")], "is not a loadable TorchScript network"),
+        "not a network": (["--fid_inception", str(folder / "text.pth")], "cannot be read as plain weights"),
         "stats without mu": (["--fid_ref_stats", str(folder / "no_mu.npz")], "cannot be used: it holds no mu"),
         "stats of other shape": (["--fid_ref_stats", str(folder / "narrow.npz")], "cannot be used: its mu is (64,)"),
         "pickled stats": (["--fid_ref_stats", str(folder / "pickled.npz")],
@@ -448,10 +421,10 @@ def bad_fid_files(folder):
 
 def test_a_bad_fid_network_or_statistics_file_stops_training_before_its_first_step(tiny_data, tmp_path,
                                                                                     fake_inception):
-    for case, (flags, message) in bad_fid_files(tmp_path).items():
+    for case, (flags, message) in bad_fid_files(tmp_path, fake_inception).items():
         cwd = tmp_path / case.replace(" ", "_")
         cwd.mkdir()
-        result = run_main("--data_dir", tiny_data, "--epochs", "1", "--eval_fid", "4", "--fid_inception",
+        result = run_main("--data_dir", tiny_data, "--epochs", "1", "--eval_fid", "10", "--fid_inception",
                           fake_inception, *flags, *TINY_MODEL, cwd=cwd)
         assert message in one_line_error(result), case
         assert os.listdir(cwd) == [], case  # no checkpoint, grid or log: not one step was taken

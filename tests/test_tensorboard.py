@@ -64,7 +64,7 @@ def closes(monkeypatch):
     return calls
 
 
-def test_events_hold_losses_lr_speed_fid_and_grids(tiny_data, tmp_path, fake_inception, monkeypatch, closes):
+def test_events_hold_losses_lr_speed_fid_is_and_grids(tiny_data, tmp_path, fake_inception, monkeypatch, closes):
     monkeypatch.chdir(tmp_path)
     ddpm_main.main(["--data_dir", tiny_data, "--conditional", "--epochs", "2", "--lr", "0.002", "--warmup_steps", "8",
                     "--log_interval", "1", "--tensorboard", "tb", "--eval_fid", "10", "--fid_inception",
@@ -86,6 +86,7 @@ def test_events_hold_losses_lr_speed_fid_and_grids(tiny_data, tmp_path, fake_inc
     assert [s for s, _ in scalars["epoch/val_loss"]] == [steps // 2, steps]
     assert len(scalars["epoch/images_per_s"]) == 2
     assert scalars["fid"] == [(steps, pytest.approx(metrics["fid"], rel=1e-6))]
+    assert scalars["inception_score"] == [(steps, pytest.approx(metrics["inception_score"], rel=1e-6))]
     assert images == {"samples": 2}  # the per-epoch grid
 
 

@@ -1,0 +1,404 @@
+"""FID and the Inception Score: torch-fidelity's weights fetched (here from 127.0.0.1 or a file:// URL) and checked by
+SHA-256, local weights files checked before torch-fidelity reads them, the maths pinned on constructed inputs, the
+protocol in the JSON, and agreement with torch-fidelity's own pipeline and with the referee (on ../shared's weights,
+when they are beside the checkout)."""
+import hashlib
+import http.server
+import importlib.util
+import io
+import json
+import lzma
+import os
+import shutil
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+from torch import nn
+
+import ddpm_fid
+import ddpm_main
+from conftest import ROOT, TINY_MODEL, make_image_folder, run_main
+from ddpm_download import RemoteFile, cache_folder, fetched, sha256_of
+from ddpm_fid import INCEPTION, IS_SPLITS, InceptionFeatures, frechet_distance, inception_score
+from ddpm_helpers import UserError, format_bytes
+
+SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+SHARED_WEIGHTS = os.path.join(SHARED, "fid", "inception-2015-12-05-torch-fidelity-fp16w.pth")
+REFEREE_NET = os.path.join(SHARED, "fid", "inception-2015-12-05-fp16.pt.xz")
+REFEREE = os.path.join(SHARED, "tools", "referee_fid.py")
+
+
+def one_line_error(result):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith(("note:", "warning:"))]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ the maths
+
+def test_inception_score_of_uniform_predictions_is_one():
+    mean, std = inception_score(np.zeros((20, 1008)))
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 10])
+def test_inception_score_of_sure_predictions_spread_evenly_over_k_classes_is_k(k):
+    # every split holds each of k classes equally often, p(y|x) one-hot: IS = exp H(p(y)) = k
+    n = IS_SPLITS * k * 3
+    logits = np.full((n, 1008), -50.0)
+    logits[np.arange(n), np.arange(n) % k] = 0.0
+    mean, std = inception_score(logits)
+    assert mean == pytest.approx(k, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
+
+
+def test_inception_score_splits_are_consecutive_images_not_shuffled():
+    # 10 classes sorted, 10 images each: each split holds one class only, so each split's score is 1
+    logits = np.full((100, 1008), -50.0)
+    logits[np.arange(100), np.arange(100) // 10] = 0.0
+    assert inception_score(logits)[0] == pytest.approx(1.0, rel=1e-9)
+    with pytest.raises(ValueError, match="10 splits need at least 10 images, got 9"):
+        inception_score(np.zeros((9, 1008)))
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(8, 8))
+    sigma = a @ a.T + np.eye(8)
+    mu = rng.normal(size=8)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-8)
+    # diagonal covariances: Σ (σ1 − σ2)² over the standard deviations, plus the mean term
+    s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 4.0, 1.0])
+    assert frechet_distance(np.zeros(3), s1, np.ones(3), s2) == pytest.approx(3 + 1 + 0 + 4)
+
+
+# ------------------------------------------------------------------------------------------- fetching
+
+@pytest.fixture
+def server(tmp_path):
+    """(folder, base URL, paths requested) of an HTTP server on 127.0.0.1 serving the folder."""
+    folder, requested = tmp_path / "served", []
+    folder.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):  # once per request
+            requested.append(self.path)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{httpd.server_port}", requested
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home"
+
+
+def closed_port_url(name):
+    """A URL on 127.0.0.1 where nothing listens: what a machine without network gets."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+def test_fetch_downloads_once_with_a_progress_bar_into_torch_hub_and_checks_the_hash(server, torch_home, capsys):
+    folder, base, requested = server
+    content = np.random.default_rng(0).bytes(3_000_000)  # several chunks
+    (folder / "blob.bin").write_bytes(content)
+    remote = RemoteFile(f"{base}/blob.bin", hashlib.sha256(content).hexdigest(), len(content), "the test file",
+                        "--test_file")
+    path = fetched(remote, progress=True)
+    assert path == str(torch_home / "hub" / "checkpoints" / "blob.bin") == os.path.join(cache_folder(), "blob.bin")
+    assert open(path, "rb").read() == content and requested == ["/blob.bin"]
+    err = capsys.readouterr().err
+    assert f"fetching the test file (3.0 MB, once) from {base}/blob.bin into {path}" in err
+    assert "\rblob.bin:" in err and "B/s]" in err  # tqdm's bar
+    assert fetched(remote) == path and requested == ["/blob.bin"]  # from the cache, checked, not fetched again
+    assert os.listdir(cache_folder()) == ["blob.bin"]
+
+
+def test_fetched_bytes_that_are_not_the_expected_ones_are_not_kept(server, torch_home):
+    folder, base, _ = server
+    (folder / "blob.bin").write_bytes(b"not what was published")
+    remote = RemoteFile(f"{base}/blob.bin", "0" * 64, 22, "the test file", "--test_file")
+    with pytest.raises(UserError) as error:
+        fetched(remote)
+    assert str(error.value) == (f"the file fetched from {base}/blob.bin is not the expected one (SHA-256 "
+                                f"{hashlib.sha256(b'not what was published').hexdigest()[:12]}…, expected "
+                                "000000000000…): nothing was kept; download it by hand and pass it with --test_file "
+                                "PATH")
+    assert os.listdir(cache_folder()) == []  # no file, no temporary
+
+
+def test_a_fetch_without_network_or_of_a_missing_file_is_one_line_naming_the_url_and_the_flag(server, torch_home):
+    url = closed_port_url("blob.bin")
+    with pytest.raises(UserError) as error:
+        fetched(RemoteFile(url, "0" * 64, 10, "the test file", "--test_file"))
+    message = str(error.value)
+    assert message.startswith(f"could not fetch the test file from {url} (URLError: ")
+    assert message.endswith("): download it by hand and pass it with --test_file PATH") and "\n" not in message
+    _, base, _ = server
+    with pytest.raises(UserError, match=r"\(HTTPError: File not found\): download it by hand"):
+        fetched(RemoteFile(f"{base}/missing.bin", "0" * 64, 10, "the test file", "--test_file"))
+    assert os.listdir(cache_folder()) == []
+
+
+def test_a_file_url_is_fetched_and_a_damaged_cached_copy_fetched_again(tmp_path, torch_home, capsys):
+    source = tmp_path / "blob.bin"
+    source.write_bytes(b"published bytes")
+    remote = RemoteFile(source.as_uri(), hashlib.sha256(b"published bytes").hexdigest(), 15, "the test file", "--f")
+    path = fetched(remote, verbose=False)
+    with open(path, "wb") as f:
+        f.write(b"damaged")
+    assert fetched(remote, verbose=False) == path and open(path, "rb").read() == b"published bytes"
+    assert f"note: {path} is not the file {remote.url} serves (its SHA-256 differs): fetching it again" in \
+        capsys.readouterr().err
+
+
+def serve_as_official(folder, base, weights, monkeypatch):
+    """ddpm_fid.INCEPTION pointed at `weights` served from the local server, under the official file name."""
+    shutil.copyfile(weights, folder / INCEPTION.file_name)
+    monkeypatch.setattr(ddpm_fid, "INCEPTION", RemoteFile(f"{base}/{INCEPTION.file_name}", sha256_of(weights),
+                                                          os.path.getsize(weights), INCEPTION.what, INCEPTION.flag))
+
+
+def test_eval_fid_with_no_weights_file_fetches_the_network_once_and_offline_says_what_to_do(
+        trained, server, torch_home, fake_inception, monkeypatch, tmp_path):
+    folder, base, requested = server
+    serve_as_official(folder, base, fake_inception, monkeypatch)
+    sample = ["--inference", "--conditional", "--model_path", trained / "models" / "cond" / "ckpt.pt",
+              "--num_samples", "1", "--eval_fid", "10", "--sampler", "ddim", "--sampling_steps", "2", "--no_cuda"]
+    first = run_main(*sample, "--run_name", "first", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert (f"fetching the Inception-v3 weights of FID and IS ({format_bytes(os.path.getsize(fake_inception))}, once) "
+            f"from {base}/{INCEPTION.file_name} into {torch_home / 'hub' / 'checkpoints'}/") in first.stderr
+    assert "not the official" not in first.stderr
+    metrics = json.loads((tmp_path / "outputs" / "metrics_first.json").read_text())
+    assert metrics["fid_protocol"]["official_network"] and metrics["fid_protocol"]["network_sha256"] == \
+        sha256_of(fake_inception)
+    assert run_main(*sample, "--run_name", "second", cwd=tmp_path).returncode == 0
+    assert requested == [f"/{INCEPTION.file_name}"]  # fetched once, then read from the cache
+
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    url = closed_port_url(INCEPTION.file_name)
+    monkeypatch.setattr(ddpm_fid, "INCEPTION", RemoteFile(url, INCEPTION.sha256, INCEPTION.size, INCEPTION.what,
+                                                          INCEPTION.flag))
+    message = one_line_error(run_main(*sample, cwd=offline))
+    assert message.startswith(f"ddpm_main.py: error: could not fetch the Inception-v3 weights of FID and IS from "
+                              f"{url} (")
+    assert message.endswith("): download it by hand and pass it with --fid_inception PATH")
+    assert os.listdir(offline) == []  # nothing sampled or written
+
+
+# ------------------------------------------------------------------------------------ weights files
+
+class RunsCode:
+    """Pickled, it calls open(marker, 'w') when loaded with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def bad_weights_files(folder, fake_inception, checkpoint):
+    """{case: (path, what the error says)} of --fid_inception files that are not Inception weights."""
+    (folder / "text.pth").write_text("not weights")
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), buffer)
+    (folder / "script.pt").write_bytes(buffer.getvalue())
+    (folder / "script.pt.xz").write_bytes(lzma.compress(buffer.getvalue()))
+    torch.save({"conv.weight": torch.zeros(2, 2)}, folder / "other.pth")
+    state = torch.load(fake_inception, weights_only=True)
+    torch.save({**state, "Conv2d_1a_3x3.conv.weight": torch.full_like(state["Conv2d_1a_3x3.conv.weight"], np.nan)},
+               folder / "nan.pth")
+    return {
+        "text": (folder / "text.pth", "cannot be read as plain weights (UnpicklingError): it is damaged, or it holds "
+                                      "objects that would run code as they load, which this tool never does"),
+        "TorchScript": (folder / "script.pt", "is a TorchScript network (what older versions of this tool read); FID "
+                                              "now runs on torch-fidelity's weights file"),
+        "xz": (folder / "script.pt.xz", "is xz-compressed, as the TorchScript network older versions of this tool "
+                                        "read was"),
+        "a checkpoint": (checkpoint, "holds no state dict (a dict of tensors)"),
+        "other weights": (folder / "other.pth", "does not hold the Inception-v3 weights torch-fidelity expects "
+                                                "(RuntimeError: Error(s) in loading state_dict"),
+        "NaN weights": (folder / "nan.pth", "gives NaN or infinite features for one image: the network is broken"),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # the TorchScript case is made with torch.jit
+def test_files_that_are_not_inception_weights_are_refused_with_what_they_are(tmp_path, fake_inception, trained):
+    for case, (path, message) in bad_weights_files(tmp_path, fake_inception,
+                                                   trained / "models" / "cond" / "ckpt.pt").items():
+        with pytest.raises(UserError) as error:
+            InceptionFeatures(str(path), "cpu")
+        assert str(error.value).startswith(f"--fid_inception {str(path)!r} {message}"), (case, str(error.value))
+
+
+def test_a_weights_file_that_would_run_code_is_refused_without_running_it(tmp_path, trained):
+    marker = tmp_path / "the_code_ran"
+    torch.save({"fc.weight": RunsCode(str(marker))}, tmp_path / "runs_code.pth")
+    result = run_main("--inference", "--model_path", trained / "models" / "uncond" / "ckpt.pt", "--eval_fid", "10",
+                      "--fid_inception", tmp_path / "runs_code.pth", "--no_cuda", cwd=tmp_path)
+    assert "holds objects that would run code as they load, which this tool never does" in one_line_error(result)
+    assert not marker.exists()
+    torch.load(tmp_path / "runs_code.pth", weights_only=False)  # what torch-fidelity would have done: it runs
+    assert marker.exists()
+
+
+def test_a_file_other_than_the_official_one_is_noted_and_one_without_classifier_gives_fid_but_no_is(
+        tmp_path, fake_inception, capsys):
+    features = InceptionFeatures(fake_inception, "cpu", verbose=True)
+    assert not features.official and features.has_classifier
+    assert (f"note: --fid_inception {fake_inception!r} is not the official weights-inception-2015-12-05-6726825d.pth "
+            f"(SHA-256 {sha256_of(fake_inception)[:12]}…, official 6726825d0af5…): its FID and IS compare only with "
+            "figures read with this same file") in capsys.readouterr().err
+    state = torch.load(fake_inception, weights_only=True)
+    torch.save({**state, "fc.weight": torch.full_like(state["fc.weight"], np.nan)}, tmp_path / "no_fc.pth")
+    assert not InceptionFeatures(str(tmp_path / "no_fc.pth"), "cpu").has_classifier  # as ../shared's copy
+
+
+# -------------------------------------------------------------------------------------- the CLI, end to end
+
+def test_eval_fid_and_is_after_training_and_at_inference_with_their_protocol(tmp_path, fake_inception):
+    data = make_image_folder(str(tmp_path / "data"), per_class_train=3, num_classes=10)
+    result = run_main("--data_dir", data, "--conditional", "--epochs", "1", "--save_model", "--run_name", "f",
+                      "--eval_fid", "10", "--fid_inception", fake_inception, "--sampler", "ddim",
+                      "--sampling_steps", "2", *TINY_MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("warning: FID from 10 samples reads high against published figures, which use 50,000 (Ho et al. 2020; "
+            "some use 10,000): compare FIDs of equal sample counts") in result.stderr
+    metrics = json.loads((tmp_path / "outputs" / "metrics_f.json").read_text())
+    assert metrics["fid_samples"] == 10 and metrics["fid_sampler"] == "ddim, 2 steps, eta 0.0, guidance 3.0"
+    assert metrics["fid_protocol"] == {
+        "samples": 10, "class_balanced": True, "seed": 0, "sampler": "ddim, 2 steps, eta 0.0, guidance 3.0",
+        "reference": f"the train split at {data}", "reference_images": 30, "network_sha256": sha256_of(fake_inception),
+        "official_network": False, "is_splits": 10, "torch_fidelity": torch_fidelity.__version__}
+    assert (f"FID {metrics['fid']:.3f}, IS {metrics['inception_score']:.3f} ± {metrics['inception_score_std']:.3f}\n"
+            f"  from 10 class-balanced samples (seed 0, ddim, 2 steps, eta 0.0, guidance 3.0) against the train split "
+            f"at {data} (30 images); Inception weights {sha256_of(fake_inception)[:8]}… (not the official file)") \
+        in result.stdout
+
+    # the figures are those of the saved samples, against the cached statistics of the 30 training images
+    samples = np.load(tmp_path / "outputs" / "fid_samples_f.npz")["images"]
+    assert samples.shape == (10, 16, 16, 3) and samples.dtype == np.uint8
+    stats = np.load(os.path.join(data, "ddpm_fid_train_stats.npz"))
+    assert int(stats["n"]) == 30 and str(stats["network"]) == sha256_of(fake_inception)
+    mu, sigma, logits = InceptionFeatures(fake_inception, "cpu").statistics(samples, keep_logits=True)
+    assert metrics["fid"] == pytest.approx(frechet_distance(mu, sigma, stats["mu"], stats["sigma"]), rel=1e-6)
+    assert (metrics["inception_score"], metrics["inception_score_std"]) == pytest.approx(inception_score(logits))
+
+    inference = run_main("--inference", "--conditional", "--model_path", "models/f/ckpt.pt", "--num_samples", "2",
+                         "--eval_fid", "10", "--fid_inception", fake_inception, "--fid_ref", "test", "--run_name", "g",
+                         "--sampler", "ddim", "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
+    assert inference.returncode == 0, inference.stderr
+    protocol = json.loads((tmp_path / "outputs" / "metrics_g.json").read_text())["fid_protocol"]
+    assert (protocol["reference"], protocol["reference_images"]) == (f"the test split at {data}", 10)
+    assert int(np.load(os.path.join(data, "ddpm_fid_test_stats.npz"))["n"]) == 10
+
+
+def test_without_a_classifier_the_json_says_no_inception_score(tmp_path, fake_inception, trained):
+    state = torch.load(fake_inception, weights_only=True)
+    torch.save({**state, "fc.weight": torch.full_like(state["fc.weight"], np.nan)}, tmp_path / "no_fc.pth")
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048), dataset="folder", shape=[3, 16, 16])
+    result = run_main("--inference", "--model_path", trained / "models" / "uncond" / "ckpt.pt", "--num_samples", "1",
+                      "--eval_fid", "10", "--fid_inception", tmp_path / "no_fc.pth", "--fid_ref_stats",
+                      tmp_path / "stats.npz", "--sampler", "ddim", "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(no IS: the network file's classifier layer is not finite)" in result.stdout
+    metrics = json.loads((tmp_path / "outputs" / "metrics_uncond.json").read_text())
+    assert np.isfinite(metrics["fid"]) and metrics["inception_score"] is None and metrics["inception_score_std"] is None
+
+
+def test_eval_fid_leaves_a_seeded_commands_samples_as_they_are(tmp_path, fake_inception, trained):
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048), dataset="folder", shape=[3, 16, 16])
+    sample = ["--inference", "--model_path", trained / "models" / "uncond" / "ckpt.pt", "--num_samples", "4",
+              "--seed", "3", "--sampler", "ddim", "--sampling_steps", "2", "--no_cuda"]
+    assert run_main(*sample, "--run_name", "plain", cwd=tmp_path).returncode == 0
+    measured = run_main(*sample, "--run_name", "measured", "--eval_fid", "10", "--fid_inception", fake_inception,
+                        "--fid_ref_stats", tmp_path / "stats.npz", cwd=tmp_path)  # the network loads before sampling
+    assert measured.returncode == 0, measured.stderr
+    plain, with_fid = (np.load(tmp_path / "outputs" / f"samples_{run}.npz")["images"] for run in ("plain", "measured"))
+    assert np.array_equal(plain, with_fid)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eval_fid", "5"], "--eval_fid must be 0 (off) or a sample count of at least 10 (the Inception Score's "
+                          "splits), got 5"),
+    (["--eval_fid", "-1"], "--eval_fid must be 0 (off)"),
+    (["--fid_inception", "w.pth"], "--fid_inception sets up the FID of --eval_fid N; give --eval_fid too"),
+    (["--fid_ref", "test", "--fid_ref_stats", "s.npz"], "--fid_ref and --fid_ref_stats set up the FID of --eval_fid N"),
+    (["--eval_fid", "10", "--fid_ref", "test", "--fid_ref_stats", "s.npz"],
+     "--fid_ref picks the split whose statistics are computed, --fid_ref_stats gives statistics instead: give one"),
+    (["--eval_fid", "10", "--fid_inception", "missing.pth"], "--fid_inception 'missing.pth' is not a file"),
+    (["--eval_fid", "10", "--fid_ref", "val"], "argument --fid_ref: invalid choice: 'val'"),
+])
+def test_fid_flag_errors(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm_main.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------- against torch-fidelity and the referee
+
+class Images(torch.utils.data.Dataset):
+    """uint8 images (N, 3, H, W) as torch-fidelity takes them: a dataset of tensors."""
+
+    def __init__(self, images):
+        self.images = torch.from_numpy(images)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_fid_and_is_equal_torch_fidelity_calculate_metrics_on_the_same_images(fake_inception):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (10, 3, 32, 32), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-60, 60, a.shape), 0, 255).astype(np.uint8)
+    features = InceptionFeatures(fake_inception, "cpu")
+    mu_a, sigma_a, logits = features.statistics(a, batch_size=4, keep_logits=True)  # batches do not matter
+    mu_b, sigma_b, _ = features.statistics(b)
+    theirs = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), cuda=False, isc=True, fid=True,
+                                              samples_shuffle=False, cache=False, verbose=False, save_cpu_ram=True,
+                                              feature_extractor_weights_path=fake_inception)
+    assert frechet_distance(mu_a, sigma_a, mu_b, sigma_b) == pytest.approx(theirs["frechet_inception_distance"],
+                                                                           rel=1e-5)
+    assert inception_score(logits) == pytest.approx((theirs["inception_score_mean"], theirs["inception_score_std"]),
+                                                    rel=1e-6)
+
+
+@pytest.mark.skipif(not all(map(os.path.isfile, (SHARED_WEIGHTS, REFEREE_NET, REFEREE))),
+                    reason="the referee, its network and torch-fidelity's copy (../shared) are not beside the checkout")
+def test_fid_agrees_with_referee_within_one_percent():
+    spec = importlib.util.spec_from_file_location("referee_fid", REFEREE)
+    referee = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(referee)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (1, 32, 32, 3))
+    a = np.clip(base + rng.normal(0, 40, (16, 32, 32, 3)), 0, 255).astype(np.uint8)
+    b = np.clip(base[..., ::-1] + rng.normal(0, 60, (16, 32, 32, 3)), 0, 255).astype(np.uint8)
+    ours = InceptionFeatures(SHARED_WEIGHTS, "cpu")
+    fid_ours = frechet_distance(*ours.statistics(a)[:2], *ours.statistics(b)[:2])
+    theirs = referee.FidFeatures(REFEREE_NET, "cpu")
+    fid_referee = referee.frechet(*theirs.stats(a), *theirs.stats(b))
+    assert fid_ours == pytest.approx(fid_referee, rel=0.01)
+    assert not ours.has_classifier  # the copy has no classifier layer: IS waits for the official file
