@@ -4,7 +4,7 @@ each part's log and results to --out as it goes, so a run killed at any point st
     bench/prepare_gpu_carry.sh                        # here: the data pack, Inception, the referee and
                                                       # torch-fidelity's wheel into .carry/
     python -u bench/gpu_check.py --out $OUT           # there, sent with carry [".carry"] (models/*.pt moved out)
-    python -u bench/gpu_check.py --smoke --out DIR    # the same sequence on the CPU, tiny, in about a minute
+    python -u bench/gpu_check.py --smoke --out DIR    # the same sequence on the CPU, tiny, in a minute or two
 
 The parts, one after another, each with its own time limit (BENCHMARKS.md says which table each fills):
 
@@ -23,8 +23,8 @@ Inception weights are made from the referee's TorchScript (bench/referee_incepti
 --smoke: CPU, a generated image folder; the real network and the referee where ../shared or .carry has them, else a
 random-weight stand-in of torch-fidelity's network and no referee.
 """
-import glob
 import argparse
+import glob
 import importlib.util
 import json
 import os
