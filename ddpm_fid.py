@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
@@ -28,12 +29,13 @@ from tqdm.auto import tqdm
 
 from ddpm_data import CIFAR10_CLASSES, data_facts, describe_data, load_dataset
 from ddpm_download import RemoteFile, fetched
-from ddpm_helpers import UserError, WriteError, atomic_open
+from ddpm_helpers import UserError, WriteError, atomic_open, stderr_is_terminal
 
 # torch-fidelity's weights file (the file name carries the first 8 hex digits of its SHA-256, torch.hub's convention)
 INCEPTION = RemoteFile(URL_INCEPTION_V3, "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
                        95_628_359, "the Inception-v3 weights of FID and IS", "--fid_inception")
 INCEPTION_NAME = "inception-v3-compat"          # torch-fidelity's name for this network
+TORCH_FIDELITY_VERSION = torch_fidelity.__version__  # part of the protocol: its implementation reads the figures
 FEATURES = 2048                                 # the pool features' width
 IS_SPLITS = 10                                  # the Inception Score's splits (Salimans et al., Ho et al.)
 # images per Inception batch: a GPU wants many; on a 2-core CPU 16 read 13.6 images/s and 250 read 10.6 (BENCHMARKS.md)
@@ -140,11 +142,12 @@ def inception_score(logits, splits=IS_SPLITS):
 class InceptionFeatures:
     """Inception pool features and logits of uint8 images, resized as the standard (TF) implementations do. The
     network is run on one image as it loads: weights that give NaN are a UserError before anything uses them.
-    has_classifier: whether its logits are finite (a file without the classifier layer gives FID but no IS)."""
+    has_classifier: whether its logits are finite (a file without the classifier layer gives FID but no IS).
+    verbose: say what is fetched (with a progress bar on a terminal) and when the file is not the official one."""
 
-    def __init__(self, path, device, verbose=False, progress=False):
+    def __init__(self, path, device, verbose=False):
         self.path, self.device = path or INCEPTION.file_name, torch.device(device)
-        self.net, self.fingerprint = load_inception(path, self.device, verbose, progress)
+        self.net, self.fingerprint = load_inception(path, self.device, verbose, verbose and stderr_is_terminal())
         self.official = self.fingerprint == INCEPTION.sha256
         self.has_classifier = bool(torch.isfinite(self.net.fc.weight).all())
         self.check()

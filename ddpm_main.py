@@ -529,7 +529,7 @@ def inference_fid_reference(args, config, device):
     """--eval_fid's network (InceptionFeatures, fetched on first use) and Reference: --fid_ref_stats, else the
     statistics of the --fid_ref split at --data_dir (default: where the model was trained) of --dataset (default: the
     model's, there)."""
-    features = InceptionFeatures(args.fid_inception, device, not args.quiet, not args.quiet and stderr_is_terminal())
+    features = InceptionFeatures(args.fid_inception, device, verbose=not args.quiet)
     grayscale_fid_note(config, not args.quiet)
     if args.fid_ref_stats:
         return features, ref_statistics_file(args.fid_ref_stats, trained_data(config))

@@ -26,7 +26,7 @@ from ddpm_diffusion import Diffusion, SamplerSettings
 from ddpm_fid import InceptionFeatures, Reference, ref_statistics_file
 from ddpm_helpers import (Denoiser, Interrupted, NonFiniteError, RunFiles, UserError, all_ranks_mean, barrier,
                           choose_compile, choose_precision, describe_precision, max_over_ranks, memory_guard,
-                          plot_loss_history, save_grid, stderr_is_terminal, to_model_range, write_json)
+                          plot_loss_history, save_grid, to_model_range, write_json)
 from ddpm_sample import (MAX_CLASS_ROWS, Sampler, fid_reference, grayscale_fid_note, measure_fid_and_is,
                          measure_nll, spread)
 from ddpm_train import Reporter, TrainingStep, build_loss_scaler, build_optimizer, evaluate_loss, learning_rate
@@ -131,8 +131,7 @@ def set_up_run(settings, given, options, saved):
     data_dir = options.data_dir or (saved["config"]["data_dir"] if saved else DEFAULT_DATA_DIR)
     dataset = options.dataset or (saved["config"].get("dataset") if saved and not options.data_dir else None)
     # FID's network is fetched (once) and runs on one image now: a bad file costs seconds, not the run
-    fid_features = InceptionFeatures(options.fid_inception, options.device, not options.quiet,
-                                     not options.quiet and stderr_is_terminal()) \
+    fid_features = InceptionFeatures(options.fid_inception, options.device, verbose=not options.quiet) \
         if options.eval_fid and options.rank == 0 else None
     start = time.perf_counter()
     data = load_dataset(data_dir, dataset)
@@ -150,8 +149,7 @@ def set_up_run(settings, given, options, saved):
         os.makedirs(options.files.ckpt_dir, exist_ok=True)
     train_loader, eval_loaders = device_loaders(data, train_idx, val_idx, config, options)
     return Run(options=options, config=config, fid_ref_images=data[f"{options.fid_ref}_images"],
-               train_loader=train_loader,
-               eval_loaders=eval_loaders, **build_networks(config, options),
+               train_loader=train_loader, eval_loaders=eval_loaders, **build_networks(config, options),
                report=Reporter(options.quiet, options.tensorboard, options.rank == 0), decode_s=decode_s,
                fid_features=fid_features, fid_ref_stats=fid_ref_stats)
 

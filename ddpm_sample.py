@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch_fidelity
 
 from tqdm.auto import tqdm
 
 from ddpm_checkpoint import build_diffusion, data_conflicts, trained_data
 from ddpm_data import crop_to_data, data_facts, load_dataset, pad_to_side
 from ddpm_diffusion import Diffusion, SamplerSettings, generate, guidance_sweep, seeded_rng
-from ddpm_fid import IS_SPLITS, frechet_distance, inception_score, reference_statistics
+from ddpm_fid import IS_SPLITS, TORCH_FIDELITY_VERSION, frechet_distance, inception_score, reference_statistics
 from ddpm_helpers import (Denoiser, UserError, atomic_open, choose_compile, choose_precision, describe_precision,
                           plot_bound_terms, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
                           to_model_range, to_uint8, write_json)
@@ -192,7 +191,7 @@ def measure_fid_and_is(sampler, num_samples, seed, features, reference, samples_
     protocol = {"samples": num_samples, "class_balanced": labels is not None, "seed": seed,
                 "sampler": settings.describe(), "reference": reference.source, "reference_images": reference.images,
                 "network_sha256": features.fingerprint, "official_network": features.official,
-                "is_splits": IS_SPLITS, "torch_fidelity": torch_fidelity.__version__}
+                "is_splits": IS_SPLITS, "torch_fidelity": TORCH_FIDELITY_VERSION}
     if verbose:
         is_text = (f", IS {score:.3f} ± {score_std:.3f}" if score is not None else
                    " (no IS: the network file's classifier layer is not finite)")

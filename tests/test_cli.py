@@ -149,6 +149,16 @@ BAD_ARGUMENTS = [
     (["--inference", "--model_path", SHIPPED, "--num_samples", "1000000000000"],
      "this would need at least 12.3 PB of memory (12.3 PB to hold 1,000,000,000,000 samples) and this machine has "),
     (["--inference", "--model_path", SHIPPED, "--sample_classes", "3"], "it goes with --inference --conditional"),
+    (["--time_budget_min", "0"], "--time_budget_min must be greater than 0"),
+    (["--eval_fid", "5"], "--eval_fid must be 0 (off) or a sample count of at least 10 (the Inception Score's "
+                          "splits), got 5"),
+    (["--eval_fid", "-1"], "--eval_fid must be 0 (off)"),
+    (["--fid_inception", "w.pth"], "--fid_inception sets up the FID of --eval_fid N; give --eval_fid too"),
+    (["--fid_ref", "test", "--fid_ref_stats", "s.npz"], "--fid_ref and --fid_ref_stats set up the FID of --eval_fid N"),
+    (["--eval_fid", "10", "--fid_ref", "test", "--fid_ref_stats", "s.npz"],
+     "--fid_ref picks the split whose statistics are computed, --fid_ref_stats gives statistics instead: give one"),
+    (["--eval_fid", "10", "--fid_inception", "missing.pth"], "--fid_inception 'missing.pth' is not a file"),
+    (["--eval_fid", "10", "--fid_ref", "val"], "argument --fid_ref: invalid choice: 'val'"),
 ]
 
 

@@ -20,7 +20,6 @@ import torch_fidelity
 from torch import nn
 
 import ddpm_fid
-import ddpm_main
 from conftest import ROOT, TINY_MODEL, make_image_folder, run_main
 from ddpm_download import RemoteFile, cache_folder, fetched, sha256_of
 from ddpm_fid import INCEPTION, IS_SPLITS, InceptionFeatures, frechet_distance, inception_score
@@ -334,25 +333,6 @@ def test_eval_fid_leaves_a_seeded_commands_samples_as_they_are(tmp_path, fake_in
     assert measured.returncode == 0, measured.stderr
     plain, with_fid = (np.load(tmp_path / "outputs" / f"samples_{run}.npz")["images"] for run in ("plain", "measured"))
     assert np.array_equal(plain, with_fid)
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--eval_fid", "5"], "--eval_fid must be 0 (off) or a sample count of at least 10 (the Inception Score's "
-                          "splits), got 5"),
-    (["--eval_fid", "-1"], "--eval_fid must be 0 (off)"),
-    (["--fid_inception", "w.pth"], "--fid_inception sets up the FID of --eval_fid N; give --eval_fid too"),
-    (["--fid_ref", "test", "--fid_ref_stats", "s.npz"], "--fid_ref and --fid_ref_stats set up the FID of --eval_fid N"),
-    (["--eval_fid", "10", "--fid_ref", "test", "--fid_ref_stats", "s.npz"],
-     "--fid_ref picks the split whose statistics are computed, --fid_ref_stats gives statistics instead: give one"),
-    (["--eval_fid", "10", "--fid_inception", "missing.pth"], "--fid_inception 'missing.pth' is not a file"),
-    (["--eval_fid", "10", "--fid_ref", "val"], "argument --fid_ref: invalid choice: 'val'"),
-])
-def test_fid_flag_errors(argv, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        ddpm_main.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert os.listdir(tmp_path) == []
 
 
 # ------------------------------------------------------------------- against torch-fidelity and the referee
