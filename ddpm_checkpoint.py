@@ -11,7 +11,8 @@ A checkpoint is one dict that loads with torch.load(path, weights_only=True):
     optimizer          AdamW's state (last.pt and ckpt.pt; best.pt and exports leave it out)
     rng                the CPU (and CUDA) generator states, for an exact resume
     grad_scaler        fp16's loss-scaler state (None when the run trained in bf16 or fp32)
-    epoch, step, batch_in_epoch, epoch_loss_sum, best_val, skipped_steps, history, timing    the TrainingState
+    epoch, step, batch_in_epoch, epoch_loss_sum, best_val, skipped_steps, history, timing, budget_spent
+                       the TrainingState
 
 An export for inference (export_for_inference) keeps format, version, config, versions and the EMA weights in bf16.
 
@@ -33,7 +34,7 @@ from ddpm_diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, Diffusion, Sample
 from ddpm_helpers import (PRECISIONS, RUN_NAME_CHARACTERS, NonFiniteError, UserError, atomic_torch_save, check_memory,
                           sanitized_run_name, write_json)
 from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig, build_unet
-from ddpm_train import LR_DECAYS
+from ddpm_train import LR_DECAYS, WALL_PARTS
 
 CHECKPOINT_FORMAT = "ddpm-cifar10"
 CHECKPOINT_VERSION = 1
@@ -64,7 +65,7 @@ COMMAND_LINE_SETTINGS = FIXED_SETTINGS + ADJUSTABLE_SETTINGS + RUN_SETTINGS
 DERIVED_KEYS = ("model", "num_classes", "dataset", "classes", "channels", "data_size", "image_size", "num_train",
                 "num_val", "num_test", "global_batch_size")
 
-TIMING_KEYS = ("decode_s", "compile_s", "train_s", "eval_s", "sample_s")
+TIMING_KEYS = (*WALL_PARTS, "wall_s")  # seconds per activity, and the wall time used in all
 
 
 def training_config(flags, data_facts, saved_config=None, given=()):
@@ -213,12 +214,14 @@ class TrainingState:
     skipped_steps: int = 0         # fp16 steps the loss scaler skipped because their gradients overflowed
     history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "test_loss": [], "epochs": []})
     timing: dict = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))  # seconds per activity
+    budget_spent: bool = False     # the time budget stopped training (a resume needs a larger one)
 
     @classmethod
     def from_checkpoint(cls, ckpt):
         position = {key: ckpt[key] for key in ("epoch", "step", "batch_in_epoch", "epoch_loss_sum", "best_val")}
         return cls(**position, skipped_steps=ckpt.get("skipped_steps", 0), history=ckpt["history"],
-                   timing={key: ckpt["timing"].get(key, 0.0) for key in TIMING_KEYS})
+                   timing={key: ckpt["timing"].get(key, 0.0) for key in TIMING_KEYS},
+                   budget_spent=ckpt.get("budget_spent") is True)
 
     def record_evaluation(self, epoch, train_loss, val_loss, test_loss):
         """Append an evaluated epoch to the history; True when its validation loss is the best so far."""

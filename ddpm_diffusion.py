@@ -108,15 +108,17 @@ class SamplerSettings:
             raise ValueError(f"sampling steps must be in 1..{timesteps} (the model's T), got {steps}")
         return dataclasses.replace(self, steps=steps)
 
-    def describe(self):
-        """As metrics files record it, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance 1.5'."""
+    def describe(self, guided=True):
+        """As metrics files record it, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance 1.5'; without the guidance
+        when not guided (an unconditional model, or a conditional one sampled with the null label)."""
         steps = f"{self.steps or 'default'} steps"
         if self.sampler == "dpm++2m":
             steps += f" ({self.spacing} spacing)"
         noise = f", eta {self.eta}" if self.sampler == "ddim" else ""
         interval = (f" for σ in ({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
                     if self.guidance_interval is not None else "")
-        return f"{self.sampler}, {steps}{noise}, guidance {self.guidance_scale}{interval}"
+        guidance = f", guidance {self.guidance_scale}{interval}" if guided else ""
+        return f"{self.sampler}, {steps}{noise}{guidance}"
 
 
 def extract(a, t, shape):

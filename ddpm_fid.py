@@ -11,11 +11,13 @@ network made it (the SHA-256 of the weights file), from which images and of what
 them differs. The network is run on one image as it loads, and statistics are checked (finite, mu (2048,), sigma
 (2048, 2048) symmetric) before they are cached or used. Grayscale images are repeated into Inception's three
 channels."""
+import functools
 import hashlib
 import io
 import os
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 
@@ -159,6 +161,14 @@ class InceptionFeatures:
         if not torch.isfinite(features).all():
             raise UserError(f"--fid_inception {self.path!r} gives NaN or infinite features for one image: the "
                             "network is broken")
+
+    @functools.cached_property
+    def seconds_per_image(self, count=4):
+        """Seconds per image of one batch of `count` (after check's first call): what a time budget counts."""
+        images = np.zeros((count, 32, 32, 3), dtype=np.uint8)
+        start = time.perf_counter()
+        self(images)[0].cpu()  # on the CPU: the device has finished
+        return (time.perf_counter() - start) / count
 
     @torch.no_grad()
     def __call__(self, images_uint8):

@@ -509,9 +509,14 @@ class Denoiser:
 
 # ------------------------------------------------------------------------------- distributed
 
+CONTROL_GROUP = None  # under NCCL, the gloo group whose all-reduces of host numbers never wait for the GPU
+
+
 def init_distributed(use_cuda):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU) and return
-    (rank, world_size, local_rank); otherwise (0, 1, 0) and nothing changes."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU), with a gloo group beside
+    NCCL for the ranks' decisions (max_over_ranks), and return (rank, world_size, local_rank); otherwise (0, 1, 0)
+    and nothing changes."""
+    global CONTROL_GROUP
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, 0
@@ -521,6 +526,7 @@ def init_distributed(use_cuda):
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    CONTROL_GROUP = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -536,13 +542,12 @@ def all_ranks_mean(value, world_size):
 
 def max_over_ranks(values, world_size):
     """The element-wise maximum of a list of numbers (or booleans) over ranks, as floats, so that every
-    rank takes the same decision."""
+    rank takes the same decision: one all-reduce of a CPU tensor (through gloo, never waiting for a GPU)."""
     if world_size == 1:
         return [float(v) for v in values]
     import torch.distributed as dist
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=CONTROL_GROUP)
     return t.tolist()
 
 

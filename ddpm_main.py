@@ -24,16 +24,17 @@ from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS
 from ddpm_fid import INCEPTION, IS_SPLITS, REFERENCE_SPLITS, InceptionFeatures, ref_statistics_file
 from ddpm_helpers import (COMPILE_CHOICES, PRECISIONS, STOPPING_ERRORS, NonFiniteError, RunFiles, TrainingError,
                           UserError, WriteError, check_run_name, check_writable_folder, exit_status,
-                          failure_text, init_distributed, memory_guard, require_finite, stderr_is_terminal,
-                          write_json)
+                          failure_text, init_distributed, memory_guard, require_finite, sanitized_run_name,
+                          stderr_is_terminal, write_json)
 from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig
 from ddpm_presets import PRESETS, presets_help
-from ddpm_run import (GRID_UNCONDITIONAL, SAMPLE_REMEDY, TrainingOptions, diverged_message, finish, set_up_run,
-                      start_or_resume, train_epochs, write_failed_message)
+from ddpm_run import (EVAL_IMAGES, GRID_PER_CLASS, GRID_UNCONDITIONAL, SAMPLE_REMEDY, SignalFlag, StopRequested,
+                      TrainingOptions, diverged_message, finish, set_up_run, start_or_resume, stop_on_signal,
+                      train_epochs, write_failed_message)
 from ddpm_sample import (MAX_CLASS_ROWS, STRIP_COLUMNS, STRIP_ROWS, class_cycle, class_indices, fid_reference,
                          grayscale_fid_note, measure_fid_and_is, measure_nll, nll_test_images, parse_classes,
                          prepare_sampler, save_samples, write_denoising_strip, write_guidance_sweep)
-from ddpm_train import LR_DECAYS, LOG_LINE_SECONDS, TrainingClock
+from ddpm_train import LR_DECAYS, LOG_LINE_SECONDS, WALL_PARTS
 
 # --------------------------------------------------------------------------------------- CLI
 
@@ -139,7 +140,8 @@ def build_parser():
                    help="also write last.pt after this many minutes without one, mid-epoch included: a killed run "
                    "loses at most this much")
     g.add_argument("--eval_every", type=int, default=1,
-                   help="epochs between validation/test losses, grids and plots (the last epoch always)")
+                   help=f"epochs between validation/test losses (on {EVAL_IMAGES:,} images of each split), grids and "
+                   "plots (the last epoch always)")
     g.add_argument("--save_model", action="store_true", help="also write models/<run_name>/ckpt.pt at the end")
     g.add_argument("--models_dir", default="models", help="checkpoints go to <models_dir>/<run_name>/")
     g.add_argument("--log_interval", type=int, default=100,
@@ -150,8 +152,9 @@ def build_parser():
                    "--lr_decay, --warmup_steps, --epochs, --time_budget_min, --precision, the intervals, folders and "
                    "sampling flags may change, the model and diffusion may not")
     g.add_argument("--time_budget_min", type=float,
-                   help="stop training after this many minutes of training steps in all (a resumed run counts "
-                   "what it spent before), then finish cleanly (default: no limit)")
+                   help="the whole run's wall-clock minutes, evaluation, pictures, checkpoints and --eval_fid / "
+                   "--eval_nll included (a resumed run counts what it used before): training stops when what is left "
+                   "covers only the end-of-run work, estimated from the measured speed (default: no limit)")
     g.add_argument("--tensorboard", metavar="DIR",
                    help="also log to TensorBoard in DIR: loss and lr at read-outs, img/s, validation/test losses, "
                    "FID and the per-epoch grids (needs the tensorboard package; view with tensorboard --logdir DIR)")
@@ -159,7 +162,9 @@ def build_parser():
     g = p.add_argument_group("inference")
     g.add_argument("--inference", action="store_true", help="sample from --model_path instead of training")
     g.add_argument("--model_path", help="checkpoint to sample from")
-    g.add_argument("--num_samples", type=int, default=64, help="images to generate")
+    g.add_argument("--num_samples", type=int,
+                   help="images to generate (default: whole rows, 8 of each class for a conditional model, else 64; "
+                   "with --eval_fid only FID's samples unless this is given)")
     g.add_argument("--sample_classes", help="comma list of class indices or names (e.g. 3,5 or cat,dog), cycled to "
                    f"--num_samples (default: all the model's classes; a sweep's first {MAX_CLASS_ROWS})")
     g.add_argument("--guidance_sweep", type=float_list, metavar="W,W,...",
@@ -217,7 +222,7 @@ def build_parser():
 
     g = p.add_argument_group("general")
     g.add_argument("--run_name", help="names the checkpoint folder and output files (default: DDPM; at inference "
-                   "the checkpoint's run name)")
+                   "the --model_path folder's name for a ckpt.pt, last.pt or best.pt, else the file's)")
     g.add_argument("--save_dir", default="outputs", help="folder for grids, samples and JSON")
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same results on CPU)")
     g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
@@ -418,15 +423,16 @@ def train(args):
     run = set_up_run(command_line_settings(args, saved), args.given, training_options(args), saved)
     with run.report:
         state = start_or_resume(run, saved)
-        clock = TrainingClock(state.timing, run.config["time_budget_min"], run.train_step.denoiser.compiled,
-                              run.device)
-        try:
-            train_epochs(run, state, clock)
-            finish(run, state, clock)
-        except NonFiniteError as e:
-            raise TrainingError(diverged_message(run, e)) from None
-        except WriteError as e:
-            raise TrainingError(write_failed_message(run, e)) from None
+        with SignalFlag(immediate=run.world_size == 1) as run.signals:
+            try:
+                train_epochs(run, state, run.clock)
+                finish(run, state, run.clock)
+            except StopRequested as e:
+                stop_on_signal(run, state, str(e))
+            except NonFiniteError as e:
+                raise TrainingError(diverged_message(run, e)) from None
+            except WriteError as e:
+                raise TrainingError(write_failed_message(run, e)) from None
 
 
 def resumed_checkpoint(args):
@@ -441,8 +447,24 @@ def resumed_checkpoint(args):
     check_run_memory(pick_device(args), args.sample_batch, UNetConfig.from_dict(config["model"]), config["timesteps"],
                      config["image_size"], max(GRID_UNCONDITIONAL, args.eval_fid), training=True, guided=False)
     check_fixed_settings(config, vars(args), args.given)
+    check_budget_left(saved, args)
     args.resume = path
     return saved
+
+
+def check_budget_left(saved, args):
+    """UserError, saying how to give more time, when a resumed run's time budget is spent: the time budget stopped it
+    and the budget is not raised, or the budget is no more than the wall time the run has used."""
+    budget = args.time_budget_min if "time_budget_min" in args.given else saved["config"]["time_budget_min"]
+    if not budget:
+        return
+    timing = {key: value for key, value in saved["timing"].items() if isinstance(value, (int, float))}
+    used_min = (timing.get("wall_s") or sum(timing.get(key, 0.0) for key in WALL_PARTS)) / 60
+    stopped = saved.get("budget_spent") is True and budget <= (saved["config"]["time_budget_min"] or 0)
+    if stopped or used_min >= budget:
+        raise UserError(f"--resume: the time budget is spent ({used_min:.1f} min used of --time_budget_min "
+                        f"{budget:g}, which counts the whole run); to train on, give a larger total, e.g. "
+                        f"--time_budget_min {math.ceil(used_min + budget):g}")
 
 
 def command_line_settings(args, saved):
@@ -469,11 +491,14 @@ def inference(args):
     device = pick_device(args)
     ckpt, model = load_sampling_model(args.model_path)
     config = ckpt["config"]
-    args.run_name = args.run_name or stored_run_name(config, args.model_path)
+    args.run_name = args.run_name or inference_run_name(args.model_path, config)
     files, verbose = run_files(args), not args.quiet
     settings = sampler_settings(args, saved_sampler_settings(config), config["timesteps"])
     check_against_model(args, config, settings)
-    sampler = prepare_sampler(model, config, settings, device, args.precision, args.compile, args.sample_batch, verbose)
+    job = (("computing the bound", f"all {config['timesteps']} steps of p_θ, σ_t² {args.nll_variance}") if args.eval_nll
+           else ("sampling", settings.describe(guided=args.conditional)))
+    sampler = prepare_sampler(model, config, settings, device, args.precision, args.compile, args.sample_batch, verbose,
+                              job)
     torch.manual_seed(args.seed)
     if args.guidance_sweep:
         return write_guidance_sweep(sampler, args.guidance_sweep, args.sample_classes, args.seed, files, verbose)
@@ -489,15 +514,18 @@ def inference(args):
     if args.eval_fid:  # the reference first: one of another dataset stops before anything is written
         features, reference = inference_fid_reference(args, config, device)
     reference_s = time.perf_counter() - start
-    labels = class_cycle(classes, args.num_samples, device) if classes else None
-    start = time.perf_counter()
-    with memory_guard(f"sampling {args.num_samples} images", SAMPLE_REMEDY):
-        images = sampler.sample(args.num_samples, labels, progress=verbose and stderr_is_terminal())
-    require_finite(images, "the samples")
-    save_samples(sampler, images, labels, files, len(classes) if classes else None, time.perf_counter() - start,
-                 verbose)
+    if "num_samples" in args.given or not args.eval_fid:  # --eval_fid alone writes FID's samples only
+        num_samples = args.num_samples or whole_rows(classes)
+        labels = class_cycle(classes, num_samples, device) if classes else None
+        start = time.perf_counter()
+        with memory_guard(f"sampling {num_samples} images", SAMPLE_REMEDY):
+            images = sampler.sample(num_samples, labels, progress=verbose and stderr_is_terminal())
+        require_finite(images, "the samples")
+        save_samples(sampler, images, labels, files, len(classes) if classes else None, time.perf_counter() - start,
+                     verbose)
     if args.eval_fid:
         start = time.perf_counter()
+        os.makedirs(files.save_dir, exist_ok=True)
         measured = measure_fid_and_is(sampler, args.eval_fid, args.seed, features, reference,
                                       files.output("fid_samples"), verbose)
         write_json({"run_name": args.run_name, "model_path": args.model_path, **measured,
@@ -505,10 +533,32 @@ def inference(args):
                     "device": str(device), "precision": sampler.denoiser.precision}, files.output("metrics"))
 
 
+def inference_run_name(model_path, config):
+    """What inference names its outputs: the name the user sees in --model_path, the run folder of a file the tool
+    wrote (models/<name>/ckpt.pt → <name>), else the file's own (downloads/ho2020.pt → ho2020); the checkpoint's stored
+    run name where that is not a valid run name."""
+    path = os.path.abspath(model_path)
+    name = os.path.basename(os.path.dirname(path)) if os.path.basename(path) in CHECKPOINT_FILES else \
+        os.path.splitext(os.path.basename(path))[0]
+    return name if sanitized_run_name(name) == name else stored_run_name(config, model_path)
+
+
+CHECKPOINT_FILES = ("ckpt.pt", "last.pt", "best.pt")  # what training writes into models/<run_name>/
+
+
+def whole_rows(classes):
+    """The default --num_samples: a grid of whole rows, GRID_PER_CLASS rows of a column per class (at most
+    MAX_CLASS_ROWS classes; with more, one image of each), else GRID_UNCONDITIONAL (8 × 8)."""
+    if classes is None:
+        return GRID_UNCONDITIONAL
+    return len(classes) * GRID_PER_CLASS if len(classes) <= MAX_CLASS_ROWS else len(classes)
+
+
 def check_against_model(args, config, settings):
     """Inference flags that the checkpoint's config can contradict, and what they ask of memory for this model sampled
     with these settings (exit status 2, nothing written)."""
-    kept = len(args.guidance_sweep) * MAX_CLASS_ROWS if args.guidance_sweep else args.num_samples + args.eval_fid
+    kept = len(args.guidance_sweep) * MAX_CLASS_ROWS if args.guidance_sweep else \
+        (args.num_samples or whole_rows(config["classes"] if args.conditional else None)) + args.eval_fid
     check_run_memory(pick_device(args), args.sample_batch, UNetConfig.from_dict(config["model"]), config["timesteps"],
                      config["image_size"], kept, training=False,
                      guided=args.conditional and settings.guidance_scale not in (0, 1))
@@ -521,7 +571,9 @@ def check_against_model(args, config, settings):
     if args.sample_classes:  # now with a conditional model (check_flag_combinations)
         args.sample_classes = class_indices(args.sample_classes, config["classes"])
     if num_classes is not None and not args.conditional:
-        print("note: conditional checkpoint sampled without --conditional: drawing unconditional samples "
+        print("note: conditional checkpoint without --conditional: the bound of its unconditional model (null label); "
+              "add --conditional for the bound given each image's class" if args.eval_nll else
+              "note: conditional checkpoint sampled without --conditional: drawing unconditional samples "
               "(null label); add --conditional for class-guided samples", file=sys.stderr)
 
 
@@ -559,9 +611,11 @@ def parse_command_line(parser, argv):
 
 
 def main(argv=None):
+    started = time.perf_counter()  # the time budget's wall clock starts here
     parser = build_parser()
     args = parse_command_line(parser, argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.started = started
     args.given = flags_given(parser, args, args.argv)
     check_args(args, parser)
     args.rank, args.world_size, args.local_rank = (0, 1, 0) if args.inference else \

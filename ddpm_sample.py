@@ -85,15 +85,15 @@ def class_cycle(classes, n, device):
     return torch.tensor(classes, dtype=torch.long).repeat(math.ceil(n / len(classes)))[:n].to(device)
 
 
-def prepare_sampler(model, config, settings, device, precision, compile, batch_size, verbose):
+def prepare_sampler(model, config, settings, device, precision, compile, batch_size, verbose, job):
     """A checkpoint's network (on the CPU) as a Sampler on the device, at the precision (--precision) and compilation
-    (--compile) chosen for it; says how it samples when verbose."""
+    (--compile) chosen for it; when verbose, says what it does with it: job, e.g. ('sampling', settings.describe())."""
     precision, precision_why = choose_precision(precision, device)
     model = model.to(device, memory_format=torch.channels_last).eval()
     denoiser = Denoiser(model, choose_compile(compile, device), precision)
     if verbose:
-        print(f"sampling on {device} in {describe_precision(precision)} ({precision_why}"
-              f"{', compiled' if denoiser.compiled else ''}): {settings.describe()}", flush=True)
+        print(f"{job[0]} on {device} in {describe_precision(precision)} ({precision_why}"
+              f"{', compiled' if denoiser.compiled else ''}): {job[1]}", flush=True)
     return Sampler(build_diffusion(config, device), denoiser, settings, config, batch_size)
 
 
@@ -152,7 +152,7 @@ def write_denoising_strip(sampler, rows, classes, seed, files, verbose):
                        [f"t = {steps[i] + 1}" if i + 1 < len(trace) else "x_0" for i in picks])
     if verbose:
         print(f"denoising strip ({rows} samples, x̂_0 at {len(picks)} of {len(trace)} steps, "
-              f"{sampler.settings.describe()}): {path}", flush=True)
+              f"{sampler.settings.describe(guided=classes is not None)}): {path}", flush=True)
 
 
 def grayscale_fid_note(config, verbose):

@@ -22,6 +22,7 @@ GRAD_CLIP_NORM = 1.0  # as in Ho et al.'s training
 FP16_INIT_SCALE = 2.0 ** 16  # the loss scale fp16 training starts from (GradScaler's default)
 LR_DECAYS = ("none", "cosine")  # after warm-up: constant, or cosine-decayed to 0
 LOG_LINE_SECONDS = 60  # without a terminal, the least time between two training log lines
+WALL_PARTS = ("decode_s", "compile_s", "train_s", "eval_s", "sample_s")  # the timed parts of a run's wall time
 
 
 def learning_rate(config, step, progress):
@@ -147,18 +148,30 @@ def evaluate_loss(diffusion, denoiser, loader, conditional, loss_type):
 
 
 class TrainingClock:
-    """Where training time goes, and how much of the time budget (minutes; None: none) the steps have used.
+    """The run's wall clock against its time budget (minutes; None: none), and where the time goes.
 
-    timing is the TrainingState's dict (decode_s, compile_s, train_s, eval_s, sample_s; fid_s at the end), so
-    it survives a resume. With compiles=True (torch.compile, on CUDA or asked for on the CPU), a step that meets a
-    new batch size compiles, and is timed apart as compile_s, the device's queue drained before and after it: the
-    budget counts training steps only."""
+    The budget covers the whole run: set-up, training steps, evaluations, pictures, checkpoints and the end-of-run
+    work; a resumed run goes on from the wall time its checkpoint says it used (timing['wall_s']). Training stops
+    when what is left would only cover the end-of-run work, reserve_s seconds (ddpm_run estimates it from the
+    measured speeds here), and the lr's cosine decay (progress) reaches its end there.
 
-    def __init__(self, timing, budget_min, compiles, device=torch.device("cpu")):
+    timing is the TrainingState's dict (decode_s, compile_s, train_s, eval_s, sample_s, wall_s; fid_s and nll_s at
+    the end), so it survives a resume. With compiles=True (torch.compile, on CUDA or asked for on the CPU), a step
+    that meets a new batch size compiles, and is timed apart as compile_s, the device's queue drained before and
+    after it."""
+
+    def __init__(self, timing, budget_min, compiles, device=torch.device("cpu"), started=None):
         self.timing, self.budget_min, self.compiles, self.device = timing, budget_min, compiles, device
+        self.started = time.perf_counter() if started is None else started  # this session's start
+        # wall time of the sessions before this one (older checkpoints kept no wall_s: their parts' sum)
+        self.used_before = timing.get("wall_s") or sum(timing.get(key, 0.0) for key in WALL_PARTS)
         self.compiled_batch_sizes = set()
-        self.agreed_progress = self.spent()  # the budget fraction all ranks last agreed on (the lr follows it)
-        self.epoch_start, self.untimed = time.perf_counter(), 0.0
+        self.reserve_s = 0.0             # the end-of-run work's estimated seconds (set by the run)
+        self.session_images, self.session_train_s = 0, 0.0  # this session's trained images and their seconds
+        self.eval_rate = None            # measured seconds per image of a no-grad forward (None: not yet)
+        self.save_s = 0.0                # seconds the last checkpoint write took
+        self.agreed_progress = self.progress()  # the lr's progress all ranks last agreed on
+        self.epoch_start, self.untimed = None, 0.0  # epoch_start: None between epochs
 
     def start_epoch(self):
         self.epoch_start, self.untimed = time.perf_counter(), 0.0
@@ -177,29 +190,62 @@ class TrainingClock:
             self.untimed += seconds
             self.timing["compile_s"] += seconds
             self.compiled_batch_sizes.add(batch_size)
+        else:
+            self.session_images += batch_size
 
     def epoch_seconds(self):
-        """Training seconds of the current epoch so far (compiling steps excluded)."""
-        return time.perf_counter() - self.epoch_start - self.untimed
+        """Training seconds of the current epoch so far (compiling steps excluded; 0 between epochs)."""
+        return time.perf_counter() - self.epoch_start - self.untimed if self.epoch_start is not None else 0.0
 
     def end_epoch(self):
         """Adds the epoch's training seconds to train_s and returns them."""
         seconds = self.epoch_seconds()
+        self.epoch_start = None
         self.timing["train_s"] += seconds
+        self.session_train_s += seconds
         return seconds
 
-    def spent(self, running_epoch_s=0.0):
-        """The fraction of the budget that training steps have used (0 without a budget)."""
+    def used_s(self):
+        """Wall seconds the run has used, earlier sessions included."""
+        return self.used_before + time.perf_counter() - self.started
+
+    def stamp(self):
+        """timing['wall_s'] brought up to now, for a checkpoint about to be written."""
+        self.timing["wall_s"] = self.used_s()
+
+    def training_left_s(self):
+        """Seconds of the budget left for training steps: what is left less the end-of-run work's (inf: no budget)."""
+        if not self.budget_min:
+            return math.inf
+        return self.budget_min * 60 - self.used_s() - self.reserve_s
+
+    def out_of_time(self):
+        return self.training_left_s() <= 0
+
+    def progress(self, running_epoch_s=0.0):
+        """How far training is through the time it gets, in [0, 1] (0 without a budget): its seconds so far against
+        those and the training time left."""
         if not self.budget_min:
             return 0.0
-        return (self.timing["train_s"] + running_epoch_s) / (self.budget_min * 60)
+        trained, left = self.timing["train_s"] + running_epoch_s, max(0.0, self.training_left_s())
+        return trained / (trained + left) if trained + left > 0 else 1.0
 
-    def out_of_time(self, running_epoch_s=0.0):
-        return self.spent(running_epoch_s) >= 1
+    def minutes_left(self):
+        """Minutes of the budget left, the end-of-run work's included (None without a budget)."""
+        return max(0.0, self.budget_min - self.used_s() / 60) if self.budget_min else None
 
-    def minutes_left(self, running_epoch_s=0.0):
-        """Minutes of the budget left (None without a budget)."""
-        return max(0.0, self.budget_min * (1 - self.spent(running_epoch_s))) if self.budget_min else None
+    def forward_s_per_image(self):
+        """Seconds a no-grad forward of the network takes per image: measured by an evaluation, else a third of a
+        training step's (forward and backward: about three forwards); 0 before any step."""
+        if self.eval_rate is not None:
+            return self.eval_rate
+        trained_s = self.session_train_s + self.epoch_seconds()
+        return trained_s / self.session_images / 3 if self.session_images else 0.0
+
+    def record_forwards(self, seconds, images):
+        """An evaluation's measured forward speed: `images` images in `seconds`."""
+        if images:
+            self.eval_rate = seconds / images
 
     @contextlib.contextmanager
     def timed(self, key):
@@ -265,14 +311,16 @@ class Reporter:
         self.scalars(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s,
                             **({"train/fp16_skipped_steps": skipped} if skipped is not None else {})})
 
-    def epoch_done(self, epoch, step, train_loss, losses, images_per_s):
-        """losses: {'val_loss', 'test_loss'} on evaluated epochs, else None."""
+    def epoch_done(self, epoch, step, train_loss, losses, images_per_s, cut_short=None):
+        """losses: {'val_loss', 'test_loss'} on evaluated epochs, else None; cut_short: how much of the epoch the
+        time budget left done ('34 of 703 batches'), None for a whole one."""
         if losses:
             self.epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{losses['val_loss']:.4f}")
         if self.verbose and not self.bars:  # a line per epoch where there are no bars (logs, pipes)
             evaluated = f"  val {losses['val_loss']:.4f}  test {losses['test_loss']:.4f}" if losses else ""
-            print(f"epoch {epoch}/{self.total_epochs}  train {train_loss:.4f}{evaluated}  ({images_per_s:.0f} img/s)",
-                  flush=True)
+            part = f" ({cut_short})" if cut_short else ""
+            print(f"epoch {epoch}/{self.total_epochs}{part}  train {train_loss:.4f}{evaluated}  "
+                  f"({images_per_s:.0f} img/s)", flush=True)
         self.scalars(step, {"epoch/train_loss": train_loss, "epoch/images_per_s": images_per_s,
                             **{f"epoch/{key}": value for key, value in (losses or {}).items()}})
 

@@ -10,8 +10,9 @@ The parts, one after another, each with its own time limit (BENCHMARKS.md says w
 
   1 speed     bench/bench.py at GPU sizes: seed-style pipeline, the fast path at each precision (the
               compile's warm-up timed apart), sampling                          1_speed.txt, 1_speed.json
-  2 cli       ddpm_main.py as a newcomer runs it, on the real data: one minute of training with
-              --compile on, then inference with each sampler                    2_cli.txt, 2_cli.json
+  2 cli       ddpm_main.py as a newcomer runs it, on the real data: a one-minute run with --compile on
+              (the budget holds the compile and the evaluation), then inference
+              with each sampler                                                 2_cli.txt, 2_cli.json
   3 speedrun  bench/speedrun.py, conditional, its training sized to the time left: train, 10,000
               samples, the referee's FID, the bf16 export                       3_speedrun.txt, 3_speedrun.json,
                                                                                 3_cifar10_cond_speedrun.pt,

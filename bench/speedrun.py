@@ -65,7 +65,8 @@ def build_parser():
     p.add_argument("--net", help="the referee's TF-Inception TorchScript (.pt.xz)")
     p.add_argument("--ref_stats", help="reference statistics npz for the referee (default: the training images)")
     p.add_argument("--unconditional", action="store_true", help="train without labels (default: conditional + CFG)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training-time budget")
+    p.add_argument("--minutes", type=float, default=5.0, help="the training run's budget (--time_budget_min: the whole run, its final losses, grid "
+                   "and checkpoints included)")
     p.add_argument("--guidance_scale", type=float, default=1.5,
                    help="CFG w the checkpoint (and the export) carries, and the FID samples use")
     p.add_argument("--num_fid", type=int, default=10000, help="samples for FID")

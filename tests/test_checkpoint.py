@@ -127,13 +127,14 @@ def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_state():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).sum().backward()
     optimizer.step()
-    state = TrainingState(epoch=3, step=40, batch_in_epoch=2, epoch_loss_sum=0.5, best_val=0.25, skipped_steps=6)
+    state = TrainingState(epoch=3, step=40, batch_in_epoch=2, epoch_loss_sum=0.5, best_val=0.25, skipped_steps=6,
+                          budget_spent=True)
     state.record_evaluation(3, 0.3, 0.25, 0.27)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # fp16's loss scale, as training left it
     ckpt = build_checkpoint({"k": 1}, model, ema, optimizer, state, use_cuda=False, scaler=scaler)
     assert set(ckpt) == {"format", "version", "config", "versions", "model", "ema", "optimizer", "rng", "grad_scaler",
                          "epoch", "step", "batch_in_epoch", "epoch_loss_sum", "best_val", "skipped_steps", "history",
-                         "timing"}
+                         "timing", "budget_spent"}
     expected_draw = torch.rand(3)
 
     torch.manual_seed(1)

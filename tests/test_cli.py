@@ -89,6 +89,7 @@ BAD_ARGUMENTS = [
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--timesteps", "-3"], "--timesteps must be at least 1"),
     (["--num_samples", "0"], "--num_samples must be at least 1"),
+    (["--no_cuda"], "does not exist: give an image-folder dataset (train/<class>/*.png|jpg and test/<class>/"),
     (["--lr", "0"], "--lr must be greater than 0"),
     (["--lr", "-0.1"], "--lr must be greater than 0"),
     (["--p_uncond", "1.5"], "--p_uncond must be in [0, 1]"),
@@ -381,3 +382,40 @@ def test_inference_samples_in_bf16_where_that_is_fast_unless_told_not_to(flags, 
     expected = precision or choose_precision("auto", torch.device("cpu"))[0]
     starts = {"bf16": "sampling on cpu in bf16 autocast (", "fp32": "sampling on cpu in float32 ("}
     assert line.startswith(starts[expected])
+
+
+def test_banners_say_what_the_command_does(trained, tmp_path):
+    """No guidance words where nothing is guided, no sampling words for the bound."""
+    models = trained / "models"
+    uncond = run_main("--inference", "--model_path", models / "uncond" / "ckpt.pt", "--num_samples", "2",
+                     "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
+    assert "sampling on cpu" in uncond.stdout and "guidance" not in uncond.stdout + uncond.stderr
+    strip = run_main("--inference", "--model_path", models / "cond" / "ckpt.pt", "--denoising_strip",
+                    "--num_samples", "2", "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
+    assert "drawing unconditional samples" in strip.stderr and "guidance" not in strip.stdout
+    nll = run_main("--inference", "--model_path", models / "cond" / "ckpt.pt", "--eval_nll", "2", "--no_cuda",
+                  cwd=tmp_path)
+    assert nll.returncode == 0, nll.stderr
+    assert nll.stdout.startswith("computing the bound on cpu") and "all 10 steps of p_θ, σ_t² posterior" in nll.stdout
+    assert "sampl" not in nll.stdout + nll.stderr and "the bound of its unconditional model" in nll.stderr
+
+
+def test_outputs_are_named_after_the_model_path_in_grids_of_whole_rows(trained, tmp_path):
+    (tmp_path / "my_run").mkdir()
+    ckpt = (trained / "models" / "cond" / "ckpt.pt").read_bytes()
+    (tmp_path / "my_run" / "ckpt.pt").write_bytes(ckpt)
+    (tmp_path / "ho2020.pt").write_bytes(ckpt)
+    assert run_main("--inference", "--conditional", "--model_path", "my_run/ckpt.pt", "--sampling_steps", "2",
+                    "--no_cuda", cwd=tmp_path).returncode == 0
+    assert np.load(tmp_path / "outputs" / "samples_my_run.npz")["images"].shape[0] == 80  # 8 rows of 10 classes
+    assert run_main("--inference", "--model_path", "ho2020.pt", "--sampling_steps", "2", "--no_cuda",
+                    cwd=tmp_path).returncode == 0
+    assert np.load(tmp_path / "outputs" / "samples_ho2020.npz")["images"].shape[0] == 64  # 8 × 8
+
+
+def test_eval_fid_alone_writes_fids_samples_and_no_grid(trained, tmp_path, fake_inception):
+    result = run_main("--inference", "--conditional", "--model_path", trained / "models" / "cond" / "ckpt.pt",
+                      "--eval_fid", "10", "--fid_inception", fake_inception, "--sampling_steps", "2", "--no_cuda",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "outputs")) == ["fid_samples_cond.npz", "metrics_cond.json"]

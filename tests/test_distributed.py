@@ -77,3 +77,13 @@ def test_two_ranks_accumulating_match_one_process_with_the_global_batch_and_resu
     assert outputs == ["forward_process_ddp.png", "loss_curves_ddp.png", "loss_history_ddp.json", "metrics_ddp.json",
                        "samples_ddp_epoch001.png", "samples_ddp_epoch002.png"]
     assert json.loads((tmp_path / "outputs" / "metrics_ddp.json").read_text())["world_size"] == 2
+
+
+def test_the_time_budget_is_checked_after_every_step_under_torchrun(data, tmp_path):
+    """0.03 s, spent by the set-up: both ranks stop together after the first step, not at the first --log_interval
+    read-out (here 100 steps)."""
+    result = torchrun([MAIN, "--data_dir", data, "--epochs", "50", "--batch_size", "2", "--time_budget_min", "0.0005",
+                       "--run_name", "budget", *COMMON, "--log_interval", "100"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "outputs" / "metrics_budget.json").read_text())
+    assert metrics["steps"] == 1 and metrics["stopped_by_time_budget"] and metrics["world_size"] == 2

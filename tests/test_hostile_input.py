@@ -316,13 +316,13 @@ def test_a_run_name_that_is_not_a_name_is_refused_and_nothing_is_written_anywher
 def test_a_checkpoints_invalid_run_name_is_replaced_and_nothing_leaves_the_save_dir(trained, tmp_path):
     ckpt = torch.load(trained / "models" / "uncond" / "ckpt.pt", weights_only=True)
     ckpt["config"]["run_name"] = "../../evil name"  # an older tool's, or a hand-edited file
-    torch.save(ckpt, tmp_path / "old.pt")
-    result = run_main("--inference", "--model_path", "old.pt", "--num_samples", "2", "--no_cuda", cwd=tmp_path)
+    torch.save(ckpt, tmp_path / "old copy.pt")  # not a valid run name either: the stored one is tried
+    result = run_main("--inference", "--model_path", "old copy.pt", "--num_samples", "2", "--no_cuda", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines()[0] == ("note: 'old.pt' carries the run name '../../evil name', which is not a "
-                                             "valid one (letters A-Z a-z, digits, '_', '-' and '.'); its files are "
-                                             "named 'evil_name'")
-    written = sorted(path for path in tree(tmp_path) if path != "old.pt")
+    assert result.stderr.splitlines()[0] == ("note: 'old copy.pt' carries the run name '../../evil name', which is "
+                                             "not a valid one (letters A-Z a-z, digits, '_', '-' and '.'); its files "
+                                             "are named 'evil_name'")
+    written = sorted(path for path in tree(tmp_path) if path != "old copy.pt")
     assert written == ["outputs", "outputs/samples_evil_name", "outputs/samples_evil_name.npz",
                        "outputs/samples_evil_name.png", "outputs/samples_evil_name/00000.png",
                        "outputs/samples_evil_name/00001.png"]
