@@ -15,6 +15,8 @@ A checkpoint is one dict that loads with torch.load(path, weights_only=True):
                        the TrainingState
 
 An export for inference (export_for_inference) keeps format, version, config, versions and the EMA weights in bf16.
+An imported network (imported_checkpoint) has format, version, config, versions, its weights as 'ema' in float32, and
+imported_from: the file it was made from and that file's SHA-256.
 
 Every checkpoint is checked for what it must hold before it is used (checkpoint_problem: the config's entries, weights
 of the shapes its network has, and for a resume the optimizer, RNG and position), and what a config needs in memory is
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ddpm_data import CIFAR10_CLASSES, model_side
+from ddpm_download import file_digest
 from ddpm_diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, Diffusion, SamplerSettings, make_schedule
 from ddpm_helpers import (PRECISIONS, RUN_NAME_CHARACTERS, NonFiniteError, UserError, atomic_torch_save, check_memory,
                           sanitized_run_name, write_json)
@@ -45,7 +48,7 @@ TOOL_VERSION = "0.1.0"
 # flags of the same name; a resumed run from its checkpoint, and a flag given with another value is an error.
 # The network's (MODEL_SETTINGS) are also the config's model entry (UNetConfig); a resume takes them from there.
 MODEL_SETTINGS = ("architecture", "dim", "dim_mults", "num_res_blocks", "attn_resolutions", "dropout", "resblock",
-                  "groups")
+                  "groups", "norm_eps")
 FIXED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma",
                   *MODEL_SETTINGS, "batch_size", "grad_accum", "p_uncond", "ema_decay", "seed")
 # Adjustable settings: how long and how fast it trains. A resumed run takes a flag given, else its checkpoint's value.
@@ -379,6 +382,7 @@ CONFIG_ENTRIES = {
     "dropout": (_number(lambda x: 0 <= x < 1), "a number in [0, 1)"),
     "resblock": (lambda v: v in RESBLOCKS, f"one of {', '.join(RESBLOCKS)}"),
     "groups": (_whole(1), "a whole number ≥ 1"),
+    "norm_eps": (_number(lambda x: x > 0), "a number > 0"),
     "time_budget_min": (lambda v: v is None or _number(lambda x: x > 0)(v), "none or a number > 0"),
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
 }
@@ -612,6 +616,13 @@ def restore_training(ckpt, model, ema_model, optimizer, use_cuda, scaler=None):
     if use_cuda and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return state
+
+
+def imported_checkpoint(config, weights, source):
+    """The checkpoint of a network imported from the file `source` (ddpm_interop): config, weights as 'ema' (what
+    sampling uses), and where they came from."""
+    return {**checkpoint_header(config), "ema": weights,
+            "imported_from": {"file": os.path.abspath(source), "sha256": file_digest(source)}}
 
 
 def export_for_inference(ckpt, path):

@@ -28,7 +28,7 @@ SCHEDULES = ("linear", "cosine", "sigmoid")
 PREDICTIONS = ("eps", "v")
 LOSS_TYPES = ("l1", "l2", "huber")
 SPACINGS = ("time", "lambda")
-NLL_VARIANCES = ("posterior", "beta")  # σ_t² of p_θ(x_{t−1} | x_t) in the bound: β̃_t (the ancestral sampler's) or β_t
+VARIANCES = ("posterior", "beta")  # σ_t² of p_θ(x_{t−1} | x_t), in the ancestral sampler and the bound: β̃_t or β_t
 PIXEL_HALF_BIN = 1 / 255  # half the width of a uint8 pixel's bin once pixels are scaled to [−1, 1]
 LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++(2M) with fewer steps takes its step onto the last timestep first order
 
@@ -84,12 +84,16 @@ class SamplerSettings:
     spacing: str = "lambda"      # dpm++2m's steps evenly spaced in λ_t = log(√ᾱ_t / √(1 − ᾱ_t)), or in t ('time')
     guidance_interval: tuple = None  # (σ_lo, σ_hi): w only where σ_lo < σ_t ≤ σ_hi, else the conditional output
                                      # (one forward of N); σ_t = √(1 − ᾱ_t)/√ᾱ_t. None: w at every step
+    variance: str = "posterior"  # σ_t² of ddpm's steps: 'posterior', β̃_t (eq. 7), or 'beta', β_t (Ho et al.'s CIFAR-10
+                                 # samples; improved-diffusion's FIXED_LARGE)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {self.spacing!r}; use one of {', '.join(SPACINGS)}")
+        if self.variance not in VARIANCES:
+            raise ValueError(f"unknown variance {self.variance!r}; use one of {', '.join(VARIANCES)}")
         if self.guidance_interval is not None:
             interval = tuple(float(v) for v in self.guidance_interval)  # a list, as JSON and checkpoints keep it
             if len(interval) != 2 or not 0 <= interval[0] < interval[1] or math.isnan(interval[1]):
@@ -115,6 +119,7 @@ class SamplerSettings:
         if self.sampler == "dpm++2m":
             steps += f" ({self.spacing} spacing)"
         noise = f", eta {self.eta}" if self.sampler == "ddim" else ""
+        noise += ", σ_t² = β_t" if self.sampler == "ddpm" and self.variance == "beta" else ""
         interval = (f" for σ in ({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
                     if self.guidance_interval is not None else "")
         guidance = f", guidance {self.guidance_scale}{interval}" if guided else ""
@@ -201,7 +206,8 @@ class Diffusion(nn.Module):
             "posterior_variance": posterior_variance,
             # β̃_0 = 0: log-variance clipped to β̃_1 so it stays finite
             "posterior_log_variance_clipped": torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
-            # log β_t, with β̃_1 at t = 0 for the decoder (Ho et al.'s code): the bound's other choice of σ_t²
+            # log β_t, with β̃_1 at t = 0 for the decoder (Ho et al.'s code): the other choice of σ_t², the sampler's
+            # and the bound's
             "log_betas_decoder_clipped": torch.cat([posterior_variance[1:2], betas[1:]]).log(),
             # μ̃_t = coef1 · x_0 + coef2 · x_t   (eq. 7)
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
@@ -335,8 +341,9 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def p_sample(self, model, x, t, t_index, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
-                 clip_denoised=True, noise=None, trace=None):
-        """One ancestral step x_t → x_{t−1} (Algorithm 2) with variance β̃_t; no noise at t_index 0.
+                 clip_denoised=True, noise=None, trace=None, variance="posterior"):
+        """One ancestral step x_t → x_{t−1} (Algorithm 2) with variance σ_t² = β̃_t ('posterior') or β_t ('beta');
+        no noise at t_index 0.
 
         clip_denoised clamps the implied x̂_0 to [−1, 1] before forming the posterior mean
         (Ho et al.'s released sampler); without it the step is eq. 11 exactly. trace: a list x̂_0 is appended to.
@@ -345,6 +352,8 @@ class Diffusion(nn.Module):
         if trace is not None:
             trace.append(x_zero)
         mean, _, log_variance = self.q_posterior_mean_variance(x_zero, x, t)
+        if variance == "beta":
+            log_variance = extract(self.log_betas_decoder_clipped, t, x.shape)  # log β_t   (§3.2: σ_t² = β_t)
         if t_index == 0:
             return mean
         if noise is None:
@@ -453,7 +462,8 @@ class Diffusion(nn.Module):
                                       disable=not progress)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             if settings.sampler == "ddpm":
-                x = self.p_sample(model, x, t, step, class_labels, scales[i], clip_denoised, trace=trace)
+                x = self.p_sample(model, x, t, step, class_labels, scales[i], clip_denoised, trace=trace,
+                                  variance=settings.variance)
             else:
                 t_prev = steps[i + 1] if i + 1 < len(steps) else -1
                 x = self.ddim_step(model, x, t, t_prev, class_labels, scales[i], settings.eta, clip_denoised,

@@ -1,7 +1,8 @@
-"""Files the tool fetches on first use (the Inception weights FID and IS run on): downloaded once into torch's hub
-cache, where torch.hub and torch-fidelity look for them too, checked by SHA-256 before they are kept, with a progress
-bar. A fetch that fails or brings the wrong bytes keeps nothing and is one line saying where the file comes from and
-which flag takes a copy fetched by hand."""
+"""Files the tool fetches on first use (the Inception weights FID and IS run on, Ho et al.'s published weights):
+downloaded once into torch's hub cache, where torch.hub and torch-fidelity look for them too, checked by their
+published hash (SHA-256, or MD5 where that is all the publisher gives) before they are kept, with a progress bar. A
+fetch that fails or brings the wrong bytes keeps nothing and is one line saying where the file comes from and which
+flag takes a copy fetched by hand."""
 import hashlib
 import os
 import sys
@@ -22,14 +23,16 @@ class RemoteFile:
     """A file the tool can fetch: where from, what it must hash to, and for the messages what it is and which flag
     takes a copy fetched by hand."""
     url: str
-    sha256: str          # of the whole file, hex
-    size: int            # bytes, for the progress bar when the server does not say
+    digest: str          # the whole file's hash, hex
+    size: int            # bytes (about), for the progress bar when the server does not say
     what: str            # e.g. "the Inception-v3 weights of FID and IS"
     flag: str            # e.g. "--fid_inception"
+    algorithm: str = "sha256"  # what `digest` is: a hashlib name
+    name: str = None     # the cached file's name (None: the URL's last part)
 
     @property
     def file_name(self):
-        return self.url.rsplit("/", 1)[-1]
+        return self.name or self.url.rsplit("/", 1)[-1]
 
 
 def cache_folder():
@@ -37,8 +40,9 @@ def cache_folder():
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
+def file_digest(path, algorithm="sha256"):
+    """The hex digest of a file's bytes (SHA-256, or another hashlib `algorithm`)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             digest.update(chunk)
@@ -51,9 +55,9 @@ def fetched(remote, progress=False, verbose=True):
     or brings other bytes."""
     path = os.path.join(cache_folder(), remote.file_name)
     if os.path.isfile(path):
-        if sha256_of(path) == remote.sha256:
+        if file_digest(path, remote.algorithm) == remote.digest:
             return path
-        print(f"note: {path} is not the file {remote.url} serves (its SHA-256 differs): fetching it again",
+        print(f"note: {path} is not the file {remote.url} serves (its {hash_label(remote)} differs): fetching it again",
               file=sys.stderr)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -74,7 +78,7 @@ def _download(remote, f, path, progress, verbose):
     """remote's bytes into the open file f (which becomes path), hashed as they come, saying so once the server
     answers; UserError (not OSError, which atomic_open reads as a failed write) when the server cannot be reached or
     the bytes are not the right ones."""
-    digest = hashlib.sha256()
+    digest = hashlib.new(remote.algorithm)
     by_hand = f"download it by hand and pass it with {remote.flag} PATH"
 
     def unreachable(e):  # no network, DNS, refused, timeout, HTTP errors (urllib's are OSErrors)
@@ -100,6 +104,11 @@ def _download(remote, f, path, progress, verbose):
             digest.update(chunk)
             f.write(chunk)  # a failed write is atomic_open's WriteError
             bar.update(len(chunk))
-    if digest.hexdigest() != remote.sha256:
-        raise UserError(f"the file fetched from {remote.url} is not the expected one (SHA-256 "
-                        f"{digest.hexdigest()[:12]}…, expected {remote.sha256[:12]}…): nothing was kept; {by_hand}")
+    if digest.hexdigest() != remote.digest:
+        raise UserError(f"the file fetched from {remote.url} is not the expected one ({hash_label(remote)} "
+                        f"{digest.hexdigest()[:12]}…, expected {remote.digest[:12]}…): nothing was kept; {by_hand}")
+
+
+def hash_label(remote):
+    """How messages name remote's hash: 'SHA-256', 'MD5'."""
+    return {"sha256": "SHA-256", "md5": "MD5"}.get(remote.algorithm, remote.algorithm)

@@ -99,9 +99,9 @@ def load_inception(path, device, verbose=False, progress=False):
         raise UserError(f"--fid_inception {path!r} does not hold the Inception-v3 weights torch-fidelity expects "
                         f"({type(e).__name__}: {first_line})") from None
     sha256 = hashlib.sha256(raw).hexdigest()
-    if sha256 != INCEPTION.sha256 and verbose:
+    if sha256 != INCEPTION.digest and verbose:
         print(f"note: --fid_inception {path!r} is not the official {INCEPTION.file_name} (SHA-256 {sha256[:12]}…, "
-              f"official {INCEPTION.sha256[:12]}…): its FID and IS compare only with figures read with this same "
+              f"official {INCEPTION.digest[:12]}…): its FID and IS compare only with figures read with this same "
               "file", file=sys.stderr)
     return net.to(device, memory_format=torch.channels_last), sha256  # a third faster on a CPU (BENCHMARKS.md)
 
@@ -150,7 +150,7 @@ class InceptionFeatures:
     def __init__(self, path, device, verbose=False):
         self.path, self.device = path or INCEPTION.file_name, torch.device(device)
         self.net, self.fingerprint = load_inception(path, self.device, verbose, verbose and stderr_is_terminal())
-        self.official = self.fingerprint == INCEPTION.sha256
+        self.official = self.fingerprint == INCEPTION.digest
         self.has_classifier = bool(torch.isfinite(self.net.fc.weight).all())
         self.check()
 

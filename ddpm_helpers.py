@@ -124,6 +124,27 @@ def atomic_write_text(text, path):
         f.write(text.encode())
 
 
+def write_folder(files, path):
+    """A new folder of files ({name: bytes}) that appears at `path` only once all of them are written (a temporary
+    sibling folder, then a rename); `path` may exist as an empty folder. A failed write is a WriteError that leaves
+    nothing behind."""
+    tmp = f"{os.path.normpath(path)}.tmp{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if os.path.isdir(path):
+            os.rmdir(path)  # empty: anything else was refused before
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"could not write {path} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(obj, path):
     """Indented JSON, written atomically; NaN or infinity (which JSON cannot hold) raise NonFiniteError."""
     try:

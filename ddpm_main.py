@@ -15,17 +15,22 @@ import time
 
 import torch
 
-from ddpm_checkpoint import (COMMAND_LINE_SETTINGS, SEED_RANGE, TOOL_VERSION, check_fixed_settings, check_run_memory,
-                             load_resumable, load_sampling_model, saved_sampler_settings, stored_run_name,
-                             trained_data)
-from ddpm_data import DATASETS, DEFAULT_DATA_DIR, check_stage_count, image_size_of, model_side, require_image_folder
-from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS_TYPES, NLL_VARIANCES, PREDICTIONS,
-                            SAMPLERS, SCHEDULES, SPACINGS, SamplerSettings)
+from ddpm_checkpoint import (COMMAND_LINE_SETTINGS, MODEL_SETTINGS, SEED_RANGE, TOOL_VERSION, check_fixed_settings,
+                             check_run_memory, flag_value, imported_checkpoint, load_resumable, load_sampling_model,
+                             save_checkpoint, saved_sampler_settings, stored_run_name, trained_data, training_config,
+                             write_config_json)
+from ddpm_data import (CIFAR10_CLASSES, DATASETS, DEFAULT_DATA_DIR, check_stage_count, image_size_of, model_side,
+                       require_image_folder)
+from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS_TYPES, PREDICTIONS, SAMPLERS,
+                            SCHEDULES, SPACINGS, VARIANCES, SamplerSettings)
+from ddpm_download import fetched
 from ddpm_fid import INCEPTION, IS_SPLITS, REFERENCE_SPLITS, InceptionFeatures, ref_statistics_file
 from ddpm_helpers import (COMPILE_CHOICES, PRECISIONS, STOPPING_ERRORS, NonFiniteError, RunFiles, TrainingError,
                           UserError, WriteError, check_run_name, check_writable_folder, exit_status,
                           failure_text, init_distributed, memory_guard, require_finite, sanitized_run_name,
-                          stderr_is_terminal, write_json)
+                          stderr_is_terminal, write_folder, write_json)
+from ddpm_interop import (HUB_FOLDER, PUBLISHED, diffusers_folder_files, export_problem, import_weights,
+                          read_foreign)
 from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig
 from ddpm_presets import PRESETS, presets_help
 from ddpm_run import (EVAL_IMAGES, GRID_PER_CLASS, GRID_UNCONDITIONAL, SAMPLE_REMEDY, SignalFlag, StopRequested,
@@ -128,6 +133,8 @@ def build_parser():
                    help="how the time (and class) embedding enters a ResNet block: film, a scale and shift after its "
                    "second GroupNorm; add, added after its first convolution (Ho et al.)")
     g.add_argument("--groups", type=int, default=UNetConfig.groups, help="GroupNorm groups of the U-Net")
+    g.add_argument("--norm_eps", type=float, default=UNetConfig.norm_eps,
+                   help="GroupNorm's ε, added to the variance it divides by (Ho et al.: 1e-6)")
     g.add_argument("--data_dir", help="a train/<class>/ test/<class>/ image-folder tree, or where --dataset is "
                    "downloaded (default: ./data; at inference the folder the model was trained on)")
     g.add_argument("--dataset", choices=DATASETS,
@@ -177,8 +184,8 @@ def build_parser():
         "sampling (inference, the per-epoch grids and FID)",
         "Every checkpoint carries the settings it samples with: training stores these flags (or their\n"
         "defaults), and inference uses the checkpoint's unless a flag says otherwise. A --sampler other than\n"
-        "the checkpoint's starts from that sampler's defaults (the guidance scale and interval stay the\n"
-        "checkpoint's).")
+        "the checkpoint's starts from that sampler's defaults (the guidance scale and interval and the\n"
+        "variance stay the checkpoint's).")
     g.add_argument("--sampler", choices=SAMPLERS,
                    help="dpm++2m (the default where the checkpoint names none): DPM-Solver++(2M), second order "
                    "(Lu et al. 2022); ddim: first order (Song et al. 2021); ddpm: all T ancestral steps (Ho et al. "
@@ -197,6 +204,9 @@ def build_parser():
                    "conditional prediction elsewhere, one forward instead of two (Kynkäänniemi et al. 2024); all: "
                    "every step (the default where the checkpoint names no interval)")
     g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
+    g.add_argument("--variance", choices=VARIANCES,
+                   help="σ_t² of --sampler ddpm's steps: posterior, β̃_t (the default where the checkpoint names "
+                   "none), or beta, β_t (Ho et al.'s CIFAR-10 samples; what an imported paper model carries)")
     g.add_argument("--sample_batch", type=int, default=1000, help="images generated per forward batch")
 
     g = p.add_argument_group("FID (Fréchet Inception Distance) and Inception Score")
@@ -216,9 +226,21 @@ def build_parser():
                    help="after training (null label), or with --inference instead of sampling (--conditional: with "
                    "the images' labels): the bound on N test images (spread over the split) in bits/dim, each term per t to "
                    "nll_<run>.json and a plot; T network evaluations per image, --sample_batch images at a time")
-    g.add_argument("--nll_variance", choices=NLL_VARIANCES, default="posterior",
-                   help="σ_t² of p_θ(x_{t−1} | x_t) in the bound: posterior, β̃_t (what --sampler ddpm draws with), or "
-                   "beta, β_t")
+    g.add_argument("--nll_variance", choices=VARIANCES,
+                   help="σ_t² of p_θ(x_{t−1} | x_t) in the bound: posterior, β̃_t, or beta, β_t (default: the "
+                   "sampling settings' --variance, posterior where they name none)")
+
+    g = p.add_argument_group(
+        "foreign weights",
+        "Ho et al.'s published CIFAR-10 model in, diffusers out (README: 'Sample the paper's own model').")
+    g.add_argument("--import_weights", metavar="PATH|NAME",
+                   help="make <models_dir>/<run_name>/ckpt.pt of Ho et al.'s network from pesser/pytorch_diffusion's "
+                   "state dict (model-790000.ckpt) or a diffusers UNet2DModel folder (e.g. google/ddpm-cifar10-32), "
+                   f"or from a file fetched by name once ({', '.join(PUBLISHED)}); it samples as the paper did "
+                   "(1,000 ancestral steps, σ_t² = β_t) unless sampling flags are given")
+    g.add_argument("--export_diffusers", metavar="DIR",
+                   help="write --model_path's network (the architecture ddpm; its EMA weights) as a diffusers "
+                   "DDPMPipeline folder that DDPMPipeline.from_pretrained(DIR) loads")
 
     g = p.add_argument_group("general")
     g.add_argument("--run_name", help="names the checkpoint folder and output files (default: DDPM; at inference "
@@ -296,12 +318,13 @@ def check_numbers(args):
 
 
 def check_flag_combinations(args):
-    """Flags that need others, or that belong to the other job (training or inference)."""
+    """Flags that need others, or that belong to another job (training, inference, import or export)."""
+    check_foreign_weights_flags(args)
     if args.inference and not args.model_path:
         raise UserError("--inference needs --model_path (a checkpoint written by training with this tool)")
     if args.resume is not None and args.inference:
         raise UserError("--resume continues training; for sampling use --inference --model_path")
-    if not args.inference and args.resume is None:  # a new run's model is known: check its sampling flags now
+    if args.job == "train" and args.resume is None:  # a new run's model is known: check its sampling flags now
         sampler_settings(args, None, args.timesteps)
     if args.sample_classes is not None and not (args.inference and (args.conditional or args.guidance_sweep)):
         raise UserError("--sample_classes picks the classes of class-guided samples: it goes with --inference "
@@ -353,13 +376,13 @@ def check_paths(args):
     for flag, path in (("--fid_inception", args.fid_inception), ("--fid_ref_stats", args.fid_ref_stats)):
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{flag} {path!r} is not a file")
-    folders = {"--save_dir": args.save_dir}
-    if not args.inference:
+    folders = {"--save_dir": args.save_dir, "--export_diffusers": args.export_diffusers}
+    if args.job in ("train", "import"):
         folders.update({"--models_dir": args.models_dir, "--tensorboard": args.tensorboard})
     for flag, folder in folders.items():
         if folder is not None:
             check_writable_folder(folder, flag)
-    if not args.inference and args.resume is None:
+    if args.job == "train" and args.resume is None:
         data_dir = args.data_dir or DEFAULT_DATA_DIR
         if args.dataset == "folder":
             require_image_folder(data_dir)
@@ -371,6 +394,33 @@ def check_paths(args):
         check_run_memory(pick_device(args), args.sample_batch, model, args.timesteps,
                          model_side(image_size or (1, 1), len(args.dim_mults)), max(GRID_UNCONDITIONAL, args.eval_fid),
                          training=True, guided=False)
+
+
+def check_foreign_weights_flags(args):
+    """--import_weights and --export_diffusers are jobs of their own; export needs --model_path and a new folder."""
+    others = [flag for flag, given in (("--inference", args.inference), ("--resume", args.resume is not None),
+                                       ("--preset", args.preset is not None),
+                                       ("--export_diffusers", args.export_diffusers is not None)) if given]
+    if args.import_weights is not None and others:
+        raise UserError(f"--import_weights is a job of its own: drop {' and '.join(others)} (sample the imported "
+                        "model with --inference --model_path <models_dir>/<run_name>/ckpt.pt)")
+    if args.export_diffusers is not None:
+        if not args.model_path or args.inference or args.resume is not None:
+            raise UserError("--export_diffusers DIR writes the network of --model_path CKPT: give --model_path, "
+                            "without --inference or --resume")
+        if os.path.exists(args.export_diffusers) and not (os.path.isdir(args.export_diffusers)
+                                                          and not os.listdir(args.export_diffusers)):
+            raise UserError(f"--export_diffusers {args.export_diffusers!r} exists and is not an empty folder; "
+                            "name a new one")
+
+
+def job_of(args):
+    """What the command does: 'import', 'export', 'inference' or 'train'."""
+    if args.import_weights is not None:
+        return "import"
+    if args.export_diffusers is not None:
+        return "export"
+    return "inference" if args.inference else "train"
 
 
 # ------------------------------------------------------------------- shared by training and inference
@@ -389,15 +439,17 @@ def pick_device(args):
 def sampler_settings(args, saved, timesteps):
     """How to sample a T-step model (inference, the per-epoch grids and FID): the sampling flags given, else the
     checkpoint's settings `saved` (None: SamplerSettings' defaults). A --sampler other than the saved one starts
-    from that sampler's defaults, keeping the saved guidance scale and interval. Steps are filled in for T."""
+    from that sampler's defaults, keeping the saved guidance scale and interval and the variance. Steps are filled in
+    for T."""
     base = saved or SamplerSettings()
     if args.sampler is not None and args.sampler != base.sampler:
         base = SamplerSettings(args.sampler, guidance_scale=base.guidance_scale,
-                               guidance_interval=base.guidance_interval)
+                               guidance_interval=base.guidance_interval, variance=base.variance)
     given = {field: getattr(args, flag) for field, flag in (("sampler", "sampler"), ("steps", "sampling_steps"),
                                                            ("spacing", "spacing"), ("eta", "eta"),
                                                            ("guidance_scale", "guidance_scale"),
-                                                           ("guidance_interval", "guidance_interval"))
+                                                           ("guidance_interval", "guidance_interval"),
+                                                           ("variance", "variance"))
              if getattr(args, flag) is not None}
     settings = dataclasses.replace(base, **given)
     if settings.sampler == "ddpm" and args.sampling_steps is not None:
@@ -407,6 +459,9 @@ def sampler_settings(args, saved, timesteps):
                         "spaces its steps evenly in t, ddpm runs all T)")
     if settings.sampler != "ddim" and args.eta is not None:
         raise UserError(f"--eta applies to --sampler ddim (the sampler here is {settings.sampler})")
+    if settings.sampler != "ddpm" and args.variance is not None and "variance" in args.given:  # not a preset's
+        raise UserError(f"--variance applies to --sampler ddpm (the sampler here is {settings.sampler}: its steps "
+                        "are deterministic or set by --eta)")
     try:
         return settings.for_timesteps(timesteps)
     except ValueError:  # steps > T (check_args rejects steps < 1)
@@ -495,6 +550,7 @@ def inference(args):
     files, verbose = run_files(args), not args.quiet
     settings = sampler_settings(args, saved_sampler_settings(config), config["timesteps"])
     check_against_model(args, config, settings)
+    args.nll_variance = args.nll_variance or settings.variance  # the bound's σ_t²: the sampler's unless given
     job = (("computing the bound", f"all {config['timesteps']} steps of p_θ, σ_t² {args.nll_variance}") if args.eval_nll
            else ("sampling", settings.describe(guided=args.conditional)))
     sampler = prepare_sampler(model, config, settings, device, args.precision, args.compile, args.sample_batch, verbose,
@@ -590,6 +646,80 @@ def inference_fid_reference(args, config, device):
     return features, fid_reference(features, config, None, data_dir, dataset, args.fid_ref, not args.quiet)
 
 
+# ------------------------------------------------------------------------- foreign weights
+
+def import_job(args):
+    """--import_weights: a foreign file of Ho et al.'s network (fetched first when named) → <models_dir>/<run>/ckpt.pt
+    and config.json, sampled as the paper did unless sampling flags say otherwise."""
+    verbose = not args.quiet
+    path = foreign_weights_path(args.import_weights, verbose)
+    foreign = read_foreign(path)
+    imported = import_weights(foreign)
+    args.run_name = args.run_name or sanitized_run_name(
+        args.import_weights if args.import_weights in PUBLISHED else
+        os.path.splitext(os.path.basename(os.path.normpath(path)))[0], fallback="imported")
+    files = run_files(args)
+    target = files.checkpoint("ckpt.pt")
+    if os.path.exists(target):
+        raise UserError(f"{target} exists: give another --run_name (or remove that run first)")
+    settings = sampler_settings(args, SamplerSettings("ddpm", variance=imported.variance), imported.timesteps)
+    config = imported_config(args, imported, settings)
+    os.makedirs(files.ckpt_dir, exist_ok=True)
+    save_checkpoint(imported_checkpoint(config, imported.weights, foreign.source), target)
+    write_config_json(config, files.checkpoint("config.json"))
+    if verbose:
+        count = sum(w.numel() for w in imported.weights.values())
+        print(f"imported Ho et al.'s network ({count:,} parameters) from {foreign.source} ({foreign.style}'s format) "
+              f"into {target}; it samples with "
+              f"{settings.describe(guided=False)}. Sample it: python ddpm_main.py --inference --model_path {target}"
+              f"{FAST_SAMPLING if settings.sampler == 'ddpm' else ''}",
+              file=sys.stderr)
+
+
+FAST_SAMPLING = " (add --sampler dpm++2m --sampling_steps 15 for 15 network evaluations an image instead of 1,000)"
+
+
+def foreign_weights_path(source, verbose):
+    """The file --import_weights names: a path as given, or a published file by name, fetched once (ddpm_download)."""
+    if source in PUBLISHED:
+        return fetched(PUBLISHED[source], progress=verbose and stderr_is_terminal(), verbose=verbose)
+    if source == "ho2020-hub":
+        raise UserError(f"{HUB_FOLDER} publishes no checksum to check a fetch by: download the folder by hand "
+                        f"(huggingface-cli download {HUB_FOLDER} --local-dir ddpm-cifar10-32, or the files of "
+                        f"https://huggingface.co/{HUB_FOLDER}) and pass it: --import_weights ddpm-cifar10-32")
+    return source
+
+
+CIFAR10_TRAINED = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels": 3, "data_size": [32, 32],
+                   "num_train": 50_000, "num_val": 0, "num_test": 10_000}  # what Ho et al. trained on: all 50,000
+
+
+def imported_config(args, imported, settings):
+    """The config of an imported network: --preset ddpm_cifar10's recipe (what the paper trained it with) over the
+    flags' defaults, the network and diffusion the file holds, CIFAR-10's data, and the sampling settings."""
+    recipe = {key: value for key, value in PRESETS["ddpm_cifar10"][1].items() if key in COMMAND_LINE_SETTINGS}
+    flags = {**{key: getattr(args, key) for key in COMMAND_LINE_SETTINGS}, **recipe,
+             **{key: flag_value(getattr(imported.network, key)) for key in MODEL_SETTINGS},
+             "timesteps": imported.timesteps, "schedule": imported.schedule, "prediction": imported.prediction,
+             "conditional": False, "data_dir": args.data_dir or DEFAULT_DATA_DIR, "sampling": settings}
+    return training_config(flags, CIFAR10_TRAINED)
+
+
+def export_job(args):
+    """--export_diffusers DIR: --model_path's network and EMA weights as a diffusers DDPMPipeline folder."""
+    ckpt, _ = load_sampling_model(args.model_path)
+    config = ckpt["config"]
+    network = UNetConfig.from_dict(config["model"])
+    problem = export_problem(config, network)
+    if problem:
+        raise UserError(f"--export_diffusers: {args.model_path!r} {problem}")
+    write_folder(diffusers_folder_files(config, network, ckpt.get("ema") or ckpt["model"]), args.export_diffusers)
+    if not args.quiet:
+        print(f"wrote {args.export_diffusers}: {args.model_path}'s network as a diffusers DDPMPipeline (UNet2DModel "
+              f"and DDPMScheduler); load it with diffusers.DDPMPipeline.from_pretrained({args.export_diffusers!r})",
+              file=sys.stderr)
+
+
 def flags_given(parser, args, argv):
     """The names (dests) of the flags given on the command line, as opposed to those left at their defaults: argv
     parsed again into a namespace whose every entry is already set, so that argparse fills in no default."""
@@ -617,12 +747,14 @@ def main(argv=None):
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.started = started
     args.given = flags_given(parser, args, args.argv)
+    args.job = job_of(args)
     check_args(args, parser)
-    args.rank, args.world_size, args.local_rank = (0, 1, 0) if args.inference else \
-        init_distributed(torch.cuda.is_available() and not args.no_cuda)
+    args.rank, args.world_size, args.local_rank = init_distributed(torch.cuda.is_available() and not args.no_cuda) \
+        if args.job == "train" else (0, 1, 0)
     try:
-        with memory_guard("inference" if args.inference else "training", "lower --sample_batch, --batch_size or --dim"):
-            inference(args) if args.inference else train(args)
+        with memory_guard("training" if args.job == "train" else args.job,
+                          "lower --sample_batch, --batch_size or --dim"):
+            JOBS[args.job](args)
     except STOPPING_ERRORS as e:
         if args.rank == 0:
             print(f"{parser.prog}: {failure_text(e)}", file=sys.stderr)
@@ -632,6 +764,8 @@ def main(argv=None):
             import torch.distributed as dist
             dist.destroy_process_group()
 
+
+JOBS = {"train": train, "inference": inference, "import": import_job, "export": export_job}
 
 if __name__ == "__main__":
     main()

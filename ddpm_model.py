@@ -17,6 +17,8 @@ class UNetConfig:
     num_classes: int = None        # None: unconditional; else labels 0..num_classes-1, num_classes = null label
     class_emb_dim: int = 128       # width of the class embedding before its MLP
     groups: int = 8                # GroupNorm groups
+    norm_eps: float = 1e-5         # GroupNorm's ε (Ho et al.'s network: 1e-6; 1e-5 is torch's default and older
+                                   # checkpoints')
     attn_heads: int = 4            # compact: heads × dim_head channels of attention (ddpm: one head, all channels)
     attn_dim_head: int = 32
     architecture: str = "compact"  # "compact": UNet, this tool's; "ddpm": DDPMUNet, Ho et al.'s
@@ -65,9 +67,12 @@ class SinusoidalPosEmb(nn.Module):
         self.dim = dim
 
     def forward(self, t):
+        """t (N,) → (N, dim), sin ‖ cos of t · 10000^(−i/(dim/2 − 1)), i = 0 … dim/2 − 1: in t's dtype when it is a
+        floating one, else float32."""
+        dtype = t.dtype if t.is_floating_point() else torch.float32
         half = self.dim // 2
-        freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000) / (half - 1)))
-        angles = t.float()[:, None] * freqs[None]               # (N, dim/2)
+        freqs = torch.exp(torch.arange(half, device=t.device, dtype=dtype) * (-math.log(10000) / (half - 1)))
+        angles = t.to(dtype)[:, None] * freqs[None]             # (N, dim/2)
         return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (N, dim)
 
 
@@ -75,15 +80,15 @@ class ResnetBlock(nn.Module):
     """GroupNorm → SiLU → conv, twice, the embedding entering between them: FiLM (scale, shift) after the second
     GroupNorm, or (resblock "add", Ho et al.) added after the first conv; dropout before the second conv."""
 
-    def __init__(self, dim_in, dim_out, emb_dim, groups, resblock="film", dropout=0.0):
+    def __init__(self, dim_in, dim_out, emb_dim, groups, resblock="film", dropout=0.0, eps=1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, dim_in)
+        self.norm1 = nn.GroupNorm(groups, dim_in, eps)
         self.conv1 = nn.Conv2d(dim_in, dim_out, 3, padding=1)
         if resblock == "film":
             self.film = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out * 2))
         else:
             self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out))
-        self.norm2 = nn.GroupNorm(groups, dim_out)
+        self.norm2 = nn.GroupNorm(groups, dim_out, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
         self.skip = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
@@ -102,10 +107,10 @@ class ResnetBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over all H·W positions, pre-norm, residual."""
 
-    def __init__(self, dim, heads, dim_head, groups, qkv_bias=False):
+    def __init__(self, dim, heads, dim_head, groups, qkv_bias=False, eps=1e-5):
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(groups, dim)
+        self.norm = nn.GroupNorm(groups, dim, eps)
         self.to_qkv = nn.Conv2d(dim, heads * dim_head * 3, 1, bias=qkv_bias)
         self.to_out = nn.Conv2d(heads * dim_head, dim, 1)
 
@@ -169,9 +174,9 @@ class NoisePredictor(nn.Module):
             self.class_mlp = nn.Sequential(nn.Linear(config.class_emb_dim, emb_dim), nn.SiLU(),
                                            nn.Linear(emb_dim, emb_dim))
 
-    def embed(self, t, class_labels=None):
-        """t (N,), class_labels (N,) or None → the embedding (N, 4·dim)."""
-        emb = self.time_mlp(t)
+    def embed(self, t, class_labels=None, dtype=torch.float32):
+        """t (N,), class_labels (N,) or None → the embedding (N, 4·dim), the sinusoids in `dtype` (the input's)."""
+        emb = self.time_mlp(t.to(dtype))
         if self.num_classes is not None:
             if class_labels is None:
                 class_labels = torch.full_like(t, self.num_classes)     # null label: unconditional
@@ -193,11 +198,11 @@ class UNet(NoisePredictor):
         stage_io = list(zip([dim] + dims[:-1], dims))  # (in, out) channels per stage
 
         def attention(d, stage):
-            return Attention(d, config.attn_heads, config.attn_dim_head, groups) if config.attends(stage) \
-                else nn.Identity()
+            return Attention(d, config.attn_heads, config.attn_dim_head, groups, eps=config.norm_eps) \
+                if config.attends(stage) else nn.Identity()
 
         def block(d_in, d_out):
-            return ResnetBlock(d_in, d_out, emb_dim, groups, config.resblock, config.dropout)
+            return ResnetBlock(d_in, d_out, emb_dim, groups, config.resblock, config.dropout, config.norm_eps)
 
         self.init_conv = nn.Conv2d(config.channels, dim, 3, padding=1)
         self.downs = nn.ModuleList()
@@ -210,7 +215,7 @@ class UNet(NoisePredictor):
             ]))
         mid = dims[-1]
         self.mid_block1 = block(mid, mid)
-        self.mid_attn = Attention(mid, config.attn_heads, config.attn_dim_head, groups)
+        self.mid_attn = Attention(mid, config.attn_heads, config.attn_dim_head, groups, eps=config.norm_eps)
         self.mid_block2 = block(mid, mid)
         self.ups = nn.ModuleList()
         for i, (d_in, d_out) in reversed(list(enumerate(stage_io))):
@@ -226,7 +231,7 @@ class UNet(NoisePredictor):
     def forward(self, x, t, class_labels=None):
         """x: (N, C, H, W) noisy images; t: (N,) timestep indices; class_labels: (N,) or None.
         Returns the predicted noise ε, (N, C, H, W)."""
-        emb = self.embed(t, class_labels)                               # (N, 4·dim)
+        emb = self.embed(t, class_labels, x.dtype)                      # (N, 4·dim)
         x = self.init_conv(x)                                           # (N, dim, H, W)
         residual = x
         skips = []
@@ -262,10 +267,10 @@ class DDPMUNet(NoisePredictor):
         dims = [dim * m for m in config.dim_mults]
 
         def block(d_in, d_out):
-            return ResnetBlock(d_in, d_out, emb_dim, groups, config.resblock, config.dropout)
+            return ResnetBlock(d_in, d_out, emb_dim, groups, config.resblock, config.dropout, config.norm_eps)
 
         def attention(d, stage):
-            return Attention(d, 1, d, groups, qkv_bias=True) if config.attends(stage) else nn.Identity()
+            return Attention(d, 1, d, groups, True, config.norm_eps) if config.attends(stage) else nn.Identity()
 
         self.init_conv = nn.Conv2d(config.channels, dim, 3, padding=1)
         skip_channels, d_in = [dim], dim                # what each skip holds, in the order they are made
@@ -281,7 +286,7 @@ class DDPMUNet(NoisePredictor):
             if i < len(dims) - 1:
                 skip_channels.append(d_out)
         self.mid_block1 = block(d_in, d_in)
-        self.mid_attn = Attention(d_in, 1, d_in, groups, qkv_bias=True)
+        self.mid_attn = Attention(d_in, 1, d_in, groups, True, config.norm_eps)
         self.mid_block2 = block(d_in, d_in)
         self.ups = nn.ModuleList()
         for i, d_out in reversed(list(enumerate(dims))):
@@ -290,12 +295,13 @@ class DDPMUNet(NoisePredictor):
                 stage.append(nn.ModuleList([block(d_in + skip_channels.pop(), d_out), attention(d_out, i)]))
                 d_in = d_out
             self.ups.append(nn.ModuleList([stage, Upsample(d_out, d_out) if i > 0 else nn.Identity()]))
-        self.out = nn.Sequential(nn.GroupNorm(groups, d_in), nn.SiLU(), nn.Conv2d(d_in, config.channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(groups, d_in, config.norm_eps), nn.SiLU(),
+                                 nn.Conv2d(d_in, config.channels, 3, padding=1))
 
     def forward(self, x, t, class_labels=None):
         """x: (N, C, H, W) noisy images; t: (N,) timestep indices; class_labels: (N,) or None.
         Returns the predicted noise ε, (N, C, H, W)."""
-        emb = self.embed(t, class_labels)                               # (N, 4·dim)
+        emb = self.embed(t, class_labels, x.dtype)                      # (N, 4·dim)
         skips = [self.init_conv(x)]                                     # (N, dim, H, W)
         for stage, down in self.downs:
             for block, attn in stage:

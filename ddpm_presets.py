@@ -10,14 +10,14 @@ from ddpm_model import UNetConfig
 # linear β from 1e-4 to 0.02, ε-prediction with L_simple, Adam (no weight decay) at 2e-4 after 5,000 warm-up steps,
 # batch 128, EMA 0.9999, gradient norm clipped at 1 (always, ddpm_train.GRAD_CLIP_NORM), random horizontal flips
 # (always). 800k steps: 2,273 epochs of the 352 batches of 128 in the tool's 45,000 training images (the paper
-# trains on all 50,000). Samples by all T ancestral steps with the posterior variance β̃_t (the paper reports
-# σ_t² = β_t and β̃_t alike).
+# trains on all 50,000). GroupNorm's ε is their code's 1e-6. Samples by all T ancestral steps with σ_t² = β_t, as
+# their CIFAR-10 samples were drawn (the paper finds β_t and β̃_t alike, §3.2).
 DDPM_CIFAR10 = {
     "architecture": "ddpm", "dim": 128, "dim_mults": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16],
-    "dropout": 0.1, "resblock": "add", "groups": 32,
+    "dropout": 0.1, "resblock": "add", "groups": 32, "norm_eps": 1e-6,
     "timesteps": 1000, "schedule": "linear", "prediction": "eps", "loss_type": "l2",
     "lr": 2e-4, "warmup_steps": 5000, "weight_decay": 0, "lr_decay": "none", "batch_size": 128,
-    "ema_decay": 0.9999, "epochs": 2273, "sampler": "ddpm", "eval_every": 50,
+    "ema_decay": 0.9999, "epochs": 2273, "sampler": "ddpm", "variance": "beta", "eval_every": 50,
 }
 
 # bench/speedrun.py's recipe for a 5-minute GPU run (a starting point, not yet tuned on a GPU: BENCHMARKS.md); the

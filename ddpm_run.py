@@ -67,7 +67,7 @@ class TrainingOptions:
     fid_ref: str = "train"          # the split whose statistics FID compares with (--fid_ref)
     fid_ref_stats: str = None       # reference statistics (None: the --fid_ref split's)
     eval_nll: int = 0               # the bound in bits/dim on this many test images at the end (0: none)
-    nll_variance: str = "posterior"  # σ_t² of p_θ in the bound: β̃_t ('posterior') or β_t ('beta')
+    nll_variance: str = None  # σ_t² of p_θ in the bound: β̃_t ('posterior') or β_t ('beta'); None: the sampler's
     quiet: bool = False             # no bars or per-epoch lines
     tensorboard: str = None         # a TensorBoard log folder (None: none)
 
@@ -663,8 +663,8 @@ def finish(run, state, clock):
     if options.eval_nll:
         with clock.timed("nll_s"), memory_guard("computing the bound in bits/dim", SAMPLE_REMEDY):
             test_images, _ = spread(run.test_images, None, options.eval_nll)
-            nll = measure_nll(run.sampler, test_images, None, options.nll_variance, config["seed"], run.files,
-                              run.report.verbose)["bits_per_dim"]
+            nll = measure_nll(run.sampler, test_images, None, options.nll_variance or run.sampler.settings.variance,
+                              config["seed"], run.files, run.report.verbose)["bits_per_dim"]
     clock.stamp()
     images_seen = state.step * config["global_batch_size"]
     metrics = {"world_size": run.world_size, "run_name": config["run_name"], "device": str(run.device),

@@ -24,7 +24,7 @@ FLAGS_A = ["--conditional", "--timesteps", "10", "--schedule", "linear", "--loss
            "--epochs", "2", "--run_name", "a", "--data_dir", "data_a", "--time_budget_min", "3",
            "--sampler", "ddim", "--sampling_steps", "4", "--eta", "0.5", "--guidance_scale", "2", "--grad_accum", "2",
            "--precision", "fp32", "--architecture", "ddpm", "--num_res_blocks", "1", "--attn_resolutions", "8",
-           "--dropout", "0.1", "--resblock", "add", "--groups", "4", "--weight_decay", "0"]
+           "--dropout", "0.1", "--resblock", "add", "--groups", "4", "--norm_eps", "1e-6", "--weight_decay", "0"]
 FLAGS_B = ["--timesteps", "20", "--schedule", "sigmoid", "--loss_type", "huber", "--dim", "16", "--dim_mults", "1",
            "--lr", "0.001", "--lr_decay", "none", "--warmup_steps", "5", "--batch_size", "4", "--p_uncond", "0.3",
            "--ema_decay", "0.9", "--seed", "8", "--epochs", "5", "--run_name", "b", "--data_dir", "data_b",

@@ -21,7 +21,7 @@ from torch import nn
 
 import ddpm_fid
 from conftest import ROOT, TINY_MODEL, make_image_folder, run_main
-from ddpm_download import RemoteFile, cache_folder, fetched, sha256_of
+from ddpm_download import RemoteFile, cache_folder, fetched, file_digest
 from ddpm_fid import INCEPTION, IS_SPLITS, InceptionFeatures, frechet_distance, inception_score
 from ddpm_helpers import UserError, format_bytes
 
@@ -168,7 +168,7 @@ def test_a_file_url_is_fetched_and_a_damaged_cached_copy_fetched_again(tmp_path,
 def serve_as_official(folder, base, weights, monkeypatch):
     """ddpm_fid.INCEPTION pointed at `weights` served from the local server, under the official file name."""
     shutil.copyfile(weights, folder / INCEPTION.file_name)
-    monkeypatch.setattr(ddpm_fid, "INCEPTION", RemoteFile(f"{base}/{INCEPTION.file_name}", sha256_of(weights),
+    monkeypatch.setattr(ddpm_fid, "INCEPTION", RemoteFile(f"{base}/{INCEPTION.file_name}", file_digest(weights),
                                                           os.path.getsize(weights), INCEPTION.what, INCEPTION.flag))
 
 
@@ -185,7 +185,7 @@ def test_eval_fid_with_no_weights_file_fetches_the_network_once_and_offline_says
     assert "not the official" not in first.stderr
     metrics = json.loads((tmp_path / "outputs" / "metrics_first.json").read_text())
     assert metrics["fid_protocol"]["official_network"] and metrics["fid_protocol"]["network_sha256"] == \
-        sha256_of(fake_inception)
+        file_digest(fake_inception)
     assert run_main(*sample, "--run_name", "second", cwd=tmp_path).returncode == 0
     assert requested == [f"/{INCEPTION.file_name}"]  # fetched once, then read from the cache
 
@@ -193,7 +193,7 @@ def test_eval_fid_with_no_weights_file_fetches_the_network_once_and_offline_says
     offline.mkdir()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     url = closed_port_url(INCEPTION.file_name)
-    monkeypatch.setattr(ddpm_fid, "INCEPTION", RemoteFile(url, INCEPTION.sha256, INCEPTION.size, INCEPTION.what,
+    monkeypatch.setattr(ddpm_fid, "INCEPTION", RemoteFile(url, INCEPTION.digest, INCEPTION.size, INCEPTION.what,
                                                           INCEPTION.flag))
     message = one_line_error(run_main(*sample, cwd=offline))
     assert message.startswith(f"ddpm_main.py: error: could not fetch the Inception-v3 weights of FID and IS from "
@@ -264,7 +264,7 @@ def test_a_file_other_than_the_official_one_is_noted_and_one_without_classifier_
     features = InceptionFeatures(fake_inception, "cpu", verbose=True)
     assert not features.official and features.has_classifier
     assert (f"note: --fid_inception {fake_inception!r} is not the official weights-inception-2015-12-05-6726825d.pth "
-            f"(SHA-256 {sha256_of(fake_inception)[:12]}…, official 6726825d0af5…): its FID and IS compare only with "
+            f"(SHA-256 {file_digest(fake_inception)[:12]}…, official 6726825d0af5…): its FID and IS compare only with "
             "figures read with this same file") in capsys.readouterr().err
     state = torch.load(fake_inception, weights_only=True)
     torch.save({**state, "fc.weight": torch.full_like(state["fc.weight"], np.nan)}, tmp_path / "no_fc.pth")
@@ -285,18 +285,19 @@ def test_eval_fid_and_is_after_training_and_at_inference_with_their_protocol(tmp
     assert metrics["fid_samples"] == 10 and metrics["fid_sampler"] == "ddim, 2 steps, eta 0.0, guidance 3.0"
     assert metrics["fid_protocol"] == {
         "samples": 10, "class_balanced": True, "seed": 0, "sampler": "ddim, 2 steps, eta 0.0, guidance 3.0",
-        "reference": f"the train split at {data}", "reference_images": 30, "network_sha256": sha256_of(fake_inception),
+        "reference": f"the train split at {data}", "reference_images": 30,
+        "network_sha256": file_digest(fake_inception),
         "official_network": False, "is_splits": 10, "torch_fidelity": torch_fidelity.__version__}
     assert (f"FID {metrics['fid']:.3f}, IS {metrics['inception_score']:.3f} ± {metrics['inception_score_std']:.3f}\n"
             f"  from 10 class-balanced samples (seed 0, ddim, 2 steps, eta 0.0, guidance 3.0) against the train split "
-            f"at {data} (30 images); Inception weights {sha256_of(fake_inception)[:8]}… (not the official file)") \
+            f"at {data} (30 images); Inception weights {file_digest(fake_inception)[:8]}… (not the official file)") \
         in result.stdout
 
     # the figures are those of the saved samples, against the cached statistics of the 30 training images
     samples = np.load(tmp_path / "outputs" / "fid_samples_f.npz")["images"]
     assert samples.shape == (10, 16, 16, 3) and samples.dtype == np.uint8
     stats = np.load(os.path.join(data, "ddpm_fid_train_stats.npz"))
-    assert int(stats["n"]) == 30 and str(stats["network"]) == sha256_of(fake_inception)
+    assert int(stats["n"]) == 30 and str(stats["network"]) == file_digest(fake_inception)
     mu, sigma, logits = InceptionFeatures(fake_inception, "cpu").statistics(samples, keep_logits=True)
     assert metrics["fid"] == pytest.approx(frechet_distance(mu, sigma, stats["mu"], stats["sigma"]), rel=1e-6)
     assert (metrics["inception_score"], metrics["inception_score_std"]) == pytest.approx(inception_score(logits))
