@@ -1,5 +1,6 @@
 """ddpm_main.py end to end on a tiny generated image-folder dataset, and every bad input."""
 import json
+import math
 import os
 import re
 import signal
@@ -335,7 +336,8 @@ def test_without_a_terminal_training_logs_a_line_per_read_out_at_most_once_a_min
                                                                                    monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["--data_dir", tiny_data, "--epochs", "2", "--log_interval", "2", "--time_budget_min", "5", *TINY_MODEL]
-    ddpm_main.main([*argv, "--run_name", "slow"])  # a short run: no minute has passed, no step lines
+    monkeypatch.setattr(ddpm_train, "LOG_LINE_SECONDS", math.inf)  # the minute never passes, however slow the run
+    ddpm_main.main([*argv, "--run_name", "slow"])
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     monkeypatch.setattr(ddpm_train, "LOG_LINE_SECONDS", 0)
     ddpm_main.main([*argv, "--run_name", "fast"])
@@ -354,7 +356,7 @@ def test_checkpoints_carry_the_settings_they_sample_with(tiny_data, tmp_path, mo
                     "--sampler", "ddim", "--sampling_steps", "3", "--guidance_scale", "2", "--quiet", *TINY_MODEL])
     ckpt = load_checkpoint("models/s/ckpt.pt")
     assert ckpt["config"]["sampling"] == {"sampler": "ddim", "steps": 3, "eta": 0.0, "guidance_scale": 2.0,
-                                          "spacing": "lambda", "guidance_interval": None}
+                                          "spacing": "lambda", "guidance_interval": None, "variance": "posterior"}
     export_for_inference(ckpt, "exported.pt")
     assert load_checkpoint("exported.pt")["config"]["sampling"] == ckpt["config"]["sampling"]
 
