@@ -56,6 +56,7 @@ MODULES = [
     (r"out\.2", "conv_out", "conv_out"),
 ]
 STYLES = ("pesser", "diffusers")
+FORMAT_NAMES = {"pesser": "pesser/pytorch_diffusion's format", "diffusers": "diffusers' UNet2DModel"}
 # The parts of a ResNet block and an attention whose names differ (the rest, norm1, conv1, norm2, conv2, keep theirs):
 # our part → (pesser's, diffusers'); a tuple of three: the q, k, v that DDPMUNet keeps in one to_qkv convolution
 PARTS = {"emb_proj.1": ("temb_proj", "time_emb_proj"), "skip": ("nin_shortcut", "conv_shortcut"),

@@ -29,8 +29,8 @@ from ddpm_helpers import (COMPILE_CHOICES, PRECISIONS, STOPPING_ERRORS, NonFinit
                           UserError, WriteError, check_run_name, check_writable_folder, exit_status,
                           failure_text, init_distributed, memory_guard, require_finite, sanitized_run_name,
                           stderr_is_terminal, write_folder, write_json)
-from ddpm_interop import (HUB_FOLDER, PUBLISHED, diffusers_folder_files, export_problem, import_weights,
-                          read_foreign)
+from ddpm_interop import (FORMAT_NAMES, HUB_FOLDER, PUBLISHED, diffusers_folder_files, export_problem,
+                          import_weights, read_foreign)
 from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig
 from ddpm_presets import PRESETS, presets_help
 from ddpm_run import (EVAL_IMAGES, GRID_PER_CLASS, GRID_UNCONDITIONAL, SAMPLE_REMEDY, SignalFlag, StopRequested,
@@ -669,8 +669,8 @@ def import_job(args):
     write_config_json(config, files.checkpoint("config.json"))
     if verbose:
         count = sum(w.numel() for w in imported.weights.values())
-        print(f"imported Ho et al.'s network ({count:,} parameters) from {foreign.source} ({foreign.style}'s format) "
-              f"into {target}; it samples with "
+        print(f"imported Ho et al.'s network ({count:,} parameters) from {foreign.source} "
+              f"({FORMAT_NAMES[foreign.style]}) into {target}; it samples with "
               f"{settings.describe(guided=False)}. Sample it: python ddpm_main.py --inference --model_path {target}"
               f"{FAST_SAMPLING if settings.sampler == 'ddpm' else ''}",
               file=sys.stderr)
