@@ -236,20 +236,18 @@ def diffusers_layout(foreign, levels):
     return side, config.get("norm_num_groups", 32), float(config.get("norm_eps", 1e-5))
 
 
-def parameter_map(network, style, old_attention=False):
-    """DDPMUNet's state-dict names → (the foreign names they come from, whether those are Linear layers where
-    DDPMUNet has 1 × 1 convolutions). Three foreign names: q, k, v, stacked in DDPMUNet's to_qkv."""
-    with torch.device("meta"):
-        names = list(DDPMUNet(network).state_dict())
+def parameter_map(names, network, style, old_attention=False):
+    """DDPMUNet's state-dict `names` (of `network`) → (the foreign names they come from, whether those are Linear
+    layers where DDPMUNet has 1 × 1 convolutions). Three foreign names: q, k, v, stacked in DDPMUNet's to_qkv."""
     column = STYLES.index(style) + 1
     mapping = {}
     for name in names:
         match = KEY.fullmatch(name)
         module, part, param = match["module"], match["part"], match["param"]
-        rule = next((rule for rule in MODULES if re.fullmatch(rule[0], module)), None)
+        rule, found = next(((rule, m) for rule in MODULES if (m := re.fullmatch(rule[0], module))), (None, None))
         if rule is None:
             raise ValueError(f"no foreign name for {name}")  # a DDPMUNet module MODULES does not know: a bug
-        groups = re.fullmatch(rule[0], module).groupdict()
+        groups = found.groupdict()
         if "k" in groups:
             groups["level"] = len(network.dim_mults) - 1 - int(groups["k"])
         prefix = rule[column].format(**groups)
@@ -274,9 +272,9 @@ def import_weights(foreign):
     naming the first tensor that is missing, extra or of another shape."""
     network = foreign_network(foreign)
     old = foreign.style == "diffusers" and any(".query." in name for name in foreign.tensors)
-    mapping = parameter_map(network, foreign.style, old)
     with torch.device("meta"):
-        expected = DDPMUNet(network).state_dict()
+        expected = DDPMUNet(network).state_dict()  # names and shapes, nothing allocated
+    mapping = parameter_map(expected, network, foreign.style, old)
     weights, used = {}, set()
     for name, (sources, linear) in mapping.items():
         parts = []
@@ -373,7 +371,7 @@ def foreign_weights(network, weights, style="diffusers"):
     """DDPMUNet's state dict `weights` under pesser's or UNet2DModel's names, float32 and contiguous (as safetensors
     wants)."""
     tensors = {}
-    for name, (targets, linear) in parameter_map(network, style).items():
+    for name, (targets, linear) in parameter_map(weights, network, style).items():
         for target, chunk in zip(targets, weights[name].float().chunk(len(targets))):
             tensors[target] = chunk.reshape(foreign_shape(tuple(chunk.shape), 1, linear)).contiguous()
     return tensors

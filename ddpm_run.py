@@ -663,8 +663,8 @@ def finish(run, state, clock):
     if options.eval_nll:
         with clock.timed("nll_s"), memory_guard("computing the bound in bits/dim", SAMPLE_REMEDY):
             test_images, _ = spread(run.test_images, None, options.eval_nll)
-            nll = measure_nll(run.sampler, test_images, None, options.nll_variance or run.sampler.settings.variance,
-                              config["seed"], run.files, run.report.verbose)["bits_per_dim"]
+            nll = measure_nll(run.sampler, test_images, None, options.nll_variance, config["seed"], run.files,
+                              run.report.verbose)["bits_per_dim"]
     clock.stamp()
     images_seen = state.step * config["global_batch_size"]
     metrics = {"world_size": run.world_size, "run_name": config["run_name"], "device": str(run.device),

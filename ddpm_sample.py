@@ -229,11 +229,12 @@ def nll_test_images(config, data_dir, dataset, count, with_labels):
 
 def measure_nll(sampler, images_uint8, labels, variance, seed, files, verbose):
     """The variational bound (eq. 5) of test images (N, C, H, W uint8, at the data's size; padded to the model's side)
-    in bits/dim, with labels (N,) or without (the null label of a conditional model). Writes each term's mean per t,
-    the total and its standard error to nll_<run>.json, and the terms against t to nll_terms_<run>.png; returns
-    the JSON's dict. T network evaluations per image, sampler.batch_size images at a time, in the sampler's
-    precision."""
+    in bits/dim, p_θ's σ_t² `variance` ('posterior' or 'beta'; None: the sampler's), with labels (N,) or without (the
+    null label of a conditional model). Writes each term's mean per t, the total and its standard error to
+    nll_<run>.json, and the terms against t to nll_terms_<run>.png; returns the JSON's dict. T network evaluations
+    per image, sampler.batch_size images at a time, in the sampler's precision."""
     diffusion, config, n = sampler.diffusion, sampler.config, len(images_uint8)
+    variance = variance or sampler.settings.variance  # None: the σ_t² the sampler draws with
     x = pad_to_side(to_model_range(images_uint8), config["image_size"])  # (N, C, side, side) in [−1, 1]
     terms, priors, start = [], [], time.perf_counter()
     with seeded_rng(seed, sampler.device), tqdm(total=n * diffusion.timesteps, desc="bits/dim", unit="eval",
