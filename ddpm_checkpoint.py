@@ -31,164 +31,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddpm_data import CIFAR10_CLASSES, model_side
+from ddpm_config import RESUME_NEEDS, build_model, config_problem, entries_problem, whole_number
 from ddpm_download import file_digest
-from ddpm_diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, Diffusion, SamplerSettings, make_schedule
-from ddpm_helpers import (PRECISIONS, RUN_NAME_CHARACTERS, NonFiniteError, UserError, atomic_torch_save, check_memory,
-                          sanitized_run_name, write_json)
-from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig, build_unet
-from ddpm_train import LR_DECAYS, WALL_PARTS
+from ddpm_helpers import (NonFiniteError, RUN_NAME_CHARACTERS, UserError, atomic_torch_save, sanitized_run_name,
+                          write_json)
+from ddpm_model import UNetConfig
+from ddpm_runtime import parameter_count
+from ddpm_train_step import WALL_PARTS
 
 CHECKPOINT_FORMAT = "ddpm-cifar10"
 CHECKPOINT_VERSION = 1
 TOOL_VERSION = "0.1.0"
 
-# The config's keys, in five kinds. A test checks that every key is in exactly one of them.
-# Fixed settings: what the run trains (model, diffusion, objective, batches, seed). A new run takes them from the
-# flags of the same name; a resumed run from its checkpoint, and a flag given with another value is an error.
-# The network's (MODEL_SETTINGS) are also the config's model entry (UNetConfig); a resume takes them from there.
-MODEL_SETTINGS = ("architecture", "dim", "dim_mults", "num_res_blocks", "attn_resolutions", "dropout", "resblock",
-                  "groups", "norm_eps")
-FIXED_SETTINGS = ("conditional", "timesteps", "schedule", "loss_type", "prediction", "min_snr_gamma",
-                  *MODEL_SETTINGS, "batch_size", "grad_accum", "p_uncond", "ema_decay", "seed")
-# Adjustable settings: how long and how fast it trains. A resumed run takes a flag given, else its checkpoint's value.
-# precision is the --precision asked for ('auto' is resolved anew on each run's hardware:
-# ddpm_helpers.choose_precision).
-ADJUSTABLE_SETTINGS = ("lr", "lr_decay", "warmup_steps", "weight_decay", "epochs", "time_budget_min", "precision")
-# Run settings: every run, resumed or not, takes them from its own command line (and torchrun).
-RUN_SETTINGS = ("run_name", "data_dir", "world_size")
-# Sampling settings: how the model is to be sampled (SamplerSettings as a dict): the run's sampling flags, else the
-# resumed checkpoint's, else the defaults. Inference takes them from the checkpoint unless its flags say otherwise.
-SAMPLING_SETTINGS = ("sampling",)
-# What training_config takes from the command line (RUN_SETTINGS' data_dir as resolved by the run).
-COMMAND_LINE_SETTINGS = FIXED_SETTINGS + ADJUSTABLE_SETTINGS + RUN_SETTINGS
-# Derived: what follows from the settings above and the data (data_facts): what the data is, its class names, channels
-# and image size [H, W], and the side of the square the model works on (image_size: data_size padded to fit the
-# stages, ddpm_data.model_side).
-DERIVED_KEYS = ("model", "num_classes", "dataset", "classes", "channels", "data_size", "image_size", "num_train",
-                "num_val", "num_test", "global_batch_size")
-
 TIMING_KEYS = (*WALL_PARTS, "wall_s")  # seconds per activity, and the wall time used in all
-
-
-def training_config(flags, data_facts, saved_config=None, given=()):
-    """The resolved config of a training run, saved in every checkpoint and in config.json.
-
-    flags: the command line's values by config key (every setting above), and 'sampling': the resolved
-    SamplerSettings; data_facts: ddpm_data.data_facts and num_train, num_val, num_test. saved_config: the checkpoint's
-    config when resuming, whose fixed settings win over the flags, and whose adjustable ones win over flags not
-    `given` on the command line (a key it lacks, from an older version, falls back to the flag)."""
-    chosen = {key: flags[key] for key in COMMAND_LINE_SETTINGS}
-    if saved_config is not None:
-        kept = FIXED_SETTINGS + tuple(key for key in ADJUSTABLE_SETTINGS if key not in given)
-        chosen.update({key: saved_config.get(key, chosen[key]) for key in kept})
-        chosen.update(saved_model_settings(saved_config))
-    classes = list(data_facts["classes"])
-    side = model_side(data_facts["data_size"], len(chosen["dim_mults"]))
-    model = UNetConfig.from_dict({**{key: chosen[key] for key in MODEL_SETTINGS}, "channels": data_facts["channels"],
-                                  "num_classes": len(classes) if chosen["conditional"] else None, "image_size": side})
-    check_attention_sides(model)
-    model = dataclasses.replace(model, attn_resolutions=model.attention_sides())
-    return {
-        **{key: flag_value(value) for key, value in model.to_dict().items() if key in MODEL_SETTINGS},
-        "model": model.to_dict(), "conditional": chosen["conditional"], "num_classes": model.num_classes,
-        "dataset": data_facts["dataset"], "classes": classes, "channels": data_facts["channels"],
-        "data_size": list(data_facts["data_size"]), "image_size": side, "timesteps": chosen["timesteps"],
-        "schedule": chosen["schedule"], "loss_type": chosen["loss_type"], "prediction": chosen["prediction"],
-        "min_snr_gamma": chosen["min_snr_gamma"], "lr_decay": chosen["lr_decay"], "lr": chosen["lr"],
-        "warmup_steps": chosen["warmup_steps"], "weight_decay": chosen["weight_decay"],
-        "batch_size": chosen["batch_size"], "grad_accum": chosen["grad_accum"], "epochs": chosen["epochs"],
-        "p_uncond": chosen["p_uncond"], "ema_decay": chosen["ema_decay"], "seed": chosen["seed"],
-        "run_name": chosen["run_name"],
-        "data_dir": chosen["data_dir"], "num_train": data_facts["num_train"], "num_val": data_facts["num_val"],
-        "num_test": data_facts["num_test"], "time_budget_min": chosen["time_budget_min"],
-        "world_size": chosen["world_size"], "precision": chosen["precision"],
-        "global_batch_size": chosen["batch_size"] * chosen["grad_accum"] * chosen["world_size"],
-        "sampling": dataclasses.asdict(flags["sampling"]),
-    }
-
-
-def check_attention_sides(model):
-    """UserError when --attn_resolutions names a side that no stage of the U-Net has."""
-    sides = model.stage_sides()
-    wrong = [side for side in model.attn_resolutions or () if side not in sides]
-    if wrong:
-        raise UserError(f"--attn_resolutions {flag_text(list(model.attn_resolutions))}: no stage works at "
-                        f"{flag_text(wrong)} pixels a side; the stages of these {model.image_size}×{model.image_size} "
-                        f"images work at {flag_text(sides)}")
-
-
-def saved_model_settings(saved_config):
-    """The model settings (MODEL_SETTINGS) of a checkpoint's network, from its model entry: those older checkpoints
-    lack are the defaults they were built with."""
-    model = UNetConfig.from_dict(saved_config["model"])
-    return {key: flag_value(getattr(model, key)) for key in MODEL_SETTINGS}
-
-
-def flag_value(value):
-    """A setting as the flags hold it: tuples as lists."""
-    return list(value) if isinstance(value, tuple) else value
-
-
-def fixed_setting_conflicts(saved_config, flags, given):
-    """The fixed settings given on a resume's command line with values other than the checkpoint's:
-    {key: (checkpoint's value, flag's value)}."""
-    saved = {**saved_config, **saved_model_settings(saved_config)}
-    return {key: (saved[key], flags[key]) for key in FIXED_SETTINGS
-            if key in given and key in saved and flags[key] != saved[key]}
-
-
-def check_fixed_settings(saved_config, flags, given):
-    """UserError naming the fixed settings a resume's command line gives other values than the checkpoint's."""
-    conflicts = fixed_setting_conflicts(saved_config, flags, given)
-    if conflicts:
-        asked = ", ".join(f"--{key} {flag_text(value)}" for key, (_, value) in conflicts.items())
-        kept = ", ".join(f"{key} {flag_text(saved_value)}" for key, (saved_value, _) in conflicts.items())
-        raise UserError(f"--resume: {asked} differ from the run being resumed ({kept}); what the run trains cannot "
-                        "change mid-run: drop them, or start a new run under another --run_name")
-
-
-def flag_text(value):
-    """A setting's value as it is written on the command line (lists comma-separated)."""
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def trained_data(config):
-    """The data facts (ddpm_data.data_facts) of what a config's model was trained on. Checkpoints from before they
-    were stored held square colour images: CIFAR-10 when the class names are CIFAR-10's, else a folder."""
-    classes, side = config.get("classes") or [], config["image_size"]
-    return {"dataset": config.get("dataset") or ("cifar10" if classes == CIFAR10_CLASSES else "folder"),
-            "classes": classes, "channels": config["model"].get("channels", 3),
-            "data_size": config.get("data_size") or [side, side]}
-
-
-def data_conflicts(saved_config, facts):
-    """How the data a resumed run reads differs from what its checkpoint was trained on: {what: (checkpoint's,
-    data's)} over the class names, the channels and the image size."""
-    saved = trained_data(saved_config)
-    return {key: (saved[key], facts[key]) for key in ("classes", "channels", "data_size") if saved[key] != facts[key]}
-
-
-def resume_changes(saved_config, config):
-    """The adjustable and sampling settings a resumed run changes: {key: (checkpoint's value, new value)}."""
-    return {key: (saved_config.get(key), config[key]) for key in ADJUSTABLE_SETTINGS + SAMPLING_SETTINGS
-            if saved_config.get(key) != config[key]}
-
-
-def saved_sampler_settings(config):
-    """The SamplerSettings a checkpoint's config carries; None for checkpoints written before they did."""
-    return SamplerSettings(**config["sampling"]) if "sampling" in config else None
-
-
-def build_model(config):
-    """The U-Net the config describes, with freshly initialised weights."""
-    return build_unet(UNetConfig.from_dict(config["model"]))
-
-
-def build_diffusion(config, device):
-    """The diffusion process the config describes: T, the β schedule, the prediction target, Min-SNR-γ."""
-    return Diffusion(config["timesteps"], lambda T: make_schedule(config["schedule"], T), device,
-                     prediction=config.get("prediction", "eps"), min_snr_gamma=config.get("min_snr_gamma"))
 
 
 def environment_versions():
@@ -294,6 +149,19 @@ def stored_run_name(config, path):
     return name
 
 
+def inference_run_name(model_path, config):
+    """What inference names its outputs: the name the user sees in --model_path, the run folder of a file the tool
+    wrote (models/<name>/ckpt.pt → <name>), else the file's own (downloads/ho2020.pt → ho2020); the checkpoint's stored
+    run name where that is not a valid run name."""
+    path = os.path.abspath(model_path)
+    name = os.path.basename(os.path.dirname(path)) if os.path.basename(path) in CHECKPOINT_FILES else \
+        os.path.splitext(os.path.basename(path))[0]
+    return name if sanitized_run_name(name) == name else stored_run_name(config, model_path)
+
+
+CHECKPOINT_FILES = ("ckpt.pt", "last.pt", "best.pt")  # what training writes into models/<run_name>/
+
+
 def _load_checked(path, map_location):
     """(checkpoint, the U-Net its config describes, weights not loaded) of load_checkpoint."""
     if not path:
@@ -325,105 +193,6 @@ def refuse_nonfinite(ckpt, path, parts):
 
 
 # ------------------------------------------------------------- what a checkpoint must hold, what a config needs
-
-def _whole(least):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-
-def _number(test):
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and test(v)
-
-
-def _sampling_settings_valid(value):
-    try:
-        SamplerSettings(**value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch's generators take (a negative seed is taken modulo 2⁶⁴)
-# (test, what the value must be) of each config entry a checkpoint may hold; SAMPLING_NEEDS and RESUME_NEEDS name
-# those that must be there
-CONFIG_ENTRIES = {
-    "model": (lambda v: isinstance(v, dict), "the U-Net's settings (a dict)"),
-    "timesteps": (_whole(1), "a whole number ≥ 1"),
-    "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-    "image_size": (_whole(1), "a whole number ≥ 1"),
-    "conditional": (lambda v: isinstance(v, bool), "true or false"),
-    "num_classes": (lambda v: v is None or _whole(1)(v), "none or a whole number ≥ 1"),
-    "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of class names"),
-    "channels": (_whole(1), "a whole number ≥ 1"),
-    "data_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_whole(1), v)), "[height, width]"),
-    "dataset": (lambda v: isinstance(v, str), "a name"),
-    "prediction": (lambda v: v in PREDICTIONS, f"one of {', '.join(PREDICTIONS)}"),
-    "min_snr_gamma": (lambda v: v is None or _number(lambda x: x > 0)(v), "none or a number > 0"),
-    "sampling": (lambda v: isinstance(v, dict) and _sampling_settings_valid(v), "sampler settings"),
-    "run_name": (lambda v: isinstance(v, str), "a name"),
-    "data_dir": (lambda v: isinstance(v, str), "a folder"),
-    "loss_type": (lambda v: v in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}"),
-    "dim": (_whole(1), "a whole number ≥ 1"),
-    "dim_mults": (lambda v: isinstance(v, list) and v and all(map(_whole(1), v)), "a list of whole numbers ≥ 1"),
-    "batch_size": (_whole(1), "a whole number ≥ 1"),
-    "grad_accum": (_whole(1), "a whole number ≥ 1"),
-    "world_size": (_whole(1), "a whole number ≥ 1"),
-    "epochs": (_whole(1), "a whole number ≥ 1"),
-    "p_uncond": (_number(lambda x: 0 <= x <= 1), "a number in [0, 1]"),
-    "ema_decay": (_number(lambda x: 0 <= x < 1), "a number in [0, 1)"),
-    "seed": (lambda v: _whole(SEED_RANGE[0])(v) and v <= SEED_RANGE[1], "a seed in the generator's range"),
-    "lr": (_number(lambda x: x > 0), "a number > 0"),
-    "lr_decay": (lambda v: v in LR_DECAYS, f"one of {', '.join(LR_DECAYS)}"),
-    "warmup_steps": (_whole(0), "a whole number ≥ 0"),
-    "weight_decay": (_number(lambda x: x >= 0), "a number ≥ 0"),
-    "architecture": (lambda v: v in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}"),
-    "num_res_blocks": (_whole(1), "a whole number ≥ 1"),
-    "attn_resolutions": (lambda v: v is None or isinstance(v, list) and all(map(_whole(1), v)),
-                         "none or a list of whole numbers ≥ 1"),
-    "dropout": (_number(lambda x: 0 <= x < 1), "a number in [0, 1)"),
-    "resblock": (lambda v: v in RESBLOCKS, f"one of {', '.join(RESBLOCKS)}"),
-    "groups": (_whole(1), "a whole number ≥ 1"),
-    "norm_eps": (_number(lambda x: x > 0), "a number > 0"),
-    "time_budget_min": (lambda v: v is None or _number(lambda x: x > 0)(v), "none or a number > 0"),
-    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-}
-SAMPLING_NEEDS = ("model", "timesteps", "schedule", "image_size")
-RESUME_NEEDS = SAMPLING_NEEDS + ("run_name", "data_dir", "conditional", "num_classes", "loss_type", "batch_size",
-                                 "grad_accum", "p_uncond", "ema_decay", "seed", "lr", "lr_decay", "warmup_steps",
-                                 "epochs")
-MODEL_ENTRIES = {key: (_whole(1), "a whole number ≥ 1") for key in ("dim", "channels", "class_emb_dim", "groups",
-                                                                  "attn_heads", "attn_dim_head")}
-MODEL_ENTRIES.update({key: CONFIG_ENTRIES[key] for key in ("num_classes", *MODEL_SETTINGS)},
-                     image_size=(lambda v: v is None or _whole(1)(v), "none or a whole number ≥ 1"))
-
-
-def _entries_problem(entries, needed, checks, where):
-    missing = [key for key in needed if key not in entries]
-    if missing:
-        return f"{where} lacks {', '.join(missing)}"
-    for key, value in entries.items():
-        test, must = checks.get(key, (lambda v: True, ""))
-        if not test(value):
-            return f"{where}'s {key} is {value!r:.60}, not {must}"
-    return None
-
-
-def config_problem(config, needed=SAMPLING_NEEDS):
-    """What makes a checkpoint's config unusable (None: nothing): an entry in `needed` missing, an entry that is not
-    what it must be (CONFIG_ENTRIES, MODEL_ENTRIES), or settings that contradict each other."""
-    if not isinstance(config, dict):
-        return "its config is not a dict"
-    problem = (_entries_problem(config, needed, CONFIG_ENTRIES, "the config")
-               or _entries_problem(config["model"], ("dim", "dim_mults"), MODEL_ENTRIES, "the model"))
-    if problem:
-        return problem
-    model, classes = UNetConfig.from_dict(config["model"]), config.get("classes")
-    if (model.dim % model.groups or model.num_classes != config.get("num_classes", model.num_classes)
-            or (model.num_classes and classes is not None and len(classes) != model.num_classes)
-            or (model.attn_resolutions is not None and model.image_size is None)):
-        return ("the config's settings contradict each other (dim and groups, num_classes and classes, "
-                "attn_resolutions without image_size)")
-    return None
-
 
 def weights_problem(weights, model, what):
     """What keeps the state dict `weights` from loading into `model` (None: nothing): a missing or extra tensor, or one
@@ -481,8 +250,8 @@ def checked_network(ckpt):
     return (None, problem) if problem else (model, None)
 
 
-POSITION_ENTRIES = {"epoch": (_whole(0), "a whole number ≥ 0"), "step": (_whole(0), "a whole number ≥ 0"),
-                    "batch_in_epoch": (_whole(0), "a whole number ≥ 0"),
+POSITION_ENTRIES = {"epoch": (whole_number(0), "a whole number ≥ 0"), "step": (whole_number(0), "a whole number ≥ 0"),
+                    "batch_in_epoch": (whole_number(0), "a whole number ≥ 0"),
                     "epoch_loss_sum": (lambda v: isinstance(v, float), "a number"),
                     "best_val": (lambda v: isinstance(v, float), "a number"),
                     "history": (lambda v: isinstance(v, dict) and all(isinstance(v.get(key), list) for key in
@@ -503,7 +272,7 @@ def resume_problem(ckpt):
     missing = [part for part in ("model", "ema") if not ckpt.get(part)]
     if missing:
         return f"it holds no {' and no '.join(missing)} weights"
-    problem = _entries_problem(ckpt, tuple(POSITION_ENTRIES), POSITION_ENTRIES, "the checkpoint")
+    problem = entries_problem(ckpt, tuple(POSITION_ENTRIES), POSITION_ENTRIES, "the checkpoint")
     if problem:
         return problem
     parameters = build_model(ckpt["config"]).parameters()  # in the order AdamW numbers them
@@ -523,53 +292,6 @@ def optimizer_problem(state, shapes):
                 moments.get(key) is None or moments[key].shape != shapes[index] for key in ("exp_avg", "exp_avg_sq")):
             return f"its optimizer state of parameter {index} does not fit the network"
     return None
-
-
-def parameter_count(model_config):
-    """The parameters of the U-Net a UNetConfig describes, counted on the meta device (nothing allocated) without the
-    class embedding (its normal_ initialisation there imports torch._dynamo, a second): exact for unconditional
-    networks, a lower bound for conditional ones. Widths no machine could hold are not built even there: their count
-    is the lower bound of the middle blocks' four 3 × 3 convolutions."""
-    widest = model_config.dim * model_config.dim_mults[-1]
-    lower_bound = 4 * 9 * widest ** 2
-    if lower_bound > 2 ** 50:  # 10¹⁵ parameters: more than any machine holds, and past what meta shapes can count
-        return lower_bound
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_unet(dataclasses.replace(model_config, num_classes=None)).parameters())
-
-
-SCHEDULE_BYTES_PER_STEP = 15 * (8 + 4)  # Diffusion's 15 per-t tables, built in float64 and kept in float32
-TRAINING_COPIES = 5                     # weights, their gradients, the EMA and AdamW's two moments, float32 each
-ACTIVATION_BYTES = 2                    # the least a stored activation takes (bf16 / fp16 autocast)
-
-
-def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, training, guided):
-    """What a run needs in memory before it starts, as lower bounds [(bytes, what, flag that lowers it)]: the weights
-    (and for `training` their gradients, EMA and optimizer moments), the noise schedule, one sampling batch (its images
-    and the U-Net's skip connections, for both halves of a guided batch) and the samples kept (float32, C × side²)."""
-    params = parameter_count(model_config)
-    copies = TRAINING_COPIES if training else 1
-    dims = [model_config.dim * m for m in model_config.dim_mults]
-    stage_inputs = [model_config.dim] + dims[:-1]                   # channels of each stage's skips (or more)
-    skips = model_config.dim * side ** 2 + sum(model_config.num_res_blocks * d * (side // 2 ** i) ** 2
-                                               for i, d in enumerate(stage_inputs))
-    image = model_config.channels * side ** 2
-    return [(params * 4 * copies, f"for {params:,} parameters{' while training' if training else ''}",
-             "--dim or --dim_mults"),
-            (timesteps * SCHEDULE_BYTES_PER_STEP, f"for the noise schedule of T = {timesteps:,}", "--timesteps"),
-            (sample_batch * (2 if guided else 1) * (skips * ACTIVATION_BYTES + 4 * image * 4),
-             f"for a sampling batch of {sample_batch:,}", "--sample_batch"),
-            (samples_kept * image * 4, f"to hold {samples_kept:,} samples",
-             "--eval_fid" if training else "--num_samples or --eval_fid")]
-
-
-def check_run_memory(device, sample_batch, model_config, timesteps, side, samples, training, guided):
-    """UserError before anything is allocated when the weights, the schedule, one sampling batch (of sample_batch) and
-    the samples kept need more memory than the device (and for the samples, the machine) has: memory_needs. On CUDA a
-    batch that does not fit is halved down to one image (generate), so only one image of it must fit there."""
-    batch = 1 if device.type == "cuda" else min(sample_batch, samples)
-    needs = memory_needs(model_config, timesteps, side, batch, samples, training, guided)
-    check_memory(needs[:3], device, needs[3:])
 
 
 def resumable_runs(models_dir):

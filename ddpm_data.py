@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ddpm_helpers import UserError, WriteError, atomic_torch_save, stderr_is_terminal, to_model_range
+from ddpm_helpers import UserError, WriteError, atomic_torch_save, stderr_is_terminal
+from ddpm_pictures import to_model_range
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_NAME = "ddpm_uint8_cache.pt"
@@ -202,8 +203,8 @@ def load_dataset(data_dir, dataset=None):
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} is a file, not a folder")
     if dataset is None and data_dir != DEFAULT_DATA_DIR and not os.path.exists(data_dir):
-        raise UserError(f"--data_dir {data_dir!r} does not exist: give an image-folder dataset (train/<class>/*.png|jpg "
-                        "and test/<class>/*.png|jpg), or name --dataset to download one into it")
+        raise UserError(f"--data_dir {data_dir!r} does not exist: give an image-folder dataset "
+                        "(train/<class>/*.png|jpg and test/<class>/*.png|jpg), or name --dataset to download one into it")
     dataset = resolve_dataset(dataset, data_dir)
     if dataset != "folder":
         return {**_load_torchvision(dataset, data_dir), "dataset": dataset}

@@ -7,8 +7,8 @@ Schedules are computed in float64 and stored as float32 buffers.
 Samplers: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), DDIM (Song et al. 2021, eq. 12) and ancestral DDPM
 (Algorithm 2), all with classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond), at
 every step or only in an interval of noise levels (Kynkäänniemi et al. 2024).
-SamplerSettings names one way to sample; generate() and guidance_sweep() are what the CLI, the benchmarks and FID
-sample with.
+SAMPLERS is the table of samplers (a Diffusion method each, and the settings it takes); SamplerSettings names one way
+to sample; generate() and guidance_sweep() are what the CLI, the benchmarks and FID sample with.
 """
 import contextlib
 import dataclasses
@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 DEFAULT_GUIDANCE_SCALE = 3.0
 DEFAULT_SAMPLING_STEPS = 25   # network evaluations of dpm++2m and ddim when nothing says otherwise
-SAMPLERS = ("dpm++2m", "ddim", "ddpm")
 SCHEDULES = ("linear", "cosine", "sigmoid")
 PREDICTIONS = ("eps", "v")
 LOSS_TYPES = ("l1", "l2", "huber")
@@ -31,6 +30,24 @@ SPACINGS = ("time", "lambda")
 VARIANCES = ("posterior", "beta")  # σ_t² of p_θ(x_{t−1} | x_t), in the ancestral sampler and the bound: β̃_t or β_t
 PIXEL_HALF_BIN = 1 / 255  # half the width of a uint8 pixel's bin once pixels are scaled to [−1, 1]
 LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++(2M) with fewer steps takes its step onto the last timestep first order
+
+
+@dataclass(frozen=True)
+class SamplerKind:
+    """A sampler: the Diffusion method that runs it, (model, x_T, timesteps T−1 first, class labels, the guidance
+    scale at each timestep, clip_denoised, progress, trace, **its options) → x_0, whether it takes every one of the T
+    steps (no steps to choose), and the SamplerSettings fields only it reads ('spacing' places the steps)."""
+    method: str
+    every_step: bool = False
+    options: tuple = ()
+
+
+# The samplers, by --sampler name: a new one is a Diffusion method and an entry here.
+SAMPLERS = {
+    "dpm++2m": SamplerKind("dpm_solver_2m", options=("spacing",)),  # Lu et al. 2022, second order
+    "ddim": SamplerKind("ddim", options=("eta",)),                  # Song et al. 2021, first order
+    "ddpm": SamplerKind("ancestral", every_step=True, options=("variance",)),  # Ho et al. 2020, all T steps
+}
 
 
 def linear_beta_schedule(beta_start, beta_end, timesteps):
@@ -107,7 +124,7 @@ class SamplerSettings:
 
     def for_timesteps(self, timesteps):
         """These settings with `steps` filled in for a T-step model: T for ddpm, else steps or min(25, T)."""
-        steps = timesteps if self.sampler == "ddpm" else self.steps or min(DEFAULT_SAMPLING_STEPS, timesteps)
+        steps = timesteps if SAMPLERS[self.sampler].every_step else self.steps or min(DEFAULT_SAMPLING_STEPS, timesteps)
         if not 1 <= steps <= timesteps:
             raise ValueError(f"sampling steps must be in 1..{timesteps} (the model's T), got {steps}")
         return dataclasses.replace(self, steps=steps)
@@ -115,11 +132,12 @@ class SamplerSettings:
     def describe(self, guided=True):
         """As metrics files record it, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance 1.5'; without the guidance
         when not guided (an unconditional model, or a conditional one sampled with the null label)."""
+        options = SAMPLERS[self.sampler].options
         steps = f"{self.steps or 'default'} steps"
-        if self.sampler == "dpm++2m":
+        if "spacing" in options:
             steps += f" ({self.spacing} spacing)"
-        noise = f", eta {self.eta}" if self.sampler == "ddim" else ""
-        noise += ", σ_t² = β_t" if self.sampler == "ddpm" and self.variance == "beta" else ""
+        noise = f", eta {self.eta}" if "eta" in options else ""
+        noise += ", σ_t² = β_t" if "variance" in options and self.variance == "beta" else ""
         interval = (f" for σ in ({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
                     if self.guidance_interval is not None else "")
         guidance = f", guidance {self.guidance_scale}{interval}" if guided else ""
@@ -432,10 +450,10 @@ class Diffusion(nn.Module):
     def sampler_timesteps(self, settings):
         """The timestep indices a sampler evaluates the network at, T−1 first: dpm++2m's spaced as settings say,
         DDIM's evenly in t (as the DDIM paper), all T for ddpm."""
-        settings = settings.for_timesteps(self.timesteps)
-        if settings.sampler == "ddpm":
+        settings, kind = settings.for_timesteps(self.timesteps), SAMPLERS[settings.sampler]
+        if kind.every_step:
             return list(range(self.timesteps - 1, -1, -1))
-        return self.sampling_timesteps(settings.steps, settings.spacing if settings.sampler == "dpm++2m" else "time")
+        return self.sampling_timesteps(settings.steps, settings.spacing if "spacing" in kind.options else "time")
 
     def guidance_scales(self, settings, steps):
         """The guidance scale at each timestep index of `steps`: settings' w where its interval holds the noise level
@@ -455,20 +473,35 @@ class Diffusion(nn.Module):
         settings = settings.for_timesteps(self.timesteps)
         steps = self.sampler_timesteps(settings)
         scales = self.guidance_scales(settings, steps)  # w at each step: 1 outside the guidance interval
-        if settings.sampler == "dpm++2m":
-            return self.dpm_solver_2m(model, x, steps, class_labels, scales, clip_denoised, progress,
-                                      trace).clamp(-1, 1)
-        for i, step in enumerate(tqdm(steps, desc=f"sampling ({settings.sampler})", leave=False,
-                                      disable=not progress)):
-            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            if settings.sampler == "ddpm":
-                x = self.p_sample(model, x, t, step, class_labels, scales[i], clip_denoised, trace=trace,
-                                  variance=settings.variance)
-            else:
-                t_prev = steps[i + 1] if i + 1 < len(steps) else -1
-                x = self.ddim_step(model, x, t, t_prev, class_labels, scales[i], settings.eta, clip_denoised,
-                                   trace=trace)
-        return x.clamp(-1, 1)
+        kind = SAMPLERS[settings.sampler]
+        options = {name: getattr(settings, name) for name in kind.options if name != "spacing"}  # spacing: the steps
+        return getattr(self, kind.method)(model, x, steps, class_labels, scales, clip_denoised, progress, trace,
+                                          **options).clamp(-1, 1)
+
+    @torch.no_grad()
+    def ddim(self, model, x, steps, class_labels=None, guidance_scales=None, clip_denoised=True, progress=False,
+             trace=None, eta=0.0):
+        """DDIM (Song et al. 2021): x at timestep steps[0] through steps[1:] to x_0, one ddim_step each, guided by
+        guidance_scales[i] at steps[i] (None: the default w)."""
+        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
+        for i, step in enumerate(tqdm(steps, desc="sampling (ddim)", leave=False, disable=not progress)):
+            t = torch.full((len(x),), step, device=x.device, dtype=torch.long)
+            t_prev = steps[i + 1] if i + 1 < len(steps) else -1
+            x = self.ddim_step(model, x, t, t_prev, class_labels, guidance_scales[i], eta, clip_denoised, trace=trace)
+        return x
+
+    @torch.no_grad()
+    def ancestral(self, model, x, steps, class_labels=None, guidance_scales=None, clip_denoised=True, progress=False,
+                  trace=None, variance="posterior"):
+        """Ancestral sampling (Algorithm 2): x_T through every timestep of `steps` (T−1 … 0) to x_0, one p_sample
+        each with σ_t² = β̃_t ('posterior') or β_t ('beta'), guided by guidance_scales[i] at steps[i]."""
+        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
+        for i, step in enumerate(tqdm(steps, desc="sampling (ddpm)", leave=False, disable=not progress)):
+            t = torch.full((len(x),), step, device=x.device, dtype=torch.long)
+            x = self.p_sample(model, x, t, step, class_labels, guidance_scales[i], clip_denoised, trace=trace,
+                              variance=variance)
+        return x
+
 
 
 # sampling ---------------------------------------------------------------------------------

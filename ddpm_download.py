@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_helpers import UserError, WriteError, atomic_open, format_bytes
+from ddpm_helpers import UserError, WriteError, atomic_open
+from ddpm_runtime import format_bytes
 
 CHUNK = 1 << 20         # bytes read and hashed at a time
 TIMEOUT_S = 30          # a server silent this long counts as unreachable

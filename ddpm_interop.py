@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_diffusion import scaled_beta_range
-from ddpm_download import RemoteFile
-from ddpm_helpers import UserError
+from ddpm_download import RemoteFile, fetched
+from ddpm_helpers import UserError, stderr_is_terminal
 from ddpm_model import DDPMUNet, UNetConfig
 
 PAPER_SIDE = 32           # CIFAR-10's images: what the imported networks are for
@@ -389,3 +389,14 @@ def diffusers_folder_files(config, network, weights):
     return {"model_index.json": as_json(PIPELINE_INDEX), "config.json": as_json(diffusers_config(network)),
             "diffusion_pytorch_model.safetensors": save(foreign_weights(network, weights), {"format": "pt"}),
             "scheduler_config.json": as_json(scheduler_config(config))}
+
+
+def foreign_weights_path(source, verbose):
+    """The file --import_weights names: a path as given, or a published file by name, fetched once (ddpm_download)."""
+    if source in PUBLISHED:
+        return fetched(PUBLISHED[source], progress=verbose and stderr_is_terminal(), verbose=verbose)
+    if source == "ho2020-hub":
+        raise UserError(f"{HUB_FOLDER} publishes no checksum to check a fetch by: download the folder by hand "
+                        f"(huggingface-cli download {HUB_FOLDER} --local-dir ddpm-cifar10-32, or the files of "
+                        f"https://huggingface.co/{HUB_FOLDER}) and pass it: --import_weights ddpm-cifar10-32")
+    return source

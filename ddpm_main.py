@@ -5,7 +5,6 @@ MNIST, Fashion-MNIST or any folder of images, and sample from a saved checkpoint
     python ddpm_main.py --conditional --epochs 30 --p_uncond 0.1 --save_model --run_name DDPM_cond
     python ddpm_main.py --inference --model_path models/DDPM_30epochs/ckpt.pt --num_samples 64
 """
-import argparse
 import dataclasses
 import importlib.util
 import math
@@ -15,274 +14,28 @@ import time
 
 import torch
 
-from ddpm_checkpoint import (COMMAND_LINE_SETTINGS, MODEL_SETTINGS, SEED_RANGE, TOOL_VERSION, check_fixed_settings,
-                             check_run_memory, flag_value, imported_checkpoint, load_resumable, load_sampling_model,
-                             save_checkpoint, saved_sampler_settings, stored_run_name, trained_data, training_config,
-                             write_config_json)
-from ddpm_data import (CIFAR10_CLASSES, DATASETS, DEFAULT_DATA_DIR, check_stage_count, image_size_of, model_side,
-                       require_image_folder)
-from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS_TYPES, PREDICTIONS, SAMPLERS,
-                            SCHEDULES, SPACINGS, VARIANCES, SamplerSettings)
-from ddpm_download import fetched
-from ddpm_fid import INCEPTION, IS_SPLITS, REFERENCE_SPLITS, InceptionFeatures, ref_statistics_file
-from ddpm_helpers import (COMPILE_CHOICES, PRECISIONS, STOPPING_ERRORS, NonFiniteError, RunFiles, TrainingError,
-                          UserError, WriteError, check_run_name, check_writable_folder, exit_status,
-                          failure_text, init_distributed, memory_guard, require_finite, sanitized_run_name,
-                          stderr_is_terminal, write_folder, write_json)
-from ddpm_interop import (FORMAT_NAMES, HUB_FOLDER, PUBLISHED, diffusers_folder_files, export_problem,
+from ddpm_checkpoint import (TOOL_VERSION, imported_checkpoint, inference_run_name, load_resumable, load_sampling_model,
+                             save_checkpoint, stored_run_name, write_config_json)
+from ddpm_config import (COMMAND_LINE_SETTINGS, check_fixed_settings, imported_config, saved_sampler_settings,
+                         trained_data)
+from ddpm_data import DEFAULT_DATA_DIR, check_stage_count, image_size_of, model_side, require_image_folder
+from ddpm_diffusion import SamplerSettings
+from ddpm_fid import InceptionFeatures, ref_statistics_file
+from ddpm_flags import build_parser, check_numbers, flags_given, parse_command_line, resolve_synonyms, sampler_settings
+from ddpm_helpers import (STOPPING_ERRORS, NonFiniteError, RunFiles, TrainingError, UserError, WriteError,
+                          check_run_name, check_writable_folder, exit_status, failure_text, require_finite,
+                          sanitized_run_name, stderr_is_terminal, write_folder, write_json)
+from ddpm_interop import (FORMAT_NAMES, PUBLISHED, diffusers_folder_files, export_problem, foreign_weights_path,
                           import_weights, read_foreign)
-from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig
-from ddpm_presets import PRESETS, presets_help
-from ddpm_run import (EVAL_IMAGES, GRID_PER_CLASS, GRID_UNCONDITIONAL, SAMPLE_REMEDY, SignalFlag, StopRequested,
-                      TrainingOptions, diverged_message, finish, set_up_run, start_or_resume, stop_on_signal,
-                      train_epochs, write_failed_message)
-from ddpm_sample import (MAX_CLASS_ROWS, STRIP_COLUMNS, STRIP_ROWS, class_cycle, class_indices, fid_reference,
-                         grayscale_fid_note, measure_fid_and_is, measure_nll, nll_test_images, parse_classes,
-                         prepare_sampler, save_samples, write_denoising_strip, write_guidance_sweep)
-from ddpm_train import LR_DECAYS, LOG_LINE_SECONDS, WALL_PARTS
-
-# --------------------------------------------------------------------------------------- CLI
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, the message and a pointer to --help (no usage block); exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, and each flag's default after its help (flags without one say in words)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-def int_list(text):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def float_list(text):
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def noise_interval(text):
-    """--guidance_interval: 'LO,HI', two noise levels 0 ≤ LO < HI (HI may be inf), or 'all' (every step)."""
-    if text.strip() == "all":
-        return (0.0, math.inf)
-    try:
-        interval = tuple(float(v) for v in text.split(","))
-        SamplerSettings(guidance_interval=interval)  # the one check of what an interval may be
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 ≤ LO < HI (HI may be inf), or all; got {text!r}") \
-            from None
-    return interval
-
-
-def build_parser():
-    p = ArgumentParser(prog="ddpm_main.py", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--version", action="version",
-                   version=f"%(prog)s {TOOL_VERSION} (ddpm-cifar10), torch {torch.__version__}")
-    g = p.add_argument_group("training")
-    g.add_argument("--preset", choices=PRESETS, help="a named recipe: sets the flags it names, unless they are given "
-                   f"too (a new training run only). {presets_help()}")
-    g.add_argument("--epochs", type=int, default=5,
-                   help="passes over the training split (90 %% of the training images: 45,000 for CIFAR-10)")
-    g.add_argument("--batch_size", type=int, default=64,
-                   help="images per forward pass (per rank under torchrun); an optimizer step takes --grad_accum "
-                   "of them")
-    g.add_argument("--grad_accum", type=int, default=1, metavar="K",
-                   help="micro-batches of --batch_size per optimizer step, their gradients summed: the batch of K × "
-                   "--batch_size (× ranks) in the memory of one --batch_size")
-    g.add_argument("--lr", type=float, default=0.003, help="AdamW learning rate (after warm-up)")
-    g.add_argument("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up, in steps")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's decoupled weight decay (0: Adam)")
-    g.add_argument("--timesteps", type=int, default=100, help="T, the number of diffusion steps")
-    g.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="noise schedule β_t")
-    g.add_argument("--loss_type", choices=LOSS_TYPES, default="l2", help="norm of ε − ε_θ (or v − v_θ)")
-    g.add_argument("--prediction", choices=PREDICTIONS, default="eps",
-                   help="what the network predicts: the noise ε (Ho et al.) or v = √ᾱ ε − √(1−ᾱ) x_0")
-    g.add_argument("--min_snr_gamma", type=float,
-                   help="Min-SNR-γ loss weighting, e.g. 5 (default: uniform over t)")
-    g.add_argument("--lr_decay", choices=LR_DECAYS, default="none",
-                   help="after warm-up: constant lr, or cosine decay to 0 over --epochs (or --time_budget_min)")
-    g.add_argument("--conditional", action="store_true", help="class-conditional model (classifier-free guidance)")
-    g.add_argument("--p_uncond", type=float, default=0.1, help="probability a label is dropped to the null label")
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the weights used for sampling; 0: off")
-    g.add_argument("--architecture", choices=ARCHITECTURES, default="compact",
-                   help="the U-Net: compact, this tool's (channels change in the resampling convolutions, one "
-                   "attention per stage); ddpm, Ho et al.'s (channels change in a stage's first block, attention after "
-                   "every block, one block more per up-stage, 3 × 3 strided down-sampling)")
-    g.add_argument("--dim", type=int, default=32, help="U-Net base channels, a multiple of --groups")
-    g.add_argument("--dim_mults", type=int_list, default="1,2,4",
-                   help="U-Net channel multipliers, one per stage; each stage after the first halves the image")
-    g.add_argument("--num_res_blocks", type=int, default=2,
-                   help="ResNet blocks per stage on the way down (ddpm: one more on the way up)")
-    g.add_argument("--attn_resolutions", type=int_list, metavar="SIDE,...",
-                   help="image sides whose stages get self-attention, e.g. 16 (default: every stage after the first)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout before each ResNet block's second convolution")
-    g.add_argument("--resblock", choices=RESBLOCKS, default="film",
-                   help="how the time (and class) embedding enters a ResNet block: film, a scale and shift after its "
-                   "second GroupNorm; add, added after its first convolution (Ho et al.)")
-    g.add_argument("--groups", type=int, default=UNetConfig.groups, help="GroupNorm groups of the U-Net")
-    g.add_argument("--norm_eps", type=float, default=UNetConfig.norm_eps,
-                   help="GroupNorm's ε, added to the variance it divides by (Ho et al.: 1e-6)")
-    g.add_argument("--data_dir", help="a train/<class>/ test/<class>/ image-folder tree, or where --dataset is "
-                   "downloaded (default: ./data; at inference the folder the model was trained on)")
-    g.add_argument("--dataset", choices=DATASETS,
-                   help="what --data_dir holds: a torchvision dataset, downloaded there when missing, or an image "
-                   "folder (default: folder when --data_dir holds train/ and test/, else cifar10; at inference the "
-                   "model's)")
-    g.add_argument("--checkpoint_every", type=int, default=1,
-                   help="epochs between last.pt writes (the last epoch, interruptions and evaluations always)")
-    g.add_argument("--checkpoint_minutes", type=float, default=10,
-                   help="also write last.pt after this many minutes without one, mid-epoch included: a killed run "
-                   "loses at most this much")
-    g.add_argument("--eval_every", type=int, default=1,
-                   help=f"epochs between validation/test losses (on {EVAL_IMAGES:,} images of each split), grids and "
-                   "plots (the last epoch always)")
-    g.add_argument("--save_model", action="store_true", help="also write models/<run_name>/ckpt.pt at the end")
-    g.add_argument("--models_dir", default="models", help="checkpoints go to <models_dir>/<run_name>/")
-    g.add_argument("--log_interval", type=int, default=100,
-                   help="steps between loss read-outs and NaN checks; without a terminal, a log line at a read-out "
-                   f"once {LOG_LINE_SECONDS} s have passed since the last")
-    g.add_argument("--resume", metavar="PATH|auto",
-                   help="continue from a last.pt ('auto': <models_dir>/<run_name>/last.pt) with its settings; --lr, "
-                   "--lr_decay, --warmup_steps, --epochs, --time_budget_min, --precision, the intervals, folders and "
-                   "sampling flags may change, the model and diffusion may not")
-    g.add_argument("--time_budget_min", type=float,
-                   help="the whole run's wall-clock minutes, evaluation, pictures, checkpoints and --eval_fid / "
-                   "--eval_nll included (a resumed run counts what it used before): training stops when what is left "
-                   "covers only the end-of-run work, estimated from the measured speed (default: no limit)")
-    g.add_argument("--tensorboard", metavar="DIR",
-                   help="also log to TensorBoard in DIR: loss and lr at read-outs, img/s, validation/test losses, "
-                   "FID and the per-epoch grids (needs the tensorboard package; view with tensorboard --logdir DIR)")
-
-    g = p.add_argument_group("inference")
-    g.add_argument("--inference", action="store_true", help="sample from --model_path instead of training")
-    g.add_argument("--model_path", help="checkpoint to sample from")
-    g.add_argument("--num_samples", type=int,
-                   help="images to generate (default: whole rows, 8 of each class for a conditional model, else 64; "
-                   "with --eval_fid only FID's samples unless this is given)")
-    g.add_argument("--sample_classes", help="comma list of class indices or names (e.g. 3,5 or cat,dog), cycled to "
-                   f"--num_samples (default: all the model's classes; a sweep's first {MAX_CLASS_ROWS})")
-    g.add_argument("--guidance_sweep", type=float_list, metavar="W,W,...",
-                   help="write one grid: a row per guidance scale, a column per class, from the same noise")
-    g.add_argument("--denoising_strip", action="store_true",
-                   help=f"write one grid instead of samples: a row per sample ({STRIP_ROWS}, or --num_samples), x̂_0 "
-                   f"as the network predicts it at {STRIP_COLUMNS} evenly spaced steps of the sampler, x_T to x_0")
-
-    g = p.add_argument_group(
-        "sampling (inference, the per-epoch grids and FID)",
-        "Every checkpoint carries the settings it samples with: training stores these flags (or their\n"
-        "defaults), and inference uses the checkpoint's unless a flag says otherwise. A --sampler other than\n"
-        "the checkpoint's starts from that sampler's defaults (the guidance scale and interval and the\n"
-        "variance stay the checkpoint's).")
-    g.add_argument("--sampler", choices=SAMPLERS,
-                   help="dpm++2m (the default where the checkpoint names none): DPM-Solver++(2M), second order "
-                   "(Lu et al. 2022); ddim: first order (Song et al. 2021); ddpm: all T ancestral steps (Ho et al. "
-                   "2020), slow")
-    g.add_argument("--sampling_steps", type=int,
-                   help=f"network evaluations of dpm++2m and ddim (default {DEFAULT_SAMPLING_STEPS}, or T when "
-                   "T is smaller)")
-    g.add_argument("--spacing", choices=SPACINGS,
-                   help="where dpm++2m's steps fall: evenly in λ_t = log(√ᾱ_t / √(1−ᾱ_t)) (lambda, the default: "
-                   "the better FID in BENCHMARKS.md), or evenly in t (time, as DDIM's)")
-    g.add_argument("--guidance_scale", type=float,
-                   help=f"classifier-free guidance w: 0 unconditional, 1 conditional, >1 stronger class (default "
-                   f"{DEFAULT_GUIDANCE_SCALE})")
-    g.add_argument("--guidance_interval", type=noise_interval, metavar="LO,HI|all",
-                   help="apply w only at noise levels LO < σ_t ≤ HI, σ_t = √(1−ᾱ_t)/√ᾱ_t (EDM's σ), and the plain "
-                   "conditional prediction elsewhere, one forward instead of two (Kynkäänniemi et al. 2024); all: "
-                   "every step (the default where the checkpoint names no interval)")
-    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 like DDPM")
-    g.add_argument("--variance", choices=VARIANCES,
-                   help="σ_t² of --sampler ddpm's steps: posterior, β̃_t (the default where the checkpoint names "
-                   "none), or beta, β_t (Ho et al.'s CIFAR-10 samples; what an imported paper model carries)")
-    g.add_argument("--sample_batch", type=int, default=1000, help="images generated per forward batch")
-
-    g = p.add_argument_group("FID (Fréchet Inception Distance) and Inception Score")
-    g.add_argument("--eval_fid", type=int, default=0, metavar="N",
-                   help="after training, or with --inference: FID and Inception Score of N samples (class-balanced "
-                   "when conditional), from one pass of torch-fidelity's Inception-v3; published figures use 50,000")
-    g.add_argument("--fid_inception", metavar="PATH",
-                   help=f"torch-fidelity's Inception-v3 weights file ({INCEPTION.file_name}) (default: fetched on "
-                   "first use into $TORCH_HOME/hub/checkpoints and checked by SHA-256)")
-    g.add_argument("--fid_ref", choices=REFERENCE_SPLITS, default="train",
-                   help="the split whose statistics FID compares with: train, as Ho et al., or test")
-    g.add_argument("--fid_ref_stats", metavar="NPZ",
-                   help="reference statistics (mu, sigma) instead of computing them from the --fid_ref split")
-
-    g = p.add_argument_group("likelihood (the variational bound, Ho et al. eq. 5)")
-    g.add_argument("--eval_nll", type=int, default=0, metavar="N",
-                   help="after training (null label), or with --inference instead of sampling (--conditional: with "
-                   "the images' labels): the bound on N test images (spread over the split) in bits/dim, each term per t to "
-                   "nll_<run>.json and a plot; T network evaluations per image, --sample_batch images at a time")
-    g.add_argument("--nll_variance", choices=VARIANCES,
-                   help="σ_t² of p_θ(x_{t−1} | x_t) in the bound: posterior, β̃_t, or beta, β_t (default: the "
-                   "sampling settings' --variance, posterior where they name none)")
-
-    g = p.add_argument_group(
-        "foreign weights",
-        "Ho et al.'s published CIFAR-10 model in, diffusers out (README: 'Sample the paper's own model').")
-    g.add_argument("--import_weights", metavar="PATH|NAME",
-                   help="make <models_dir>/<run_name>/ckpt.pt of Ho et al.'s network from pesser/pytorch_diffusion's "
-                   "state dict (model-790000.ckpt) or a diffusers UNet2DModel folder (e.g. google/ddpm-cifar10-32), "
-                   f"or from a file fetched by name once ({', '.join(PUBLISHED)}); it samples as the paper did "
-                   "(1,000 ancestral steps, σ_t² = β_t) unless sampling flags are given")
-    g.add_argument("--export_diffusers", metavar="DIR",
-                   help="write --model_path's network (the architecture ddpm; its EMA weights) as a diffusers "
-                   "DDPMPipeline folder that DDPMPipeline.from_pretrained(DIR) loads")
-
-    g = p.add_argument_group("general")
-    g.add_argument("--run_name", help="names the checkpoint folder and output files (default: DDPM; at inference "
-                   "the --model_path folder's name for a ckpt.pt, last.pt or best.pt, else the file's)")
-    g.add_argument("--save_dir", default="outputs", help="folder for grids, samples and JSON")
-    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same results on CPU)")
-    g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
-                   help="torch.compile the U-Net for training, grids, inference and FID: auto on CUDA only; on: on "
-                   "the CPU too (through inductor: minutes of compiling, no faster on a 2-core CPU); off: eager")
-    g.add_argument("--no_compile", action="store_true", help="the same as --compile off")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="what the U-Net computes in, for training and sampling (weights, EMA, optimizer and "
-                   "checkpoints stay float32): auto is bf16 autocast where the hardware has bf16 (CUDA compute "
-                   "capability ≥ 8.0, CPUs with AVX512-BF16 or AMX), fp16 autocast with a dynamic loss scaler on older "
-                   "CUDA GPUs, else fp32")
-    g.add_argument("--no_bf16", action="store_true", help="the same as --precision fp32 (kept for older scripts)")
-    g.add_argument("--no_cuda", action="store_true", help="run on CPU even when CUDA is available")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    return p
-
-
-AT_LEAST_ONE = ("epochs", "batch_size", "grad_accum", "timesteps", "num_samples", "log_interval", "sample_batch",
-                "dim", "eval_every", "checkpoint_every", "sampling_steps", "num_res_blocks", "groups")
-NUMBER_RANGES = [  # (flag, test, what the value must be) for the flags that are not off (None)
-    *((name, lambda v: v >= 1, "at least 1") for name in AT_LEAST_ONE),
-    ("lr", lambda v: v > 0, "greater than 0"),
-    ("p_uncond", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("min_snr_gamma", lambda v: v > 0, "greater than 0"),
-    ("warmup_steps", lambda v: v >= 0, "0 or more"),
-    ("weight_decay", lambda v: v >= 0, "0 or more"),
-    ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("eval_nll", lambda v: v >= 0, "0 (off) or an image count"),
-    ("eta", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("guidance_scale", lambda v: v >= 0, "0 or more"),
-    ("checkpoint_minutes", lambda v: v > 0, "greater than 0"),
-    ("time_budget_min", lambda v: v > 0, "greater than 0"),
-    ("eval_fid", lambda v: v == 0 or v >= IS_SPLITS, f"0 (off) or a sample count of at least {IS_SPLITS} (the "
-     "Inception Score's splits)"),
-    ("seed", lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], f"in {SEED_RANGE[0]} … {SEED_RANGE[1]}, the random "
-     "generator's range"),
-]
+from ddpm_model import UNetConfig
+from ddpm_pictures import GRID_UNCONDITIONAL, MAX_CLASS_ROWS, STRIP_ROWS
+from ddpm_runtime import SignalFlag, StopRequested, check_run_memory, init_distributed, memory_guard
+from ddpm_sample import (class_cycle, class_indices, fid_reference, grayscale_fid_note, measure_fid_and_is, measure_nll,
+                         nll_test_images, parse_classes, prepare_sampler, save_samples, whole_rows,
+                         write_denoising_strip, write_guidance_sweep)
+from ddpm_train import SAMPLE_REMEDY, diverged_message, finish, stop_on_signal, train_epochs, write_failed_message
+from ddpm_train_setup import TrainingOptions, set_up_run, start_or_resume
+from ddpm_train_step import WALL_PARTS
 
 
 def check_args(args, parser):
@@ -290,31 +43,12 @@ def check_args(args, parser):
     together, then the files and folders they name."""
     try:
         check_numbers(args)
+        if args.sample_classes is not None:
+            args.sample_classes = parse_classes(args.sample_classes)
         check_flag_combinations(args)
         check_paths(args)
     except UserError as e:
         parser.error(str(e))
-
-
-def check_numbers(args):
-    """Every number finite and in its range (--guidance_interval, whose HI may be inf, is checked by its type); the
-    U-Net's width and stages ones it can be built with."""
-    for name, value in vars(args).items():
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
-            raise UserError(f"--{name} must be finite, got {value}")
-    for name, in_range, must in NUMBER_RANGES:
-        value = getattr(args, name)
-        if value is not None and not in_range(value):
-            raise UserError(f"--{name} must be {must}, got {value}")
-    if args.dim % args.groups:
-        raise UserError(f"--dim must be a multiple of --groups {args.groups} (the U-Net's GroupNorm groups), "
-                        f"got {args.dim}")
-    if any(m < 1 for m in args.dim_mults):
-        raise UserError(f"--dim_mults must be positive integers, got {args.dim_mults}")
-    if args.guidance_sweep is not None and (not args.guidance_sweep or min(args.guidance_sweep) < 0):
-        raise UserError("--guidance_sweep needs non-negative guidance scales, e.g. 0,1,3,5,7")
-    if args.sample_classes is not None:
-        args.sample_classes = parse_classes(args.sample_classes)
 
 
 def check_flag_combinations(args):
@@ -340,7 +74,7 @@ def check_flag_combinations(args):
         raise UserError(f"{' and '.join(jobs)} are separate jobs at inference: give one per command")
     if "nll_variance" in args.given and not args.eval_nll:
         raise UserError("--nll_variance chooses σ_t² in the bound of --eval_nll N; give --eval_nll too")
-    resolve_synonyms(args)
+    args.given = resolve_synonyms(args, args.given)
     fid_flags = [f"--{name}" for name in ("fid_inception", "fid_ref", "fid_ref_stats") if name in args.given]
     if fid_flags and not args.eval_fid:
         raise UserError(f"{' and '.join(fid_flags)} {'set' if len(fid_flags) > 1 else 'sets'} up the FID of "
@@ -353,18 +87,6 @@ def check_flag_combinations(args):
             raise UserError("--tensorboard logs training; --inference writes its samples and metrics to --save_dir")
         if importlib.util.find_spec("tensorboard") is None:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
-
-
-def resolve_synonyms(args):
-    """--no_compile is --compile off and --no_bf16 is --precision fp32; given beside a contradicting --compile or
-    --precision, they are an error."""
-    for old, flag, value in (("no_compile", "compile", "off"), ("no_bf16", "precision", "fp32")):
-        if getattr(args, old):
-            if flag in args.given and getattr(args, flag) != value:
-                raise UserError(f"--{old} means --{flag} {value}, but --{flag} {getattr(args, flag)} was given too; "
-                                "give one of them")
-            setattr(args, flag, value)
-            args.given = args.given | {flag}  # as if given: a resume takes it over the checkpoint's
 
 
 def check_paths(args):
@@ -436,43 +158,11 @@ def pick_device(args):
     return torch.device("cpu")
 
 
-def sampler_settings(args, saved, timesteps):
-    """How to sample a T-step model (inference, the per-epoch grids and FID): the sampling flags given, else the
-    checkpoint's settings `saved` (None: SamplerSettings' defaults). A --sampler other than the saved one starts
-    from that sampler's defaults, keeping the saved guidance scale and interval and the variance. Steps are filled in
-    for T."""
-    base = saved or SamplerSettings()
-    if args.sampler is not None and args.sampler != base.sampler:
-        base = SamplerSettings(args.sampler, guidance_scale=base.guidance_scale,
-                               guidance_interval=base.guidance_interval, variance=base.variance)
-    given = {field: getattr(args, flag) for field, flag in (("sampler", "sampler"), ("steps", "sampling_steps"),
-                                                           ("spacing", "spacing"), ("eta", "eta"),
-                                                           ("guidance_scale", "guidance_scale"),
-                                                           ("guidance_interval", "guidance_interval"),
-                                                           ("variance", "variance"))
-             if getattr(args, flag) is not None}
-    settings = dataclasses.replace(base, **given)
-    if settings.sampler == "ddpm" and args.sampling_steps is not None:
-        raise UserError("--sampling_steps applies to --sampler dpm++2m and ddim (ddpm always runs all T steps)")
-    if settings.sampler != "dpm++2m" and args.spacing is not None:
-        raise UserError(f"--spacing applies to --sampler dpm++2m (the sampler here is {settings.sampler}: ddim "
-                        "spaces its steps evenly in t, ddpm runs all T)")
-    if settings.sampler != "ddim" and args.eta is not None:
-        raise UserError(f"--eta applies to --sampler ddim (the sampler here is {settings.sampler})")
-    if settings.sampler != "ddpm" and args.variance is not None and "variance" in args.given:  # not a preset's
-        raise UserError(f"--variance applies to --sampler ddpm (the sampler here is {settings.sampler}: its steps "
-                        "are deterministic or set by --eta)")
-    try:
-        return settings.for_timesteps(timesteps)
-    except ValueError:  # steps > T (check_args rejects steps < 1)
-        raise UserError(f"--sampling_steps {settings.steps} is more than the model's T = {timesteps}") from None
-
-
 # ----------------------------------------------------------------------------------- train
 
 def train(args):
     """Train: set up the run, start or resume it, train epoch after epoch until --epochs, a signal (saved; exit
-    130) or the time budget stops it (ddpm_run.train_epochs), then finish: the final checkpoint, metrics and FID. NaN
+    130) or the time budget stops it (ddpm_train.train_epochs), then finish: the final checkpoint, metrics and FID. NaN
     or infinity stops it (exit 1) before anything is written from them."""
     saved = resumed_checkpoint(args)
     run = set_up_run(command_line_settings(args, saved), args.given, training_options(args), saved)
@@ -531,7 +221,7 @@ def command_line_settings(args, saved):
 
 
 def training_options(args):
-    """How the run goes about its training (ddpm_run.TrainingOptions): its files, device and command line, and the
+    """How the run goes about its training (ddpm_train.TrainingOptions): its files, device and command line, and the
     flags of the options' names."""
     named = {field.name for field in dataclasses.fields(TrainingOptions)} - {"files", "device", "command_line"}
     return TrainingOptions(run_files(args), pick_device(args), tuple(args.argv),
@@ -587,27 +277,6 @@ def inference(args):
         write_json({"run_name": args.run_name, "model_path": args.model_path, **measured,
                     "conditional": args.conditional, "fid_s": reference_s + time.perf_counter() - start,
                     "device": str(device), "precision": sampler.denoiser.precision}, files.output("metrics"))
-
-
-def inference_run_name(model_path, config):
-    """What inference names its outputs: the name the user sees in --model_path, the run folder of a file the tool
-    wrote (models/<name>/ckpt.pt → <name>), else the file's own (downloads/ho2020.pt → ho2020); the checkpoint's stored
-    run name where that is not a valid run name."""
-    path = os.path.abspath(model_path)
-    name = os.path.basename(os.path.dirname(path)) if os.path.basename(path) in CHECKPOINT_FILES else \
-        os.path.splitext(os.path.basename(path))[0]
-    return name if sanitized_run_name(name) == name else stored_run_name(config, model_path)
-
-
-CHECKPOINT_FILES = ("ckpt.pt", "last.pt", "best.pt")  # what training writes into models/<run_name>/
-
-
-def whole_rows(classes):
-    """The default --num_samples: a grid of whole rows, GRID_PER_CLASS rows of a column per class (at most
-    MAX_CLASS_ROWS classes; with more, one image of each), else GRID_UNCONDITIONAL (8 × 8)."""
-    if classes is None:
-        return GRID_UNCONDITIONAL
-    return len(classes) * GRID_PER_CLASS if len(classes) <= MAX_CLASS_ROWS else len(classes)
 
 
 def check_against_model(args, config, settings):
@@ -679,32 +348,6 @@ def import_job(args):
 FAST_SAMPLING = " (add --sampler dpm++2m --sampling_steps 15 for 15 network evaluations an image instead of 1,000)"
 
 
-def foreign_weights_path(source, verbose):
-    """The file --import_weights names: a path as given, or a published file by name, fetched once (ddpm_download)."""
-    if source in PUBLISHED:
-        return fetched(PUBLISHED[source], progress=verbose and stderr_is_terminal(), verbose=verbose)
-    if source == "ho2020-hub":
-        raise UserError(f"{HUB_FOLDER} publishes no checksum to check a fetch by: download the folder by hand "
-                        f"(huggingface-cli download {HUB_FOLDER} --local-dir ddpm-cifar10-32, or the files of "
-                        f"https://huggingface.co/{HUB_FOLDER}) and pass it: --import_weights ddpm-cifar10-32")
-    return source
-
-
-CIFAR10_TRAINED = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels": 3, "data_size": [32, 32],
-                   "num_train": 50_000, "num_val": 0, "num_test": 10_000}  # what Ho et al. trained on: all 50,000
-
-
-def imported_config(args, imported, settings):
-    """The config of an imported network: --preset ddpm_cifar10's recipe (what the paper trained it with) over the
-    flags' defaults, the network and diffusion the file holds, CIFAR-10's data, and the sampling settings."""
-    recipe = {key: value for key, value in PRESETS["ddpm_cifar10"][1].items() if key in COMMAND_LINE_SETTINGS}
-    flags = {**{key: getattr(args, key) for key in COMMAND_LINE_SETTINGS}, **recipe,
-             **{key: flag_value(getattr(imported.network, key)) for key in MODEL_SETTINGS},
-             "timesteps": imported.timesteps, "schedule": imported.schedule, "prediction": imported.prediction,
-             "conditional": False, "data_dir": args.data_dir or DEFAULT_DATA_DIR, "sampling": settings}
-    return training_config(flags, CIFAR10_TRAINED)
-
-
 def export_job(args):
     """--export_diffusers DIR: --model_path's network and EMA weights as a diffusers DDPMPipeline folder."""
     ckpt, _ = load_sampling_model(args.model_path)
@@ -720,29 +363,9 @@ def export_job(args):
               file=sys.stderr)
 
 
-def flags_given(parser, args, argv):
-    """The names (dests) of the flags given on the command line, as opposed to those left at their defaults: argv
-    parsed again into a namespace whose every entry is already set, so that argparse fills in no default."""
-    unset = object()
-    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    return frozenset(name for name, value in vars(given).items() if value is not unset)
-
-
-def parse_command_line(parser, argv):
-    """argv's flags, those a --preset names (ddpm_presets) filling in the ones not given: a new training run's."""
-    args = parser.parse_args(argv)
-    if args.preset is not None:
-        if args.inference or args.resume is not None:
-            parser.error("--preset sets up a new training run; a resumed run keeps its checkpoint's settings, and "
-                         "inference samples with the checkpoint's")
-        parser.set_defaults(**PRESETS[args.preset][1])
-        args = parser.parse_args(argv)
-    return args
-
-
 def main(argv=None):
     started = time.perf_counter()  # the time budget's wall clock starts here
-    parser = build_parser()
+    parser = build_parser(__doc__, f"{TOOL_VERSION} (ddpm-cifar10), torch {torch.__version__}")
     args = parse_command_line(parser, argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.started = started

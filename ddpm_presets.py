@@ -1,14 +1,11 @@
 """Named recipes: bundles of flag values that `--preset NAME` sets (flags given beside it override them). One home for
-each recipe: the CLI's --help and the README list them from here, and bench/speedrun.py trains with its own.
+each recipe: --help and docs/flags.md (ddpm_config) list them from here, and bench/speedrun.py trains with its own.
 
 Values are the flags' values, as argparse would parse them (lists for the comma-separated flags).
 """
-from ddpm_checkpoint import flag_text
-from ddpm_model import UNetConfig
-
 # Ho et al. 2020, CIFAR-10 (§4, Appendix B, and their released code): the 35.7M-parameter U-Net, T = 1000 with the
 # linear β from 1e-4 to 0.02, ε-prediction with L_simple, Adam (no weight decay) at 2e-4 after 5,000 warm-up steps,
-# batch 128, EMA 0.9999, gradient norm clipped at 1 (always, ddpm_train.GRAD_CLIP_NORM), random horizontal flips
+# batch 128, EMA 0.9999, gradient norm clipped at 1 (always, ddpm_train_step.GRAD_CLIP_NORM), random horizontal flips
 # (always). 800k steps: 2,273 epochs of the 352 batches of 128 in the tool's 45,000 training images (the paper
 # trains on all 50,000). GroupNorm's ε is their code's 1e-6. Samples by all T ancestral steps with σ_t² = β_t, as
 # their CIFAR-10 samples were drawn (the paper finds β_t and β̃_t alike, §3.2).
@@ -44,21 +41,3 @@ PRESETS = {
     "speedrun": ("bench/speedrun.py's 5-minute GPU recipe (3.1M parameters)", SPEEDRUN),
     "cpu": ("the recipe study's best for CPU runs: a 20-minute run (3.0M parameters)", CPU),
 }
-
-
-def preset_flags(name):
-    """A preset's flags as command-line text, e.g. '--dim 128 --dim_mults 1,2,2,2 …'."""
-    return " ".join(f"--{flag} {flag_text(value)}" for flag, value in PRESETS[name][1].items())
-
-
-def preset_network(name, image_size=32, channels=3, num_classes=None):
-    """The UNetConfig of a preset's network for images of image_size: its flags over UNetConfig's defaults (which
-    are the flags' defaults)."""
-    flags = PRESETS[name][1]
-    fields = {key: flags[key] for key in UNetConfig.__dataclass_fields__ if key in flags}
-    return UNetConfig.from_dict({**fields, "image_size": image_size, "channels": channels, "num_classes": num_classes})
-
-
-def presets_help():
-    """What --help says of each preset: its name, what it is, and the flags it sets."""
-    return "; ".join(f"{name}: {what}: {preset_flags(name)}" for name, (what, _) in PRESETS.items())

@@ -3,7 +3,7 @@ samples at the data's size, the class list of class-guided samples, the sample f
 npz), the guidance sweep and the denoising strip; and what measures a model: the FID of its samples and the
 variational bound of test images in bits/dim.
 
-Training (its per-epoch grids and final FID, ddpm_run.py) and inference (ddpm_main.py) both sample through these.
+Training (its per-epoch grids and final FID, ddpm_train.py) and inference (ddpm_main.py) both sample through these.
 """
 import math
 import os
@@ -13,20 +13,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from tqdm.auto import tqdm
 
-from ddpm_checkpoint import build_diffusion, data_conflicts, trained_data
+from ddpm_config import build_diffusion, data_conflicts, trained_data
 from ddpm_data import crop_to_data, data_facts, load_dataset, pad_to_side
 from ddpm_diffusion import Diffusion, SamplerSettings, generate, guidance_sweep, seeded_rng
 from ddpm_fid import IS_SPLITS, TORCH_FIDELITY_VERSION, frechet_distance, inception_score, reference_statistics
-from ddpm_helpers import (Denoiser, UserError, atomic_open, choose_compile, choose_precision, describe_precision,
-                          plot_bound_terms, save_grid, save_individual_pngs, save_labelled_grid, stderr_is_terminal,
-                          to_model_range, to_uint8, write_json)
+from ddpm_helpers import UserError, atomic_open, stderr_is_terminal, write_json
+from ddpm_pictures import (GRID_PER_CLASS, GRID_UNCONDITIONAL, MAX_CLASS_ROWS, STRIP_COLUMNS, plot_bound_terms,
+                           save_grid, save_individual_pngs, save_labelled_grid, to_model_range, to_uint8)
+from ddpm_runtime import Denoiser, choose_compile, choose_precision, describe_precision
 
-MAX_CLASS_ROWS = 16  # with more classes, grids show one image per class (or, sweeps, the first this many)
-STRIP_ROWS = 8       # samples in the denoising strip unless --num_samples says otherwise
-STRIP_COLUMNS = 10   # x̂_0 at this many evenly spaced network evaluations, the first to the last
 PAPER_SAMPLES = 50_000  # the samples of Ho et al.'s FID and IS (Table 1)
 
 
@@ -274,3 +271,11 @@ def nll_labels_text(config, labels):
     if not config["conditional"]:
         return "unconditional model"
     return "conditioned on each image's class label" if labels is not None else "null label (unconditional)"
+
+
+def whole_rows(classes):
+    """The default --num_samples: a grid of whole rows, GRID_PER_CLASS rows of a column per class (at most
+    MAX_CLASS_ROWS classes; with more, one image of each), else GRID_UNCONDITIONAL (8 × 8)."""
+    if classes is None:
+        return GRID_UNCONDITIONAL
+    return len(classes) * GRID_PER_CLASS if len(classes) <= MAX_CLASS_ROWS else len(classes)

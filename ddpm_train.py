@@ -1,336 +1,335 @@
-"""The training step and what measures and reports it: one AdamW step on the diffusion loss (accumulated over
-micro-batches, loss-scaled in fp16) with the EMA update, the learning-rate schedule, the evaluation loss, the clock
-that keeps the time budget, and the Reporter (bars, log lines, TensorBoard).
+"""A training run, once set up (ddpm_train_setup.py): epoch after epoch of training steps, evaluation (losses, grids,
+plots), checkpoint saves, stopping on a signal or the time budget, and the end (final checkpoint, FID, metrics).
 
-The training run (ddpm_run.py) is made of these, and bench/bench.py times the very same step.
+ddpm_main.py's train() is the story these pieces make; the step itself, the clock and the reporting are in
+ddpm_train_step.py. Nothing here reads the command line: a run takes its config (what it trains) and TrainingOptions
+(how it goes about it).
 """
-import contextlib
-import itertools
+import dataclasses
 import math
+import sys
 import time
-from dataclasses import dataclass
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from ddpm_diffusion import Diffusion
-from ddpm_helpers import Denoiser, all_ranks_mean, stderr_is_terminal, synchronize
+from ddpm_checkpoint import require_finite_weights, save_checkpoint
+from ddpm_helpers import Interrupted, NonFiniteError, write_json
+from ddpm_pictures import GRID_PER_CLASS, GRID_SEED, GRID_UNCONDITIONAL, MAX_CLASS_ROWS, plot_loss_history, save_grid
+from ddpm_runtime import all_ranks_mean, barrier, max_over_ranks, memory_guard
+from ddpm_sample import grayscale_fid_note, measure_fid_and_is, measure_nll, spread
+from ddpm_train_setup import training_position
+from ddpm_train_step import evaluate_loss, learning_rate
 
-EVAL_SEED = 1234  # fixed t and noise for validation / test losses, comparable across epochs
-GRAD_CLIP_NORM = 1.0  # as in Ho et al.'s training
-FP16_INIT_SCALE = 2.0 ** 16  # the loss scale fp16 training starts from (GradScaler's default)
-LR_DECAYS = ("none", "cosine")  # after warm-up: constant, or cosine-decayed to 0
-LOG_LINE_SECONDS = 60  # without a terminal, the least time between two training log lines
-WALL_PARTS = ("decode_s", "compile_s", "train_s", "eval_s", "sample_s")  # the timed parts of a run's wall time
-
-
-def learning_rate(config, step, progress):
-    """config's lr after a linear warm-up over warmup_steps, then constant or cosine-decayed (lr_decay) with
-    progress ∈ [0, 1]."""
-    warmup = min(1.0, (step + 1) / max(1, config["warmup_steps"]))
-    decay = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) if config["lr_decay"] == "cosine" else 1.0
-    return config["lr"] * warmup * decay
+BATCH_REMEDY = "lower --batch_size (--grad_accum K keeps K × --batch_size images a step)"
+SAMPLE_REMEDY = "lower --sample_batch"
 
 
-def build_optimizer(model, lr, weight_decay=0.01):
-    """AdamW (Adam when weight_decay is 0) with its fused kernel, on the CPU too, where it trains the speedrun U-Net
-    about 10 % faster in float32 and as fast in bf16 (BENCHMARKS.md)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+def train_epochs(run, state, clock):
+    """Epoch after epoch until the config's epochs, a signal (last.pt saved, then Interrupted) or the time budget
+    (the end-of-run work's time kept back) stops training; each evaluated every --eval_every epochs and at the end,
+    last.pt saved every --checkpoint_every epochs, when evaluated, and before the end-of-run work starts. An epoch
+    the budget cuts short is not counted as done: a resume goes on from its batch."""
+    config, report, options = run.config, run.report, run.options
+    for epoch in report.epochs(state.epoch, config["epochs"]):
+        with memory_guard(f"training on batches of {config['batch_size']}", BATCH_REMEDY):
+            images_per_s = train_one_epoch(run, state, clock, epoch)
+        interrupted, budget_spent = (bool(v) for v in max_over_ranks(
+            [run.signals.received is not None, clock.out_of_time()], run.world_size))
+        if interrupted:
+            stop_on_signal(run, state, run.signals.received)
+        whole = state.batch_in_epoch == len(run.train_loader)
+        if budget_spent:
+            state.budget_spent = True
+            report.say(budget_stop_line(run, state, clock))
+        evaluated = epoch == config["epochs"] or budget_spent or epoch % options.eval_every == 0
+        train_loss = state.epoch_loss_sum / max(1, state.batch_in_epoch)
+        losses = evaluation_losses(run, clock, epoch) if evaluated else None  # (NaN stops before the checkpoint)
+        with run.signals.deferred():  # the epoch's record and checkpoints: all of them or, on a signal, none
+            is_best = losses is not None and record_evaluation(run, state, epoch, train_loss, losses)
+            if whole:
+                state.finish_epoch(epoch)
+            if evaluated or epoch % options.checkpoint_every == 0:
+                save_epoch_checkpoints(run, state, is_best)
+        if evaluated and run.is_main:  # the grid after the checkpoint: a picture never delays it
+            write_epoch_grid(run, state, clock, epoch)
+        with run.signals.deferred():
+            report.epoch_done(epoch, state.step, train_loss, losses, images_per_s,
+                              None if whole else f"{state.batch_in_epoch} of {len(run.train_loader)} batches")
+        if budget_spent:
+            break
 
 
-def build_loss_scaler(precision, device):
-    """fp16's dynamic loss scaler (starting at 2¹⁶, halved on overflow, doubled after 2,000 clean steps); None for
-    bf16 and fp32, whose range needs none."""
-    return torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE) if precision == "fp16" else None
+def budget_stop_line(run, state, clock):
+    """What to say when the time budget stops training: where, the time used, and what is left for."""
+    return (f"time budget: training stopped at {training_position(state)} of {len(run.train_loader)}, "
+            f"{clock.used_s() / 60:.1f} of {run.config['time_budget_min']:g} min used; the rest is for "
+            f"{end_of_run_work_text(run)} (about {clock.reserve_s / 60:.1f} min)")
 
 
-@torch.no_grad()
-def update_ema(ema_model, model, decay):
-    """θ_ema ← decay · θ_ema + (1 − decay) · θ."""
-    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+def end_of_run_work_text(run):
+    """The end-of-run work, for people: 'the losses, the grid and the checkpoints' (and FID, the bound)."""
+    parts = ["the losses", "the grid", "the checkpoints"] + \
+        [what for what, asked in (("FID", run.options.eval_fid), ("the bound", run.options.eval_nll)) if asked]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-@dataclass(eq=False)
-class TrainingStep:
-    """One optimizer step: the diffusion loss (eq. 14) on a batch, accumulated over grad_accum micro-batches, AdamW
-    with the gradient norm clipped, then the EMA update (decay warmed up as min(ema_decay, (1 + step) / (10 + step))).
-
-    t, the label drops and ε are drawn for the global batch (world_size · B) and sliced to this rank's
-    images, then cut into micro-batches: any number of ranks and micro-batches trains on the randomness, and
-    computes the loss and gradient, of one process with the global batch. Under DDP the gradients are all-reduced
-    once per step, on the last micro-batch (no_sync before it).
-
-    fp16 (scaler given): the loss is scaled before the backward pass; a step whose scaled gradients overflow is
-    skipped by the scaler, which lowers the scale, and reported in the returned flag."""
-    model: nn.Module           # the weights AdamW moves
-    ema_model: nn.Module       # their moving average, used for evaluation and sampling
-    optimizer: torch.optim.Optimizer
-    diffusion: Diffusion
-    denoiser: Denoiser         # how the training forward runs: DDP-wrapped, compiled, under autocast as the run asks
-    p_uncond: float            # probability a label is dropped to the null label (classifier-free guidance)
-    loss_type: str             # 'l1', 'l2' or 'huber'
-    ema_decay: float
-    rank: int = 0
-    world_size: int = 1
-    grad_accum: int = 1        # micro-batches per optimizer step
-    scaler: torch.amp.GradScaler = None  # fp16's dynamic loss scaler; None: bf16 and fp32 need none
-
-    def __call__(self, x, y, step, lr):
-        """Images x (B, C, H, W), labels y (B,), B = grad_accum micro-batches; returns (the batch's mean loss,
-        whether the scaler skipped the step: 1.0 or 0.0) as device tensors, so the caller decides when to
-        synchronise with the host."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        t, labels, noise = self.draw_randomness(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        micro = -(-len(x) // self.grad_accum)  # ⌈B / grad_accum⌉ images per micro-batch
-        chunks = list(zip(x.split(micro), t.split(micro), noise.split(micro),
-                          labels.split(micro) if labels is not None else itertools.repeat(None)))
-        parts = []
-        for i, (x_i, t_i, noise_i, labels_i) in enumerate(chunks):
-            with self.gradient_sync(i == len(chunks) - 1):
-                part = self.diffusion.p_losses(self.denoiser, x_i, t_i, noise_i, self.loss_type, labels_i)
-                if len(chunks) > 1:  # the micro-batch's share of the batch mean, so the gradients add up to its
-                    part = part * (len(x_i) / len(x))
-                (self.scaler.scale(part) if self.scaler else part).backward()
-            parts.append(part.detach())
-        skipped = self.optimizer_step()
-        update_ema(self.ema_model, self.model, min(self.ema_decay, (1 + step) / (10 + step)))
-        return (parts[0] if len(parts) == 1 else torch.stack(parts).sum()), skipped
-
-    def draw_randomness(self, x, y):
-        """t (B,), the labels after the classifier-free guidance drops (B,) or None, and ε like x: drawn for the
-        global batch and sliced to this rank's images."""
-        n, mine = len(x) * self.world_size, slice(self.rank, None, self.world_size)
-        t = torch.randint(0, self.diffusion.timesteps, (n,), device=x.device)[mine]
-        labels = None
-        if self.denoiser.num_classes is not None:  # classifier-free guidance: drop labels to the null label
-            labels = torch.where(torch.rand(n, device=x.device)[mine] < self.p_uncond,
-                                 torch.full_like(y, self.denoiser.num_classes), y)
-        noise = torch.randn((n, *x.shape[1:]), device=x.device)[mine]
-        return t, labels, noise
-
-    def gradient_sync(self, last):
-        """Under DDP, no gradient all-reduce before the last micro-batch of a step (no_sync); else nothing."""
-        no_sync = getattr(self.denoiser.model, "no_sync", None)
-        return no_sync() if no_sync is not None and not last else contextlib.nullcontext()
-
-    def optimizer_step(self):
-        """Clip the gradient norm and step AdamW (through the scaler in fp16); returns 1.0 when the scaler
-        skipped the step for overflowing gradients, else 0.0, as a device tensor."""
-        if self.scaler is None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
-            self.optimizer.step()
-            return torch.zeros((), device=norm.device)
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
-        self.scaler.step(self.optimizer)  # skipped when the unscaled gradients hold inf or NaN
-        self.scaler.update()
-        return (~torch.isfinite(norm)).float()  # the norm is finite exactly when every gradient is
+def end_of_run_seconds(run, clock):
+    """The end-of-run work's seconds, estimated from the speeds the clock has measured: the last evaluation (its
+    losses and grid), --eval_fid's samples and Inception pass, --eval_nll's T evaluations an image, and the
+    checkpoint writes (last.pt before and after the evaluation, best.pt, ckpt.pt)."""
+    options, forward_s = run.options, clock.forward_s_per_image()
+    forwards = sum(loader.num_local for loader in run.eval_loaders.values())
+    if run.is_main:
+        forwards += grid_size(run) * network_evaluations(run.grid_sampler)
+        forwards += options.eval_fid * network_evaluations(run.sampler) + options.eval_nll * run.config["timesteps"]
+    inception_s = options.eval_fid * run.fid_features.seconds_per_image if options.eval_fid and run.is_main else 0.0
+    return forwards * forward_s + inception_s + (3 + options.save_model) * clock.save_s
 
 
-@torch.no_grad()
-def evaluate_loss(diffusion, denoiser, loader, conditional, loss_type):
-    """Mean loss over a split with t and ε drawn from a fixed seed: comparable between epochs.
-    Under torchrun each rank takes its shard, and t, ε are drawn for the global batch and sliced, so
-    the value equals a single process's with the same global batch."""
-    g = torch.Generator().manual_seed(EVAL_SEED)
-    rank, world = loader.rank, loader.world_size
-    total = torch.zeros((), device=loader.device)
-    for x, y in loader.batches():
-        n = len(x) * world
-        t = torch.randint(0, diffusion.timesteps, (n,), generator=g)[rank::world].to(x.device)
-        noise = torch.randn((n, *x.shape[1:]), generator=g)[rank::world].to(x.device)
-        loss = diffusion.p_losses(denoiser, x, t, noise, loss_type, y if conditional else None)
-        total += loss * len(x)
-    return (all_ranks_mean(total, world) / loader.num_local).item()  # Σ losses / images, over all ranks
+def network_evaluations(sampler):
+    """Forward passes of one image a sample costs: the sampler's steps, twice where classifier-free guidance runs
+    both branches (counted at every step: an upper bound with a guidance interval)."""
+    guided = sampler.config["conditional"] and sampler.settings.guidance_scale not in (0, 1)
+    return sampler.settings.steps * (2 if guided else 1)
 
 
-class TrainingClock:
-    """The run's wall clock against its time budget (minutes; None: none), and where the time goes.
-
-    The budget covers the whole run: set-up, training steps, evaluations, pictures, checkpoints and the end-of-run
-    work; a resumed run goes on from the wall time its checkpoint says it used (timing['wall_s']). Training stops
-    when what is left would only cover the end-of-run work, reserve_s seconds (ddpm_run estimates it from the
-    measured speeds here), and the lr's cosine decay (progress) reaches its end there.
-
-    timing is the TrainingState's dict (decode_s, compile_s, train_s, eval_s, sample_s, wall_s; fid_s and nll_s at
-    the end), so it survives a resume. With compiles=True (torch.compile, on CUDA or asked for on the CPU), a step
-    that meets a new batch size compiles, and is timed apart as compile_s, the device's queue drained before and
-    after it."""
-
-    def __init__(self, timing, budget_min, compiles, device=torch.device("cpu"), started=None):
-        self.timing, self.budget_min, self.compiles, self.device = timing, budget_min, compiles, device
-        self.started = time.perf_counter() if started is None else started  # this session's start
-        # wall time of the sessions before this one (older checkpoints kept no wall_s: their parts' sum)
-        self.used_before = timing.get("wall_s") or sum(timing.get(key, 0.0) for key in WALL_PARTS)
-        self.compiled_batch_sizes = set()
-        self.reserve_s = 0.0             # the end-of-run work's estimated seconds (set by the run)
-        self.session_images, self.session_train_s = 0, 0.0  # this session's trained images and their seconds
-        self.eval_rate = None            # measured seconds per image of a no-grad forward (None: not yet)
-        self.save_s = 0.0                # seconds the last checkpoint write took
-        self.agreed_progress = self.progress()  # the lr's progress all ranks last agreed on
-        self.epoch_start, self.untimed = None, 0.0  # epoch_start: None between epochs
-
-    def start_epoch(self):
-        self.epoch_start, self.untimed = time.perf_counter(), 0.0
-
-    @contextlib.contextmanager
-    def step(self, batch_size):
-        """Times a training step; one that compiles a new batch size counts as compile time, not training."""
-        new_shape = self.compiles and batch_size not in self.compiled_batch_sizes
-        if new_shape:
-            synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if new_shape:
-            synchronize(self.device)
-            seconds = time.perf_counter() - start
-            self.untimed += seconds
-            self.timing["compile_s"] += seconds
-            self.compiled_batch_sizes.add(batch_size)
-        else:
-            self.session_images += batch_size
-
-    def epoch_seconds(self):
-        """Training seconds of the current epoch so far (compiling steps excluded; 0 between epochs)."""
-        return time.perf_counter() - self.epoch_start - self.untimed if self.epoch_start is not None else 0.0
-
-    def end_epoch(self):
-        """Adds the epoch's training seconds to train_s and returns them."""
-        seconds = self.epoch_seconds()
-        self.epoch_start = None
-        self.timing["train_s"] += seconds
-        self.session_train_s += seconds
-        return seconds
-
-    def used_s(self):
-        """Wall seconds the run has used, earlier sessions included."""
-        return self.used_before + time.perf_counter() - self.started
-
-    def stamp(self):
-        """timing['wall_s'] brought up to now, for a checkpoint about to be written."""
-        self.timing["wall_s"] = self.used_s()
-
-    def training_left_s(self):
-        """Seconds of the budget left for training steps: what is left less the end-of-run work's (inf: no budget)."""
-        if not self.budget_min:
-            return math.inf
-        return self.budget_min * 60 - self.used_s() - self.reserve_s
-
-    def out_of_time(self):
-        return self.training_left_s() <= 0
-
-    def progress(self, running_epoch_s=0.0):
-        """How far training is through the time it gets, in [0, 1] (0 without a budget): its seconds so far against
-        those and the training time left."""
-        if not self.budget_min:
-            return 0.0
-        trained, left = self.timing["train_s"] + running_epoch_s, max(0.0, self.training_left_s())
-        return trained / (trained + left) if trained + left > 0 else 1.0
-
-    def minutes_left(self):
-        """Minutes of the budget left, the end-of-run work's included (None without a budget)."""
-        return max(0.0, self.budget_min - self.used_s() / 60) if self.budget_min else None
-
-    def forward_s_per_image(self):
-        """Seconds a no-grad forward of the network takes per image: measured by an evaluation, else a third of a
-        training step's (forward and backward: about three forwards); 0 before any step."""
-        if self.eval_rate is not None:
-            return self.eval_rate
-        trained_s = self.session_train_s + self.epoch_seconds()
-        return trained_s / self.session_images / 3 if self.session_images else 0.0
-
-    def record_forwards(self, seconds, images):
-        """An evaluation's measured forward speed: `images` images in `seconds`."""
-        if images:
-            self.eval_rate = seconds / images
-
-    @contextlib.contextmanager
-    def timed(self, key):
-        """Adds the block's seconds to timing[key]."""
-        start = time.perf_counter()
-        yield
-        self.timing[key] = self.timing.get(key, 0.0) + time.perf_counter() - start
+def train_one_epoch(run, state, clock, epoch):
+    """The epoch's training steps, from where it stands to its end, or until a signal or the time budget stops
+    them (checked after every step). Losses stay on the device until a read-out (every --log_interval steps), the
+    only host syncs. Returns the epoch's training images per second."""
+    config, world_size, steps_per_epoch = run.config, run.world_size, len(run.train_loader)
+    run.model.train()
+    loss_sum = torch.tensor(state.epoch_loss_sum, device=run.device)
+    skipped = torch.zeros((), device=run.device)  # fp16 steps the loss scaler skipped in this epoch
+    batches = run.report.batches(run.train_loader.batches(epoch, state.batch_in_epoch), steps_per_epoch,
+                                 state.batch_in_epoch, epoch)
+    clock.start_epoch()
+    interval_start, interval_images, epoch_images = clock.epoch_start, 0, 0
+    with run.signals.between_steps():
+        for x, y in batches:  # x (B, 3, H, W) in [−1, 1], y (B,)
+            with clock.step(len(x)):
+                # how far along, for the lr decay: by training time under a budget (as the ranks last agreed), else
+                # by steps
+                progress = (clock.agreed_progress if config["time_budget_min"]
+                            else state.step / (config["epochs"] * steps_per_epoch))
+                lr = learning_rate(config, state.step, progress)
+                loss, step_skipped = run.train_step(x, y, state.step, lr)
+                loss_sum += loss
+                skipped += step_skipped
+                state.step += 1
+                state.batch_in_epoch += 1
+            interval_images += len(x)
+            epoch_images += len(x)
+            if state.step % run.options.log_interval == 0:
+                running = (all_ranks_mean(loss_sum, world_size) / state.batch_in_epoch).item()
+                check_finite(running, f"the training loss at epoch {epoch}, step {state.step}")
+                now = time.perf_counter()
+                run.report.read_out(state.step, epoch, running, lr,
+                                    interval_images * world_size / (now - interval_start), clock.minutes_left(),
+                                    state.skipped_steps + int(skipped.item()) if run.train_step.scaler else None)
+                interval_start, interval_images = now, 0
+            stop, checkpoint_due = agree_on_stop_and_checkpoint(run, clock)
+            if stop:
+                break
+            if checkpoint_due:
+                save_mid_epoch(run, state, clock, loss_sum, skipped)
+    state.epoch_loss_sum = all_ranks_mean(loss_sum, world_size).item()  # waits for the device: steps are done
+    state.skipped_steps += int(skipped.item())
+    epoch_train_s = clock.end_epoch()
+    check_finite(state.epoch_loss_sum, f"the training loss of epoch {epoch} (step {state.step})")
+    return epoch_images * world_size / max(epoch_train_s, 1e-9)
 
 
-class Reporter:
-    """What a training run tells people: progress bars on a terminal, else a line per epoch and a line at read-outs
-    at most every LOG_LINE_SECONDS; with a tensorboard_dir (--tensorboard) the loss and lr at read-outs, img/s,
-    validation/test losses, FID and the per-epoch grids as TensorBoard events there. Only rank 0 speaks (is_main),
-    and nothing when quiet. Used as a context manager, so that the TensorBoard writer is closed on every way out: the
-    end, Ctrl-C / SIGTERM, a NaN stop, an error."""
+def agree_on_stop_and_checkpoint(run, clock):
+    """Whether to stop inside the epoch (a signal, or the budget spent once the end-of-run work's time is kept
+    back), and whether last.pt is due (--checkpoint_minutes since the last one): after every step, decided by all
+    ranks together in one all-reduce of host numbers, which also agrees on the lr's progress."""
+    clock.reserve_s = end_of_run_seconds(run, clock)
+    due = time.perf_counter() - run.last_save_time >= run.options.checkpoint_minutes * 60
+    signalled, spent, due, clock.agreed_progress = max_over_ranks(
+        [run.signals.received is not None, clock.out_of_time(), due, clock.progress(clock.epoch_seconds())],
+        run.world_size)
+    return bool(signalled or spent), bool(due)
 
-    def __init__(self, quiet, tensorboard_dir, is_main):
-        self.verbose = not quiet and is_main
-        self.bars = self.verbose and stderr_is_terminal()
-        self.tensorboard_dir = tensorboard_dir if is_main else None
-        self.writer = self.epoch_bar = self.batch_bar = None
-        self.total_epochs = None
-        self.last_line = time.perf_counter()  # when the last log line (no terminal) was printed
 
-    def __enter__(self):
-        if self.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter  # only when asked for: tensorboard is optional
-            self.writer = SummaryWriter(self.tensorboard_dir)
-        return self
+def check_finite(value, what):
+    """NonFiniteError when a loss about to be reported or written is NaN or infinite."""
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} became {value}")
 
-    def __exit__(self, *exc):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
-    def say(self, text):
-        if self.verbose:
-            print(text, flush=True)
+def save_last(run, state):
+    """last.pt where training stands (rank 0 writes it and gets the checkpoint dict back; other ranks None). Every
+    rank checks the weights (the same on all), so that NaN weights stop all ranks together and are never written."""
+    ckpt, path, start = None, run.files.checkpoint("last.pt"), time.perf_counter()
+    run.clock.stamp()
+    if run.is_main:
+        ckpt = run.checkpoint(state)
+        save_checkpoint(ckpt, path)
+    else:  # nothing to write: only the weights' check
+        require_finite_weights({"model": run.model.state_dict(), "ema": run.ema_model.state_dict()})
+    run.last_saved, run.last_save_time = (path, training_position(state)), time.perf_counter()
+    run.clock.save_s = run.last_save_time - start
+    return ckpt
 
-    def epochs(self, done, total):
-        """The epochs still to train, done + 1 … total."""
-        self.total_epochs = total
-        self.epoch_bar = tqdm(range(done + 1, total + 1), desc="epochs", disable=not self.bars, initial=done,
-                              total=total)
-        return self.epoch_bar
 
-    def batches(self, batches, total, done, epoch):
-        self.batch_bar = tqdm(batches, total=total, initial=done, desc=f"epoch {epoch}", leave=False,
-                              disable=not self.bars)
-        return self.batch_bar
+def save_mid_epoch(run, state, clock, loss_sum, skipped):
+    """last.pt inside an epoch (--checkpoint_minutes): the position, the epoch's loss sum and fp16 skips, and the
+    training time so far, so that a resume continues from this very step."""
+    clock.stamp()
+    timing = {**state.timing, "train_s": state.timing["train_s"] + clock.epoch_seconds()}
+    snapshot = dataclasses.replace(state, epoch_loss_sum=all_ranks_mean(loss_sum, run.world_size).item(),
+                                   skipped_steps=state.skipped_steps + int(skipped.item()), timing=timing)
+    save_last(run, snapshot)
 
-    def read_out(self, step, epoch, loss, lr, images_per_s, minutes_left, skipped=None):
-        """A loss read-out; minutes_left: of the time budget (None: no budget); skipped: fp16 steps the loss scaler
-        has skipped so far (None: not fp16)."""
-        postfix = {"loss": f"{loss:.4f}", "img_s": f"{images_per_s:.0f}"}
-        self.batch_bar.set_postfix(postfix if skipped is None else {**postfix, "fp16_skips": skipped})
-        if self.verbose and not self.bars and time.perf_counter() - self.last_line >= LOG_LINE_SECONDS:
-            budget = f"  {minutes_left:.1f} min of the budget left" if minutes_left is not None else ""
-            skips = f"  {skipped} fp16 steps skipped (overflow)" if skipped is not None else ""
-            print(f"step {step}  epoch {epoch}  loss {loss:.4f}  lr {lr:.3g}  {images_per_s:.0f} img/s{skips}{budget}",
-                  flush=True)
-            self.last_line = time.perf_counter()
-        self.scalars(step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": images_per_s,
-                            **({"train/fp16_skipped_steps": skipped} if skipped is not None else {})})
 
-    def epoch_done(self, epoch, step, train_loss, losses, images_per_s, cut_short=None):
-        """losses: {'val_loss', 'test_loss'} on evaluated epochs, else None; cut_short: how much of the epoch the
-        time budget left done ('34 of 703 batches'), None for a whole one."""
-        if losses:
-            self.epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{losses['val_loss']:.4f}")
-        if self.verbose and not self.bars:  # a line per epoch where there are no bars (logs, pipes)
-            evaluated = f"  val {losses['val_loss']:.4f}  test {losses['test_loss']:.4f}" if losses else ""
-            part = f" ({cut_short})" if cut_short else ""
-            print(f"epoch {epoch}/{self.total_epochs}{part}  train {train_loss:.4f}{evaluated}  "
-                  f"({images_per_s:.0f} img/s)", flush=True)
-        self.scalars(step, {"epoch/train_loss": train_loss, "epoch/images_per_s": images_per_s,
-                            **{f"epoch/{key}": value for key, value in (losses or {}).items()}})
+def save_epoch_checkpoints(run, state, is_best):
+    """last.pt, and best.pt (without the optimizer) when the validation loss is the best so far."""
+    last = save_last(run, state)
+    if is_best and run.is_main:
+        save_checkpoint(last, run.files.checkpoint("best.pt"), with_optimizer=False)
 
-    def grid(self, step, images, nrow):
-        if self.writer is not None:
-            from torchvision.utils import make_grid
-            self.writer.add_image("samples", make_grid(images.float(), nrow=nrow, normalize=True, value_range=(-1, 1),
-                                                       padding=2), step)
 
-    def scalars(self, step, values):
-        if self.writer is not None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+def stop_on_signal(run, state, signal_name):
+    """Save last.pt where training stands (mid-epoch included; not again when it was just saved there), then stop
+    with the command that resumes."""
+    if run.last_saved != (run.files.checkpoint("last.pt"), training_position(state)):
+        save_last(run, state)
+    barrier(run.world_size)
+    raise Interrupted(f"{signal_name or 'a signal (on another rank)'} received: stopped at {training_position(state)}"
+                      f"; saved {run.files.checkpoint('last.pt')}. Resume with:\n"
+                      f"  {resume_command(run.options.command_line, resume='auto')}")
+
+
+def resume_command(argv, **flags):
+    """The command line of this run (its arguments: argv) with each of `flags` (e.g. resume="auto") in place of
+    its value there."""
+    replaced = {f"--{name}" for name in flags}
+    kept, argv = [], iter(argv)
+    for arg in argv:
+        if arg.split("=")[0] not in replaced:
+            kept.append(arg)
+        elif "=" not in arg:
+            next(argv, None)  # "--flag value": drop the value too
+    return " ".join(["python", sys.argv[0], *kept, *(f"--{name} {value}" for name, value in flags.items())])
+
+
+def evaluation_losses(run, clock, epoch):
+    """EMA validation and test losses on EVAL_IMAGES of each split (fixed t and ε, so epochs compare): {'val_loss',
+    'test_loss'}; NonFiniteError on NaN, before anything is written from them."""
+    config = run.config
+    start = time.perf_counter()
+    with clock.timed("eval_s"), memory_guard("computing the validation and test losses", "lower --batch_size"):
+        run.ema_model.eval()
+        losses = {f"{split}_loss": evaluate_loss(run.diffusion, run.ema_denoiser, loader, config["conditional"],
+                                                 config["loss_type"]) for split, loader in run.eval_loaders.items()}
+    clock.record_forwards(time.perf_counter() - start, sum(loader.num_local for loader in run.eval_loaders.values()))
+    for key, value in losses.items():  # the same on every rank: all stop together
+        check_finite(value, f"the {'validation' if key == 'val_loss' else 'test'} loss of epoch {epoch}")
+    return losses
+
+
+def write_epoch_grid(run, state, clock, epoch):
+    """The epoch's sample grid, from fixed noise (GRID_SEED) so epochs compare, to its PNG and TensorBoard."""
+    with clock.timed("sample_s"), memory_guard("sampling the epoch's grid", SAMPLE_REMEDY):
+        images = run.grid_sampler.sample(grid_size(run), grid_labels(run), seed=GRID_SEED)
+        save_grid(images, run.files.output("epoch_grid", epoch=epoch), grid_columns(run))
+    run.report.grid(state.step, images, grid_columns(run))
+
+
+def record_evaluation(run, state, epoch, train_loss, losses):
+    """The evaluation in the history (an epoch the time budget cut short at the fraction of it done), and on rank 0
+    the loss JSON and plot. Returns whether the validation loss is the best so far."""
+    steps_per_epoch = len(run.train_loader)
+    epochs_done = epoch if state.batch_in_epoch == steps_per_epoch else \
+        round(state.epoch + state.batch_in_epoch / steps_per_epoch, 3)
+    is_best = state.record_evaluation(epochs_done, train_loss, losses["val_loss"], losses["test_loss"])
+    if run.is_main:
+        write_json(state.history, run.files.output("loss_history"))
+        plot_loss_history(state.history, run.files.output("loss_curves"), run.config["run_name"])
+    return is_best
+
+
+def grid_labels(run):
+    """The per-epoch grid's class labels: GRID_PER_CLASS of each class, a row each (with more than MAX_CLASS_ROWS
+    classes, one image per class); None for an unconditional model."""
+    num_classes = run.config["num_classes"]
+    if not run.config["conditional"]:
+        return None
+    per_class = GRID_PER_CLASS if num_classes <= MAX_CLASS_ROWS else 1
+    return torch.arange(num_classes, device=run.device).repeat_interleave(per_class)
+
+
+def grid_size(run):
+    """Images in the per-epoch grid: GRID_UNCONDITIONAL unconditional, else one per grid label."""
+    labels = grid_labels(run)
+    return GRID_UNCONDITIONAL if labels is None else len(labels)
+
+
+def grid_columns(run):
+    """The per-epoch grid's columns: 8 (8 × 8 unconditional, 8 per class a row), or about √K for K > MAX_CLASS_ROWS
+    classes."""
+    num_classes = run.config["num_classes"]
+    if run.config["conditional"] and num_classes > MAX_CLASS_ROWS:
+        return math.isqrt(num_classes - 1) + 1  # ⌈√K⌉ columns
+    return GRID_PER_CLASS
+
+
+def finish(run, state, clock):
+    """Rank 0 writes the final checkpoint (--save_model), FID (--eval_fid) and the metrics JSON; others wait."""
+    if not run.is_main:
+        barrier(run.world_size)
+        return
+    options, config, timing = run.options, run.config, state.timing
+    if options.save_model:
+        save_checkpoint(run.checkpoint(state), run.files.checkpoint("ckpt.pt"))
+    if options.eval_fid:
+        with clock.timed("fid_s"), memory_guard("computing FID", SAMPLE_REMEDY):
+            grayscale_fid_note(config, run.report.verbose)
+            measured = measure_fid_and_is(run.sampler, options.eval_fid, config["seed"], run.fid_features,
+                                          run.fid_reference, run.files.output("fid_samples"), run.report.verbose)
+        run.report.scalars(state.step, {name: measured[name] for name in ("fid", "inception_score")
+                                        if measured[name] is not None})
+    if options.eval_nll:
+        with clock.timed("nll_s"), memory_guard("computing the bound in bits/dim", SAMPLE_REMEDY):
+            test_images, _ = spread(run.test_images, None, options.eval_nll)
+            nll = measure_nll(run.sampler, test_images, None, options.nll_variance, config["seed"], run.files,
+                              run.report.verbose)["bits_per_dim"]
+    clock.stamp()
+    images_seen = state.step * config["global_batch_size"]
+    metrics = {"world_size": run.world_size, "run_name": config["run_name"], "device": str(run.device),
+               "num_params": run.num_params, "steps": state.step,
+               "epochs_done": state.epoch, "batch_size": config["batch_size"], "grad_accum": config["grad_accum"],
+               "global_batch_size": config["global_batch_size"], "precision": run.precision,
+               "compiled": run.train_step.denoiser.compiled, "fp16_skipped_steps": state.skipped_steps,
+               "time_budget_min": config["time_budget_min"], "stopped_by_time_budget": state.budget_spent,
+               "train_images_per_s": images_seen / timing["train_s"] if timing["train_s"] else None,
+               "timing": timing, "final": {k: v[-1] for k, v in state.history.items() if v},
+               **(measured if options.eval_fid else {}), **({"nll_bits_per_dim": nll} if options.eval_nll else {})}
+    write_json(metrics, run.files.output("metrics"))
+    budget = f" of the {config['time_budget_min']:g}-minute budget" if config["time_budget_min"] else ""
+    run.report.say(f"done in {clock.used_s() / 60:.1f} min{budget}: loss history {run.files.output('loss_history')}, "
+                   f"checkpoints in {run.files.ckpt_dir}")
+    barrier(run.world_size)
+
+
+def diverged_message(run, problem):
+    """What to say when training produced NaN or infinity: the problem, the last checkpoint that is really good
+    (or that there is none), and the command that continues from it with a tenth of the learning rate."""
+    lower_lr = f"{run.config['lr'] / 10:g}"
+    if run.last_saved is None:
+        return (f"{problem}; stopped, and this run wrote no checkpoint before that. Start again with a lower --lr "
+                f"(e.g. {lower_lr}) or a larger --warmup_steps.")
+    path, position = run.last_saved
+    return (f"{problem}; stopped. The last good checkpoint is {path} ({position}); to continue from it with a "
+            f"lower learning rate:\n  {resume_command(run.options.command_line, resume=path, lr=lower_lr)}")
+
+
+def write_failed_message(run, problem):
+    """What to say when a file could not be written: training stops (it does not go on as if saved), and the last
+    good checkpoint, which the failed write left as it was, is where to go on from."""
+    if run.last_saved is None:
+        return f"{problem}; training stopped, and this run has no checkpoint yet: make room and start it again"
+    path, position = run.last_saved
+    return (f"{problem}; training stopped. The last good checkpoint is {path} ({position}): make room (or restore "
+            f"access) and continue with --resume {path}")

@@ -1,7 +1,7 @@
 """The project's speed benchmark: the seed-style pipeline and the fast path side by side, in one run.
 
 (a) seed-style: per-image torchvision transforms + DataLoader, fp32, eager, batch 64, default U-Net;
-(b) fast path (ddpm_train.TrainingStep, the CLI's step): data resident on the device, autocast at each --precisions
+(b) fast path (ddpm_train_step.TrainingStep, the CLI's step): data resident on the device, autocast at each --precisions
     (fp16 with its loss scaler), channels_last, fused AdamW, torch.compile (--compile), no host sync per step — at
     each batch size given, for the default U-Net and for the DDPM-size U-Net (--dim 128 --dim_mults 1,2,2,2);
 (c) sampling: 1,000 and 10,000 class-conditional CFG samples at T=100 with the default U-Net, at each precision.
@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm_data import DeviceLoader  # noqa: E402
 from ddpm_diffusion import Diffusion, SamplerSettings, generate, make_schedule  # noqa: E402
-from ddpm_helpers import COMPILE_CHOICES, Denoiser, choose_compile, synchronize  # noqa: E402
 from ddpm_model import UNet, UNetConfig  # noqa: E402
-from ddpm_train import TrainingStep, build_loss_scaler, build_optimizer  # noqa: E402
+from ddpm_runtime import COMPILE_CHOICES, Denoiser, choose_compile, synchronize  # noqa: E402
+from ddpm_train_step import TrainingStep, build_loss_scaler, build_optimizer  # noqa: E402
 
 MODELS = {"default (dim 32, 1,2,4)": dict(dim=32, dim_mults=(1, 2, 4)),
           "DDPM-size (dim 128, 1,2,2,2)": dict(dim=128, dim_mults=(1, 2, 2, 2))}

@@ -9,8 +9,9 @@ It builds a tiny image folder and a stand-in FID network (torch-fidelity's, rand
 (a new process each, as a user would) for training (conditional with evaluation and best.pt; unconditional with
 FID), a resume, inference (class lists, the three samplers, a guidance sweep, FID) and bad inputs, after --help.
 It prints, per command, the exit status and what it said, and per file written a SHA-256: JSON, checkpoints and npz
-files without their timings, versions and network hash (which differ from run to run), every other file as its
-bytes. Timings in messages ("1.2 s", "350 img/s") are masked. CPU, float32: about two minutes on 2 cores.
+files without their timings, versions and network hash (which differ from run to run), their dicts in key order
+and a config's network settings read from its model entry alone (so that the config's layout is not its content),
+every other file as its bytes. Timings in messages ("1.2 s", "350 img/s") are masked. CPU, float32: about two minutes on 2 cores.
 """
 import hashlib
 import io
@@ -83,10 +84,19 @@ COMMANDS = [
 ]
 
 
+# The network's settings, which configs written before 2026-12-06 kept at the top level as well as in their model
+# entry: a copy left out, so that a digest compares what the config says and not where it says it.
+NETWORK_COPIES = ("architecture", "dim", "dim_mults", "num_res_blocks", "attn_resolutions", "dropout", "resblock",
+                  "groups", "norm_eps")
+
+
 def without_varying(content):
-    """JSON content without the VARYING entries, at any depth."""
+    """Content without the VARYING entries, at any depth, dicts in key order, and a config's network settings only in
+    its model entry (NETWORK_COPIES)."""
     if isinstance(content, dict):
-        return {k: without_varying(v) for k, v in content.items() if k not in VARYING}
+        is_config = isinstance(content.get("model"), dict) and "timesteps" in content
+        return {k: without_varying(content[k]) for k in sorted(content)
+                if k not in VARYING and not (is_config and k in NETWORK_COPIES)}
     return content
 
 
@@ -98,7 +108,7 @@ def digest_file(path):
     if path.endswith(".pt"):
         ckpt = torch.load(path, weights_only=True)
         buffer = io.BytesIO()
-        torch.save({k: v for k, v in ckpt.items() if k not in VARYING}, buffer)
+        torch.save(without_varying(ckpt), buffer)
         return hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
     if path.endswith(".npz"):
         arrays = np.load(path)

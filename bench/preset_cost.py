@@ -18,12 +18,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddpm_config import preset_network
 from ddpm_data import DeviceLoader  # noqa: E402
 from ddpm_diffusion import Diffusion, make_schedule  # noqa: E402
-from ddpm_helpers import PRECISIONS, Denoiser, choose_precision, synchronize  # noqa: E402
 from ddpm_model import build_unet  # noqa: E402
-from ddpm_presets import PRESETS, preset_network  # noqa: E402
-from ddpm_train import TrainingStep, build_loss_scaler, build_optimizer  # noqa: E402
+from ddpm_presets import PRESETS  # noqa: E402
+from ddpm_runtime import PRECISIONS, Denoiser, choose_precision, synchronize  # noqa: E402
+from ddpm_train_step import TrainingStep, build_loss_scaler, build_optimizer  # noqa: E402
 
 
 def forward_gflop(model, side, channels):

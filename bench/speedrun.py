@@ -25,9 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ddpm_main  # noqa: E402
 from ddpm_checkpoint import export_for_inference, load_checkpoint  # noqa: E402
+from ddpm_config import preset_flags  # noqa: E402
 from ddpm_data import load_dataset  # noqa: E402
 from ddpm_helpers import RunFiles  # noqa: E402
-from ddpm_presets import preset_flags  # noqa: E402
 
 # The recipe is ddpm_presets.SPEEDRUN (ddpm_main.py --preset speedrun); the smoke run shrinks its sizes.
 TRAIN_ARGS = ["--preset", "speedrun"]

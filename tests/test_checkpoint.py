@@ -5,11 +5,11 @@ NaN weights are never written and never loaded."""
 import pytest
 import torch
 
-import ddpm_main
-from ddpm_checkpoint import (ADJUSTABLE_SETTINGS, DERIVED_KEYS, FIXED_SETTINGS, RUN_SETTINGS, SAMPLING_SETTINGS,
-                             TrainingState, build_checkpoint, data_conflicts, fixed_setting_conflicts,
-                             load_checkpoint, restore_training, resume_changes, save_checkpoint,
-                             saved_sampler_settings, trained_data, training_config)
+import ddpm_flags
+from ddpm_checkpoint import TrainingState, build_checkpoint, load_checkpoint, restore_training, save_checkpoint
+from ddpm_config import (ADJUSTABLE_SETTINGS, DERIVED_KEYS, FIXED_SETTINGS, MODEL_SETTINGS, RUN_SETTINGS,
+                         SAMPLING_SETTINGS, data_conflicts, fixed_setting_conflicts, resume_changes,
+                         saved_model_settings, saved_sampler_settings, trained_data, training_config)
 from ddpm_data import CIFAR10_CLASSES
 from ddpm_diffusion import SamplerSettings
 from ddpm_helpers import NonFiniteError, UserError
@@ -32,21 +32,23 @@ FLAGS_B = ["--timesteps", "20", "--schedule", "sigmoid", "--loss_type", "huber",
 
 
 def flags(argv, world_size, saved_sampling=None):
-    args = ddpm_main.build_parser().parse_args(argv)
-    sampling = ddpm_main.sampler_settings(args, saved_sampling, args.timesteps)
+    args = ddpm_flags.build_parser().parse_args(argv)
+    sampling = ddpm_flags.sampler_settings(args, saved_sampling, args.timesteps)
     return {**vars(args), "world_size": world_size, "sampling": sampling}
 
 
 def given(argv):
-    parser = ddpm_main.build_parser()
-    return ddpm_main.flags_given(parser, parser.parse_args(argv), argv)
+    parser = ddpm_flags.build_parser()
+    return ddpm_flags.flags_given(parser, parser.parse_args(argv), argv)
 
 
 def test_every_config_key_is_of_exactly_one_kind():
     kinds = [set(FIXED_SETTINGS), set(ADJUSTABLE_SETTINGS), set(RUN_SETTINGS), set(SAMPLING_SETTINGS),
              set(DERIVED_KEYS)]
     assert sum(len(k) for k in kinds) == len(set.union(*kinds))  # disjoint
-    assert set(training_config(flags(FLAGS_A, 1), FACTS)) == set.union(*kinds)  # a new key must be declared
+    config = training_config(flags(FLAGS_A, 1), FACTS)
+    assert set(config) == set.union(*kinds) - set(MODEL_SETTINGS)  # a new key must be declared
+    assert set(MODEL_SETTINGS) <= set(config["model"])  # the network's settings: stored once, in its entry
 
 
 def test_the_config_holds_what_the_data_is_and_older_checkpoints_are_taken_as_square_colour_images():
@@ -77,6 +79,7 @@ def test_resumed_config_takes_fixed_settings_from_the_checkpoint_and_adjustable_
     fresh = training_config(flags(FLAGS_B, 2), FACTS)
     resumed = training_config(flags(FLAGS_B, 2), FACTS, saved_config=saved, given=given(FLAGS_B))
     bare = training_config(flags([], 2), FACTS, saved_config=saved, given=set())
+    saved, fresh, resumed, bare = ({**c, **saved_model_settings(c)} for c in (saved, fresh, resumed, bare))
     for key in FIXED_SETTINGS:
         assert saved[key] != fresh[key], f"FLAGS_B must change {key} for this test to mean anything"
         assert resumed[key] == saved[key] == bare[key], key

@@ -13,11 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+import ddpm_flags
 import ddpm_main
-import ddpm_train
+import ddpm_train_step
 from conftest import MAIN, ROOT, TINY_MODEL, make_image_folder, run_main
 from ddpm_checkpoint import TOOL_VERSION, export_for_inference, load_checkpoint
-from ddpm_helpers import NonFiniteError, choose_precision, write_json
+from ddpm_helpers import NonFiniteError, write_json
+from ddpm_runtime import choose_precision
 
 SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")  # 10 classes
 
@@ -33,7 +35,7 @@ def test_training_writes_history_checkpoint_and_grids(trained):
     ckpt = torch.load(trained / "models" / "cond" / "ckpt.pt", weights_only=True)
     config = ckpt["config"]
     assert config["conditional"] and config["num_classes"] == 10
-    assert config["dim"] == 8 and config["dim_mults"] == [1, 2] and config["timesteps"] == 10
+    assert config["model"]["dim"] == 8 and config["model"]["dim_mults"] == [1, 2] and config["timesteps"] == 10
     assert config["schedule"] == "cosine" and config["image_size"] == 16
     assert config["num_train"] == 27 and config["num_val"] == 3 and config["num_test"] == 10
     assert {"model", "ema", "optimizer", "epoch"} <= set(ckpt)
@@ -189,7 +191,7 @@ def test_help_shows_every_default_and_version_names_the_tool_and_torch(capsys):
     entries = {}  # flag → its help text, whitespace normalised
     for entry in capsys.readouterr().out.split("\n  --")[1:]:
         entries[entry.split()[0]] = " ".join(entry.split())
-    defaults = vars(ddpm_main.build_parser().parse_args([]))
+    defaults = vars(ddpm_flags.build_parser().parse_args([]))
     shown = [name for name, value in defaults.items() if value not in (None, False)]
     assert len(shown) > 20
     for name in shown:
@@ -336,10 +338,10 @@ def test_without_a_terminal_training_logs_a_line_per_read_out_at_most_once_a_min
                                                                                    monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["--data_dir", tiny_data, "--epochs", "2", "--log_interval", "2", "--time_budget_min", "5", *TINY_MODEL]
-    monkeypatch.setattr(ddpm_train, "LOG_LINE_SECONDS", math.inf)  # the minute never passes, however slow the run
+    monkeypatch.setattr(ddpm_train_step, "LOG_LINE_SECONDS", math.inf)  # the minute never passes, however slow the run
     ddpm_main.main([*argv, "--run_name", "slow"])
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    monkeypatch.setattr(ddpm_train, "LOG_LINE_SECONDS", 0)
+    monkeypatch.setattr(ddpm_train_step, "LOG_LINE_SECONDS", 0)
     ddpm_main.main([*argv, "--run_name", "fast"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split("  ")[:2] for line in lines] == [["step 2", "epoch 1"], ["step 4", "epoch 1"],

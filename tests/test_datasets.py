@@ -14,7 +14,7 @@ from conftest import TINY_MODEL, make_image_folder, run_main
 from ddpm_data import (CIFAR10_CLASSES, DeviceLoader, crop_to_data, load_dataset, majority_mode, model_side,
                        pad_to_side, padding, stages_allowed)
 from ddpm_fid import InceptionFeatures
-from ddpm_helpers import file_name_part
+from ddpm_pictures import file_name_part
 from ddpm_sample import class_indices
 
 FAST_SAMPLING = ["--sampler", "ddim", "--sampling_steps", "2"]  # for the per-epoch grids too

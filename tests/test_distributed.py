@@ -30,7 +30,7 @@ SHARD_SCRIPT = """
 import json, os, sys, torch
 sys.path.insert(0, {root!r})
 from ddpm_data import DeviceLoader
-from ddpm_helpers import init_distributed
+from ddpm_runtime import init_distributed
 rank, world, _ = init_distributed(False)
 loader = DeviceLoader(torch.zeros(50, 3, 2, 2, dtype=torch.uint8), torch.arange(50), 4, "cpu", seed=5,
                       rank=rank, world_size=world)

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 import ddpm_data
-import ddpm_helpers
+import ddpm_pictures
 from conftest import make_image_folder
 from ddpm_data import DeviceLoader, load_dataset
 from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule
-from ddpm_helpers import Denoiser
 from ddpm_model import UNet
+from ddpm_runtime import Denoiser
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_loader_yields_every_image_once_per_epoch_flipped_about_half():
     seen, flipped = [], 0
     for x, idx in loader.batches(epoch=1):
         assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
-        original = ddpm_helpers.to_model_range(images[idx])
+        original = ddpm_pictures.to_model_range(images[idx])
         is_flipped = (x == original.flip(3)).flatten(1).all(1)
         assert (is_flipped | (x == original).flatten(1).all(1)).all()
         flipped += int(is_flipped.sum())

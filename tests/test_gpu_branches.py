@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import ddpm_helpers
 import ddpm_main
-import ddpm_train
+import ddpm_runtime
+import ddpm_train_step
 from conftest import TINY_MODEL, run_main
 from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule, generate
-from ddpm_helpers import Denoiser, choose_compile, choose_precision
 from ddpm_model import UNet, UNetConfig
-from ddpm_train import TrainingStep, build_loss_scaler, build_optimizer
+from ddpm_runtime import Denoiser, choose_compile, choose_precision
+from ddpm_train_step import TrainingStep, build_loss_scaler, build_optimizer
 
 
 def tiny_unet(seed=0, **kwargs):
@@ -71,7 +71,7 @@ def test_auto_precision_is_bf16_where_native_fp16_on_older_gpus_else_fp32(cuda_d
     assert choose_precision("auto", cpu) == ("bf16", "the CPU has AMX")
     for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a torch without the private checks
         monkeypatch.delattr(torch.cpu, check)
-    assert ddpm_helpers.cpu_bf16_instructions() == [] and choose_precision("auto", cpu)[0] == "fp32"
+    assert ddpm_runtime.cpu_bf16_instructions() == [] and choose_precision("auto", cpu)[0] == "fp32"
 
 
 def test_compile_auto_is_cuda_only_and_on_means_the_cpu_too():
@@ -135,8 +135,8 @@ def test_fp16_training_through_the_cli_reports_skipped_steps_and_a_resume_may_ch
     """27 training images, batch 8: 4 steps an epoch. From a loss scale of 2¹⁹ the first steps overflow: counted in
     the log lines and the metrics (each skip halved the scale), no NaN stop. The resume runs in float32 and says so."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ddpm_train, "FP16_INIT_SCALE", 2.0 ** 19)
-    monkeypatch.setattr(ddpm_train, "LOG_LINE_SECONDS", 0)
+    monkeypatch.setattr(ddpm_train_step, "FP16_INIT_SCALE", 2.0 ** 19)
+    monkeypatch.setattr(ddpm_train_step, "LOG_LINE_SECONDS", 0)
     ddpm_main.main(["--data_dir", tiny_data, "--epochs", "1", "--log_interval", "1", "--run_name", "half",
                     "--sampling_steps", "1", *TINY_MODEL, "--precision", "fp16"])
     out = capsys.readouterr().out

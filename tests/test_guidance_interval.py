@@ -5,12 +5,13 @@ import math
 
 import pytest
 import torch
+from test_diffusion import ClassShift
 
+import ddpm_config
 import ddpm_main
 from conftest import TINY_MODEL
 from ddpm_checkpoint import load_checkpoint
 from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule, guided_prediction
-from test_diffusion import ClassShift
 
 W = 2.5
 LABELS = torch.tensor([0, 3, 9])
@@ -121,7 +122,7 @@ def test_settings_normalise_and_check_the_interval():
 @pytest.mark.parametrize("text,interval", [("0.28,2.9", (0.28, 2.9)), ("1,inf", (1.0, math.inf)),
                                            ("all", (0.0, math.inf))])
 def test_flag_values(text, interval):
-    assert ddpm_main.noise_interval(text) == interval
+    assert ddpm_config.noise_interval(text) == interval
 
 
 @pytest.mark.parametrize("text", ["2.9,0.28", "-1,2", "1", "a,b", "1,1", "inf,inf", "nan,1", "1,2,3", ""])

@@ -14,14 +14,15 @@ import pytest
 import torch
 
 import ddpm_helpers
+import ddpm_pictures
+import ddpm_runtime
 from conftest import MAIN, TINY_MODEL, make_image_folder, run_main
-from ddpm_checkpoint import check_run_memory, memory_needs, parameter_count
 from ddpm_data import CACHE_NAME, DeviceLoader, load_dataset
 from ddpm_fid import (InceptionFeatures, reference_statistics, statistics_problem, stats_cache_name,
-                       write_random_inception)
-from ddpm_helpers import (MAX_RUN_NAME, NAME_MAX, OUTPUT_NAMES, RunFiles, UserError, check_memory, format_bytes,
-                          sanitized_run_name)
+                      write_random_inception)
+from ddpm_helpers import MAX_RUN_NAME, NAME_MAX, OUTPUT_NAMES, RunFiles, UserError, sanitized_run_name
 from ddpm_model import UNet, UNetConfig
+from ddpm_runtime import check_memory, check_run_memory, format_bytes, memory_needs, parameter_count
 
 
 def tree(root):
@@ -56,7 +57,6 @@ def damage(ckpt, how):
         del ckpt["config"]["timesteps"]
     elif how == "other shapes":
         ckpt["config"]["model"]["dim"] = 16
-        ckpt["config"]["dim"] = 16
     elif how == "a huge network":
         ckpt["config"]["model"]["dim"] = 8_000_000
     elif how == "unknown schedule":
@@ -180,7 +180,7 @@ def test_samples_that_cannot_be_written_leave_the_earlier_ones(trained, monkeypa
     assert run_main(*argv, cwd=trained).returncode == 0
     before = tree(trained / "outputs" / "samples_full")
     saves = []
-    real_save = ddpm_helpers.Image.Image.save
+    real_save = ddpm_pictures.Image.Image.save
 
     def save_until_the_disk_is_full(image, *args, **kwargs):
         saves.append(1)
@@ -188,7 +188,7 @@ def test_samples_that_cannot_be_written_leave_the_earlier_ones(trained, monkeypa
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(image, *args, **kwargs)
 
-    monkeypatch.setattr(ddpm_helpers.Image.Image, "save", save_until_the_disk_is_full)
+    monkeypatch.setattr(ddpm_pictures.Image.Image, "save", save_until_the_disk_is_full)
     result = run_main(*argv, "--seed", "1", cwd=trained)
     assert one_line_error(result, code=1) == (f"ddpm_main.py: error: could not write the sample PNGs in "
                                               f"{os.path.join('outputs', 'samples_full')} (No space left on device)")
@@ -245,7 +245,7 @@ def test_on_cuda_the_samples_count_against_ram_and_a_sampling_batch_may_halve_do
     def memory_of(device):
         return (10 ** 9, "the GPU has") if device.type == "cuda" else (10 ** 12, "this machine has")
 
-    monkeypatch.setattr(ddpm_helpers, "memory_of", memory_of)
+    monkeypatch.setattr(ddpm_runtime, "memory_of", memory_of)
     cuda = torch.device("cuda")
     check_memory([(9 * 10 ** 8, "weights", "--dim")], cuda, [(9 * 10 ** 11, "samples", "--num_samples")])
     with pytest.raises(UserError, match=r"\(2.0 GB weights\) and the GPU has 1.0 GB: lower --dim$"):
@@ -270,12 +270,12 @@ def test_the_epoch_order_takes_any_seed_in_the_generators_range_and_is_unchanged
 
 def test_running_out_of_memory_is_one_line_saying_what_and_which_flag(tiny_data, trained, tmp_path, monkeypatch):
     import ddpm_diffusion
-    import ddpm_train
+    import ddpm_train_step
 
     def out_of_gpu_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(ddpm_train.TrainingStep, "__call__", out_of_gpu_memory)
+    monkeypatch.setattr(ddpm_train_step.TrainingStep, "__call__", out_of_gpu_memory)
     result = run_main("--data_dir", tiny_data, "--epochs", "1", "--run_name", "oom", *TINY_MODEL, cwd=tmp_path)
     assert one_line_error(result, code=1) == ("ddpm_main.py: error: out of GPU memory while training on batches of "
                                               "8: lower --batch_size (--grad_accum K keeps K × --batch_size images a "

@@ -23,7 +23,8 @@ import ddpm_fid
 from conftest import ROOT, TINY_MODEL, make_image_folder, run_main
 from ddpm_download import RemoteFile, cache_folder, fetched, file_digest
 from ddpm_fid import INCEPTION, IS_SPLITS, InceptionFeatures, frechet_distance, inception_score
-from ddpm_helpers import UserError, format_bytes
+from ddpm_helpers import UserError
+from ddpm_runtime import format_bytes
 
 SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 SHARED_WEIGHTS = os.path.join(SHARED, "fid", "inception-2015-12-05-torch-fidelity-fp16w.pth")

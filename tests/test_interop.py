@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 import ddpm_interop
 from conftest import run_main
 from ddpm_checkpoint import load_checkpoint, load_sampling_model
+from ddpm_config import preset_network
 from ddpm_diffusion import Diffusion, SamplerSettings, make_schedule
 from ddpm_download import RemoteFile
 from ddpm_interop import import_weights, read_foreign
 from ddpm_model import DDPMUNet, UNetConfig, build_unet
-from ddpm_presets import preset_network
 
 # google/ddpm-cifar10-32's config.json (the Hugging Face hub), the paper's 35.7M-parameter network
 GOOGLE_CONFIG = {"act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
@@ -160,8 +160,8 @@ def test_import_then_export_round_trips_through_the_cli(small_folder, tmp_path):
     ckpt, net = load_sampling_model(str(ckpt_path))
     config = ckpt["config"]
     assert config["sampling"]["sampler"] == "ddpm" and config["sampling"]["variance"] == "beta"
-    assert config["norm_eps"] == 1e-6 and config["timesteps"] == 1000 and config["dataset"] == "cifar10"
-    assert json.loads((tmp_path / "models" / "small" / "config.json").read_text())["groups"] == 8
+    assert config["model"]["norm_eps"] == 1e-6 and config["timesteps"] == 1000 and config["dataset"] == "cifar10"
+    assert json.loads((tmp_path / "models" / "small" / "config.json").read_text())["model"]["groups"] == 8
     assert ckpt["imported_from"]["sha256"] == hashlib.sha256(
         (folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     result = run_main("--model_path", ckpt_path, "--export_diffusers", "exported", cwd=tmp_path)

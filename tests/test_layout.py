@@ -1,5 +1,6 @@
 """The layout: ddpm_main.py is the top of the house. No module imports it (bench/ times the modules, never the CLI),
-the modules import each other without a cycle, and only ddpm_main.py takes the command line's `args`."""
+the modules import each other without a cycle, and only ddpm_main.py, ddpm_config.py (where every setting is declared)
+and ddpm_flags.py (the parser derived from it) take the command line's `args`."""
 import ast
 import glob
 import os
@@ -25,8 +26,8 @@ def project_modules():
 
 
 def test_no_module_but_the_runners_imports_the_cli():
-    """bench/bench.py times ddpm_train's step and ddpm_diffusion's sampler, not ddpm_main; only the scripts that run
-    the CLI (speedrun, gpu_check by subprocess) reach it."""
+    """bench/bench.py times ddpm_train_step's step and ddpm_diffusion's sampler, not ddpm_main; only the scripts that
+    run the CLI (speedrun, gpu_check by subprocess) reach it."""
     importers = [os.path.basename(path) for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))
                                                            + glob.glob(os.path.join(ROOT, "bench", "*.py")))
                  if not path.endswith("ddpm_main.py") and "ddpm_main" in imported_modules(parsed(path))]
@@ -47,10 +48,11 @@ def test_the_modules_import_each_other_without_a_cycle():
 
 
 def test_only_the_cli_takes_the_command_lines_args():
-    """No function outside ddpm_main.py has a parameter named args, and none imports argparse: the run, sampling and
-    the lower modules take a config and options."""
+    """No function outside ddpm_main.py, ddpm_config.py and ddpm_flags.py (the settings' declarations and the parser
+    made from them) has a parameter named args, and none imports argparse: the run, sampling and the lower modules
+    take a config and options."""
     for path in sorted(glob.glob(os.path.join(ROOT, "ddpm_*.py"))):
-        if path.endswith("ddpm_main.py"):
+        if path.endswith(("ddpm_main.py", "ddpm_config.py", "ddpm_flags.py")):
             continue
         tree = parsed(path)
         assert "argparse" not in imported_modules(tree), path

@@ -5,9 +5,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+import ddpm_flags
 import ddpm_main
 from conftest import run_main
-from ddpm_checkpoint import build_diffusion, load_checkpoint
+from ddpm_checkpoint import load_checkpoint
+from ddpm_config import build_diffusion
 from ddpm_diffusion import guidance_sweep
 from ddpm_model import UNet, UNetConfig
 
@@ -23,13 +25,13 @@ def test_forward_process_strip_and_loss_curves(trained):
 
 def test_guidance_sweep_rows_share_noise(trained, monkeypatch):
     monkeypatch.chdir(trained)
-    args = ddpm_main.build_parser().parse_args(
+    args = ddpm_flags.build_parser().parse_args(
         ["--inference", "--model_path", "models/cond/ckpt.pt", "--guidance_sweep", "0,1,1,4", "--no_cuda"])
     ckpt = load_checkpoint(args.model_path)
     model = UNet(UNetConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt["ema"])
     diffusion = build_diffusion(ckpt["config"], torch.device("cpu"))
-    settings = ddpm_main.sampler_settings(args, None, diffusion.timesteps)
+    settings = ddpm_flags.sampler_settings(args, None, diffusion.timesteps)
     images = guidance_sweep(diffusion, model, settings, args.guidance_sweep, [3, 5, 8], image_size=16, channels=3,
                             seed=args.seed)
     rows = images.view(4, 3, *images.shape[1:])
@@ -64,7 +66,7 @@ def test_same_seed_same_samples_on_cpu(trained, monkeypatch, capsys):
 
 
 def test_individual_pngs_replace_an_earlier_larger_batch(tmp_path):
-    from ddpm_helpers import save_individual_pngs
+    from ddpm_pictures import save_individual_pngs
     (tmp_path / "notes.txt").write_text("kept")
     save_individual_pngs(torch.zeros(3, 3, 4, 4), str(tmp_path))
     save_individual_pngs(torch.zeros(2, 3, 4, 4), str(tmp_path), torch.tensor([0, 1]), ["cat", "dog"])

@@ -10,13 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ddpm_flags
 import ddpm_main
 from conftest import ROOT, run_main
-from ddpm_checkpoint import (export_for_inference, load_checkpoint, load_sampling_model, parameter_count,
-                             training_config)
+from ddpm_checkpoint import export_for_inference, load_checkpoint, load_sampling_model
+from ddpm_config import preset_flags, preset_network, training_config
 from ddpm_data import CIFAR10_CLASSES
+from ddpm_flags import flags_markdown
 from ddpm_model import Attention, DDPMUNet, ResnetBlock, StridedConvDownsample, UNet, UNetConfig, build_unet
-from ddpm_presets import PRESETS, preset_flags, preset_network
+from ddpm_presets import PRESETS
+from ddpm_runtime import parameter_count
 
 CIFAR10 = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels": 3, "data_size": [32, 32], "num_train": 45000,
            "num_val": 5000, "num_test": 10000}
@@ -27,8 +30,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))  # the speedrun's and the recipe
 
 def config_of(argv):
     """The training config a command line resolves to on CIFAR-10 (the data's facts given, nothing read)."""
-    args = ddpm_main.parse_command_line(ddpm_main.build_parser(), argv)
-    sampling = ddpm_main.sampler_settings(args, None, args.timesteps)
+    args = ddpm_flags.parse_command_line(ddpm_flags.build_parser(), argv)
+    sampling = ddpm_flags.sampler_settings(args, None, args.timesteps)
     return training_config({**vars(args), "world_size": 1, "sampling": sampling}, CIFAR10)
 
 
@@ -53,24 +56,25 @@ def test_the_paper_preset_is_the_papers_network_and_recipe():
         == PAPER_PARAMETERS  # a lower bound for conditional networks: the class embedding left out
 
 
-def test_flags_given_beside_a_preset_override_it_and_help_lists_every_preset(capsys):
+def test_flags_given_beside_a_preset_override_it_and_help_and_docs_list_every_preset(capsys):
     config = config_of(["--preset", "ddpm_cifar10", "--lr", "1e-4", "--dropout", "0", "--dim", "64"])
     assert (config["lr"], config["model"]["dropout"], config["model"]["dim"]) == (1e-4, 0.0, 64)
     assert config["model"]["architecture"] == "ddpm" and config["warmup_steps"] == 5000
     with pytest.raises(SystemExit):
         ddpm_main.main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    assert f"--preset {{{','.join(PRESETS)}}}" in capsys.readouterr().out
+    docs = flags_markdown()  # docs/flags.md, which tests/test_config.py keeps equal to it
     for name, (what, flags) in PRESETS.items():
-        assert f"{name}: {what}: {preset_flags(name)}" in text
-    assert "--dim_mults 1,2,2,2" in text and "--lr 0.0002" in text
+        assert f"**{name}**: {what}. `{preset_flags(name)}`" in docs
+    assert "--dim_mults 1,2,2,2" in docs and "--lr 0.0002" in docs
 
 
 def test_the_speedrun_preset_is_bench_speedruns_recipe():
     import speedrun
     assert speedrun.TRAIN_ARGS == ["--preset", "speedrun"]
     config = config_of(speedrun.TRAIN_ARGS)
-    assert (config["dim"], config["dim_mults"], config["batch_size"], config["lr"], config["ema_decay"]) == \
-        (48, [1, 2, 2], 500, 2e-3, 0.9995)
+    assert (config["model"]["dim"], config["model"]["dim_mults"], config["batch_size"], config["lr"],
+            config["ema_decay"]) == (48, [1, 2, 2], 500, 2e-3, 0.9995)
     assert config["model"]["architecture"] == "compact"
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-import ddpm_main
+import ddpm_flags
 from conftest import TINY_MODEL, run_main
 from ddpm_checkpoint import export_for_inference, load_checkpoint
-from ddpm_train import learning_rate, update_ema
+from ddpm_train_step import learning_rate, update_ema
 
 
 def test_ema_update_is_a_lerp():
@@ -61,7 +61,8 @@ def test_a_budget_spent_by_the_set_up_still_trains_a_step_and_finishes_cleanly(t
 
 
 def test_learning_rate_warmup_and_cosine_decay():
-    flags = vars(ddpm_main.build_parser().parse_args(["--lr", "0.01", "--warmup_steps", "10", "--lr_decay", "cosine"]))
+    flags = vars(ddpm_flags.build_parser().parse_args(["--lr", "0.01", "--warmup_steps", "10", "--lr_decay",
+                                                         "cosine"]))
     assert learning_rate(flags, 0, 0.0) == pytest.approx(0.001)
     assert learning_rate(flags, 9, 0.0) == pytest.approx(0.01)
     assert learning_rate(flags, 500, 0.5) == pytest.approx(0.005)

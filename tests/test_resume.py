@@ -12,7 +12,7 @@ import torch
 
 import ddpm_main
 from conftest import MAIN, TINY_MODEL, make_image_folder
-from ddpm_checkpoint import ADJUSTABLE_SETTINGS, FIXED_SETTINGS
+from ddpm_config import ADJUSTABLE_SETTINGS, FIXED_SETTINGS, saved_model_settings
 
 RUN = TINY_MODEL + ["--seed", "7", "--log_interval", "1"]
 
@@ -56,6 +56,7 @@ def test_resume_after_epoch_1_matches_uninterrupted_run(tiny_data, tmp_path, mon
     assert_same_weights(tmp_path / "models" / "full" / "last.pt", tmp_path / "models" / "part" / "last.pt")
     assert (tmp_path / "outputs" / "samples_part_epoch002.png").is_file()  # the grids continue too
     configs = [torch.load(tmp_path / "models" / n / "last.pt", weights_only=True)["config"] for n in ("full", "part")]
+    configs = [{**c, **saved_model_settings(c)} for c in configs]  # the network's settings: in its model entry
     kept = FIXED_SETTINGS + ADJUSTABLE_SETTINGS
     assert {k: configs[1][k] for k in kept} == {k: configs[0][k] for k in kept}
     config = json.loads((tmp_path / "models" / "part" / "config.json").read_text())
@@ -138,8 +139,8 @@ def test_resume_takes_adjustable_flags_and_refuses_to_change_the_model(tiny_data
              "--schedule", "linear", "--batch_size", "4", "--no_cuda")
     err = capsys.readouterr().err
     assert refused.value.code == 2 and "Traceback" not in err
-    assert ("--schedule linear, --dim 16, --batch_size 4 differ from the run being resumed (schedule cosine, dim 8, "
-            "batch_size 8)") in err
+    assert ("--batch_size 4, --schedule linear, --dim 16 differ from the run being resumed (batch_size 8, "
+            "schedule cosine, dim 8)") in err  # in the order ddpm_config declares them
     assert last.read_bytes() == before
     used_before = torch.load(last, weights_only=True)["timing"]["wall_s"] / 60
     main("--resume", "auto", "--run_name", "r", "--epochs", "2", "--lr", "0.001", "--dim", "8", "--no_cuda")

@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from conftest import ROOT, run_cli
-from ddpm_checkpoint import build_diffusion, load_checkpoint
+from ddpm_checkpoint import load_checkpoint
+from ddpm_config import build_diffusion
 from ddpm_model import UNet, UNetConfig
 
 SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import ddpm_main
-import ddpm_run
 import ddpm_train
+import ddpm_train_step
 from conftest import TINY_MODEL
 from ddpm_diffusion import SamplerSettings
-from ddpm_run import end_of_run_seconds, grid_settings
-from ddpm_train import TrainingClock
+from ddpm_train import end_of_run_seconds
+from ddpm_train_setup import grid_settings
+from ddpm_train_step import TrainingClock
 
 RUN = [*TINY_MODEL, "--seed", "5", "--log_interval", "1"]
 
@@ -34,7 +35,7 @@ class HandClock:
 @pytest.fixture
 def hand_clock(monkeypatch):
     clock = HandClock()
-    monkeypatch.setattr(ddpm_train.time, "perf_counter", clock)
+    monkeypatch.setattr(ddpm_train_step.time, "perf_counter", clock)
     return clock
 
 
@@ -68,16 +69,16 @@ def test_the_clock_counts_the_whole_run_and_keeps_back_the_end_of_run_work(hand_
 
 
 def test_last_pt_is_due_checkpoint_minutes_after_the_last_one(hand_clock, monkeypatch):
-    monkeypatch.setattr(ddpm_run, "end_of_run_seconds", lambda run, clock: 0.0)
+    monkeypatch.setattr(ddpm_train, "end_of_run_seconds", lambda run, clock: 0.0)
     run = types.SimpleNamespace(signals=types.SimpleNamespace(received=None), world_size=1,
                                 options=types.SimpleNamespace(checkpoint_minutes=0.5), last_save_time=hand_clock.now)
     clock = TrainingClock(dict.fromkeys(("train_s", "wall_s"), 0.0), None, False)
     hand_clock.now += 29.9
-    assert ddpm_run.agree_on_stop_and_checkpoint(run, clock) == (False, False)
+    assert ddpm_train.agree_on_stop_and_checkpoint(run, clock) == (False, False)
     hand_clock.now += 0.1
-    assert ddpm_run.agree_on_stop_and_checkpoint(run, clock) == (False, True)
+    assert ddpm_train.agree_on_stop_and_checkpoint(run, clock) == (False, True)
     run.signals.received = "SIGTERM"
-    assert ddpm_run.agree_on_stop_and_checkpoint(run, clock) == (True, True)
+    assert ddpm_train.agree_on_stop_and_checkpoint(run, clock) == (True, True)
 
 
 def test_an_older_checkpoint_without_wall_time_counts_its_parts(hand_clock):
@@ -118,7 +119,7 @@ def test_the_budget_stops_training_for_the_end_of_run_work_and_a_resume_asks_for
     saying how to give more; with more, the run goes on from the batch it stopped at."""
     monkeypatch.chdir(tmp_path)
     reserve = {"s": 30 * 60}
-    monkeypatch.setattr(ddpm_run, "end_of_run_seconds", lambda run, clock: reserve["s"])
+    monkeypatch.setattr(ddpm_train, "end_of_run_seconds", lambda run, clock: reserve["s"])
     argv = ["--data_dir", tiny_data, "--epochs", "3", "--time_budget_min", "30", "--run_name", "b", "--sampler", "ddpm",
             *RUN]
     assert exit_status(*argv) == 0
@@ -152,13 +153,13 @@ def test_a_checkpoint_exists_before_the_end_of_run_work(tiny_data, tmp_path, mon
     """last.pt of the last step is on disk when the grid, the first of the end-of-run work that takes long (the grid,
     ckpt.pt, FID, the bound), begins: only the losses, which must be finite for it to be written, come before."""
     monkeypatch.chdir(tmp_path)
-    last, seen, write_epoch_grid = tmp_path / "models" / "c" / "last.pt", [], ddpm_run.write_epoch_grid
+    last, seen, write_epoch_grid = tmp_path / "models" / "c" / "last.pt", [], ddpm_train.write_epoch_grid
 
     def look_first(run, state, clock, epoch):
         seen.append(last.is_file() and torch.load(last, weights_only=True)["step"] == state.step == 4)
         write_epoch_grid(run, state, clock, epoch)
 
-    monkeypatch.setattr(ddpm_run, "write_epoch_grid", look_first)
+    monkeypatch.setattr(ddpm_train, "write_epoch_grid", look_first)
     assert exit_status("--data_dir", tiny_data, "--epochs", "1", "--run_name", "c", "--quiet", *RUN) == 0
     assert seen == [True]
 
@@ -181,8 +182,8 @@ def signal_inside(monkeypatch, module, name, signum=signal.SIGTERM):
 def test_a_signal_during_the_end_of_run_work_stops_at_once_with_last_pt(where, tiny_data, tmp_path, monkeypatch,
                                                                         capsys, fake_inception):
     monkeypatch.chdir(tmp_path)
-    module, name = {"the epoch's losses": (ddpm_run, "evaluate_loss"), "the grid": (ddpm_run, "write_epoch_grid"),
-                    "FID": (ddpm_run, "measure_fid_and_is")}[where]
+    module, name = {"the epoch's losses": (ddpm_train, "evaluate_loss"), "the grid": (ddpm_train, "write_epoch_grid"),
+                    "FID": (ddpm_train, "measure_fid_and_is")}[where]
     went_on = signal_inside(monkeypatch, module, name)
     fid = ["--eval_fid", "10", "--fid_inception", fake_inception] if where == "FID" else []
     assert exit_status("--data_dir", tiny_data, "--epochs", "1", "--run_name", "s", *RUN, *fid) == 130
@@ -197,10 +198,10 @@ def test_a_signal_during_an_evaluation_resumes_as_the_uninterrupted_run(tiny_dat
     once, and the two runs' histories and weights are the same."""
     monkeypatch.chdir(tmp_path)
     argv = ["--data_dir", tiny_data, "--epochs", "2", "--quiet", *RUN]
-    write_epoch_grid = ddpm_run.write_epoch_grid
-    signal_inside(monkeypatch, ddpm_run, "write_epoch_grid", signal.SIGINT)
+    write_epoch_grid = ddpm_train.write_epoch_grid
+    signal_inside(monkeypatch, ddpm_train, "write_epoch_grid", signal.SIGINT)
     assert exit_status(*argv, "--run_name", "i") == 130
-    monkeypatch.setattr(ddpm_run, "write_epoch_grid", write_epoch_grid)
+    monkeypatch.setattr(ddpm_train, "write_epoch_grid", write_epoch_grid)
     assert exit_status("--resume", "auto", "--run_name", "i", "--no_cuda", "--quiet") == 0
     assert exit_status(*argv, "--run_name", "ref") == 0
     histories = [json.loads((tmp_path / "outputs" / f"loss_history_{n}.json").read_text()) for n in ("i", "ref")]
