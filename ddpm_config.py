@@ -14,8 +14,19 @@ import math
 from dataclasses import dataclass
 
 from ddpm_data import CIFAR10_CLASSES, DATASETS, DEFAULT_DATA_DIR, model_side
-from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS_TYPES, PREDICTIONS, SAMPLERS,
-                            SCHEDULES, SPACINGS, VARIANCES, Diffusion, SamplerSettings, make_schedule)
+from ddpm_diffusion import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_SAMPLING_STEPS,
+    LOSS_TYPES,
+    PREDICTIONS,
+    SAMPLERS,
+    SCHEDULES,
+    SPACINGS,
+    VARIANCES,
+    Diffusion,
+    SamplerSettings,
+    make_schedule,
+)
 from ddpm_fid import INCEPTION, IS_SPLITS, REFERENCE_SPLITS
 from ddpm_helpers import UserError
 from ddpm_interop import PUBLISHED
@@ -65,6 +76,11 @@ class Range:
         if self.words or self.high is not None:
             return self.phrase()
         return f"{'>' if self.open_low else '≥'} {self.low:g}"
+
+
+def flag_text(value):
+    """A setting's value as it is written on the command line (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def int_list(text):
@@ -216,25 +232,28 @@ SETTINGS = (
     S("min_snr_gamma", "diffusion", "Min-SNR-γ loss weighting, e.g. 5 (default: uniform)", None, float,
       check=POSITIVE, stored=FIXED, optional=True, metavar="γ", more="Hang et al. 2023."),
     # network
-    S("architecture", "network", "compact (this tool's) or ddpm (Ho et al.'s)", "compact", choices=tuple(ARCHITECTURES),
+    S("architecture", "network", "compact (this tool's) or ddpm (Ho et al.'s)", UNetConfig.architecture,
+      choices=tuple(ARCHITECTURES),
       stored=FIXED,
       more="compact: channels change in the resampling convolutions, one attention per stage. ddpm: channels change "
            "in a stage's first block, attention after every block, one block more per up-stage, 3 × 3 strided "
            "down-sampling."),
-    S("dim", "network", "base channels, a multiple of --groups", 32, int, check=AT_LEAST_ONE, stored=FIXED,
-      metavar="C"),
-    S("dim_mults", "network", "channel multipliers, one per stage", "1,2,4", int_list, check=AT_LEAST_ONE,
-      stored=FIXED, metavar="M,...",
+    S("dim", "network", "base channels, a multiple of --groups", UNetConfig.dim, int, check=AT_LEAST_ONE,
+      stored=FIXED, metavar="C"),
+    S("dim_mults", "network", "channel multipliers, one per stage", flag_text(list(UNetConfig.dim_mults)), int_list,
+      check=AT_LEAST_ONE, stored=FIXED, metavar="M,...",
       more="Each stage after the first halves the image, which is padded when its sides do not halve that often "
            "(docs/datasets.md)."),
-    S("num_res_blocks", "network", "ResNet blocks per stage (ddpm: +1 going up)", 2, int, check=AT_LEAST_ONE,
-      stored=FIXED, metavar="N"),
+    S("num_res_blocks", "network", "ResNet blocks per stage (ddpm: +1 going up)", UNetConfig.num_res_blocks, int,
+      check=AT_LEAST_ONE, stored=FIXED, metavar="N"),
     S("attn_resolutions", "network", "image sides with self-attention, e.g. 16", None, int_list, check=AT_LEAST_ONE,
       stored=FIXED, optional=True, metavar="SIDE,...",
       more="Default: every stage after the first; a side no stage has is refused."),
-    S("dropout", "network", "dropout in each ResNet block", 0.0, float, check=Range(0, 1, open_high=True),
-      stored=FIXED, metavar="P", more="Before the block's second convolution (the paper: 0.1)."),
-    S("resblock", "network", "how the time embedding enters a block", "film", choices=RESBLOCKS, stored=FIXED,
+    S("dropout", "network", "dropout in each ResNet block", UNetConfig.dropout, float,
+      check=Range(0, 1, open_high=True), stored=FIXED, metavar="P",
+      more="Before the block's second convolution (the paper: 0.1)."),
+    S("resblock", "network", "how the time embedding enters a block", UNetConfig.resblock, choices=RESBLOCKS,
+      stored=FIXED,
       more="film: a scale and shift after the block's second GroupNorm; add: added after its first convolution "
            "(Ho et al.)."),
     S("groups", "network", "GroupNorm groups", UNetConfig.groups, int, check=AT_LEAST_ONE, stored=FIXED,
@@ -462,11 +481,6 @@ def check_fixed_settings(saved_config, flags, given):
                         "change mid-run: drop them, or start a new run under another --run_name")
 
 
-def flag_text(value):
-    """A setting's value as it is written on the command line (lists comma-separated)."""
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
 def trained_data(config):
     """The data facts (ddpm_data.data_facts) of what a config's model was trained on. Checkpoints from before they
     were stored held square colour images: CIFAR-10 when the class names are CIFAR-10's, else a folder."""
@@ -509,15 +523,16 @@ CIFAR10_TRAINED = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels":
                    "num_train": 50_000, "num_val": 0, "num_test": 10_000}  # what Ho et al. trained on: all 50,000
 
 
-def imported_config(args, imported, settings):
+def imported_config(flags, imported, settings):
     """The config of an imported network: --preset ddpm_cifar10's recipe (what the paper trained it with) over the
-    flags' defaults, the network and diffusion the file holds, CIFAR-10's data, and the sampling settings."""
+    command line's values `flags` (by config key), the network and diffusion the file holds, CIFAR-10's data, and the
+    sampling settings."""
     recipe = {key: value for key, value in PRESETS["ddpm_cifar10"][1].items() if key in COMMAND_LINE_SETTINGS}
-    flags = {**{key: getattr(args, key) for key in COMMAND_LINE_SETTINGS}, **recipe,
-             **{key: flag_value(getattr(imported.network, key)) for key in MODEL_SETTINGS},
-             "timesteps": imported.timesteps, "schedule": imported.schedule, "prediction": imported.prediction,
-             "conditional": False, "data_dir": args.data_dir or DEFAULT_DATA_DIR, "sampling": settings}
-    return training_config(flags, CIFAR10_TRAINED)
+    chosen = {**{key: flags[key] for key in COMMAND_LINE_SETTINGS}, **recipe,
+              **{key: flag_value(getattr(imported.network, key)) for key in MODEL_SETTINGS},
+              "timesteps": imported.timesteps, "schedule": imported.schedule, "prediction": imported.prediction,
+              "conditional": False, "data_dir": flags["data_dir"] or DEFAULT_DATA_DIR, "sampling": settings}
+    return training_config(chosen, CIFAR10_TRAINED)
 
 
 # ------------------------------------------------------------- what a checkpoint's config must hold

@@ -204,7 +204,8 @@ def load_dataset(data_dir, dataset=None):
         raise UserError(f"--data_dir {data_dir!r} is a file, not a folder")
     if dataset is None and data_dir != DEFAULT_DATA_DIR and not os.path.exists(data_dir):
         raise UserError(f"--data_dir {data_dir!r} does not exist: give an image-folder dataset "
-                        "(train/<class>/*.png|jpg and test/<class>/*.png|jpg), or name --dataset to download one into it")
+                        "(train/<class>/*.png|jpg and test/<class>/*.png|jpg), or name --dataset to download one "
+                        "into it")
     dataset = resolve_dataset(dataset, data_dir)
     if dataset != "folder":
         return {**_load_torchvision(dataset, data_dir), "dataset": dataset}

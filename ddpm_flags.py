@@ -11,6 +11,19 @@ from ddpm_helpers import UserError
 from ddpm_presets import PRESETS
 
 
+class Command(argparse.Namespace):
+    """The command line once read (ddpm_main.main: parsed, checked, synonyms resolved, torchrun's rank added): the
+    flags' values by name, never changed afterwards; what a job works out from them (a run's name, say) it keeps
+    itself."""
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the command line is read once: --{name} cannot change")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, the message and a pointer to --help (no usage block); exit status 2."""
 

@@ -21,7 +21,8 @@ from ddpm_config import (COMMAND_LINE_SETTINGS, check_fixed_settings, imported_c
 from ddpm_data import DEFAULT_DATA_DIR, check_stage_count, image_size_of, model_side, require_image_folder
 from ddpm_diffusion import SamplerSettings
 from ddpm_fid import InceptionFeatures, ref_statistics_file
-from ddpm_flags import build_parser, check_numbers, flags_given, parse_command_line, resolve_synonyms, sampler_settings
+from ddpm_flags import (Command, build_parser, check_numbers, flags_given, parse_command_line, resolve_synonyms,
+                        sampler_settings)
 from ddpm_helpers import (STOPPING_ERRORS, NonFiniteError, RunFiles, TrainingError, UserError, WriteError,
                           check_run_name, check_writable_folder, exit_status, failure_text, require_finite,
                           sanitized_run_name, stderr_is_terminal, write_folder, write_json)
@@ -147,9 +148,9 @@ def job_of(args):
 
 # ------------------------------------------------------------------- shared by training and inference
 
-def run_files(args):
+def run_files(args, run_name):
     """Where this command's files go: RunFiles of --models_dir, --save_dir and the (checked) run name."""
-    return RunFiles(args.models_dir, args.save_dir, args.run_name)
+    return RunFiles(args.models_dir, args.save_dir, run_name)
 
 
 def pick_device(args):
@@ -164,8 +165,9 @@ def train(args):
     """Train: set up the run, start or resume it, train epoch after epoch until --epochs, a signal (saved; exit
     130) or the time budget stops it (ddpm_train.train_epochs), then finish: the final checkpoint, metrics and FID. NaN
     or infinity stops it (exit 1) before anything is written from them."""
-    saved = resumed_checkpoint(args)
-    run = set_up_run(command_line_settings(args, saved), args.given, training_options(args), saved)
+    saved, run_name, resume = resumed_checkpoint(args)
+    settings = {**command_line_settings(args, saved), "run_name": run_name}
+    run = set_up_run(settings, args.given, training_options(args, run_name, resume), saved)
     with run.report:
         state = start_or_resume(run, saved)
         with SignalFlag(immediate=run.world_size == 1) as run.signals:
@@ -181,20 +183,19 @@ def train(args):
 
 
 def resumed_checkpoint(args):
-    """The checkpoint --resume names (None for a new run), once the command line is checked against it; fills in
-    --run_name (the checkpoint's when --resume names a path)."""
+    """(the checkpoint --resume names, the run's name, the last.pt's path) once the command line is checked against
+    it; (None, the run's name, None) for a new run. The name is --run_name, else the checkpoint's when --resume names a
+    path, else DDPM."""
     if not args.resume:
-        args.run_name = args.run_name or "DDPM"
-        return None
+        return None, args.run_name or "DDPM", None
     path, saved = load_resumable(args.resume, args.models_dir, args.run_name or "DDPM")
-    args.run_name = args.run_name or stored_run_name(saved["config"], path)
+    run_name = args.run_name or stored_run_name(saved["config"], path)
     config = saved["config"]
     check_run_memory(pick_device(args), args.sample_batch, UNetConfig.from_dict(config["model"]), config["timesteps"],
                      config["image_size"], max(GRID_UNCONDITIONAL, args.eval_fid), training=True, guided=False)
     check_fixed_settings(config, vars(args), args.given)
     check_budget_left(saved, args)
-    args.resume = path
-    return saved
+    return saved, run_name, path
 
 
 def check_budget_left(saved, args):
@@ -220,11 +221,12 @@ def command_line_settings(args, saved):
     return {**{key: getattr(args, key) for key in COMMAND_LINE_SETTINGS}, "sampling": sampling}
 
 
-def training_options(args):
-    """How the run goes about its training (ddpm_train.TrainingOptions): its files, device and command line, and the
-    flags of the options' names."""
-    named = {field.name for field in dataclasses.fields(TrainingOptions)} - {"files", "device", "command_line"}
-    return TrainingOptions(run_files(args), pick_device(args), tuple(args.argv),
+def training_options(args, run_name, resume):
+    """How the run goes about its training (ddpm_train_setup.TrainingOptions): its files, device and command line, the
+    last.pt it resumes (None: none), and the flags of the options' names."""
+    named = {field.name for field in dataclasses.fields(TrainingOptions)} - {"files", "device", "command_line",
+                                                                             "resume"}
+    return TrainingOptions(run_files(args, run_name), pick_device(args), tuple(args.argv), resume=resume,
                            **{name: getattr(args, name) for name in named})
 
 
@@ -236,26 +238,26 @@ def inference(args):
     device = pick_device(args)
     ckpt, model = load_sampling_model(args.model_path)
     config = ckpt["config"]
-    args.run_name = args.run_name or inference_run_name(args.model_path, config)
-    files, verbose = run_files(args), not args.quiet
+    run_name = args.run_name or inference_run_name(args.model_path, config)
+    files, verbose = run_files(args, run_name), not args.quiet
     settings = sampler_settings(args, saved_sampler_settings(config), config["timesteps"])
-    check_against_model(args, config, settings)
-    args.nll_variance = args.nll_variance or settings.variance  # the bound's σ_t²: the sampler's unless given
-    job = (("computing the bound", f"all {config['timesteps']} steps of p_θ, σ_t² {args.nll_variance}") if args.eval_nll
+    asked_classes = check_against_model(args, config, settings)
+    nll_variance = args.nll_variance or settings.variance  # the bound's σ_t²: the sampler's unless given
+    job = (("computing the bound", f"all {config['timesteps']} steps of p_θ, σ_t² {nll_variance}") if args.eval_nll
            else ("sampling", settings.describe(guided=args.conditional)))
     sampler = prepare_sampler(model, config, settings, device, args.precision, args.compile, args.sample_batch, verbose,
                               job)
     torch.manual_seed(args.seed)
     if args.guidance_sweep:
-        return write_guidance_sweep(sampler, args.guidance_sweep, args.sample_classes, args.seed, files, verbose)
-    classes = (args.sample_classes or list(range(config["num_classes"]))) if args.conditional else None
+        return write_guidance_sweep(sampler, args.guidance_sweep, asked_classes, args.seed, files, verbose)
+    classes = (asked_classes or list(range(config["num_classes"]))) if args.conditional else None
     if args.denoising_strip:
         rows = args.num_samples if "num_samples" in args.given else STRIP_ROWS
         return write_denoising_strip(sampler, rows, classes, args.seed, files, verbose)
     if args.eval_nll:
         images, labels = nll_test_images(config, args.data_dir or config["data_dir"], args.dataset, args.eval_nll,
                                          args.conditional)
-        return measure_nll(sampler, images, labels, args.nll_variance, args.seed, files, verbose)
+        return measure_nll(sampler, images, labels, nll_variance, args.seed, files, verbose)
     start = time.perf_counter()
     if args.eval_fid:  # the reference first: one of another dataset stops before anything is written
         features, reference = inference_fid_reference(args, config, device)
@@ -274,14 +276,15 @@ def inference(args):
         os.makedirs(files.save_dir, exist_ok=True)
         measured = measure_fid_and_is(sampler, args.eval_fid, args.seed, features, reference,
                                       files.output("fid_samples"), verbose)
-        write_json({"run_name": args.run_name, "model_path": args.model_path, **measured,
+        write_json({"run_name": run_name, "model_path": args.model_path, **measured,
                     "conditional": args.conditional, "fid_s": reference_s + time.perf_counter() - start,
                     "device": str(device), "precision": sampler.denoiser.precision}, files.output("metrics"))
 
 
 def check_against_model(args, config, settings):
     """Inference flags that the checkpoint's config can contradict, and what they ask of memory for this model sampled
-    with these settings (exit status 2, nothing written)."""
+    with these settings (exit status 2, nothing written); returns --sample_classes as the model's class indices (None
+    when not given)."""
     kept = len(args.guidance_sweep) * MAX_CLASS_ROWS if args.guidance_sweep else \
         (args.num_samples or whole_rows(config["classes"] if args.conditional else None)) + args.eval_fid
     check_run_memory(pick_device(args), args.sample_batch, UNetConfig.from_dict(config["model"]), config["timesteps"],
@@ -293,13 +296,13 @@ def check_against_model(args, config, settings):
                         "drop --conditional or use a checkpoint trained with --conditional")
     if args.guidance_sweep and num_classes is None:
         raise UserError(f"--guidance_sweep needs a conditional model; {args.model_path!r} is unconditional")
-    if args.sample_classes:  # now with a conditional model (check_flag_combinations)
-        args.sample_classes = class_indices(args.sample_classes, config["classes"])
+    asked = class_indices(args.sample_classes, config["classes"]) if args.sample_classes else None  # a conditional
     if num_classes is not None and not args.conditional:
         print("note: conditional checkpoint without --conditional: the bound of its unconditional model (null label); "
               "add --conditional for the bound given each image's class" if args.eval_nll else
               "note: conditional checkpoint sampled without --conditional: drawing unconditional samples "
               "(null label); add --conditional for class-guided samples", file=sys.stderr)
+    return asked
 
 
 def inference_fid_reference(args, config, device):
@@ -324,15 +327,15 @@ def import_job(args):
     path = foreign_weights_path(args.import_weights, verbose)
     foreign = read_foreign(path)
     imported = import_weights(foreign)
-    args.run_name = args.run_name or sanitized_run_name(
+    run_name = args.run_name or sanitized_run_name(
         args.import_weights if args.import_weights in PUBLISHED else
         os.path.splitext(os.path.basename(os.path.normpath(path)))[0], fallback="imported")
-    files = run_files(args)
+    files = run_files(args, run_name)
     target = files.checkpoint("ckpt.pt")
     if os.path.exists(target):
         raise UserError(f"{target} exists: give another --run_name (or remove that run first)")
     settings = sampler_settings(args, SamplerSettings("ddpm", variance=imported.variance), imported.timesteps)
-    config = imported_config(args, imported, settings)
+    config = imported_config({**vars(args), "run_name": run_name}, imported, settings)
     os.makedirs(files.ckpt_dir, exist_ok=True)
     save_checkpoint(imported_checkpoint(config, imported.weights, foreign.source), target)
     write_config_json(config, files.checkpoint("config.json"))
@@ -371,9 +374,10 @@ def main(argv=None):
     args.started = started
     args.given = flags_given(parser, args, args.argv)
     args.job = job_of(args)
-    check_args(args, parser)
-    args.rank, args.world_size, args.local_rank = init_distributed(torch.cuda.is_available() and not args.no_cuda) \
+    check_args(args, parser)  # the last change: synonyms resolved, class lists parsed
+    rank, world_size, local_rank = init_distributed(torch.cuda.is_available() and not args.no_cuda) \
         if args.job == "train" else (0, 1, 0)
+    args = Command(**vars(args), rank=rank, world_size=world_size, local_rank=local_rank)  # read once: frozen now
     try:
         with memory_guard("training" if args.job == "train" else args.job,
                           "lower --sample_batch, --batch_size or --dim"):

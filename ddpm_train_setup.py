@@ -31,31 +31,32 @@ CPU_GRID_STEPS = 50       # on a CPU, a grid whose sampler takes more steps (ddp
 @dataclass(frozen=True)
 class TrainingOptions:
     """How a training run goes about it, beside what it trains (the config): its files and device, how often it saves,
-    evaluates and reports, how it samples and measures. ddpm_main.py fills it from the command line."""
+    evaluates and reports, how it samples and measures. ddpm_main.py fills it from the command line: each flag's
+    default and meaning are its Setting's (ddpm_config), the comments here only say what the run does with it."""
     files: RunFiles                 # where checkpoints and outputs go, under the run's (checked) name
     device: torch.device
-    command_line: tuple = ()        # the run's arguments, for the commands that resume it
-    resume: str = None              # the last.pt the run continues (None: a new run)
-    data_dir: str = None            # --data_dir (None: a resumed run's, else ./data)
-    dataset: str = None             # --dataset (None: a resumed run's, else what data_dir holds)
-    rank: int = 0                   # under torchrun, this process's rank and the number of ranks
-    world_size: int = 1
-    compile: str = "auto"           # --compile: auto, on or off
-    checkpoint_every: int = 1       # epochs between last.pt writes
-    checkpoint_minutes: float = 10  # also write last.pt after this many minutes without one
-    eval_every: int = 1             # epochs between evaluations (losses, grid, plot)
-    log_interval: int = 100         # steps between loss read-outs
-    save_model: bool = False        # also write ckpt.pt at the end
-    sample_batch: int = 1000        # images per sampling batch (grids, FID)
-    started: float = None           # time.perf_counter() when the command started: the budget's wall clock
-    eval_fid: int = 0               # FID and IS of this many samples at the end (0: none)
-    fid_inception: str = None       # the Inception weights file (--fid_inception; None: fetched)
-    fid_ref: str = "train"          # the split whose statistics FID compares with (--fid_ref)
-    fid_ref_stats: str = None       # reference statistics (None: the --fid_ref split's)
-    eval_nll: int = 0               # the bound in bits/dim on this many test images at the end (0: none)
-    nll_variance: str = None  # σ_t² of p_θ in the bound: β̃_t ('posterior') or β_t ('beta'); None: the sampler's
-    quiet: bool = False             # no bars or per-epoch lines
-    tensorboard: str = None         # a TensorBoard log folder (None: none)
+    command_line: tuple             # the run's arguments, for the commands that resume it
+    resume: str                     # the last.pt the run continues (None: a new run)
+    data_dir: str                   # --data_dir (None: a resumed run's, else ./data)
+    dataset: str                    # --dataset (None: a resumed run's, else what data_dir holds)
+    rank: int                       # under torchrun, this process's rank and the number of ranks
+    world_size: int
+    compile: str                    # --compile: auto, on or off
+    checkpoint_every: int           # epochs between last.pt writes
+    checkpoint_minutes: float       # also write last.pt after this many minutes without one
+    eval_every: int                 # epochs between evaluations (losses, grid, plot)
+    log_interval: int               # steps between loss read-outs
+    save_model: bool                # also write ckpt.pt at the end
+    sample_batch: int               # images per sampling batch (grids, FID)
+    started: float                  # time.perf_counter() when the command started: the budget's wall clock
+    eval_fid: int                   # FID and IS of this many samples at the end (0: none)
+    fid_inception: str              # the Inception weights file (--fid_inception; None: fetched)
+    fid_ref: str                    # the split whose statistics FID compares with (--fid_ref)
+    fid_ref_stats: str              # reference statistics (None: the --fid_ref split's)
+    eval_nll: int                   # the bound in bits/dim on this many test images at the end (0: none)
+    nll_variance: str               # σ_t² of p_θ in the bound: β̃_t ('posterior') or β_t ('beta'); None: the sampler's
+    quiet: bool                     # no bars or per-epoch lines
+    tensorboard: str                # a TensorBoard log folder (None: none)
 
 
 @dataclass(eq=False)
