@@ -93,9 +93,8 @@ def check_numbers(args):
         if setting.check is None or value is None:
             continue
         if isinstance(value, list):
-            if not value or not all(map(setting.check.holds, value)):
-                raise UserError(f"--{setting.name} must each be {setting.check.phrase()}, got "
-                                f"{flag_text(value) or 'none'}")
+            if not all(map(setting.check.holds, value)):
+                raise UserError(f"--{setting.name} must each be {setting.check.phrase()}, got {flag_text(value)}")
         elif not setting.check.holds(value):
             raise UserError(f"--{setting.name} must be {setting.check.phrase()}, got {value}")
     if args.dim % args.groups:

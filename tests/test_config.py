@@ -115,4 +115,6 @@ def test_float_list_and_int_list_refuse_what_they_cannot_read():
         ddpm_config.int_list("1,x")
     with pytest.raises(argparse.ArgumentTypeError):
         ddpm_config.int_list(",")
+    with pytest.raises(argparse.ArgumentTypeError):
+        ddpm_config.float_list(",")
     assert ddpm_config.float_list("0, 1.5") == [0.0, 1.5]
