@@ -83,24 +83,21 @@ def flag_text(value):
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def int_list(text):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+def comma_list(kind, what):
+    """An argparse type: comma-separated values of `kind` (`what` names one: 'integer', 'number'), at least one."""
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}s, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {what}")
+        return values
+    return parse
 
 
-def float_list(text):
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
+int_list = comma_list(int, "integer")
+float_list = comma_list(float, "number")
 
 
 def noise_interval(text):
