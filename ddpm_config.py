@@ -130,7 +130,11 @@ class Setting:
     what: str = None          # for text: what the config holds, e.g. 'a folder'
     more: str = ""            # docs/flags.md's further words
     flag: bool = True         # False: not a flag (world_size comes from torchrun)
-    hidden: bool = False      # a synonym kept for older scripts: accepted, not in --help
+    means: tuple = None       # a synonym kept for older scripts, (flag, value) it stands for: accepted, not in --help
+
+    @property
+    def hidden(self):
+        return self.means is not None
 
     def entry_words(self):
         """What a checkpoint's config must hold for it, e.g. 'a whole number ≥ 1', 'none or one of l1, l2, huber'."""
@@ -364,8 +368,8 @@ SETTINGS = (
     S("compile", "machine", "torch.compile the U-Net: auto is on CUDA only", "auto", choices=COMPILE_CHOICES,
       more="on: the CPU too (inductor: minutes of compiling, no faster on a 2-core CPU); off: eager. A failed compile "
            "warns once and runs eager."),
-    S("no_compile", "machine", "the same as --compile off", False, bool, hidden=True),
-    S("no_bf16", "machine", "the same as --precision fp32", False, bool, hidden=True),
+    S("no_compile", "machine", "the same as --compile off", False, bool, means=("compile", "off")),
+    S("no_bf16", "machine", "the same as --precision fp32", False, bool, means=("precision", "fp32")),
     S("no_cuda", "machine", "run on the CPU even when CUDA is available", False, bool),
     S("quiet", "machine", "no progress bars or per-epoch lines", False, bool),
     S("world_size", "machine", "ranks under torchrun", 1, int, check=AT_LEAST_ONE, stored=RUN, flag=False),
@@ -374,7 +378,7 @@ del S
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 FLAGS = tuple(setting for setting in SETTINGS if setting.flag)
-SYNONYMS = {"no_compile": ("compile", "off"), "no_bf16": ("precision", "fp32")}  # old switch: (flag, value)
+SYNONYMS = {setting.name: setting.means for setting in SETTINGS if setting.means}  # old switch: (flag, value)
 
 
 def _stored(kind):
@@ -424,8 +428,8 @@ def training_config(flags, data_facts, saved_config=None, given=()):
     chosen = {key: flags[key] for key in COMMAND_LINE_SETTINGS}
     if saved_config is not None:
         kept = FIXED_SETTINGS + tuple(key for key in ADJUSTABLE_SETTINGS if key not in given)
-        chosen.update({key: saved_config.get(key, chosen[key]) for key in kept})
-        chosen.update(saved_model_settings(saved_config))
+        saved = stored_settings(saved_config)
+        chosen.update({key: saved.get(key, chosen[key]) for key in kept})
     classes = list(data_facts["classes"])
     side = model_side(data_facts["data_size"], len(chosen["dim_mults"]))
     model = UNetConfig.from_dict({**{key: chosen[key] for key in MODEL_SETTINGS}, "channels": data_facts["channels"],
@@ -458,6 +462,12 @@ def saved_model_settings(saved_config):
     return {key: flag_value(getattr(model, key)) for key in MODEL_SETTINGS}
 
 
+def stored_settings(config):
+    """A config's settings by flag name, the network's read from its model entry (where older configs also kept a
+    copy at the top level)."""
+    return {**config, **saved_model_settings(config)}
+
+
 def flag_value(value):
     """A setting as the flags hold it: tuples as lists."""
     return list(value) if isinstance(value, tuple) else value
@@ -466,7 +476,7 @@ def flag_value(value):
 def fixed_setting_conflicts(saved_config, flags, given):
     """The fixed settings given on a resume's command line with values other than the checkpoint's:
     {key: (checkpoint's value, flag's value)}."""
-    saved = {**saved_config, **saved_model_settings(saved_config)}
+    saved = stored_settings(saved_config)
     return {key: (saved[key], flags[key]) for key in FIXED_SETTINGS
             if key in given and key in saved and flags[key] != saved[key]}
 

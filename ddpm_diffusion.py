@@ -479,11 +479,10 @@ class Diffusion(nn.Module):
                                           **options).clamp(-1, 1)
 
     @torch.no_grad()
-    def ddim(self, model, x, steps, class_labels=None, guidance_scales=None, clip_denoised=True, progress=False,
-             trace=None, eta=0.0):
+    def ddim(self, model, x, steps, class_labels, guidance_scales, clip_denoised=True, progress=False, trace=None,
+             eta=0.0):
         """DDIM (Song et al. 2021): x at timestep steps[0] through steps[1:] to x_0, one ddim_step each, guided by
-        guidance_scales[i] at steps[i] (None: the default w)."""
-        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
+        guidance_scales[i] at steps[i]."""
         for i, step in enumerate(tqdm(steps, desc="sampling (ddim)", leave=False, disable=not progress)):
             t = torch.full((len(x),), step, device=x.device, dtype=torch.long)
             t_prev = steps[i + 1] if i + 1 < len(steps) else -1
@@ -491,17 +490,15 @@ class Diffusion(nn.Module):
         return x
 
     @torch.no_grad()
-    def ancestral(self, model, x, steps, class_labels=None, guidance_scales=None, clip_denoised=True, progress=False,
+    def ancestral(self, model, x, steps, class_labels, guidance_scales, clip_denoised=True, progress=False,
                   trace=None, variance="posterior"):
         """Ancestral sampling (Algorithm 2): x_T through every timestep of `steps` (T−1 … 0) to x_0, one p_sample
         each with σ_t² = β̃_t ('posterior') or β_t ('beta'), guided by guidance_scales[i] at steps[i]."""
-        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
         for i, step in enumerate(tqdm(steps, desc="sampling (ddpm)", leave=False, disable=not progress)):
             t = torch.full((len(x),), step, device=x.device, dtype=torch.long)
             x = self.p_sample(model, x, t, step, class_labels, guidance_scales[i], clip_denoised, trace=trace,
                               variance=variance)
         return x
-
 
 
 # sampling ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import ddpm_flags
 from ddpm_checkpoint import TrainingState, build_checkpoint, load_checkpoint, restore_training, save_checkpoint
 from ddpm_config import (ADJUSTABLE_SETTINGS, DERIVED_KEYS, FIXED_SETTINGS, MODEL_SETTINGS, RUN_SETTINGS,
                          SAMPLING_SETTINGS, data_conflicts, fixed_setting_conflicts, resume_changes,
-                         saved_model_settings, saved_sampler_settings, trained_data, training_config)
+                         saved_sampler_settings, stored_settings, trained_data, training_config)
 from ddpm_data import CIFAR10_CLASSES
 from ddpm_diffusion import SamplerSettings
 from ddpm_helpers import NonFiniteError, UserError
@@ -79,7 +79,7 @@ def test_resumed_config_takes_fixed_settings_from_the_checkpoint_and_adjustable_
     fresh = training_config(flags(FLAGS_B, 2), FACTS)
     resumed = training_config(flags(FLAGS_B, 2), FACTS, saved_config=saved, given=given(FLAGS_B))
     bare = training_config(flags([], 2), FACTS, saved_config=saved, given=set())
-    saved, fresh, resumed, bare = ({**c, **saved_model_settings(c)} for c in (saved, fresh, resumed, bare))
+    saved, fresh, resumed, bare = map(stored_settings, (saved, fresh, resumed, bare))
     for key in FIXED_SETTINGS:
         assert saved[key] != fresh[key], f"FLAGS_B must change {key} for this test to mean anything"
         assert resumed[key] == saved[key] == bare[key], key

@@ -12,7 +12,7 @@ import torch
 
 import ddpm_main
 from conftest import MAIN, TINY_MODEL, make_image_folder
-from ddpm_config import ADJUSTABLE_SETTINGS, FIXED_SETTINGS, saved_model_settings
+from ddpm_config import ADJUSTABLE_SETTINGS, FIXED_SETTINGS, stored_settings
 
 RUN = TINY_MODEL + ["--seed", "7", "--log_interval", "1"]
 
@@ -56,7 +56,7 @@ def test_resume_after_epoch_1_matches_uninterrupted_run(tiny_data, tmp_path, mon
     assert_same_weights(tmp_path / "models" / "full" / "last.pt", tmp_path / "models" / "part" / "last.pt")
     assert (tmp_path / "outputs" / "samples_part_epoch002.png").is_file()  # the grids continue too
     configs = [torch.load(tmp_path / "models" / n / "last.pt", weights_only=True)["config"] for n in ("full", "part")]
-    configs = [{**c, **saved_model_settings(c)} for c in configs]  # the network's settings: in its model entry
+    configs = [stored_settings(c) for c in configs]  # the network's settings: in its model entry
     kept = FIXED_SETTINGS + ADJUSTABLE_SETTINGS
     assert {k: configs[1][k] for k in kept} == {k: configs[0][k] for k in kept}
     config = json.loads((tmp_path / "models" / "part" / "config.json").read_text())
