@@ -13,28 +13,33 @@ A checkpoint is one dict that loads with torch.load(path, weights_only=True):
     grad_scaler        fp16's loss-scaler state (None when the run trained in bf16 or fp32)
     epoch, step, batch_in_epoch, epoch_loss_sum, best_val, skipped_steps, history, timing, budget_spent
                        the TrainingState
+    sha256             the digest of everything else it holds (checkpoint_digest): a damaged file is refused
 
 An export for inference (export_for_inference) keeps format, version, config, versions and the EMA weights in bf16.
 An imported network (imported_checkpoint) has format, version, config, versions, its weights as 'ema' in float32, and
 imported_from: the file it was made from and that file's SHA-256.
 
-Every checkpoint is checked for what it must hold before it is used (checkpoint_problem: the config's entries, weights
-of the shapes its network has, and for a resume the optimizer, RNG and position), and what a config needs in memory is
+Every checkpoint is checked before it is used: its digest, then what it must hold (checkpoint_problem: each config entry
+against the declaration of its setting, weights that are dense real floating-point tensors of the shapes its network
+has, and for a resume the training state, optimizer and RNG, each against its Value); what a config needs in memory is
 estimated before anything is built (memory_needs).
 """
 import dataclasses
+import hashlib
 import math
 import os
 import platform
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from ddpm_config import RESUME_NEEDS, build_model, config_problem, entries_problem, whole_number
+from ddpm_config import (AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, RESUME_NEEDS, Range, Value, build_model,
+                         config_problem, entries_problem, nesting_problem, short_repr)
 from ddpm_download import file_digest
-from ddpm_helpers import (NonFiniteError, RUN_NAME_CHARACTERS, UserError, atomic_torch_save, sanitized_run_name,
-                          write_json)
+from ddpm_helpers import (NonFiniteError, RUN_NAME_CHARACTERS, UserError, atomic_torch_save, input_file_problem,
+                          sanitized_run_name, write_json)
 from ddpm_model import UNetConfig
 from ddpm_runtime import parameter_count
 from ddpm_train_step import WALL_PARTS
@@ -94,6 +99,32 @@ class TrainingState:
         self.epoch, self.batch_in_epoch, self.epoch_loss_sum = epoch, 0, 0.0
 
 
+COUNT = Value(int, NOT_NEGATIVE)
+HISTORY_KEYS = ("train_loss", "val_loss", "test_loss", "epochs")
+# What a checkpoint's TrainingState entries may be (a resume checks them before it uses them); older files lack
+# skipped_steps, budget_spent and some timing keys, whose defaults are used
+STATE_ENTRIES = {
+    "epoch": COUNT, "step": COUNT, "batch_in_epoch": COUNT, "skipped_steps": COUNT, "epoch_loss_sum": Value(float),
+    "best_val": Value(float, infinite=True), "budget_spent": Value(bool),
+    "history": Value(dict, fields={key: Value(float, many=True, min_items=0) for key in HISTORY_KEYS},
+                     what="the loss history"),
+    "timing": Value(dict, fields={key: Value(float, NOT_NEGATIVE) for key in TIMING_KEYS},
+                    what="seconds per activity"),
+    "grad_scaler": Value(dict, optional=True, what="fp16's loss scaler state", fields={
+        "scale": Value(float, POSITIVE), "growth_factor": Value(float, POSITIVE),
+        "backoff_factor": Value(float, POSITIVE), "growth_interval": Value(int, AT_LEAST_ONE),
+        "_growth_tracker": COUNT}),
+}
+STATE_NEEDS = ("epoch", "step", "batch_in_epoch", "epoch_loss_sum", "best_val", "history", "timing")
+# What AdamW's hyper-parameters in a checkpoint may be (its one parameter group)
+OPTIMIZER_ENTRIES = {"lr": Value(float, NOT_NEGATIVE), "eps": Value(float, POSITIVE),
+                     "betas": Value(float, Range(0, 1, open_high=True), many=True, length=2),
+                     "weight_decay": Value(float, NOT_NEGATIVE), "amsgrad": Value(bool), "maximize": Value(bool),
+                     "foreach": Value(bool, optional=True), "capturable": Value(bool),
+                     "differentiable": Value(bool), "fused": Value(bool, optional=True),
+                     "decoupled_weight_decay": Value(bool)}
+
+
 def build_checkpoint(config, model, ema_model, optimizer, state, use_cuda, scaler=None):
     """The checkpoint dict of a training run at this moment (see the module docstring); scaler: fp16's
     GradScaler, or None."""
@@ -121,7 +152,54 @@ def save_checkpoint(ckpt, path, with_optimizer=True):
     """Write atomically (a crash never leaves a half-written file); best.pt goes without the optimizer. Weights
     that are NaN or infinite are never written: NonFiniteError."""
     require_finite_weights(ckpt)
-    atomic_torch_save(ckpt if with_optimizer else {k: v for k, v in ckpt.items() if k != "optimizer"}, path)
+    write_checkpoint(ckpt if with_optimizer else {k: v for k, v in ckpt.items() if k != "optimizer"}, path)
+
+
+DIGEST_KEY = "sha256"  # a checkpoint's digest of everything else it holds
+
+
+def write_checkpoint(ckpt, path):
+    """The one writer of checkpoint files: `ckpt` with its digest (checkpoint_digest), written atomically."""
+    atomic_torch_save({**ckpt, DIGEST_KEY: checkpoint_digest(ckpt)}, path)
+
+
+def checkpoint_digest(ckpt):
+    """The SHA-256, in hex, of everything a checkpoint holds but its digest: each tensor's dtype, shape and bytes,
+    every other value's repr, dict keys in sorted order, so that the same contents give the same digest."""
+    digest = hashlib.sha256()
+    _feed_digest(digest, {key: value for key, value in ckpt.items() if key != DIGEST_KEY})
+    return digest.hexdigest()
+
+
+def _feed_digest(digest, value):
+    if isinstance(value, torch.Tensor):
+        digest.update(f"tensor {value.dtype} {tuple(value.shape)} {value.layout} {value.device.type}:".encode())
+        if value.layout == torch.strided and value.device.type == "cpu":  # what this tool writes; else no bytes
+            digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}:".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):
+            _feed_digest(digest, key)
+            _feed_digest(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"list {len(value)}:".encode())
+        for item in value:
+            _feed_digest(digest, item)
+    else:
+        text = repr(value)
+        digest.update(f"{type(value).__name__} {len(text)}:{text}".encode())
+
+
+def digest_problem(ckpt, path):
+    """What the digest says of a checkpoint (None: it matches); a note, once, when it carries none (written by an
+    older version of this tool, or by another)."""
+    if DIGEST_KEY not in ckpt:
+        print(f"note: {path!r} carries no digest (written before checkpoints had one, or by another tool): its "
+              "contents are not checked against one", file=sys.stderr)
+        return None
+    if ckpt[DIGEST_KEY] != checkpoint_digest(ckpt):
+        return "its contents differ from the digest it was written with (a changed byte, or a copy cut short)"
+    return None
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -166,18 +244,25 @@ def _load_checked(path, map_location):
     """(checkpoint, the U-Net its config describes, weights not loaded) of load_checkpoint."""
     if not path:
         raise UserError("--model_path is required with --inference")
-    if not os.path.exists(path):
-        raise UserError(f"--model_path {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise UserError(f"--model_path {path!r} is not a file")
+    problem = input_file_problem(path)
+    if problem:
+        raise UserError(f"--model_path {path!r} {problem}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about what a file holds: the checks below say it in words
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise UserError(f"{path!r} is not a readable checkpoint ({type(e).__name__}); "
                         "it is corrupt or was not written by torch.save") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
         raise UserError(f"{path!r} is not a checkpoint of this tool (ddpm_main.py); "
                         "it holds no 'format': 'ddpm-cifar10' entry and config")
+    problem = nesting_problem(ckpt, "the checkpoint")
+    if problem:
+        raise UserError(f"{path!r} is damaged or incomplete: {problem}")
+    problem = digest_problem(ckpt, path)
+    if problem:
+        raise UserError(f"{path!r} is damaged: {problem}; use another copy or an earlier checkpoint")
     model, problem = checked_network(ckpt)
     if problem:
         raise UserError(f"{path!r} is damaged or incomplete: {problem}")
@@ -194,11 +279,27 @@ def refuse_nonfinite(ckpt, path, parts):
 
 # ------------------------------------------------------------- what a checkpoint must hold, what a config needs
 
-def weights_problem(weights, model, what):
-    """What keeps the state dict `weights` from loading into `model` (None: nothing): a missing or extra tensor, or one
-    of another shape, the first named."""
+REAL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def weight_tensors_problem(weights, what):
+    """What keeps `weights` from being weights (None: nothing): not a dict of tensors, or a tensor that is not dense,
+    not in memory (the meta device) or not real floating point, the first named."""
     if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
         return f"its {what} are not a dict of tensors"
+    for name, w in weights.items():
+        if w.layout != torch.strided:
+            return f"its {what} hold {name} as a {str(w.layout).split('_')[0][6:]} tensor, not a dense one"
+        if w.device.type != "cpu":
+            return f"its {what} hold {name} on the {w.device.type} device, not in the file"
+        if w.dtype not in REAL_FLOATS:
+            return f"its {what} hold {name} as {w.dtype}, not real floating point"
+    return None
+
+
+def weights_problem(weights, model, what):
+    """What keeps the state dict `weights` (checked by weight_tensors_problem) from loading into `model` (None:
+    nothing): a missing or extra tensor, or one of another shape, the first named."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     reshaped = [name for name in expected if name in weights and tuple(weights[name].shape) != expected[name]]
@@ -238,60 +339,85 @@ def checked_network(ckpt):
     problem = config_problem(ckpt["config"])
     if problem:
         return None, problem
-    parts = [part for part in ("ema", "model") if ckpt.get(part)]
+    parts = [part for part in ("ema", "model") if ckpt.get(part) is not None and not (
+        isinstance(ckpt[part], dict) and not ckpt[part])]  # present, and not an empty dict
     if not parts:
         return None, "it holds no weights ('ema' or 'model')"
-    for part in parts:
-        if not isinstance(ckpt[part], dict) or not all(isinstance(w, torch.Tensor) for w in ckpt[part].values()):
-            return None, f"its {part} weights are not a dict of tensors"
+    problem = next(filter(None, (weight_tensors_problem(ckpt[part], f"{part} weights") for part in parts)), None)
+    if problem:
+        return None, problem
     model, problem = network_to_check(ckpt["config"], ckpt[parts[0]])
     problem = problem or next(filter(None, (weights_problem(ckpt[part], model, f"{part} weights") for part in parts)),
                               None)
     return (None, problem) if problem else (model, None)
 
 
-POSITION_ENTRIES = {"epoch": (whole_number(0), "a whole number ≥ 0"), "step": (whole_number(0), "a whole number ≥ 0"),
-                    "batch_in_epoch": (whole_number(0), "a whole number ≥ 0"),
-                    "epoch_loss_sum": (lambda v: isinstance(v, float), "a number"),
-                    "best_val": (lambda v: isinstance(v, float), "a number"),
-                    "history": (lambda v: isinstance(v, dict) and all(isinstance(v.get(key), list) for key in
-                                ("train_loss", "val_loss", "test_loss", "epochs")), "the loss history"),
-                    "timing": (lambda v: isinstance(v, dict), "seconds per activity"),
-                    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("cpu"), torch.Tensor)
-                            and v["cpu"].dtype == torch.uint8 and v["cpu"].shape == torch.get_rng_state().shape
-                            and isinstance(v.get("cuda"), list), "the generators' states")}
-
-
 def resume_problem(ckpt):
     """What keeps a last.pt that passed checkpoint_problem (so its weights fit) from being resumed (None: nothing):
-    the config's training settings, both weights there, the RNG states and the position, and an optimizer state of
-    the network's parameters."""
+    the config's training settings, both weights there, the training state (STATE_ENTRIES), the RNG states, and an
+    optimizer state of the network's parameters."""
     problem = config_problem(ckpt["config"], RESUME_NEEDS)
     if problem:
         return problem
     missing = [part for part in ("model", "ema") if not ckpt.get(part)]
     if missing:
         return f"it holds no {' and no '.join(missing)} weights"
-    problem = entries_problem(ckpt, tuple(POSITION_ENTRIES), POSITION_ENTRIES, "the checkpoint")
+    problem = entries_problem(ckpt, STATE_NEEDS, STATE_ENTRIES, "the checkpoint") or rng_problem(ckpt.get("rng"))
     if problem:
         return problem
+    if len({len(ckpt["history"][key]) for key in HISTORY_KEYS}) != 1:
+        return "the checkpoint's history holds lists of different lengths"
     parameters = build_model(ckpt["config"]).parameters()  # in the order AdamW numbers them
-    return optimizer_problem(ckpt["optimizer"], [p.shape for p in parameters])
+    return optimizer_problem(ckpt.get("optimizer"), [p.shape for p in parameters])
+
+
+def rng_problem(rng):
+    """What keeps a checkpoint's RNG states from being restored (None: nothing)."""
+    cpu = rng.get("cpu") if isinstance(rng, dict) else None
+    if not (isinstance(cpu, torch.Tensor) and cpu.layout == torch.strided and cpu.device.type == "cpu"
+            and cpu.dtype == torch.uint8 and cpu.shape == torch.get_rng_state().shape
+            and isinstance(rng.get("cuda"), list)
+            and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.layout == torch.strided
+                    for s in rng["cuda"])):
+        return f"the checkpoint's rng is {short_repr(rng)}, not the generators' states"
+    return None
 
 
 def optimizer_problem(state, shapes):
-    """What keeps AdamW's state dict from fitting parameters of `shapes` (None: nothing)."""
+    """What keeps AdamW's state dict from fitting parameters of `shapes` (None: nothing): one parameter group of
+    hyper-parameters that are what OPTIMIZER_ENTRIES says, and per parameter a step count and two moments, dense real
+    floating-point tensors of its shape."""
     groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(state.get("state"), dict):
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and isinstance(state.get("state"), dict)):
         return "its optimizer state is not AdamW's over one parameter group"
-    if len(groups[0].get("params", ())) != len(shapes):
-        return (f"its optimizer state is for {len(groups[0].get('params', ()))} parameters, the network has "
-                f"{len(shapes)}")
+    params = groups[0].get("params")
+    if not isinstance(params, list):
+        return "its optimizer state is not AdamW's over one parameter group"
+    if len(params) != len(shapes):
+        return f"its optimizer state is for {len(params)} parameters, the network has {len(shapes)}"
+    problem = entries_problem(groups[0], (), OPTIMIZER_ENTRIES, "its optimizer")
+    if problem:
+        return problem
     for index, moments in state["state"].items():
-        if not (isinstance(index, int) and 0 <= index < len(shapes) and isinstance(moments, dict)) or any(
-                moments.get(key) is None or moments[key].shape != shapes[index] for key in ("exp_avg", "exp_avg_sq")):
-            return f"its optimizer state of parameter {index} does not fit the network"
+        if not (isinstance(index, int) and 0 <= index < len(shapes) and isinstance(moments, dict)
+                and all(moment_fits(moments.get(key), shapes[index]) for key in ("exp_avg", "exp_avg_sq"))
+                and step_count_holds(moments.get("step"))):
+            return f"its optimizer state of parameter {short_repr(index)} does not fit the network"
     return None
+
+
+def moment_fits(moment, shape):
+    return (isinstance(moment, torch.Tensor) and moment.layout == torch.strided and moment.device.type == "cpu"
+            and moment.dtype in REAL_FLOATS and moment.shape == shape)
+
+
+def step_count_holds(step):
+    """An AdamW step count: a number, or a one-element real floating-point tensor, finite and ≥ 0."""
+    if isinstance(step, torch.Tensor):
+        return (step.layout == torch.strided and step.device.type == "cpu" and step.dtype in REAL_FLOATS
+                and step.numel() == 1 and bool(torch.isfinite(step).all()) and step.item() >= 0)
+    return COUNT.holds(step) or Value(float, NOT_NEGATIVE).holds(step)
 
 
 def resumable_runs(models_dir):
@@ -312,8 +438,8 @@ def load_resumable(resume, models_dir, run_name):
                             "after its first --checkpoint_minutes of training or its first epoch, and on Ctrl-C or "
                             "SIGTERM, so a run stopped sooner left none; or it ran under another --run_name or "
                             f"--models_dir ({resumable_runs(models_dir)})")
-    elif not os.path.isfile(path):
-        raise UserError(f"--resume {path!r} does not exist")
+    elif input_file_problem(path):
+        raise UserError(f"--resume {path!r} {input_file_problem(path)}")
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt:
         raise UserError(f"--resume {path!r} holds weights only (no optimizer state); resume from last.pt")
@@ -354,4 +480,4 @@ def export_for_inference(ckpt, path):
     small = {**checkpoint_header({**ckpt["config"], "data_dir": "./data"}),
              "ema": {k: v.to(torch.bfloat16) for k, v in weights.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_torch_save(small, path)
+    write_checkpoint(small, path)

@@ -41,6 +41,9 @@ FIXED = "fixed"            # what the run trains: a resumed run keeps its checkp
 ADJUSTABLE = "adjustable"  # how long and how fast: a resumed run takes a flag given, else its checkpoint's
 RUN = "run"                # every run, resumed or not, takes it from its own command line (and torchrun)
 SAMPLING = "sampling"      # how to sample (config['sampling'], SamplerSettings): the flag, else the checkpoint's
+# What a command does (ddpm_main.job_of); a flag given for a job it does nothing in is refused (Setting.jobs)
+TRAIN, INFERENCE, IMPORT, EXPORT = "train", "inference", "import", "export"
+JOB_WORDS = {TRAIN: "training", INFERENCE: "--inference", IMPORT: "--import_weights", EXPORT: "--export_diffusers"}
 RESUME_WORDS = {FIXED: "kept (fixed)", ADJUSTABLE: "may change", RUN: "per run", SAMPLING: "may change"}
 
 
@@ -114,6 +117,82 @@ def noise_interval(text):
 
 
 @dataclass(frozen=True)
+class Value:
+    """What a value read back from a file may be — a setting's in a checkpoint's config (Setting.value), a sampler
+    setting, a last.pt's training state, an optimizer's hyper-parameter — checked by one function (problem) and said
+    in one phrase (words): its kind, range or choices, whether None stands for 'off', and for a list its items."""
+    kind: type                # int, float, bool, str, or dict (a record of `fields`)
+    check: Range = None       # for numbers: the range
+    choices: tuple = None     # for text: the values it may take
+    optional: bool = False    # None allowed
+    many: bool = False        # a list (or tuple) of such values
+    length: int = None        # a list's exact length; None: any, at least min_items
+    min_items: int = 1
+    infinite: bool = False    # ±inf allowed (never NaN)
+    fields: dict = None       # a record's entries: {key: Value}; keys it lacks are not checked (older files)
+    closed: bool = False      # a record that may hold no other keys
+    what: str = None          # the words, where the generated ones would say less
+
+    def words(self):
+        """'a whole number ≥ 1', 'none or one of l1, l2', 'a list of numbers ≥ 0', 'two numbers in [0, 1)'."""
+        if self.what:
+            return f"none or {self.what}" if self.optional else self.what
+        if self.kind is bool:
+            words = "true or false"
+        elif self.choices:
+            words = f"one of {', '.join(self.choices)}"
+        elif self.kind in (int, float):
+            words = ("a whole number" if self.kind is int else "a number") + (
+                f" {self.check.symbols()}" if self.check else "")
+        else:
+            words = "text"
+        if self.many:
+            count = {2: "two"}.get(self.length, "a list of")
+            words = f"{count} {words[2:].replace('number', 'numbers')}"
+        return f"none or {words}" if self.optional else words
+
+    def problem(self, value, name):
+        """What is wrong with `value`, stored under `name` (None: nothing): '<name> is <value>, not <words>', or for
+        a record the first entry that is wrong, named '<name>.<key>'."""
+        if not self.holds(value):
+            return f"{name} is {short_repr(value)}, not {self.words()}"
+        if self.fields and value is not None:
+            unknown = [key for key in value if key not in self.fields] if self.closed else []
+            if unknown:
+                return f"{name} holds {', '.join(map(str, unknown))}, not one of {', '.join(self.fields)}"
+            return next(filter(None, (entry.problem(value[key], f"{name}.{key}") for key, entry in self.fields.items()
+                                      if key in value)), None)
+        return None
+
+    def holds(self, value):
+        if value is None:
+            return self.optional
+        if self.many:
+            return (isinstance(value, (list, tuple)) and (len(value) == self.length if self.length else
+                                                          len(value) >= self.min_items)
+                    and all(self._one_holds(v) for v in value))
+        return self._one_holds(value)
+
+    def _one_holds(self, v):
+        if self.kind is bool:
+            return isinstance(v, bool)
+        if self.kind is dict:
+            return isinstance(v, dict)
+        if self.kind is str:
+            return isinstance(v, str) and (not self.choices or v in self.choices)
+        typed = isinstance(v, int) if self.kind is int else isinstance(v, (int, float))
+        return (typed and not isinstance(v, bool) and (math.isfinite(v) or self.infinite and not math.isnan(v))
+                and (self.check is None or self.check.holds(v)))
+
+
+def short_repr(value):
+    """A value for a one-line message: its repr cut to 60 characters (a container's without walking all of it)."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > 8:
+        return f"a {type(value).__name__} of {len(value)} entries"
+    return f"{value!r:.60}"
+
+
+@dataclass(frozen=True)
 class Setting:
     """One setting: its flag --<name> (in --help under `section`), what it means and may be, and how it is kept."""
     name: str
@@ -131,49 +210,45 @@ class Setting:
     more: str = ""            # docs/flags.md's further words
     flag: bool = True         # False: not a flag (world_size comes from torchrun)
     means: tuple = None       # a synonym kept for older scripts, (flag, value) it stands for: accepted, not in --help
+    stored_as: Value = None   # what the config holds, where the flag's parse, check and choices do not say it
+    used_in: tuple = None     # the jobs the flag does something in (None: its section's, SECTION_JOBS)
+
+    @property
+    def jobs(self):
+        return self.used_in or SECTION_JOBS[self.section]
+
+    @property
+    def is_path(self):
+        """Whether the flag names a file or folder (an empty one is refused)."""
+        return (self.metavar or "").split("|")[0] in ("DIR", "PATH", "CKPT", "NPZ")
 
     @property
     def hidden(self):
         return self.means is not None
 
+    @property
+    def value(self):
+        """What a checkpoint's config may hold for this setting: the flag's own type, range and choices."""
+        if self.stored_as is not None:
+            return self.stored_as
+        many = self.parse in (int_list, float_list)
+        kind = {int_list: int, float_list: float}.get(self.parse, self.parse)
+        return Value(kind if kind in (int, float, bool) else str, self.check, self.choices, self.optional, many,
+                     what=self.what)
+
     def entry_words(self):
         """What a checkpoint's config must hold for it, e.g. 'a whole number ≥ 1', 'none or one of l1, l2, huber'."""
-        if self.parse is bool:
-            words = "true or false"
-        elif self.choices:
-            words = f"one of {', '.join(self.choices)}"
-        elif self.parse in (int, float, int_list, float_list):
-            kind = "a whole number" if self.parse in (int, int_list) else "a number"
-            words = kind + (f" {self.check.symbols()}" if self.check else "")
-            if self.parse in (int_list, float_list):
-                words = f"a list of {words[2:].replace('number', 'numbers')}"
-        else:
-            words = self.what or "text"
-        return f"none or {words}" if self.optional else words
+        return self.value.words()
 
     def entry_holds(self, value):
         """Whether a checkpoint's config entry `value` is what this setting may be: its type, choices and range."""
-        if value is None:
-            return self.optional
-        if self.parse is bool:
-            return isinstance(value, bool)
-        if self.choices:
-            return isinstance(value, str) and value in self.choices
-        if self.parse in (int_list, float_list):
-            kind = int if self.parse is int_list else float
-            return isinstance(value, list) and bool(value) and all(self._number_holds(v, kind) for v in value)
-        if self.parse in (int, float):
-            return self._number_holds(value, self.parse)
-        return isinstance(value, str)
-
-    def _number_holds(self, v, kind):
-        typed = isinstance(v, int) if kind is int else isinstance(v, (int, float)) and math.isfinite(v)
-        return typed and not isinstance(v, bool) and (self.check is None or self.check.holds(v))
+        return self.value.holds(value)
 
 
 AT_LEAST_ONE = Range(1)
 POSITIVE = Range(0, open_low=True)
 NOT_NEGATIVE = Range(0)
+MAX_RES_BLOCKS = 64  # per stage: published U-Nets use 2 to 4; more would take minutes just to build
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch's generators take (a negative seed is taken modulo 2⁶⁴)
 
 # (title, description) of the groups --help shows, in its order
@@ -190,6 +265,12 @@ SECTIONS = {
     "foreign": ("foreign weights (docs/paper.md)", None),
     "machine": ("machine", None),
 }
+
+# the jobs a section's flags do something in, unless a flag says otherwise (Setting.used_in)
+ALL_JOBS, SAMPLING_JOBS = (TRAIN, INFERENCE, IMPORT, EXPORT), (TRAIN, INFERENCE)
+SECTION_JOBS = {"training": (TRAIN,), "diffusion": (TRAIN,), "network": (TRAIN,), "data": SAMPLING_JOBS,
+                "files": (TRAIN,), "inference": (INFERENCE,), "sampling": (TRAIN, INFERENCE, IMPORT),
+                "evaluation": SAMPLING_JOBS, "foreign": (IMPORT,), "machine": SAMPLING_JOBS}
 
 S = Setting
 SETTINGS = (
@@ -220,6 +301,7 @@ SETTINGS = (
       check=Range(0, 1, open_high=True), stored=FIXED, metavar="X",
       more="The EMA weights are used for evaluation, grids, FID and inference; warm-up: min(decay, (1+n)/(10+n))."),
     S("conditional", "training", "class-conditional (classifier-free guidance)", False, bool, stored=FIXED,
+      used_in=SAMPLING_JOBS,
       more="At inference: class-guided samples from a conditional model."),
     S("p_uncond", "training", "probability a label is dropped to the null label", 0.1, float, check=Range(0, 1),
       stored=FIXED, metavar="P"),
@@ -249,7 +331,7 @@ SETTINGS = (
       more="Each stage after the first halves the image, which is padded when its sides do not halve that often "
            "(docs/datasets.md)."),
     S("num_res_blocks", "network", "ResNet blocks per stage (ddpm: +1 going up)", UNetConfig.num_res_blocks, int,
-      check=AT_LEAST_ONE, stored=FIXED, metavar="N"),
+      check=Range(1, MAX_RES_BLOCKS), stored=FIXED, metavar="N"),
     S("attn_resolutions", "network", "image sides with self-attention, e.g. 16", None, int_list, check=AT_LEAST_ONE,
       stored=FIXED, optional=True, metavar="SIDE,...",
       more="Default: every stage after the first; a side no stage has is refused."),
@@ -266,6 +348,7 @@ SETTINGS = (
       stored=FIXED, metavar="ε"),
     # data
     S("data_dir", "data", "an image-folder tree, or where --dataset downloads to", stored=RUN, what="a folder",
+      used_in=(TRAIN, INFERENCE, IMPORT),
       metavar="DIR",
       more="A folder tree is train/<class>/*.png and test/<class>/*.png. Default: ./data; at inference, the folder "
            "the model was trained on."),
@@ -274,11 +357,13 @@ SETTINGS = (
            "holds train/ and test/, else cifar10; at inference, the model's."),
     # files, checkpoints and logs
     S("run_name", "files", "names checkpoints and outputs (default: DDPM)", stored=RUN, what="a name", metavar="NAME",
+      used_in=(TRAIN, INFERENCE, IMPORT),
       more="Never a path: letters A-Z a-z, digits, _, - and . (not . or .. alone), at most 217 characters, so that "
            "the longest file made from it fits a file system's 255. At inference: the --model_path folder's name for "
            "a ckpt.pt, last.pt or best.pt, else the file's."),
-    S("models_dir", "files", "checkpoints go to <models_dir>/<run_name>/", "models", metavar="DIR"),
-    S("save_dir", "files", "grids, samples and JSON go here", "outputs", metavar="DIR"),
+    S("models_dir", "files", "checkpoints go to <models_dir>/<run_name>/", "models", metavar="DIR",
+      used_in=(TRAIN, IMPORT)),
+    S("save_dir", "files", "grids, samples and JSON go here", "outputs", metavar="DIR", used_in=SAMPLING_JOBS),
     S("save_model", "files", "also write <models_dir>/<run_name>/ckpt.pt at the end", False, bool),
     S("checkpoint_every", "files", "epochs between last.pt writes", 1, int, check=AT_LEAST_ONE, metavar="N",
       more="The last epoch, interruptions and evaluations always write one."),
@@ -295,7 +380,7 @@ SETTINGS = (
            "tensorboard package (tensorboard --logdir DIR)."),
     # inference
     S("inference", "inference", "sample from --model_path instead of training", False, bool),
-    S("model_path", "inference", "the checkpoint to sample from", metavar="CKPT"),
+    S("model_path", "inference", "the checkpoint to sample from", metavar="CKPT", used_in=(INFERENCE, EXPORT)),
     S("num_samples", "inference", "images to generate (default: whole rows)", None, int, check=AT_LEAST_ONE,
       metavar="N",
       more="Default: 8 of each class for a conditional model, else 64; with --eval_fid, only FID's samples."),
@@ -314,13 +399,14 @@ SETTINGS = (
            "(docs/sampling.md). A sampler other than the checkpoint's starts from its own "
            "defaults; the guidance scale and interval and the variance stay the checkpoint's."),
     S("sampling_steps", "sampling", f"network evaluations of dpm++2m and ddim ({DEFAULT_SAMPLING_STEPS})", None, int,
-      check=AT_LEAST_ONE, stored=SAMPLING, field="steps", metavar="N", more="T when T is smaller."),
+      check=AT_LEAST_ONE, stored=SAMPLING, optional=True, field="steps", metavar="N", more="T when T is smaller."),
     S("spacing", "sampling", "dpm++2m's steps evenly in λ (default) or in t", choices=SPACINGS, stored=SAMPLING,
       more="λ_t = log(√ᾱ_t / √(1−ᾱ_t)); lambda reads the better FID (BENCHMARKS.md)."),
     S("guidance_scale", "sampling", f"guidance w: 0 uncond., 1 cond., >1 more ({DEFAULT_GUIDANCE_SCALE})", None,
       float, check=NOT_NEGATIVE, stored=SAMPLING, metavar="W"),
     S("guidance_interval", "sampling", "apply w only at noise levels LO < σ ≤ HI", None, noise_interval,
       stored=SAMPLING, metavar="LO,HI|all",
+      stored_as=Value(float, NOT_NEGATIVE, optional=True, many=True, length=2, infinite=True),
       more="σ_t = √(1−ᾱ_t)/√ᾱ_t (EDM's σ); the plain conditional prediction elsewhere, one forward instead of two "
            "(Kynkäänniemi et al. 2024). all: every step, the default."),
     S("eta", "sampling", "DDIM noise: 0 deterministic (default), 1 like DDPM", None, float, check=Range(0, 1),
@@ -329,6 +415,7 @@ SETTINGS = (
       more="posterior is the default; beta is Ho et al.'s CIFAR-10 samples and what an imported paper model "
            "carries."),
     S("sample_batch", "sampling", "images generated per forward batch", 1000, int, check=AT_LEAST_ONE, metavar="N",
+      used_in=SAMPLING_JOBS,
       more="A batch the GPU cannot hold is retried at half the size, with one warning line."),
     # evaluation
     S("eval_fid", "evaluation", "FID and IS of N samples (after training, or at inference)", 0, int,
@@ -355,6 +442,7 @@ SETTINGS = (
            "written to <models_dir>/<run_name>/ckpt.pt and sampled as the paper did (1,000 ancestral steps, σ_t² = "
            "β_t) unless sampling flags are given."),
     S("export_diffusers", "foreign", "write --model_path as a diffusers DDPMPipeline folder", metavar="DIR",
+      used_in=(EXPORT,),
       more="The architecture ddpm; its EMA weights. DDPMPipeline.from_pretrained(DIR) loads it."),
     # machine
     S("seed", "machine", "random seed (same seed, same results on CPU)", 0, int, metavar="N",
@@ -371,7 +459,7 @@ SETTINGS = (
     S("no_compile", "machine", "the same as --compile off", False, bool, means=("compile", "off")),
     S("no_bf16", "machine", "the same as --precision fp32", False, bool, means=("precision", "fp32")),
     S("no_cuda", "machine", "run on the CPU even when CUDA is available", False, bool),
-    S("quiet", "machine", "no progress bars or per-epoch lines", False, bool),
+    S("quiet", "machine", "no progress bars or per-epoch lines", False, bool, used_in=ALL_JOBS),
     S("world_size", "machine", "ranks under torchrun", 1, int, check=AT_LEAST_ONE, stored=RUN, flag=False),
 )
 del S
@@ -547,72 +635,94 @@ def imported_config(flags, imported, settings):
 
 # ------------------------------------------------------------- what a checkpoint's config must hold
 
-def whole_number(least):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-
-def finite_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _sampling_settings_valid(value):
-    try:
-        SamplerSettings(**value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-# (test, what the value must be) of each config entry a checkpoint may hold: the stored settings' from their
-# declarations, the derived entries' here; SAMPLING_NEEDS and RESUME_NEEDS name those that must be there
+ANY_SIZE = Value(int, AT_LEAST_ONE)
+# What each config entry a checkpoint may hold must be: the stored settings' from their own declarations (what their
+# flags are checked by), the derived entries' here. SAMPLING_NEEDS and RESUME_NEEDS name those that must be there.
+SAMPLING_ENTRIES = {setting.field or setting.name: setting.value for setting in SETTINGS if setting.stored == SAMPLING}
+MODEL_ENTRIES = {
+    **{key: BY_NAME[key].value for key in MODEL_SETTINGS}, "channels": ANY_SIZE, "class_emb_dim": ANY_SIZE,
+    "attn_heads": ANY_SIZE, "attn_dim_head": ANY_SIZE, "num_classes": Value(int, AT_LEAST_ONE, optional=True),
+    "image_size": Value(int, AT_LEAST_ONE, optional=True)}
 CONFIG_ENTRIES = {
-    **{setting.name: (setting.entry_holds, setting.entry_words()) for setting in SETTINGS
-       if setting.stored in (FIXED, ADJUSTABLE, RUN)},
-    "model": (lambda v: isinstance(v, dict), "the U-Net's settings (a dict)"),
-    "image_size": (whole_number(1), "a whole number ≥ 1"),
-    "num_classes": (lambda v: v is None or whole_number(1)(v), "none or a whole number ≥ 1"),
-    "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of class names"),
-    "channels": (whole_number(1), "a whole number ≥ 1"),
-    "data_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(whole_number(1), v)), "[height, width]"),
-    "dataset": (lambda v: isinstance(v, str), "a name"),
-    "sampling": (lambda v: isinstance(v, dict) and _sampling_settings_valid(v), "sampler settings"),
+    **{setting.name: setting.value for setting in SETTINGS if setting.stored in (FIXED, ADJUSTABLE, RUN)},
+    "model": Value(dict, fields=MODEL_ENTRIES, what="the U-Net's settings (a dict)"),
+    "image_size": ANY_SIZE, "num_classes": Value(int, AT_LEAST_ONE, optional=True),
+    "classes": Value(str, many=True, min_items=0, what="a list of class names"), "channels": ANY_SIZE,
+    "data_size": Value(int, AT_LEAST_ONE, many=True, length=2, what="[height, width]"),
+    "dataset": Value(str, what="a name"),
+    "sampling": Value(dict, fields=SAMPLING_ENTRIES, closed=True, what="sampler settings"),
 }
 SAMPLING_NEEDS = ("model", "timesteps", "schedule", "image_size")
 RESUME_NEEDS = SAMPLING_NEEDS + ("run_name", "data_dir", "conditional", "num_classes", "loss_type", "batch_size",
                                  "grad_accum", "p_uncond", "ema_decay", "seed", "lr", "lr_decay", "warmup_steps",
                                  "epochs")
-MODEL_ENTRIES = {key: (whole_number(1), "a whole number ≥ 1") for key in ("channels", "class_emb_dim", "attn_heads",
-                                                                        "attn_dim_head")}
-MODEL_ENTRIES.update({key: CONFIG_ENTRIES[key] for key in ("num_classes", *MODEL_SETTINGS)},
-                     image_size=(lambda v: v is None or whole_number(1)(v), "none or a whole number ≥ 1"))
+MAX_NESTING = 32  # the deepest a checkpoint's entries go (an optimizer's moments: 4)
 
 
-def entries_problem(entries, needed, checks, where):
-    """What is wrong with a dict of stored values (None: nothing): an entry of `needed` missing, or one that fails its
-    (test, words) in `checks`."""
+def entries_problem(entries, needed, values, where):
+    """What is wrong with a dict of stored values (None: nothing): an entry of `needed` missing, or one that is not
+    what its Value in `values` says ('<where>'s <key> is …, not …'); entries without a Value are not checked."""
     missing = [key for key in needed if key not in entries]
     if missing:
         return f"{where} lacks {', '.join(missing)}"
-    for key, value in entries.items():
-        test, must = checks.get(key, (lambda v: True, ""))
-        if not test(value):
-            return f"{where}'s {key} is {value!r:.60}, not {must}"
+    return next(filter(None, (value.problem(entries[key], f"{where}'s {key}") for key, value in values.items()
+                              if key in entries)), None)
+
+
+def nesting_problem(obj, where, limit=MAX_NESTING):
+    """What is wrong with how deep the containers of `obj` go (None: nothing): an entry nested more than `limit`
+    deep, found without recursion, so that no later walk (repr, JSON, a copy) runs out of stack."""
+    stack = [(obj, 0, where)]
+    while stack:
+        value, depth, name = stack.pop()
+        if depth > limit:
+            return f"{name} is nested more than {limit} deep"
+        if isinstance(value, dict):
+            stack += [(v, depth + 1, name if depth else f"{where}'s {k}") for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [(v, depth + 1, name) for v in value]
     return None
 
 
 def config_problem(config, needed=SAMPLING_NEEDS):
     """What makes a checkpoint's config unusable (None: nothing): an entry in `needed` missing, an entry that is not
-    what it must be (CONFIG_ENTRIES, MODEL_ENTRIES), or settings that contradict each other."""
+    what it must be (CONFIG_ENTRIES: the settings' own declarations, MODEL_ENTRIES, SAMPLING_ENTRIES), or settings
+    that contradict each other."""
     if not isinstance(config, dict):
         return "its config is not a dict"
-    problem = (entries_problem(config, needed, CONFIG_ENTRIES, "the config")
-               or entries_problem(config["model"], ("dim", "dim_mults"), MODEL_ENTRIES, "the model"))
+    problem = (nesting_problem(config, "the config") or entries_problem(config, needed, CONFIG_ENTRIES, "the config")
+               or entries_problem(config["model"], ("dim", "dim_mults"), MODEL_ENTRIES, "the model")
+               or sampling_problem(config.get("sampling")))
     if problem:
         return problem
     model, classes = UNetConfig.from_dict(config["model"]), config.get("classes")
+    if model.num_classes and classes is None:
+        return f"the config lacks classes (the names of its model's {model.num_classes} classes)"
     if (model.dim % model.groups or model.num_classes != config.get("num_classes", model.num_classes)
             or (model.num_classes and classes is not None and len(classes) != model.num_classes)
             or (model.attn_resolutions is not None and model.image_size is None)):
         return ("the config's settings contradict each other (dim and groups, num_classes and classes, "
                 "attn_resolutions without image_size)")
+    return image_size_problem(config, model)
+
+
+def sampling_problem(sampling):
+    """What SamplerSettings refuses in a config's sampling entry whose values each passed their checks (a guidance
+    interval whose ends are in the wrong order); None: nothing, or no entry."""
+    try:
+        SamplerSettings(**sampling) if sampling is not None else None
+    except (TypeError, ValueError) as e:
+        return f"the config's sampling is not sampler settings ({e})"
+    return None
+
+
+def image_size_problem(config, model):
+    """What is wrong with the side the network works on (None: nothing): the config's and its model's differ, or
+    it cannot be halved once per stage after the first."""
+    side, unit = config["image_size"], 2 ** (len(model.dim_mults) - 1)
+    if model.image_size is not None and model.image_size != side:
+        return f"the config's image_size ({side}) and its model's ({model.image_size}) differ"
+    if side % unit:
+        return (f"the config's image_size is {side}, and its {len(model.dim_mults)} stages need at least {unit} pixels a "
+                f"side, a multiple of {unit}")
     return None

@@ -1,8 +1,10 @@
 """Data: an image-folder tree or a torchvision dataset (CIFAR-10, CIFAR-100, MNIST, Fashion-MNIST) as uint8 tensors,
 the padding that fits any image size to the U-Net, and the device-resident batch loader that feeds training
 (cifar10-airbench style: no DataLoader on the hot path)."""
+import contextlib
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ddpm_helpers import UserError, WriteError, atomic_torch_save, stderr_is_terminal
+from ddpm_helpers import UserError, WriteError, atomic_torch_save, input_file_problem, stderr_is_terminal
 from ddpm_pictures import to_model_range
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -26,14 +28,40 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def _list_image_folder(root):
-    """[(path, class_index)] and the class names of a folder of class sub-folders, sorted by name."""
+    """[(path, class_index)] and the class names of a folder of class sub-folders, sorted by name. An image name
+    that is not a regular file (a FIFO, which would block the read; a socket; a link to nothing) is a UserError."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     files = []
     for index, name in enumerate(classes):
-        folder = os.path.join(root, name)
-        files += [(os.path.join(folder, f), index) for f in sorted(os.listdir(folder))
-                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+        with os.scandir(os.path.join(root, name)) as entries:
+            images = sorted((entry for entry in entries if entry.name.lower().endswith(IMAGE_EXTENSIONS)),
+                            key=lambda entry: entry.name)
+        odd = next((entry.path for entry in images if not entry.is_file()), None)
+        if odd:
+            raise UserError(f"{odd} is not a regular image file ({input_file_problem(odd) or 'a folder'}); remove it")
+        files += [(entry.path, index) for entry in images]
     return files, classes
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # the largest training image read: its header is checked before it is decoded
+
+
+@contextlib.contextmanager
+def open_image(path):
+    """The image at path, opened (its header read, nothing decoded) once its pixel count is known to be at most
+    MAX_IMAGE_PIXELS: a decompression bomb is a UserError naming it before any memory goes to it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise UserError(f"the image {path} claims more pixels than any image can hold; remove or replace it") \
+            from None
+    with im:
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            raise UserError(f"the image {path} is {im.width}×{im.height} pixels, more than the "
+                            f"{MAX_IMAGE_PIXELS:,} a training image may have; remove or replace it")
+        yield im
 
 
 def _decode(path, mode=None):
@@ -41,7 +69,7 @@ def _decode(path, mode=None):
     grayscale files (1-bit, 8-bit, 16-bit or float grey, with or without alpha), else 'RGB'. A file PIL cannot read
     (corrupt, truncated) is a UserError naming it."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             if mode is None:
                 mode = "L" if im.mode in ("1", "L", "LA", "La", "F") or im.mode.startswith("I") else "RGB"
             return np.asarray(im.convert(mode))
@@ -86,7 +114,7 @@ def _load_image_folders(data_dir):
     listings = {split: _list_image_folder(os.path.join(data_dir, split)) for split in ("train", "test")}
     counts = [len(files) for files, _ in listings.values()]
     if os.path.isfile(cache_path):
-        cached, problem = _read_cache(cache_path, counts, listings["train"][1])
+        cached, problem = _read_cache(cache_path, counts, listings["train"][1], image_size_of(data_dir, "folder"))
         if cached is not None:
             return cached
         if problem:  # a stale cache (other files, an older version) is decoded again without a word
@@ -113,10 +141,10 @@ def _load_image_folders(data_dir):
     return data
 
 
-def _read_cache(path, counts, classes):
+def _read_cache(path, counts, classes, image_size):
     """(the decode cache at path, None) when it holds the images of the listed folders (file counts `counts`, class
-    names `classes`); (None, None) when it is stale (other files, an older version); (None, what is wrong) when it is
-    damaged."""
+    names `classes`, the first image's size `image_size`); (None, None) when it is stale (other files or sizes, an
+    older version); (None, what is wrong) when it is damaged."""
     try:
         cached = torch.load(path, weights_only=True)
     except Exception as e:
@@ -135,6 +163,8 @@ def _read_cache(path, counts, classes):
             return None, f"its {split} labels are not {count} class indices"
     if cached.get("classes") != classes or cached["train_images"].shape[1:] != cached["test_images"].shape[1:]:
         return None, "its class names or image shapes do not match the folders'"
+    if image_size is not None and tuple(cached["train_images"].shape[-2:]) != tuple(image_size):
+        return None, None  # the images were replaced by others of another size
     return {**cached, "mode_note": cached.get("mode_note")}, None
 
 
@@ -143,12 +173,13 @@ def _load_torchvision(dataset, data_dir):
     import torchvision
 
     class_name = TORCHVISION_DATASETS[dataset][0]
-    folders_before = _folders_under(data_dir)
+    top = _first_missing_folder(data_dir) or data_dir  # the download may make the folders above data_dir too
+    folders_before = _folders_under(top)
     try:
         splits = [getattr(torchvision.datasets, class_name)(data_dir, train=train, download=True)
                   for train in (True, False)]
     except Exception as e:
-        for folder in sorted(_folders_under(data_dir) - folders_before, key=len, reverse=True):  # deepest first
+        for folder in sorted(_folders_under(top) - folders_before, key=len, reverse=True):  # deepest first
             if not os.listdir(folder):  # made for the download, and left empty by it
                 os.rmdir(folder)
         problem = " ".join(f"{type(e).__name__}: {e}".split())  # torchvision's messages span several lines
@@ -164,6 +195,14 @@ def _load_torchvision(dataset, data_dir):
         data[f"{name}_images"] = images.permute(0, 3, 1, 2).contiguous()              # (N, C, H, W)
         data[f"{name}_labels"] = torch.as_tensor(ds.targets, dtype=torch.long)
     return data
+
+
+def _first_missing_folder(path):
+    """The outermost folder of `path` that does not exist (None: it exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
 
 
 def _folders_under(root):
@@ -187,7 +226,7 @@ def image_size_of(data_dir, dataset=None):
         return TORCHVISION_DATASETS[dataset][1]
     try:
         files, _ = _list_image_folder(os.path.join(data_dir, "train"))
-        with Image.open(files[0][0]) as im:
+        with open_image(files[0][0]) as im:
             return im.height, im.width
     except (OSError, IndexError, ValueError):
         return None
@@ -208,9 +247,14 @@ def load_dataset(data_dir, dataset=None):
                         "into it")
     dataset = resolve_dataset(dataset, data_dir)
     if dataset != "folder":
-        return {**_load_torchvision(dataset, data_dir), "dataset": dataset}
-    require_image_folder(data_dir)
-    return {**_load_image_folders(data_dir), "dataset": "folder"}
+        data = {**_load_torchvision(dataset, data_dir), "dataset": dataset}
+    else:
+        require_image_folder(data_dir)
+        data = {**_load_image_folders(data_dir), "dataset": "folder"}
+    if len(data["train_images"]) < 2:
+        raise UserError(f"--data_dir {data_dir!r} holds {len(data['train_images'])} training image; training needs at "
+                        "least 2 (one to train on, one to validate)")
+    return data
 
 
 def require_image_folder(data_dir):

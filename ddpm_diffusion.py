@@ -308,7 +308,8 @@ class Diffusion(nn.Module):
         per_image = elementwise.flatten(1).mean(1)                          # (N,)
         if self.min_snr_gamma is not None:
             snr = self.snr[t]
-            per_image = per_image * snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+            gamma = min(self.min_snr_gamma, torch.finfo(snr.dtype).max)  # a γ past the float's range clamps nothing
+            per_image = per_image * snr.clamp(max=gamma) / (snr if self.prediction == "eps" else snr + 1)
         return per_image.mean()
 
     # likelihood -----------------------------------------------------------------------------

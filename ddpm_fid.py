@@ -236,6 +236,9 @@ def stats_identity(ref):
     return (str(ref["dataset"]), *map(int, ref["shape"])) if "dataset" in ref else UNTAGGED_STATS
 
 
+MAX_FEATURE = 1e3  # far past any Inception pool feature's mean (the ImageNet-trained network's are below 10)
+
+
 def statistics_problem(entries):
     """What keeps an npz's entries from being FID statistics (None: nothing): mu (2048,) and sigma (2048, 2048),
     finite, sigma symmetric (to float32's precision)."""
@@ -249,8 +252,13 @@ def statistics_problem(entries):
         return "its mu and sigma are not floating-point numbers"
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         return "its mu or sigma hold NaN or infinite values"
+    if np.abs(mu).max() > MAX_FEATURE or np.abs(sigma).max() > MAX_FEATURE ** 2:
+        return (f"its mu or sigma hold values past {MAX_FEATURE:g} (mu) or {MAX_FEATURE ** 2:g} (sigma), which no "
+                "Inception network gives (its pool features are means of ReLU outputs, a few units)")
     if np.abs(sigma - sigma.T).max() > 1e-5 * max(np.abs(sigma).max(), 1e-30):
         return "its sigma is not symmetric, as a covariance is"
+    if np.diag(sigma).min() < -1e-6:
+        return "its sigma has a negative variance on its diagonal, as a covariance has not"
     return None
 
 

@@ -5,7 +5,8 @@ import argparse
 import dataclasses
 import math
 
-from ddpm_config import FLAGS, RESUME_WORDS, SAMPLING_FLAGS, SECTIONS, SYNONYMS, flag_text, preset_flags
+from ddpm_config import (FLAGS, JOB_WORDS, RESUME_WORDS, SAMPLING_FLAGS, SECTIONS, SYNONYMS, flag_text,
+                         preset_flags)
 from ddpm_diffusion import SAMPLERS, SamplerSettings
 from ddpm_helpers import UserError
 from ddpm_presets import PRESETS
@@ -48,7 +49,7 @@ USAGE = "%(prog)s [--inference --model_path CKPT | --resume PATH | --import_weig
 def build_parser(description=None, version=None):
     """The command line: a flag per Setting (but world_size), grouped by SECTIONS; --version says `version`."""
     parser = ArgumentParser(prog="ddpm_main.py", usage=USAGE, description=description,
-                            formatter_class=HelpFormatter)
+                            formatter_class=HelpFormatter, allow_abbrev=False)  # --epoch is not --epochs
     if version:
         parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     groups = {key: parser.add_argument_group(title, text) for key, (title, text) in SECTIONS.items()}
@@ -100,6 +101,18 @@ def check_numbers(args):
     if args.dim % args.groups:
         raise UserError(f"--dim must be a multiple of --groups {args.groups} (the U-Net's GroupNorm groups), "
                         f"got {args.dim}")
+
+
+def check_flags_apply(args, given, job):
+    """Every flag given does something in the command's job (Setting.jobs), and no file or folder flag is empty."""
+    for setting in FLAGS:
+        if setting.name not in given:
+            continue
+        if job not in setting.jobs:
+            uses = " and ".join(JOB_WORDS[j] for j in setting.jobs)
+            raise UserError(f"--{setting.name} does nothing in {JOB_WORDS[job]} (it is for {uses}); drop it")
+        if setting.is_path and getattr(args, setting.name) == "":
+            raise UserError(f"--{setting.name} is empty: name a {'folder' if 'DIR' in setting.metavar else 'file'}")
 
 
 def resolve_synonyms(args, given):

@@ -1,10 +1,13 @@
 """Small shared pieces: the error types and exit statuses, crash-safe writes that refuse NaN, and the run name and
 every path a run writes."""
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import stat
+import string
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -37,9 +40,14 @@ class Interrupted(Exception):
     """SIGINT / SIGTERM during training: state saved, reported with how to resume; exit status 130."""
 
 
+class StopRequested(Exception):
+    """SIGINT / SIGTERM (its name the message) outside the training steps: raised at once (ddpm_runtime); exit
+    status 130."""
+
+
 # what stops a command with a message (failure_text) and an exit status (exit_status) instead of a traceback
-STOPPING_ERRORS = (UserError, TrainingError, NonFiniteError, WriteError, OutOfMemory, Interrupted, KeyboardInterrupt,
-                   OSError)
+STOPPING_ERRORS = (UserError, TrainingError, NonFiniteError, WriteError, OutOfMemory, Interrupted, StopRequested,
+                   KeyboardInterrupt, OSError)
 
 
 def failure_text(e):
@@ -48,6 +56,8 @@ def failure_text(e):
         return str(e)
     if isinstance(e, KeyboardInterrupt):
         return "interrupted (Ctrl-C); files already written stay, nothing is half-written"
+    if isinstance(e, StopRequested):
+        return f"stopped by {e}; files already written stay, nothing is half-written"
     if isinstance(e, NonFiniteError):
         return f"error: {e}; nothing was written from them"
     if isinstance(e, OSError):
@@ -57,7 +67,8 @@ def failure_text(e):
 
 def exit_status(e):
     """2 for bad input, 130 for an interruption, else 1."""
-    return 2 if isinstance(e, UserError) else 130 if isinstance(e, (Interrupted, KeyboardInterrupt)) else 1
+    return 2 if isinstance(e, UserError) else 130 if isinstance(e, (Interrupted, StopRequested, KeyboardInterrupt)) \
+        else 1
 
 
 def require_finite(tensor, what):
@@ -152,6 +163,29 @@ def write_json(obj, path):
     atomic_write_text(text + "\n", path)
 
 
+def input_file_problem(path):
+    """What keeps `path` from being read as a file (None: nothing), said after the path: it does not exist, is a loop
+    of symbolic links or a link to nothing, is a folder or not a regular file (a FIFO would block the read), or
+    cannot be opened for reading. Nothing is read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+        return "does not exist" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+
+
 def check_writable_folder(path, flag):
     """UserError unless `path` is a folder this process can write in, or one it can create; creates nothing."""
     existing = os.path.abspath(path)
@@ -239,6 +273,57 @@ class RunFiles:
     def output(self, kind, **fields):
         """<save_dir>/<OUTPUT_NAMES[kind] for this run>, e.g. output('epoch_grid', epoch=3)."""
         return os.path.join(self.save_dir, OUTPUT_NAMES[kind].format(run=self.run_name, **fields))
+
+    def output_names(self, suffix=""):
+        """A pattern of every file name this run writes to save_dir (epochs any number), followed by `suffix`."""
+        patterns = []
+        for template in OUTPUT_NAMES.values():
+            patterns.append("".join(re.escape(text) + ("" if field is None else re.escape(self.run_name)
+                                                       if field == "run" else r"[0-9]+")
+                                    for text, field, _, _ in string.Formatter().parse(template)))
+        return re.compile(f"(?:{'|'.join(patterns)}){suffix}")
+
+    def is_output(self, path):
+        """Whether `path` is one of the files this run writes to save_dir."""
+        folder, name = os.path.split(os.path.realpath(path))
+        return folder == os.path.realpath(self.save_dir) and self.output_names().fullmatch(name) is not None
+
+    def stale_temporaries(self):
+        """The temporary files (and folders) that atomic writes of this run left behind when its process was killed
+        (kill -9, a power cut): '<name>.tmp<pid>' of a process no longer running."""
+        found = []
+        for folder, names in ((self.ckpt_dir, re.compile(f"(?:{'|'.join(map(re.escape, CHECKPOINT_NAMES))})"
+                                                         r"\.tmp([0-9]+)")),
+                              (self.save_dir, self.output_names(r"\.tmp([0-9]+)"))):
+            for name in (os.listdir(folder) if os.path.isdir(folder) else []):
+                match = names.fullmatch(name)
+                if match and not process_running(int(match.group(1))):
+                    found.append(os.path.join(folder, name))
+        return found
+
+
+def process_running(pid):
+    """Whether a process of this id runs on this machine (this one included)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2 ** 22  # another user's process; an id past the kernel's range runs nowhere
+    return True
+
+
+def make_way(files, inputs):
+    """Before a command writes `files` (RunFiles): UserError when one of the files it reads, inputs {flag: path},
+    is one it would write over; then the temporary files of killed runs of the same name are removed."""
+    for flag, path in inputs.items():
+        if path and files.is_output(path):
+            raise UserError(f"{flag} {path!r} is where this command writes one of its outputs (run "
+                            f"{files.run_name!r}); give another --run_name or --save_dir, or move the file")
+    for path in files.stale_temporaries():
+        (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
 
 
 def stderr_is_terminal():

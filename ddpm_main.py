@@ -5,14 +5,27 @@ MNIST, Fashion-MNIST or any folder of images, and sample from a saved checkpoint
     python ddpm_main.py --conditional --epochs 30 --p_uncond 0.1 --save_model --run_name DDPM_cond
     python ddpm_main.py --inference --model_path models/DDPM_30epochs/ckpt.pt --num_samples 64
 """
-import dataclasses
-import importlib.util
-import math
 import os
+import signal
 import sys
-import time
 
-import torch
+
+def stopped_while_starting(signum, frame):
+    """Ctrl-C or SIGTERM while the command starts (importing torch takes seconds): one line, exit status 130."""
+    os.write(2, f"ddpm_main.py: stopped by {signal.Signals(signum).name} while starting; nothing was written\n".encode())
+    os._exit(130)
+
+
+if __name__ == "__main__":  # before the imports below
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, stopped_while_starting)
+
+import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 from ddpm_checkpoint import (TOOL_VERSION, imported_checkpoint, inference_run_name, load_resumable, load_sampling_model,
                              save_checkpoint, stored_run_name, write_config_json)
@@ -21,16 +34,16 @@ from ddpm_config import (COMMAND_LINE_SETTINGS, check_fixed_settings, imported_c
 from ddpm_data import DEFAULT_DATA_DIR, check_stage_count, image_size_of, model_side, require_image_folder
 from ddpm_diffusion import SamplerSettings
 from ddpm_fid import InceptionFeatures, ref_statistics_file
-from ddpm_flags import (Command, build_parser, check_numbers, flags_given, parse_command_line, resolve_synonyms,
-                        sampler_settings)
+from ddpm_flags import (Command, build_parser, check_flags_apply, check_numbers, flags_given, parse_command_line,
+                        resolve_synonyms, sampler_settings)
 from ddpm_helpers import (STOPPING_ERRORS, NonFiniteError, RunFiles, TrainingError, UserError, WriteError,
-                          check_run_name, check_writable_folder, exit_status, failure_text, require_finite,
-                          sanitized_run_name, stderr_is_terminal, write_folder, write_json)
+                          check_run_name, check_writable_folder, exit_status, failure_text, input_file_problem,
+                          make_way, require_finite, sanitized_run_name, stderr_is_terminal, write_folder, write_json)
 from ddpm_interop import (FORMAT_NAMES, PUBLISHED, diffusers_folder_files, export_problem, foreign_weights_path,
                           import_weights, read_foreign)
 from ddpm_model import UNetConfig
 from ddpm_pictures import GRID_UNCONDITIONAL, MAX_CLASS_ROWS, STRIP_ROWS
-from ddpm_runtime import SignalFlag, StopRequested, check_run_memory, init_distributed, memory_guard
+from ddpm_runtime import SignalFlag, StopRequested, check_run_memory, init_distributed, memory_guard, stop_on_signals
 from ddpm_sample import (class_cycle, class_indices, fid_reference, grayscale_fid_note, measure_fid_and_is, measure_nll,
                          nll_test_images, parse_classes, prepare_sampler, save_samples, whole_rows,
                          write_denoising_strip, write_guidance_sweep)
@@ -88,6 +101,7 @@ def check_flag_combinations(args):
             raise UserError("--tensorboard logs training; --inference writes its samples and metrics to --save_dir")
         if importlib.util.find_spec("tensorboard") is None:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    check_flags_apply(args, args.given, args.job)
 
 
 def check_paths(args):
@@ -97,8 +111,8 @@ def check_paths(args):
     if args.run_name is not None:
         check_run_name(args.run_name)
     for flag, path in (("--fid_inception", args.fid_inception), ("--fid_ref_stats", args.fid_ref_stats)):
-        if path is not None and not os.path.isfile(path):
-            raise UserError(f"{flag} {path!r} is not a file")
+        if path is not None and input_file_problem(path):
+            raise UserError(f"{flag} {path!r} {input_file_problem(path)}")
     folders = {"--save_dir": args.save_dir, "--export_diffusers": args.export_diffusers}
     if args.job in ("train", "import"):
         folders.update({"--models_dir": args.models_dir, "--tensorboard": args.tensorboard})
@@ -166,6 +180,7 @@ def train(args):
     130) or the time budget stops it (ddpm_train.train_epochs), then finish: the final checkpoint, metrics and FID. NaN
     or infinity stops it (exit 1) before anything is written from them."""
     saved, run_name, resume = resumed_checkpoint(args)
+    make_way(run_files(args, run_name), {"--fid_ref_stats": args.fid_ref_stats, "--fid_inception": args.fid_inception})
     settings = {**command_line_settings(args, saved), "run_name": run_name}
     run = set_up_run(settings, args.given, training_options(args, run_name, resume), saved)
     with run.report:
@@ -240,6 +255,8 @@ def inference(args):
     config = ckpt["config"]
     run_name = args.run_name or inference_run_name(args.model_path, config)
     files, verbose = run_files(args, run_name), not args.quiet
+    make_way(files, {"--model_path": args.model_path, "--fid_ref_stats": args.fid_ref_stats,
+                     "--fid_inception": args.fid_inception})
     settings = sampler_settings(args, saved_sampler_settings(config), config["timesteps"])
     asked_classes = check_against_model(args, config, settings)
     nll_variance = args.nll_variance or settings.variance  # the bound's σ_t²: the sampler's unless given
@@ -379,8 +396,8 @@ def main(argv=None):
         if args.job == "train" else (0, 1, 0)
     args = Command(**vars(args), rank=rank, world_size=world_size, local_rank=local_rank)  # read once: frozen now
     try:
-        with memory_guard("training" if args.job == "train" else args.job,
-                          "lower --sample_batch, --batch_size or --dim"):
+        with stop_on_signals(), memory_guard("training" if args.job == "train" else args.job,
+                                             "lower --sample_batch, --batch_size or --dim"):
             JOBS[args.job](args)
     except STOPPING_ERRORS as e:
         if args.rank == 0:

@@ -38,10 +38,14 @@ def save_grid(images, path, nrow):
         Image.fromarray(pixels[..., 0] if images.shape[1] == 1 else pixels).save(f, format="png")
 
 
+CLASS_NAME_BYTES = 100  # the most of a class name a file name takes: 'NNNNN_' + 100 bytes + '.png' fits in 255
+
+
 def file_name_part(text):
     """A class name as it can stand in a file name: every run of characters other than letters, digits and '_'
-    becomes one '_' ('T-shirt/top' → 'T_shirt_top', '0 - zero' → '0_zero')."""
-    return re.sub(r"\W+", "_", text).strip("_") or "_"
+    becomes one '_' ('T-shirt/top' → 'T_shirt_top', '0 - zero' → '0_zero'), cut to CLASS_NAME_BYTES in UTF-8."""
+    part = re.sub(r"\W+", "_", text).strip("_").encode()[:CLASS_NAME_BYTES].decode(errors="ignore")
+    return part or "_"
 
 
 def save_individual_pngs(images, folder, labels=None, classes=None):

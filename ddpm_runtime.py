@@ -6,10 +6,11 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 
 import torch
 
-from ddpm_helpers import OutOfMemory, UserError
+from ddpm_helpers import OutOfMemory, StopRequested, UserError
 from ddpm_model import build_unet
 
 
@@ -265,8 +266,24 @@ def check_run_memory(device, sample_batch, model_config, timesteps, side, sample
 
 # --------------------------------------------------------------------------------- signals
 
-class StopRequested(Exception):
-    """SIGINT / SIGTERM outside the training steps (an evaluation, a picture, the end-of-run work): raised at once."""
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside the block, SIGINT raises KeyboardInterrupt and SIGTERM StopRequested at once (a command's work, a
+    training run's set-up), each reported as one line, exit status 130; SignalFlag takes over while a run trains. (Outside the main thread, where
+    Python takes no signal handlers, nothing changes.)"""
+    def handle(signum, frame):
+        raise StopRequested(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),  # KeyboardInterrupt
+                signal.SIGTERM: signal.signal(signal.SIGTERM, handle)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class SignalFlag:

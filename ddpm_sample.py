@@ -7,6 +7,7 @@ Training (its per-epoch grids and final FID, ddpm_train.py) and inference (ddpm_
 """
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def class_indices(items, classes):
     for item in items:
         if item in classes:
             indices.append(classes.index(item))
-        elif item.lstrip("-").isdigit() and 0 <= int(item) < len(classes):
+        elif re.fullmatch(r"[0-9]{1,9}", item) and int(item) < len(classes):  # ASCII digits: int() takes others
             indices.append(int(item))
         else:
             names = ", ".join(classes[:12]) + (", …" if len(classes) > 12 else "")

@@ -152,12 +152,12 @@ def part_cli(a, data, limit_s):
     """The CLI end to end: training (a minute, compiled), then a 64-image inference with each sampler."""
     deadline, log, results = time.monotonic() + limit_s, os.path.join(a.out, "2_cli.txt"), {"commands": []}
     main = [sys.executable, "-u", "ddpm_main.py"]
-    folders = ["--save_dir", os.path.join(a.work, "cli"), "--models_dir", os.path.join(a.work, "models")]
-    train = [*main, "--data_dir", data, "--save_model", "--run_name", "gpu_cli", *folders,
-             *(SMOKE_CLI_TRAIN_ARGS if a.smoke else CLI_TRAIN_ARGS)]
+    outputs = ["--save_dir", os.path.join(a.work, "cli")]
+    train = [*main, "--data_dir", data, "--save_model", "--run_name", "gpu_cli", *outputs,
+             "--models_dir", os.path.join(a.work, "models"), *(SMOKE_CLI_TRAIN_ARGS if a.smoke else CLI_TRAIN_ARGS)]
     model = os.path.join(a.work, "models", "gpu_cli", "ckpt.pt")
     commands = [("train", train)] + [(sampler, [*main, "--inference", "--model_path", model, "--sampler", sampler,
-                                                "--run_name", f"gpu_cli_{sampler.replace('+', 'p')}", *folders,
+                                                "--run_name", f"gpu_cli_{sampler.replace('+', 'p')}", *outputs,
                                                 *(["--num_samples", "4", "--no_cuda"] if a.smoke else [])])
                                      for sampler in SAMPLERS]
     for name, command in commands:

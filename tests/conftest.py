@@ -100,3 +100,10 @@ def local_downloads_only(tmp_path_factory):
 def fake_inception(tmp_path_factory):
     """A stand-in for torch-fidelity's Inception weights file: its format and shapes, random weights (seed 0)."""
     return write_random_inception(str(tmp_path_factory.mktemp("net") / "random_inception.pth"))
+
+
+def save_edited(ckpt, path):
+    """Save a checkpoint edited by hand, as another tool (or an older version of this one) writes it: without the
+    digest this tool's writer adds, which the edit would no longer match."""
+    import torch
+    torch.save({key: value for key, value in ckpt.items() if key != "sha256"}, path)

@@ -5,6 +5,8 @@ NaN weights are never written and never loaded."""
 import pytest
 import torch
 
+from conftest import save_edited
+
 import ddpm_flags
 from ddpm_checkpoint import TrainingState, build_checkpoint, load_checkpoint, restore_training, save_checkpoint
 from ddpm_config import (ADJUSTABLE_SETTINGS, DERIVED_KEYS, FIXED_SETTINGS, MODEL_SETTINGS, RUN_SETTINGS,
@@ -162,6 +164,6 @@ def test_nonfinite_weights_are_never_written_nor_loaded(bad_value, tmp_path):
     with pytest.raises(NonFiniteError, match=r"NaN or infinite values \(ema.final_conv.bias\)"):
         save_checkpoint(ckpt, tmp_path / "last.pt")
     assert list(tmp_path.iterdir()) == []
-    torch.save(ckpt, tmp_path / "written_elsewhere.pt")
+    save_edited(ckpt, tmp_path / "written_elsewhere.pt")
     with pytest.raises(UserError, match="NaN or infinite weights"):
         load_checkpoint(str(tmp_path / "written_elsewhere.pt"))

@@ -16,7 +16,7 @@ from PIL import Image
 import ddpm_flags
 import ddpm_main
 import ddpm_train_step
-from conftest import MAIN, ROOT, TINY_MODEL, make_image_folder, run_main
+from conftest import MAIN, ROOT, TINY_MODEL, make_image_folder, run_main, save_edited
 from ddpm_checkpoint import TOOL_VERSION, export_for_inference, load_checkpoint
 from ddpm_helpers import NonFiniteError, write_json
 from ddpm_runtime import choose_precision
@@ -161,7 +161,7 @@ BAD_ARGUMENTS = [
     (["--fid_ref", "test", "--fid_ref_stats", "s.npz"], "--fid_ref and --fid_ref_stats set up the FID of --eval_fid N"),
     (["--eval_fid", "10", "--fid_ref", "test", "--fid_ref_stats", "s.npz"],
      "--fid_ref picks the split whose statistics are computed, --fid_ref_stats gives statistics instead: give one"),
-    (["--eval_fid", "10", "--fid_inception", "missing.pth"], "--fid_inception 'missing.pth' is not a file"),
+    (["--eval_fid", "10", "--fid_inception", "missing.pth"], "--fid_inception 'missing.pth' does not exist"),
     (["--eval_fid", "10", "--fid_ref", "val"], "argument --fid_ref: invalid choice: 'val'"),
 ]
 
@@ -291,7 +291,7 @@ def test_divergence_names_the_last_good_checkpoint_and_how_to_go_on_from_it(tiny
 def test_samples_that_are_not_finite_are_not_written(trained, tmp_path, monkeypatch, capsys):
     ckpt = load_checkpoint(str(trained / "models" / "uncond" / "ckpt.pt"))
     ckpt["ema"]["init_conv.weight"] *= 1e37  # finite weights whose activations overflow: NaN from GroupNorm
-    torch.save(ckpt, tmp_path / "overflowing.pt")
+    save_edited(ckpt, tmp_path / "overflowing.pt")
     monkeypatch.chdir(tmp_path)
     code, err = run_in_process(["--inference", "--model_path", "overflowing.pt", "--num_samples", "2", "--no_cuda"],
                                capsys)
@@ -373,7 +373,7 @@ def test_checkpoints_carry_the_settings_they_sample_with(tiny_data, tmp_path, mo
     assert sampled_with("--sampler", "dpm++2m", "--spacing", "time").endswith(
         ": dpm++2m, 10 steps (time spacing), guidance 2.0")
     del ckpt["config"]["sampling"]  # as written before checkpoints carried sampling settings
-    torch.save(ckpt, "old.pt")
+    save_edited(ckpt, "old.pt")
     assert sampled_with(model="old.pt").endswith(": dpm++2m, 10 steps (lambda spacing), guidance 3.0")
 
 

@@ -1,5 +1,6 @@
 """ddpm_config: one declaration per setting, and what is derived from it (flags, checks, resume rules, docs)."""
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -45,18 +46,24 @@ def test_ranges_say_what_they_hold():
 
 
 def test_the_checkpoint_checks_come_from_the_same_declarations():
-    words = {key: CONFIG_ENTRIES[key][1] for key in ("epochs", "lr", "min_snr_gamma", "dim_mults", "attn_resolutions",
+    words = {key: CONFIG_ENTRIES[key].words() for key in ("epochs", "lr", "min_snr_gamma", "dim_mults", "attn_resolutions",
                                                       "schedule", "conditional", "p_uncond", "data_dir")}
     assert words == {"epochs": "a whole number ≥ 1", "lr": "a number > 0", "min_snr_gamma": "none or a number > 0",
                      "dim_mults": "a list of whole numbers ≥ 1",
                      "attn_resolutions": "none or a list of whole numbers ≥ 1",
                      "schedule": "one of linear, cosine, sigmoid", "conditional": "true or false",
                      "p_uncond": "a number in [0, 1]", "data_dir": "a folder"}
-    holds = {key: test for key, (test, _) in CONFIG_ENTRIES.items()}
+    holds = {key: value.holds for key, value in CONFIG_ENTRIES.items()}
     assert holds["epochs"](3) and not holds["epochs"](0) and not holds["epochs"](2.5) and not holds["epochs"](True)
     assert holds["lr"](1e-3) and not holds["lr"](float("nan")) and not holds["lr"]("0.1")
     assert holds["min_snr_gamma"](None) and not holds["lr"](None)
     assert holds["dim_mults"]([1, 2]) and not holds["dim_mults"]([]) and not holds["dim_mults"]([1, 0])
+    sampling = CONFIG_ENTRIES["sampling"]  # the sampler settings by their flags' declarations, and nothing else
+    assert sampling.fields["guidance_scale"] == BY_NAME["guidance_scale"].value
+    assert sampling.problem({"guidance_scale": "3"}, "s") == "s.guidance_scale is '3', not a number ≥ 0"
+    assert sampling.problem({"steps": 2.5}, "s") == "s.steps is 2.5, not none or a whole number ≥ 1"
+    assert sampling.problem({"order": 2}, "s").startswith("s holds order, not one of sampler, steps, ")
+    assert sampling.problem({"guidance_interval": [0.5, math.inf], "steps": None}, "s") is None
 
 
 def test_every_stored_default_and_preset_value_passes_its_own_check():
@@ -107,7 +114,7 @@ def test_a_config_entry_of_the_wrong_type_is_named():
     assert config_problem({**config, "timesteps": "10"}) == "the config's timesteps is '10', not a whole number ≥ 1"
     assert config_problem({**config, "ema_decay": 1.0}) == "the config's ema_decay is 1.0, not a number in [0, 1)"
     assert config_problem({**config, "model": {"dim": 8, "dim_mults": [1, 2], "norm_eps": 0}}) == \
-        "the model's norm_eps is 0, not a number > 0"
+        "the config's model.norm_eps is 0, not a number > 0"
 
 
 def test_float_list_and_int_list_refuse_what_they_cannot_read():

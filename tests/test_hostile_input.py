@@ -16,7 +16,8 @@ import torch
 import ddpm_helpers
 import ddpm_pictures
 import ddpm_runtime
-from conftest import MAIN, TINY_MODEL, make_image_folder, run_main
+from conftest import MAIN, TINY_MODEL, make_image_folder, run_main, save_edited
+from ddpm_checkpoint import write_checkpoint
 from ddpm_data import CACHE_NAME, DeviceLoader, load_dataset
 from ddpm_fid import (InceptionFeatures, reference_statistics, statistics_problem, stats_cache_name,
                       write_random_inception)
@@ -93,7 +94,7 @@ RESUME = ("cond/last.pt", ["--resume", "damaged.pt", "--epochs", "2"])
     (SAMPLE, "unknown schedule", "the config's schedule is 'quadratic', not one of linear, cosine, sigmoid"),
     (SAMPLE, "config a list", "its config is not a dict"),
     (SAMPLE, "weights not tensors", "its ema weights are not a dict of tensors"),
-    (SAMPLE, "bad sampling", "the config's sampling is {'sampler': 'euler'}, not sampler settings"),
+    (SAMPLE, "bad sampling", "the config's sampling.sampler is 'euler', not one of dpm++2m, ddim, ddpm"),
     (RESUME, "fewer parameters in the optimizer", "its optimizer state is for 2 parameters, the network has "),
     (RESUME, "rng not a tensor", "the checkpoint's rng is {'cpu': [1, 2, 3], 'cuda': []}, not the generators' "
                                  "states"),
@@ -104,7 +105,7 @@ RESUME = ("cond/last.pt", ["--resume", "damaged.pt", "--epochs", "2"])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_what_is_wrong_before_anything_is_written(
         use, how, message, trained, tmp_path):
     source, argv = use
-    torch.save(damage(torch.load(trained / "models" / source, weights_only=True), how), tmp_path / "damaged.pt")
+    save_edited(damage(torch.load(trained / "models" / source, weights_only=True), how), tmp_path / "damaged.pt")
     before = tree(tmp_path)
     result = run_main(*argv, "--no_cuda", cwd=tmp_path)
     assert one_line_error(result).startswith(f"ddpm_main.py: error: 'damaged.pt' is damaged or incomplete: {message}")
@@ -316,7 +317,7 @@ def test_a_run_name_that_is_not_a_name_is_refused_and_nothing_is_written_anywher
 def test_a_checkpoints_invalid_run_name_is_replaced_and_nothing_leaves_the_save_dir(trained, tmp_path):
     ckpt = torch.load(trained / "models" / "uncond" / "ckpt.pt", weights_only=True)
     ckpt["config"]["run_name"] = "../../evil name"  # an older tool's, or a hand-edited file
-    torch.save(ckpt, tmp_path / "old copy.pt")  # not a valid run name either: the stored one is tried
+    write_checkpoint(ckpt, str(tmp_path / "old copy.pt"))  # not a valid run name either: the stored one is tried
     result = run_main("--inference", "--model_path", "old copy.pt", "--num_samples", "2", "--no_cuda", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[0] == ("note: 'old copy.pt' carries the run name '../../evil name', which is "

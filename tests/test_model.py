@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from ddpm_diffusion import Diffusion, cosine_beta_schedule
-from ddpm_checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from ddpm_helpers import atomic_torch_save
+from ddpm_checkpoint import CHECKPOINT_FORMAT, load_checkpoint, write_checkpoint
 from ddpm_model import UNet, UNetConfig
 
 
@@ -58,9 +57,10 @@ def test_checkpoint_round_trip_reproduces_outputs(tmp_path):
     config = UNetConfig(dim=8, dim_mults=(1, 2), num_classes=10)
     model = UNet(config)
     path = str(tmp_path / "ckpt.pt")
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": {"model": config.to_dict(), "timesteps": 10,
-                                                               "schedule": "cosine", "image_size": 16},
-                       "model": model.state_dict()}, path)
+    write_checkpoint({"format": CHECKPOINT_FORMAT, "config": {"model": config.to_dict(), "timesteps": 10,
+                                                              "schedule": "cosine", "image_size": 16,
+                                                              "classes": [f"c{i}" for i in range(10)]},
+                      "model": model.state_dict()}, path)
     ckpt = load_checkpoint(path)
     rebuilt = UNet(UNetConfig.from_dict(ckpt["config"]["model"]))
     rebuilt.load_state_dict(ckpt["model"])

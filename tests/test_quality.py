@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import ddpm_flags
-from conftest import TINY_MODEL, run_main
+from conftest import TINY_MODEL, run_main, save_edited
 from ddpm_checkpoint import export_for_inference, load_checkpoint
 from ddpm_train_step import learning_rate, update_ema
 
@@ -25,7 +25,7 @@ def test_inference_uses_ema_weights(trained, tmp_path):
     ckpt = torch.load(trained / "models" / "cond" / "ckpt.pt", weights_only=True)
     assert ckpt["ema"].keys() == ckpt["model"].keys()
     ckpt["model"] = {k: torch.full_like(v, float("nan")) for k, v in ckpt["model"].items()}
-    torch.save(ckpt, tmp_path / "nan_raw_weights.pt")
+    save_edited(ckpt, tmp_path / "nan_raw_weights.pt")
     result = run_main("--inference", "--conditional", "--model_path", tmp_path / "nan_raw_weights.pt",
                      "--num_samples", "3", "--sampler", "ddim", "--sampling_steps", "3", "--no_cuda", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -89,7 +89,7 @@ def test_export_for_inference_keeps_only_bf16_ema_weights(trained, tmp_path):
     ckpt = load_checkpoint(str(trained / "models" / "cond" / "ckpt.pt"))
     export_for_inference(ckpt, str(tmp_path / "small" / "ckpt.pt"))
     small = torch.load(tmp_path / "small" / "ckpt.pt", weights_only=True)
-    assert set(small) == {"format", "version", "config", "versions", "ema"}
+    assert set(small) == {"format", "version", "config", "versions", "ema", "sha256"}
     assert small["config"] == {**ckpt["config"], "data_dir": "./data"}  # no path from the training machine
     for name, weight in ckpt["ema"].items():
         assert small["ema"][name].dtype == torch.bfloat16

@@ -16,7 +16,7 @@ def test_shipped_model_is_a_small_bf16_ema_checkpoint():
     assert os.path.getsize(SHIPPED) <= 8_000_000
     ckpt = torch.load(SHIPPED, map_location="cpu", weights_only=True)  # plain torch, as the model card says
     assert ckpt["format"] == "ddpm-cifar10"
-    assert set(ckpt) == {"format", "version", "config", "versions", "ema"}  # no raw weights, no optimizer
+    assert set(ckpt) == {"format", "version", "config", "versions", "ema", "sha256"}  # no raw weights, no optimizer
     assert {v.dtype for v in ckpt["ema"].values()} == {torch.bfloat16}
     config = ckpt["config"]
     assert config["conditional"] and config["num_classes"] == 10 and config["image_size"] == 32
