@@ -723,6 +723,6 @@ def image_size_problem(config, model):
     if model.image_size is not None and model.image_size != side:
         return f"the config's image_size ({side}) and its model's ({model.image_size}) differ"
     if side % unit:
-        return (f"the config's image_size is {side}, and its {len(model.dim_mults)} stages need at least {unit} pixels a "
-                f"side, a multiple of {unit}")
+        return (f"the config's image_size is {side}, and its {len(model.dim_mults)} stages need at least {unit} pixels "
+                f"a side, a multiple of {unit}")
     return None

@@ -12,7 +12,8 @@ import sys
 
 def stopped_while_starting(signum, frame):
     """Ctrl-C or SIGTERM while the command starts (importing torch takes seconds): one line, exit status 130."""
-    os.write(2, f"ddpm_main.py: stopped by {signal.Signals(signum).name} while starting; nothing was written\n".encode())
+    line = f"ddpm_main.py: stopped by {signal.Signals(signum).name} while starting; nothing was written\n"
+    os.write(2, line.encode())
     os._exit(130)
 
 

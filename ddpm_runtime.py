@@ -269,8 +269,8 @@ def check_run_memory(device, sample_batch, model_config, timesteps, side, sample
 @contextlib.contextmanager
 def stop_on_signals():
     """Inside the block, SIGINT raises KeyboardInterrupt and SIGTERM StopRequested at once (a command's work, a
-    training run's set-up), each reported as one line, exit status 130; SignalFlag takes over while a run trains. (Outside the main thread, where
-    Python takes no signal handlers, nothing changes.)"""
+    training run's set-up), each reported as one line, exit status 130; SignalFlag takes over while a run trains.
+    (Outside the main thread, where Python takes no signal handlers, nothing changes.)"""
     def handle(signum, frame):
         raise StopRequested(signal.Signals(signum).name)
 

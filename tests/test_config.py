@@ -46,8 +46,9 @@ def test_ranges_say_what_they_hold():
 
 
 def test_the_checkpoint_checks_come_from_the_same_declarations():
-    words = {key: CONFIG_ENTRIES[key].words() for key in ("epochs", "lr", "min_snr_gamma", "dim_mults", "attn_resolutions",
-                                                      "schedule", "conditional", "p_uncond", "data_dir")}
+    words = {key: CONFIG_ENTRIES[key].words() for key in ("epochs", "lr", "min_snr_gamma", "dim_mults",
+                                                          "attn_resolutions", "schedule", "conditional", "p_uncond",
+                                                          "data_dir")}
     assert words == {"epochs": "a whole number ≥ 1", "lr": "a number > 0", "min_snr_gamma": "none or a number > 0",
                      "dim_mults": "a list of whole numbers ≥ 1",
                      "attn_resolutions": "none or a list of whole numbers ≥ 1",

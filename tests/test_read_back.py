@@ -31,25 +31,21 @@ def first_weight(part, change):
     return apply
 
 
+def holder(ckpt, keys):
+    """The dict that holds ckpt[k1][k2]…[kn], kn its key."""
+    for key in keys[:-1]:
+        ckpt = ckpt[key]
+    return ckpt
+
+
 def set_in(*keys_and_value):
     """A change that sets ckpt[k1][k2]… = value."""
     *keys, value = keys_and_value
-
-    def apply(ckpt):
-        target = ckpt
-        for key in keys[:-1]:
-            target = target[key]
-        target[keys[-1]] = value
-    return apply
+    return lambda ckpt: holder(ckpt, keys).__setitem__(keys[-1], value)
 
 
 def delete(*keys):
-    def apply(ckpt):
-        target = ckpt
-        for key in keys[:-1]:
-            target = target[key]
-        del target[keys[-1]]
-    return apply
+    return lambda ckpt: holder(ckpt, keys).pop(keys[-1])
 
 
 def save_damaged(source, change, path):
@@ -117,7 +113,8 @@ def test_checkpoint_contents_are_checked_by_their_declarations(name, use, change
 
 
 LAST_PT_STATE = [
-    ("timing a string", set_in("timing", "train_s", "slow"), "the checkpoint's timing.train_s is 'slow', not a number ≥ 0"),
+    ("timing a string", set_in("timing", "train_s", "slow"),
+     "the checkpoint's timing.train_s is 'slow', not a number ≥ 0"),
     ("timing NaN", set_in("timing", "wall_s", math.nan), "the checkpoint's timing.wall_s is nan, not a number ≥ 0"),
     ("timing a list", set_in("timing", [1.0]), "the checkpoint's timing is [1.0], not seconds per activity"),
     ("epoch fractional", set_in("epoch", 1.5), "the checkpoint's epoch is 1.5, not a whole number ≥ 0"),
@@ -125,7 +122,8 @@ LAST_PT_STATE = [
     ("skipped steps negative", set_in("skipped_steps", -1), "the checkpoint's skipped_steps is -1, not a whole number"),
     ("best_val a string", set_in("best_val", "low"), "the checkpoint's best_val is 'low', not a number"),
     ("epoch_loss_sum NaN", set_in("epoch_loss_sum", math.nan), "the checkpoint's epoch_loss_sum is nan, not a number"),
-    ("budget_spent a string", set_in("budget_spent", "yes"), "the checkpoint's budget_spent is 'yes', not true or false"),
+    ("budget_spent a string", set_in("budget_spent", "yes"),
+     "the checkpoint's budget_spent is 'yes', not true or false"),
     ("history lengths differ", lambda c: c["history"]["val_loss"].append(1.0),
      "the checkpoint's history holds lists of different lengths"),
     ("history losses strings", lambda c: c["history"].update(train_loss=["a"]),
