@@ -27,6 +27,7 @@ from ddpm_diffusion import (
     SamplerSettings,
     make_schedule,
 )
+from ddpm_editing import EDIT_IMAGES, EDITING_STEPS, MASK_SHAPES
 from ddpm_fid import INCEPTION, IS_SPLITS, REFERENCE_SPLITS
 from ddpm_helpers import UserError
 from ddpm_interop import PUBLISHED
@@ -212,6 +213,7 @@ class Setting:
     means: tuple = None       # a synonym kept for older scripts, (flag, value) it stands for: accepted, not in --help
     stored_as: Value = None   # what the config holds, where the flag's parse, check and choices do not say it
     used_in: tuple = None     # the jobs the flag does something in (None: its section's, SECTION_JOBS)
+    needs: tuple = None       # flags one of which must be given with it (None: none)
 
     @property
     def jobs(self):
@@ -259,6 +261,7 @@ SECTIONS = {
     "data": ("data", None),
     "files": ("files, checkpoints and logs", None),
     "inference": ("inference", None),
+    "editing": ("editing real images (inference, instead of sampling)", None),
     "sampling": ("sampling (inference, the per-epoch grids and FID)",
                  "A checkpoint carries its sampling settings; these flags override them."),
     "evaluation": ("evaluation: FID, Inception Score and the bound", None),
@@ -269,7 +272,8 @@ SECTIONS = {
 # the jobs a section's flags do something in, unless a flag says otherwise (Setting.used_in)
 ALL_JOBS, SAMPLING_JOBS = (TRAIN, INFERENCE, IMPORT, EXPORT), (TRAIN, INFERENCE)
 SECTION_JOBS = {"training": (TRAIN,), "diffusion": (TRAIN,), "network": (TRAIN,), "data": SAMPLING_JOBS,
-                "files": (TRAIN,), "inference": (INFERENCE,), "sampling": (TRAIN, INFERENCE, IMPORT),
+                "files": (TRAIN,), "inference": (INFERENCE,), "editing": (INFERENCE,),
+                "sampling": (TRAIN, INFERENCE, IMPORT),
                 "evaluation": SAMPLING_JOBS, "foreign": (IMPORT,), "machine": SAMPLING_JOBS}
 
 S = Setting
@@ -386,12 +390,40 @@ SETTINGS = (
       more="Default: 8 of each class for a conditional model, else 64; with --eval_fid, only FID's samples."),
     S("sample_classes", "inference", "class indices or names, e.g. 3,5 or cat,dog", metavar="C,...",
       more=f"With --conditional (or --guidance_sweep); checked against the checkpoint's classes, cycled to "
-           f"--num_samples. Default: all the model's classes; a sweep's first {MAX_CLASS_ROWS}."),
+           f"--num_samples. Default: all the model's classes; a sweep's first {MAX_CLASS_ROWS}; the editing jobs: "
+           "each test image's own (files and seeds need them)."),
     S("guidance_sweep", "inference", "one grid: a row per guidance scale", None, float_list, check=NOT_NEGATIVE,
       metavar="W,...", more="A column per class, every row from the same noise."),
     S("denoising_strip", "inference", "one grid of x̂_0 as the sampler goes", False, bool,
       more=f"A row per sample ({STRIP_ROWS}, or --num_samples), x̂_0 as the network predicts it at {STRIP_COLUMNS} "
            "evenly spaced steps of the sampler, x_T to x_0."),
+    # editing real images
+    S("inpaint", "editing", f"RePaint a region: {', '.join(MASK_SHAPES)} or a PNG", metavar="SHAPE|PNG",
+      more="centre: the middle square of half the side; left: the left half; strokes: random brush strokes (from "
+           "--seed); a PNG of the images' size: white is filled, black kept. RePaint (Lugmayr et al. 2022): ancestral "
+           "steps whose known region is the input noised to the same level, re-noised back up at jumps. Grid: the "
+           "inputs, the region to fill, the results; and an npz. Only ancestral steps: a deterministic sampler cannot "
+           "re-noise (docs/editing.md)."),
+    S("jump_length", "editing", "RePaint's jump: levels back up", 5, int, check=AT_LEAST_ONE,
+      metavar="J", needs=("inpaint",), more="Lugmayr et al.'s j (theirs: 10)."),
+    S("jump_count", "editing", "RePaint's passes per jump (1: none)", 5, int, check=AT_LEAST_ONE,
+      metavar="R", needs=("inpaint",), more="Lugmayr et al.'s r (theirs: 10); each adds (R − 1) · J evaluations per "
+                                            "jump."),
+    S("invert", "editing", "real images to x_T by DDIM and back; their PSNR", False, bool,
+      more="DDIM with η = 0 run forwards (Song et al. 2021), then the DDIM sampler from the x_T it finds; w = 1 unless "
+           "--guidance_scale is given. Grid (inputs, x_T, reconstructions), invert_<run>.json (PSNR) and an npz."),
+    S("interpolate", "editing", "a strip between two images or seeds: A,B", metavar="A,B",
+      more="Each end a test index, an image file or seed:N (that seed's noise); images through their DDIM-inverted "
+           "x_T, spherical interpolation (slerp) between the two noises, each frame decoded by DDIM. With "
+           "--conditional, each end's class (a test image's own, or --sample_classes C or C1,C2): between two classes "
+           "the class blends too."),
+    S("frames", "editing", "frames in the --interpolate strip", 8, int, check=Range(2),
+      metavar="K", needs=("interpolate",), more="Its ends included."),
+    S("images", "editing", "the images to edit: test indices or image files", metavar="I|FILE,...",
+      needs=("inpaint", "invert"),
+      more=f"Comma-separated; an index is into the test split of the model's data (its --data_dir, else the one it "
+           f"was trained on). A file must be the model's image size. Default: {EDIT_IMAGES} test images spread over "
+           "the split (--num_samples: how many)."),
     # sampling
     S("sampler", "sampling", "dpm++2m (default), ddim, or ddpm (all T steps)", choices=tuple(SAMPLERS), stored=SAMPLING,
       more="dpm++2m: DPM-Solver++(2M), second order (Lu et al. 2022); ddim: first order (Song et al. 2021); ddpm: "
@@ -399,7 +431,8 @@ SETTINGS = (
            "(docs/sampling.md). A sampler other than the checkpoint's starts from its own "
            "defaults; the guidance scale and interval and the variance stay the checkpoint's."),
     S("sampling_steps", "sampling", f"network evaluations of dpm++2m and ddim ({DEFAULT_SAMPLING_STEPS})", None, int,
-      check=AT_LEAST_ONE, stored=SAMPLING, optional=True, field="steps", metavar="N", more="T when T is smaller."),
+      check=AT_LEAST_ONE, stored=SAMPLING, optional=True, field="steps", metavar="N",
+      more=f"T when T is smaller. --inpaint, --invert and --interpolate: their timesteps ({EDITING_STEPS})."),
     S("spacing", "sampling", "dpm++2m's steps evenly in λ (default) or in t", choices=SPACINGS, stored=SAMPLING,
       more="λ_t = log(√ᾱ_t / √(1−ᾱ_t)); lambda reads the better FID (BENCHMARKS.md)."),
     S("guidance_scale", "sampling", f"guidance w: 0 uncond., 1 cond., >1 more ({DEFAULT_GUIDANCE_SCALE})", None,

@@ -324,6 +324,13 @@ def crop_to_data(images, data_size):
     return images[..., top:top + h, left:left + w]
 
 
+def evenly_spread(indices, count):
+    """`count` of the indices (all when there are fewer), evenly spaced: in a class-sorted split, every class."""
+    if len(indices) <= count:
+        return indices
+    return indices[torch.linspace(0, len(indices) - 1, count).round().long()]
+
+
 def train_val_split(num_images, seed=0):
     """Indices of a fixed 90 / 10 split (45,000 / 5,000 for CIFAR-10's 50,000 training images)."""
     perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))

@@ -9,6 +9,9 @@ Samplers: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), DDIM (Song et al. 2021
 every step or only in an interval of noise levels (Kynkäänniemi et al. 2024).
 SAMPLERS is the table of samplers (a Diffusion method each, and the settings it takes); SamplerSettings names one way
 to sample; generate() and guidance_sweep() are what the CLI, the benchmarks and FID sample with.
+
+Editing real images: RePaint inpainting (Lugmayr et al. 2022), DDIM inversion (Song et al. 2021, η = 0 run forwards),
+spherical interpolation of noises (slerp), and ClassMix, the guided prediction of a blend of two classes.
 """
 import contextlib
 import dataclasses
@@ -149,13 +152,36 @@ def extract(a, t, shape):
     return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(shape) - 1)))
 
 
+@dataclass(frozen=True)
+class ClassMix:
+    """Class labels that blend two classes: each image's guided prediction is (1 − weight) · that of `first` +
+    weight · that of `second` (N,) each — the conditional scores mixed, as composable diffusion does (Liu et al.
+    2022); weight 0 is `first` exactly, 1 `second`. Stands wherever class_labels (N,) may."""
+    first: torch.Tensor   # (N,) class indices
+    second: torch.Tensor  # (N,)
+    weight: torch.Tensor  # (N,) in [0, 1]
+
+    def to(self, device):
+        return ClassMix(self.first.to(device), self.second.to(device), self.weight.to(device))
+
+    def __getitem__(self, index):
+        return ClassMix(self.first[index], self.second[index], self.weight[index])
+
+    def __len__(self):
+        return len(self.first)
+
+
 def guided_prediction(model, x, t, class_labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE):
     """The network's output (ε̂, or v̂ for a v-prediction model) with classifier-free guidance,
     out_uncond + w (out_cond − out_uncond), both branches in one forward of the 2N batch.
 
     w = 0: unconditional; w = 1: plain conditional; w > 1: amplified class. ε and v are linear in each
-    other at fixed x_t, so guiding either gives the same ε̂.
+    other at fixed x_t, so guiding either gives the same ε̂. class_labels may be a ClassMix.
     """
+    if isinstance(class_labels, ClassMix):  # linear in the conditional outputs: mixing guided outputs mixes classes
+        first = guided_prediction(model, x, t, class_labels.first, guidance_scale)
+        second = guided_prediction(model, x, t, class_labels.second, guidance_scale)
+        return torch.lerp(first, second, class_labels.weight.to(first.dtype).view(-1, 1, 1, 1))
     num_classes = getattr(model, "num_classes", None)
     if class_labels is None or num_classes is None:
         return model(x, t, class_labels)
@@ -500,6 +526,86 @@ class Diffusion(nn.Module):
             x = self.p_sample(model, x, t, step, class_labels, guidance_scales[i], clip_denoised, trace=trace,
                               variance=variance)
         return x
+
+    # editing real images -----------------------------------------------------------------------
+
+    def level_alpha_bar(self, steps, level):
+        """ᾱ at `level` of a sampler's timesteps `steps` (T−1 first): level 0 is x_0 (ᾱ = 1), level k the k-th
+        timestep from the end, steps[−k]."""
+        return 1.0 if level == 0 else self.alphas_cumprod[steps[-level]].item()
+
+    @torch.no_grad()
+    def repaint(self, model, x_known, fill, steps, class_labels=None, guidance_scales=None, jump_length=10,
+                jump_count=10, noise=None, progress=False):
+        """RePaint (Lugmayr et al. 2022, Algorithm 1): images x_known (N, C, H, W) in [−1, 1] with the region where
+        `fill` (N, 1, H, W) is 1 drawn by the model, the rest kept. On the way down, each ancestral step (DDIM with
+        η = 1: Ho et al.'s posterior on the timesteps `steps`, T−1 first) draws the unknown region, and the known
+        region is x_known noised to the same level, q(x_t | x_0) (eq. 4); at the jumps (repaint_levels) x goes back
+        up, q(x_t | x_{t−1}) re-noising it, so the model harmonises the two regions. Returns x_0, the kept region
+        equal to x_known."""
+        keep = 1 - fill
+        x = torch.randn_like(x_known) if noise is None else noise
+        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
+        path = repaint_levels(len(steps), jump_length, jump_count)
+        for here, there in tqdm(list(zip(path, path[1:])), desc="inpainting (RePaint)", leave=False,
+                                disable=not progress):
+            if there > here:                                           # back up: x_there ~ q(x_there | x_here)
+                ratio = self.level_alpha_bar(steps, there) / self.level_alpha_bar(steps, here)
+                x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * torch.randn_like(x)
+                continue
+            i = len(steps) - here                                      # steps[i]: the timestep of level `here`
+            t = torch.full((len(x),), steps[i], device=x.device, dtype=torch.long)
+            unknown = self.ddim_step(model, x, t, steps[i + 1] if there else -1, class_labels, guidance_scales[i],
+                                     eta=1.0)
+            alpha_bar = self.level_alpha_bar(steps, there)              # the known region at the same level: eq. 4
+            known = math.sqrt(alpha_bar) * x_known + math.sqrt(1 - alpha_bar) * torch.randn_like(x) if there \
+                else x_known
+            x = keep * known + fill * unknown
+        return x
+
+    @torch.no_grad()
+    def ddim_invert(self, model, x_zero, steps, class_labels=None, guidance_scales=None, progress=False):
+        """DDIM inversion: images x_0 (N, C, H, W) to the x_T that the DDIM sampler (η = 0) on the timesteps `steps`
+        (T−1 first) takes back to them, its deterministic step (eq. 12) run forwards. Each step s → t (t the higher
+        noise level) takes ε̂ from the network at the point it has, x_s, and t: x_t = √ᾱ_t x̂_0 + √(1 − ᾱ_t) ε̂ with
+        x̂_0 = (x_s − √(1 − ᾱ_s) ε̂) / √ᾱ_s — exact where ε̂ barely changes over a step, hence better with more steps.
+        guidance_scales[i] is the w at steps[i], as the sampler takes it."""
+        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
+        x = x_zero
+        for level in tqdm(range(1, len(steps) + 1), desc="inverting (ddim)", leave=False, disable=not progress):
+            i = len(steps) - level                                     # steps[i]: the timestep of this level
+            t = torch.full((len(x),), steps[i], device=x.device, dtype=torch.long)
+            eps, _ = self.model_predictions(model, x, t, class_labels, guidance_scales[i])
+            alpha_bar_s, alpha_bar_t = self.level_alpha_bar(steps, level - 1), self.level_alpha_bar(steps, level)
+            x_zero_hat = (x - math.sqrt(1 - alpha_bar_s) * eps) / math.sqrt(alpha_bar_s)
+            x = math.sqrt(alpha_bar_t) * x_zero_hat + math.sqrt(1 - alpha_bar_t) * eps
+        return x
+
+
+def repaint_levels(levels, jump_length, jump_count):
+    """The levels RePaint visits, from `levels` (x_T) down to 0 (x_0), one level at a time: down, except that on
+    reaching a multiple of jump_length (0 included, below levels − jump_length) it goes back up jump_length levels,
+    jump_count − 1 times, before going on down (Lugmayr et al. 2022's jump schedule, their j and r). Evaluations:
+    levels + (⌈levels / jump_length⌉ − 1) (jump_count − 1) jump_length."""
+    jumps = {level: jump_count - 1 for level in range(0, levels - jump_length, jump_length)}
+    path = [levels]
+    while path[-1] > 0:
+        path.append(path[-1] - 1)
+        if jumps.get(path[-1], 0) > 0:
+            jumps[path[-1]] -= 1
+            path += range(path[-1] + 1, path[-1] + jump_length + 1)
+    return path
+
+
+def slerp(a, b, weight):
+    """Spherical interpolation of noises a, b (C, H, W) at weight in [0, 1], in float64: sin((1−w)θ)/sin θ · a +
+    sin(wθ)/sin θ · b, θ the angle between them (Shoemake 1985); a at 0 and b at 1 exactly. Keeps a Gaussian noise's
+    norm where a straight line would shrink it."""
+    a64, b64 = a.double(), b.double()
+    theta = torch.arccos((a64.flatten() @ b64.flatten() / (a64.norm() * b64.norm())).clamp(-1, 1))
+    if theta < 1e-6:                                                   # the same direction: the line is the arc
+        return torch.lerp(a64, b64, weight).to(a.dtype)
+    return ((torch.sin((1 - weight) * theta) * a64 + torch.sin(weight * theta) * b64) / torch.sin(theta)).to(a.dtype)
 
 
 # sampling ---------------------------------------------------------------------------------

@@ -104,13 +104,18 @@ def check_numbers(args):
 
 
 def check_flags_apply(args, given, job):
-    """Every flag given does something in the command's job (Setting.jobs), and no file or folder flag is empty."""
+    """Every flag given does something in the command's job (Setting.jobs), beside a flag it needs (Setting.needs),
+    and no file or folder flag is empty."""
     for setting in FLAGS:
         if setting.name not in given:
             continue
         if job not in setting.jobs:
             uses = " and ".join(JOB_WORDS[j] for j in setting.jobs)
             raise UserError(f"--{setting.name} does nothing in {JOB_WORDS[job]} (it is for {uses}); drop it")
+        if setting.needs and not given & set(setting.needs):
+            others = " or ".join(f"--{name}" for name in setting.needs)
+            raise UserError(f"--{setting.name} goes with {others}; give {'it' if len(setting.needs) == 1 else 'one'} "
+                            "too")
         if setting.is_path and getattr(args, setting.name) == "":
             raise UserError(f"--{setting.name} is empty: name a {'folder' if 'DIR' in setting.metavar else 'file'}")
 
@@ -168,6 +173,7 @@ def flags_markdown():
                    "a switch" if s.parse is bool else "")
             meaning = f"{s.help}.{' ' + s.more if s.more else ''}" + (" (a synonym, hidden in --help)" if s.hidden
                                                                        else "")
+            meaning += f" With {' or '.join(f'--{name}' for name in s.needs)}." if s.needs else ""
             lines.append(f"| `--{s.name}` | {default} | {may} | {RESUME_WORDS.get(s.stored, '')} | "
                          f"{meaning.replace('|', '/')} |")
         lines.append("")

@@ -212,6 +212,9 @@ OUTPUT_NAMES = {
     "samples_folder": "samples_{run}", "samples_npz": "samples_{run}.npz",
     "guidance_sweep": "guidance_sweep_{run}.png", "denoising_strip": "denoising_strip_{run}.png",
     "nll": "nll_{run}.json", "nll_plot": "nll_terms_{run}.png",
+    "inpainting": "inpaint_{run}.png", "inpainting_npz": "inpaint_{run}.npz", "inversion": "invert_{run}.png",
+    "inversion_npz": "invert_{run}.npz", "inversion_json": "invert_{run}.json",
+    "interpolation": "interpolate_{run}.png", "interpolation_npz": "interpolate_{run}.npz",
 }
 CHECKPOINT_NAMES = ("last.pt", "best.pt", "ckpt.pt", "config.json")  # what a run writes to <models_dir>/<run>/
 # the most a name gains: the longest output name (epochs up to 10⁹) and atomic_open's '.tmp<pid>' (pid < 2²²)

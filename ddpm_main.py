@@ -32,8 +32,12 @@ from ddpm_checkpoint import (TOOL_VERSION, imported_checkpoint, inference_run_na
                              save_checkpoint, stored_run_name, write_config_json)
 from ddpm_config import (COMMAND_LINE_SETTINGS, check_fixed_settings, imported_config, saved_sampler_settings,
                          trained_data)
-from ddpm_data import DEFAULT_DATA_DIR, check_stage_count, image_size_of, model_side, require_image_folder
+from ddpm_data import (DEFAULT_DATA_DIR, check_stage_count, evenly_spread, image_size_of, model_side,
+                       require_image_folder)
 from ddpm_diffusion import SamplerSettings
+from ddpm_editing import (EDIT_IMAGES, EDITING_JOBS, Item, check_item_files, describe_editing, editing_settings,
+                          fill_masks, gather_inputs, mask_problem, parse_items, write_inpainting, write_interpolation,
+                          write_inversion)
 from ddpm_fid import InceptionFeatures, ref_statistics_file
 from ddpm_flags import (Command, build_parser, check_flags_apply, check_numbers, flags_given, parse_command_line,
                         resolve_synonyms, sampler_settings)
@@ -46,7 +50,7 @@ from ddpm_model import UNetConfig
 from ddpm_pictures import GRID_UNCONDITIONAL, MAX_CLASS_ROWS, STRIP_ROWS
 from ddpm_runtime import SignalFlag, StopRequested, check_run_memory, init_distributed, memory_guard, stop_on_signals
 from ddpm_sample import (class_cycle, class_indices, fid_reference, grayscale_fid_note, measure_fid_and_is, measure_nll,
-                         nll_test_images, parse_classes, prepare_sampler, save_samples, whole_rows,
+                         nll_test_images, parse_classes, prepare_sampler, save_samples, test_split, whole_rows,
                          write_denoising_strip, write_guidance_sweep)
 from ddpm_train import SAMPLE_REMEDY, diverged_message, finish, stop_on_signal, train_epochs, write_failed_message
 from ddpm_train_setup import TrainingOptions, set_up_run, start_or_resume
@@ -60,6 +64,10 @@ def check_args(args, parser):
         check_numbers(args)
         if args.sample_classes is not None:
             args.sample_classes = parse_classes(args.sample_classes)
+        if args.images is not None:
+            args.images = parse_items(args.images, "--images")
+        if args.interpolate is not None:
+            args.interpolate = parse_items(args.interpolate, "--interpolate", seeds=True)
         check_flag_combinations(args)
         check_paths(args)
     except UserError as e:
@@ -85,8 +93,10 @@ def check_flag_combinations(args):
     jobs = [flag for flag, asked in (("--guidance_sweep", args.guidance_sweep is not None),
                                      ("--denoising_strip", args.denoising_strip), ("--eval_nll", args.eval_nll),
                                      ("--eval_fid", args.eval_fid)) if asked]
+    jobs += [f"--{job}" for job in editing_jobs(args)]
     if args.inference and len(jobs) > 1:
         raise UserError(f"{' and '.join(jobs)} are separate jobs at inference: give one per command")
+    check_editing_flags(args)
     if "nll_variance" in args.given and not args.eval_nll:
         raise UserError("--nll_variance chooses σ_t² in the bound of --eval_nll N; give --eval_nll too")
     args.given = resolve_synonyms(args, args.given)
@@ -105,6 +115,31 @@ def check_flag_combinations(args):
     check_flags_apply(args, args.given, args.job)
 
 
+def check_editing_flags(args):
+    """--inpaint, --invert and --interpolate run their own sampler (ddpm_editing.editing_settings), and what they
+    edit is --images, else --num_samples test images (--interpolate: its own two ends)."""
+    job = editing_job(args)
+    if job is None or not args.inference:
+        return
+    fixed = [f"--{name}" for name in ("sampler", "eta", "spacing", "variance") if name in args.given]
+    if fixed:
+        runs = "RePaint's ancestral steps" if job == "inpaint" else "DDIM with η = 0, both ways"
+        raise UserError(f"--{job} always runs {runs}: drop {' and '.join(fixed)} (--sampling_steps sets the steps)")
+    if "num_samples" in args.given and (args.images is not None or job == "interpolate"):
+        raise UserError("--num_samples is how many test images to edit when --images is not given; "
+                        + ("give one of them" if job != "interpolate" else "--frames sets the strip's length"))
+
+
+def editing_jobs(args):
+    """The editing jobs the command asks for, of 'inpaint', 'invert' and 'interpolate'."""
+    return [job for job in EDITING_JOBS if getattr(args, job) not in (None, False)]
+
+
+def editing_job(args):
+    """The editing job the command asks for (once checked, at most one), or None."""
+    return next(iter(editing_jobs(args)), None)
+
+
 def check_paths(args):
     """The run name is a name, the files the flags name exist, the folders they name can be written, and a new run's
     images can be halved once per U-Net stage and its model, schedule and samples fit in memory (from the first
@@ -114,6 +149,10 @@ def check_paths(args):
     for flag, path in (("--fid_inception", args.fid_inception), ("--fid_ref_stats", args.fid_ref_stats)):
         if path is not None and input_file_problem(path):
             raise UserError(f"{flag} {path!r} {input_file_problem(path)}")
+    for flag, items in (("--images", args.images), ("--interpolate", args.interpolate)):
+        check_item_files(items or [], flag)
+    if args.inpaint is not None and mask_problem(args.inpaint):
+        raise UserError(f"--inpaint {mask_problem(args.inpaint)}")
     folders = {"--save_dir": args.save_dir, "--export_diffusers": args.export_diffusers}
     if args.job in ("train", "import"):
         folders.update({"--models_dir": args.models_dir, "--tensorboard": args.tensorboard})
@@ -258,14 +297,13 @@ def inference(args):
     files, verbose = run_files(args, run_name), not args.quiet
     make_way(files, {"--model_path": args.model_path, "--fid_ref_stats": args.fid_ref_stats,
                      "--fid_inception": args.fid_inception})
-    settings = sampler_settings(args, saved_sampler_settings(config), config["timesteps"])
+    settings, job, nll_variance = inference_plan(args, config)
     asked_classes = check_against_model(args, config, settings)
-    nll_variance = args.nll_variance or settings.variance  # the bound's σ_t²: the sampler's unless given
-    job = (("computing the bound", f"all {config['timesteps']} steps of p_θ, σ_t² {nll_variance}") if args.eval_nll
-           else ("sampling", settings.describe(guided=args.conditional)))
     sampler = prepare_sampler(model, config, settings, device, args.precision, args.compile, args.sample_batch, verbose,
                               job)
     torch.manual_seed(args.seed)
+    if editing_job(args):
+        return edit_images(args, sampler, editing_job(args), asked_classes, files)
     if args.guidance_sweep:
         return write_guidance_sweep(sampler, args.guidance_sweep, asked_classes, args.seed, files, verbose)
     classes = (asked_classes or list(range(config["num_classes"]))) if args.conditional else None
@@ -299,6 +337,52 @@ def inference(args):
                     "device": str(device), "precision": sampler.denoiser.precision}, files.output("metrics"))
 
 
+EDITING_WORDS = {"inpaint": "inpainting", "invert": "inverting", "interpolate": "interpolating"}
+
+
+def inference_plan(args, config):
+    """How this inference samples the checkpoint's model (its config): (SamplerSettings, what its banner says it does
+    and how, the σ_t² of --eval_nll's bound: the sampler's unless --nll_variance is given)."""
+    saved, editing = saved_sampler_settings(config), editing_job(args)
+    if editing:
+        settings = editing_settings(editing, saved, config["timesteps"], args.sampling_steps, args.guidance_scale)
+        words = describe_editing(editing, settings, args.conditional, args.jump_length, args.jump_count)
+        return settings, (EDITING_WORDS[editing], words), None
+    settings = sampler_settings(args, saved, config["timesteps"])
+    nll_variance = args.nll_variance or settings.variance
+    if args.eval_nll:
+        return settings, ("computing the bound", f"all {config['timesteps']} steps of p_θ, σ_t² {nll_variance}"), \
+            nll_variance
+    return settings, ("sampling", settings.describe(guided=args.conditional)), nll_variance
+
+
+def edit_images(args, sampler, job, classes, files):
+    """--inpaint, --invert or --interpolate (ddpm_editing): the images --images or --interpolate names (default:
+    --num_samples test images spread over the split), class-guided with --conditional, edited and written."""
+    config, verbose = sampler.config, not args.quiet
+    data_dir, dataset = model_data(args, config)
+
+    def load_split():  # only when a test image is asked for
+        try:
+            return test_split(config, data_dir, dataset, f"--{job}")
+        except UserError as e:
+            raise UserError(f"--{job} edits test images of the model's data, and {e}; give --data_dir (or image "
+                            f"files: {'--images a.png,b.png' if job != 'interpolate' else '--interpolate a.png,b.png'}"
+                            ")") from None
+    items, split = args.interpolate if job == "interpolate" else args.images, load_split
+    if items is None:
+        split = load_split()
+        items = [Item("test", i) for i in evenly_spread(torch.arange(len(split[0])), args.num_samples or EDIT_IMAGES)
+                 .tolist()]
+    inputs = gather_inputs(items, split, trained_data(config), classes, args.conditional, f"--{job}")
+    if job == "inpaint":
+        fill = fill_masks(args.inpaint, len(items), trained_data(config)["data_size"], args.seed)
+        return write_inpainting(sampler, inputs, fill, args.jump_length, args.jump_count, args.seed, files, verbose)
+    if job == "invert":
+        return write_inversion(sampler, inputs, files, verbose)
+    return write_interpolation(sampler, inputs, args.frames, files, verbose)
+
+
 def check_against_model(args, config, settings):
     """Inference flags that the checkpoint's config can contradict, and what they ask of memory for this model sampled
     with these settings (exit status 2, nothing written); returns --sample_classes as the model's class indices (None
@@ -318,6 +402,8 @@ def check_against_model(args, config, settings):
     if num_classes is not None and not args.conditional:
         print("note: conditional checkpoint without --conditional: the bound of its unconditional model (null label); "
               "add --conditional for the bound given each image's class" if args.eval_nll else
+              "note: conditional checkpoint without --conditional: editing with its unconditional model (null label); "
+              "add --conditional to guide each image by its class" if editing_job(args) else
               "note: conditional checkpoint sampled without --conditional: drawing unconditional samples "
               "(null label); add --conditional for class-guided samples", file=sys.stderr)
     return asked
@@ -331,9 +417,15 @@ def inference_fid_reference(args, config, device):
     grayscale_fid_note(config, not args.quiet)
     if args.fid_ref_stats:
         return features, ref_statistics_file(args.fid_ref_stats, trained_data(config))
-    data_dir = args.data_dir or config["data_dir"]
-    dataset = args.dataset or (config.get("dataset") if data_dir == config["data_dir"] else None)
+    data_dir, dataset = model_data(args, config)
     return features, fid_reference(features, config, None, data_dir, dataset, args.fid_ref, not args.quiet)
+
+
+def model_data(args, config):
+    """(data_dir, dataset) of the images inference reads: --data_dir, else the folder the model was trained on, and
+    --dataset, else the model's own where it is the model's folder (None: found from the folder)."""
+    data_dir = args.data_dir or config["data_dir"]
+    return data_dir, args.dataset or (config.get("dataset") if data_dir == config["data_dir"] else None)
 
 
 # ------------------------------------------------------------------------- foreign weights

@@ -213,16 +213,23 @@ def spread(images, labels, count):
     return images[chosen], None if labels is None else labels[chosen]
 
 
-def nll_test_images(config, data_dir, dataset, count, with_labels):
-    """`count` test images (uint8, (N, C, H, W), spread over the split) of the data at data_dir (a `dataset`), which
-    must be what the model was trained on (UserError), and their labels (N,) when with_labels, else None."""
+def test_split(config, data_dir, dataset, flag):
+    """The test split of the data at data_dir (a `dataset`): uint8 images (N, C, H, W) and labels (N,). The data must
+    be what the model was trained on (a UserError naming `flag`, the job that reads it)."""
     data = load_dataset(data_dir, dataset)
     conflicts = data_conflicts(config, data_facts(data))
     if conflicts:
-        raise UserError(f"--eval_nll: the data at {data_dir!r} is not what the model was trained on ("
+        raise UserError(f"{flag}: the data at {data_dir!r} is not what the model was trained on ("
                         + "; ".join(f"{key}: {old} for the model, {new} here" for key, (old, new) in conflicts.items())
                         + "); point --data_dir (and --dataset) at the model's data")
-    return spread(data["test_images"], data["test_labels"] if with_labels else None, count)
+    return data["test_images"], data["test_labels"]
+
+
+def nll_test_images(config, data_dir, dataset, count, with_labels):
+    """`count` test images (uint8, (N, C, H, W), spread over the split) of the data at data_dir (a `dataset`), which
+    must be what the model was trained on (UserError), and their labels (N,) when with_labels, else None."""
+    images, labels = test_split(config, data_dir, dataset, "--eval_nll")
+    return spread(images, labels if with_labels else None, count)
 
 
 def measure_nll(sampler, images_uint8, labels, variance, seed, files, verbose):

@@ -16,7 +16,8 @@ from torch import nn
 
 from ddpm_checkpoint import TrainingState, build_checkpoint, restore_training, write_config_json
 from ddpm_config import build_diffusion, build_model, data_conflicts, resume_changes, trained_data, training_config
-from ddpm_data import DEFAULT_DATA_DIR, DeviceLoader, data_facts, describe_data, load_dataset, train_val_split
+from ddpm_data import (DEFAULT_DATA_DIR, DeviceLoader, data_facts, describe_data, evenly_spread, load_dataset,
+                       train_val_split)
 from ddpm_diffusion import Diffusion, SamplerSettings
 from ddpm_fid import InceptionFeatures, Reference, ref_statistics_file
 from ddpm_helpers import RunFiles, UserError
@@ -177,13 +178,6 @@ def device_loaders(data, train_idx, val_idx, config, options):
                         ("val", data["train_images"], data["train_labels"], evenly_spread(val_idx, EVAL_IMAGES)),
                         ("test", data["test_images"], data["test_labels"], evenly_spread(test_idx, EVAL_IMAGES)))}
     return train_loader, eval_loaders
-
-
-def evenly_spread(indices, count):
-    """`count` of the indices (all when there are fewer), evenly spaced: in a class-sorted split, every class."""
-    if len(indices) <= count:
-        return indices
-    return indices[torch.linspace(0, len(indices) - 1, count).round().long()]
 
 
 def build_networks(config, options):

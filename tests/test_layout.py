@@ -59,3 +59,10 @@ def test_only_the_cli_takes_the_command_lines_args():
         takers = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                   and "args" in [a.arg for a in node.args.args + node.args.kwonlyargs]]
         assert not takers, f"{os.path.basename(path)}: {takers}"
+
+
+def test_the_readme_names_every_module_in_its_layout():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    layout = readme[readme.index("## Layout"):]
+    missing = [name for name in project_modules() if f"| `{name}.py` |" not in layout]
+    assert not missing, f"README's layout lacks {missing}"

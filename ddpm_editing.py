@@ -1,0 +1,385 @@
+"""Editing real images with a trained model: inpainting (RePaint, Lugmayr et al. 2022), inversion to noise and back
+(DDIM with η = 0 run forwards, Song et al. 2021) and interpolation between two images or two seeds (slerp of their
+noises) — the images they take (test images by index, image files), the masks, the sampler settings they run with,
+and the grids, npz and JSON they write. The maths is ddpm_diffusion's (repaint, ddim_invert, slerp, ClassMix).
+"""
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from ddpm_data import open_image, pad_to_side, padding
+from ddpm_diffusion import ClassMix, SamplerSettings, seeded_rng, slerp
+from ddpm_helpers import UserError, atomic_open, input_file_problem, stderr_is_terminal, write_json
+from ddpm_pictures import save_labelled_grid, to_model_range, to_uint8
+
+EDITING_STEPS = 50  # the timesteps of RePaint's ancestral steps and of DDIM's inversion and interpolation, by default
+EDIT_IMAGES = 8     # test images edited when --images is not given, spread over the split
+MASK_SHAPES = ("centre", "left", "strokes")
+EDITING_JOBS = ("inpaint", "invert", "interpolate")  # the flags; each runs instead of sampling
+NOISE_SHOWN = 3     # x_T is drawn divided by this (|ε| < 3 for 99.7 % of a Gaussian's values)
+
+
+# ------------------------------------------------------------------------------- what to edit
+
+@dataclass(frozen=True)
+class Item:
+    """One image to edit, as --images or --interpolate names it: an index into the test split ('test'), an image
+    file ('file') or, for --interpolate, the noise of a seed ('seed')."""
+    kind: str
+    value: object  # int for 'test' and 'seed', a path for 'file'
+
+    @property
+    def name(self):
+        """A column label: 'test 17', the file's name, 'seed 3'."""
+        return os.path.basename(self.value) if self.kind == "file" else f"{self.kind} {self.value}"
+
+
+def parse_items(text, flag, seeds=False):
+    """--images or --interpolate as Items: ASCII digits are a test index, seed:N a seed (with seeds), anything else
+    an image file (checked by check_item_files)."""
+    items = []
+    for part in (p.strip() for p in text.split(",")):
+        seed = re.fullmatch(r"seed:(-?[0-9]{1,19})", part)
+        if not part:
+            raise UserError(f"{flag} {text!r} has an empty item: give test indices or image files, comma-separated")
+        if re.fullmatch(r"[0-9]{1,9}", part):
+            items.append(Item("test", int(part)))
+        elif seed and seeds:
+            items.append(Item("seed", int(seed.group(1))))
+        else:
+            items.append(Item("file", part))
+    if seeds and len(items) != 2:
+        raise UserError(f"{flag} takes two ends, A,B (test indices, image files or seed:N), got {len(items)}")
+    return items
+
+
+def check_item_files(items, flag):
+    """UserError naming the first image file of `items` that cannot be read as a file (before anything loads)."""
+    for item in items:
+        if item.kind == "file" and input_file_problem(item.value):
+            raise UserError(f"{flag}: {item.value!r} {input_file_problem(item.value)}")
+
+
+@dataclass
+class Inputs:
+    """The images an editing job works on, their class indices for class-guided editing, and their names."""
+    images: list           # (C, H, W) uint8 tensors at the data's size; None where a seed stands for an image
+    labels: torch.Tensor   # (N,) class indices, or None: unconditional (a conditional model's null label)
+    names: list            # a label per image for the grids: 'test 17', the file's name, 'seed 3'
+    seeds: list            # the seed of each noise end, None for an image
+
+
+def gather_inputs(items, test_split, data, classes, conditional, flag):
+    """The Inputs `items` name: test images from test_split ((images, labels), or a function returning them, loaded
+    only when an item needs it), image files read at the size and channels of the model's `data` (its data facts),
+    seeds. Labels, when `conditional`: `classes` (class indices, cycled) if given, else each test image's own."""
+    needs_split = any(item.kind == "test" for item in items)
+    split_images, split_labels = (test_split() if callable(test_split) else test_split) if needs_split else (None,) * 2
+    images = []
+    for item in items:
+        if item.kind == "test":
+            if item.value >= len(split_images):
+                raise UserError(f"{flag}: test index {item.value} is past the test split's {len(split_images)} images "
+                                f"(0-{len(split_images) - 1})")
+            images.append(split_images[item.value])
+        else:
+            images.append(read_image_file(item.value, data, flag) if item.kind == "file" else None)
+    labels = None
+    if conditional:
+        if classes:
+            labels = torch.tensor(classes * math.ceil(len(items) / len(classes)))[:len(items)]
+        elif any(item.kind != "test" for item in items):
+            names = ", ".join(item.name for item in items if item.kind != "test")
+            raise UserError(f"{flag} with --conditional: {names} {'has' if ', ' not in names else 'have'} no class; "
+                            "give the classes with --sample_classes")
+        else:
+            labels = torch.stack([split_labels[item.value] for item in items]).long()
+    return Inputs(images, labels, [item.name for item in items],
+                  [item.value if item.kind == "seed" else None for item in items])
+
+
+def read_image_file(path, data, flag):
+    """An image file as the model's `data` (its data facts): (C, H, W) uint8 in its channels (RGB or grey), of
+    exactly its size."""
+    height, width = data["data_size"]
+    try:
+        with open_image(path) as im:
+            if (im.height, im.width) != (height, width):
+                raise UserError(f"{flag}: {path!r} is {im.width}×{im.height} pixels; this model's images are "
+                                f"{width}×{height}: resize or crop it first")
+            pixels = np.asarray(im.convert("L" if data["channels"] == 1 else "RGB"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}: cannot read the image {path!r} ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(pixels.copy()).reshape(height, width, -1).permute(2, 0, 1)
+
+
+# ------------------------------------------------------------------------------------- masks
+
+def fill_masks(spec, count, data_size, seed):
+    """Where RePaint draws: (count, 1, H, W) float, 1 to fill, 0 to keep. spec: 'centre' (the middle square of half
+    the shorter side), 'left' (the left half), 'strokes' (a few random brush strokes per image, from seed), or a mask
+    PNG of the data's size (white fills, black keeps; one mask for every image)."""
+    height, width = data_size
+    masks = torch.zeros(count, 1, height, width)
+    if spec == "centre":
+        side = min(height, width) // 2
+        top, left = (height - side) // 2, (width - side) // 2
+        masks[..., top:top + side, left:left + side] = 1
+    elif spec == "left":
+        masks[..., :width // 2] = 1
+    elif spec == "strokes":
+        rng = np.random.default_rng(seed % 2 ** 64)
+        masks = torch.stack([brush_strokes(rng, height, width) for _ in range(count)])
+    else:
+        masks[:] = read_mask(spec, data_size)
+    return masks
+
+
+def brush_strokes(rng, height, width, strokes=4):
+    """(1, H, W) float: `strokes` random walks of 4 segments drawn with a brush an eighth of the side wide."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    brush = max(1, min(height, width) // 8)
+    for _ in range(strokes):
+        points = [tuple(rng.uniform(0, (width, height)))]
+        for _ in range(4):
+            angle, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.15, 0.35) * min(height, width)
+            points.append((points[-1][0] + length * math.cos(angle), points[-1][1] + length * math.sin(angle)))
+        draw.line(points, fill=255, width=brush, joint="curve")
+    return torch.from_numpy(np.asarray(canvas) >= 128).float()[None]
+
+
+def read_mask(path, data_size):
+    """A mask PNG as (H, W) float, 1 where its pixels are white (≥ 128 in grey): UserError when it cannot be read,
+    is not of the data's size, or marks nothing to fill or nothing to keep."""
+    height, width = data_size
+    try:
+        with open_image(path) as im:
+            if (im.height, im.width) != (height, width):
+                raise UserError(f"--inpaint: the mask {path!r} is {im.width}×{im.height} pixels; it must be the "
+                                f"model's image size, {width}×{height} (white: fill, black: keep)")
+            fill = torch.from_numpy(np.asarray(im.convert("L")) >= 128).float()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--inpaint: cannot read the mask {path!r} ({type(e).__name__}: {e})") from None
+    if not fill.any() or fill.all():
+        raise UserError(f"--inpaint: the mask {path!r} is all {'black' if not fill.any() else 'white'}: nothing "
+                        f"{'to fill' if not fill.any() else 'is kept'} (white pixels are filled, black ones kept)")
+    return fill
+
+
+def mask_problem(spec):
+    """What is wrong with --inpaint's value before anything loads (None: nothing): not a shape, and no file to read."""
+    problem = None if spec in MASK_SHAPES else input_file_problem(spec)
+    return f"{spec!r} is not one of {', '.join(MASK_SHAPES)}, and as a mask file it {problem}" if problem else None
+
+
+# -------------------------------------------------------------------------- how they sample
+
+def editing_settings(job, saved, timesteps, steps=None, guidance_scale=None):
+    """The SamplerSettings an editing job runs a T-step model with: DDIM on `steps` (None: EDITING_STEPS, at most T)
+    timesteps evenly spaced in t — η = 1 for RePaint (Ho et al.'s ancestral step on those timesteps), η = 0 for
+    inversion and interpolation (the deterministic path, run both ways). Guidance: guidance_scale when given, else the
+    checkpoint's (saved: its SamplerSettings or None) for RePaint, and w = 1 — the conditional model itself, which
+    inverts best — for the others; the checkpoint's guidance interval."""
+    saved = saved or SamplerSettings()
+    scale = guidance_scale if guidance_scale is not None else saved.guidance_scale if job == "inpaint" else 1.0
+    settings = SamplerSettings("ddim", steps or min(EDITING_STEPS, timesteps), eta=1.0 if job == "inpaint" else 0.0,
+                               guidance_scale=scale, guidance_interval=saved.guidance_interval)
+    try:
+        return settings.for_timesteps(timesteps)
+    except ValueError:
+        raise UserError(f"--sampling_steps {steps} is more than the model's T = {timesteps}") from None
+
+
+def describe_editing(job, settings, guided, jump_length=None, jump_count=None):
+    """What an editing job runs, for its banner line."""
+    guidance = f", guidance {settings.guidance_scale}" if guided else ""
+    if job == "inpaint":
+        return (f"RePaint, {settings.steps} ancestral steps, jumps of {jump_length} levels made {jump_count} "
+                f"time{'s' if jump_count > 1 else ''}{guidance}")
+    return f"DDIM (η = 0), {settings.steps} steps{guidance}"
+
+
+# --------------------------------------------------------------------------------- the jobs
+
+def model_images(sampler, images_uint8):
+    """uint8 images (N, C, H, W) at the data's size → [−1, 1] at the model's side (edges repeated), on its device."""
+    return pad_to_side(to_model_range(images_uint8), sampler.config["image_size"]).to(sampler.device)
+
+
+def diffusion_schedule(sampler):
+    """The sampler's timesteps (T−1 first) and the guidance scale at each."""
+    steps = sampler.diffusion.sampler_timesteps(sampler.settings)
+    return steps, sampler.diffusion.guidance_scales(sampler.settings, steps)
+
+
+def labels_on(sampler, labels, batch):
+    """A batch's class labels (a slice of labels (N,) or of a ClassMix) on the sampler's device; None stays None."""
+    return None if labels is None else labels[batch].to(sampler.device)
+
+
+def inpaint(sampler, images_uint8, fill, labels, jump_length, jump_count, seed, progress=False):
+    """RePaint on images (N, C, H, W) uint8 where fill (N, 1, H, W) is 1: (N, C, H, W) in [−1, 1] at the data's
+    size, sampler.batch_size images at a time; the kept pixels are the inputs'."""
+    steps, scales = diffusion_schedule(sampler)
+    side = sampler.config["image_size"]
+    fill = F.pad(fill, padding(fill.shape[-2:], side))                 # the padding is kept, never drawn
+    with seeded_rng(seed, sampler.device):
+        outputs = [sampler.diffusion.repaint(
+            sampler.denoiser, model_images(sampler, images_uint8[batch]), fill[batch].to(sampler.device), steps,
+            labels_on(sampler, labels, batch), scales, jump_length, jump_count, progress=progress).cpu()
+            for batch in batches(len(images_uint8), sampler.batch_size)]
+    return sampler.to_data_size(torch.cat(outputs).clamp(-1, 1))
+
+
+def invert(sampler, images_uint8, labels, progress=False):
+    """DDIM inversion of images (N, C, H, W) uint8: their x_T (N, C, S, S) at the model's side, float32 on the CPU."""
+    steps, scales = diffusion_schedule(sampler)
+    return torch.cat([sampler.diffusion.ddim_invert(
+        sampler.denoiser, model_images(sampler, images_uint8[batch]), steps, labels_on(sampler, labels, batch), scales,
+        progress).cpu() for batch in batches(len(images_uint8), sampler.batch_size)])
+
+
+def decode(sampler, noises, labels, progress=False):
+    """The DDIM sampler (η = 0) from noises (N, C, S, S): images (N, C, H, W) in [−1, 1] at the data's size;
+    labels (N,), a ClassMix or None."""
+    steps, scales = diffusion_schedule(sampler)
+    return sampler.to_data_size(torch.cat([sampler.diffusion.ddim(
+        sampler.denoiser, noises[batch].to(sampler.device), steps, labels_on(sampler, labels, batch), scales,
+        progress=progress).clamp(-1, 1).cpu() for batch in batches(len(noises), sampler.batch_size)]))
+
+
+def batches(count, batch_size):
+    """Slices of count items, batch_size at a time (--sample_batch)."""
+    return [slice(first, first + batch_size) for first in range(0, count, batch_size)]
+
+
+def psnr(originals_uint8, images):
+    """PSNR in dB of images in [−1, 1] against uint8 originals (N, C, H, W), on the 8-bit pixels a PNG holds:
+    10 log10(255² / MSE) per image (N,) float64, inf where they are identical."""
+    error = to_uint8(images).astype(np.float64) - originals_uint8.permute(0, 2, 3, 1).numpy()
+    mse = (error ** 2).reshape(len(error), -1).mean(1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(255.0 ** 2 / mse)
+
+
+def db_text(value):
+    return "identical" if math.isinf(value) else f"{value:.1f} dB"
+
+
+def write_inpainting(sampler, inputs, fill, jump_length, jump_count, seed, files, verbose):
+    """inpaint_<run>.png (rows: the inputs, the inputs with the region to fill in grey, RePaint's completions) and
+    inpaint_<run>.npz (inputs, fill masks, outputs as uint8 (N, H, W, C) and (N, H, W) bool)."""
+    images = torch.stack(inputs.images)
+    start = time.perf_counter()
+    outputs = inpaint(sampler, images, fill, inputs.labels, jump_length, jump_count, seed,
+                      verbose and stderr_is_terminal())
+    seconds = time.perf_counter() - start
+    originals = to_model_range(images)
+    masked = originals * (1 - fill)                                    # the region to fill, grey (0 in [−1, 1])
+    os.makedirs(files.save_dir, exist_ok=True)
+    save_labelled_grid(torch.cat([originals, masked, outputs]), files.output("inpainting"),
+                       ["input", "to fill", "inpainted"], column_names(sampler, inputs))
+    with atomic_open(files.output("inpainting_npz")) as f:
+        np.savez(f, inputs=to_uint8(originals), fill=fill[:, 0].bool().numpy(), outputs=to_uint8(outputs))
+    if verbose:
+        share = fill.mean().item()
+        print(f"inpainted {len(images)} images ({share:.0%} of the pixels filled) in {seconds:.1f} s on "
+              f"{sampler.device}: {files.output('inpainting')}, arrays {files.output('inpainting_npz')}", flush=True)
+
+
+def write_inversion(sampler, inputs, files, verbose):
+    """invert_<run>.png (rows: the inputs, their x_T, the DDIM reconstructions from it, each column's PSNR),
+    invert_<run>.npz (inputs, noises, reconstructions) and invert_<run>.json (the PSNRs, their mean, the settings)."""
+    images, progress = torch.stack(inputs.images), verbose and stderr_is_terminal()
+    start = time.perf_counter()
+    noises = invert(sampler, images, inputs.labels, progress)
+    reconstructions = decode(sampler, noises, inputs.labels, progress)
+    seconds = time.perf_counter() - start
+    scores = psnr(images, reconstructions)
+    finite = scores[np.isfinite(scores)]
+    os.makedirs(files.save_dir, exist_ok=True)
+    shown = sampler.to_data_size((noises / NOISE_SHOWN).clamp(-1, 1))
+    save_labelled_grid(torch.cat([to_model_range(images), shown, reconstructions]), files.output("inversion"),
+                       ["input", f"x_T / {NOISE_SHOWN}", "reconstructed"],
+                       [f"{name}: {db_text(value)}" for name, value in zip(column_names(sampler, inputs), scores)])
+    with atomic_open(files.output("inversion_npz")) as f:
+        np.savez(f, inputs=to_uint8(to_model_range(images)), noises=noises.numpy(),
+                 reconstructions=to_uint8(reconstructions), psnr_db=scores)
+    result = {"psnr_db_mean": float(finite.mean()) if len(finite) else None,  # identical images (inf) left out
+              "psnr_db": [float(v) if math.isfinite(v) else None for v in scores],  # None: identical
+              "identical": len(scores) - len(finite), "images": inputs.names,
+              "sampler": sampler.settings.describe(inputs.labels is not None),
+              "network_evaluations_per_image": 2 * sampler.settings.steps, "seconds": seconds,
+              "device": str(sampler.device), "precision": sampler.denoiser.precision, "run_name": files.run_name}
+    write_json(result, files.output("inversion_json"))
+    if verbose:
+        mean = f"PSNR {result['psnr_db_mean']:.2f} dB on average" if len(finite) else "every image identical"
+        print(f"inverted {len(images)} images to x_T and back ({sampler.settings.steps} DDIM steps each way): {mean} "
+              f"in {seconds:.1f} s on {sampler.device}: {files.output('inversion')}, "
+              f"{files.output('inversion_json')}", flush=True)
+    return result
+
+
+def interpolation_noises(sampler, inputs, frames):
+    """The two ends' x_T (an image's by DDIM inversion, a seed's drawn from it) and the `frames` noises slerped
+    between them: (frames, C, S, S), and the weights (frames,)."""
+    config = sampler.config
+    shape = (config["model"]["channels"], config["image_size"], config["image_size"])
+    ends = [None, None]
+    shown = [i for i, image in enumerate(inputs.images) if image is not None]
+    if shown:
+        labels = None if inputs.labels is None else inputs.labels[shown]
+        ends_inverted = invert(sampler, torch.stack([inputs.images[i] for i in shown]), labels)
+        for i, noise in zip(shown, ends_inverted):
+            ends[i] = noise
+    for i, seed in enumerate(inputs.seeds):
+        if seed is not None:
+            with seeded_rng(seed, torch.device("cpu")):
+                ends[i] = torch.randn(shape)
+    weights = torch.linspace(0, 1, frames, dtype=torch.float64)
+    return torch.stack([slerp(ends[0], ends[1], w.item()) for w in weights]), weights
+
+
+def write_interpolation(sampler, inputs, frames, files, verbose):
+    """interpolate_<run>.png: one row, the `frames` images decoded from the slerped noises, the input images (if any)
+    at its ends; with two classes, the class blends from the first to the second (ClassMix); interpolate_<run>.npz:
+    the frames (uint8), the weights and the noises."""
+    start = time.perf_counter()
+    noises, weights = interpolation_noises(sampler, inputs, frames)
+    labels = inputs.labels
+    if labels is not None:  # one class: its own label; two: blended from the first to the second
+        labels = labels[0].repeat(frames) if labels[0] == labels[1] else \
+            ClassMix(labels[0].repeat(frames), labels[1].repeat(frames), weights.float())
+    images = decode(sampler, noises, labels, verbose and stderr_is_terminal())
+    seconds = time.perf_counter() - start
+    ends = [to_model_range(image[None]) if image is not None else None for image in inputs.images]
+    row = torch.cat([e for e in (ends[0], images, ends[1]) if e is not None])
+    names = column_names(sampler, inputs)
+    columns = ([names[0]] if ends[0] is not None else []) + [f"{w:.2f}" for w in weights.tolist()] + \
+        ([names[1]] if ends[1] is not None else [])
+    os.makedirs(files.save_dir, exist_ok=True)
+    classes = sampler.config.get("classes") or []
+    row_label = ("" if inputs.labels is None else classes[int(inputs.labels[0])] if inputs.labels[0] == inputs.labels[1]
+                 else f"{classes[int(inputs.labels[0])]} → {classes[int(inputs.labels[1])]}")
+    save_labelled_grid(row, files.output("interpolation"), [row_label], columns,
+                       f"slerp between the x_T of {inputs.names[0]} and {inputs.names[1]}, decoded by DDIM")
+    with atomic_open(files.output("interpolation_npz")) as f:
+        np.savez(f, frames=to_uint8(images), weights=weights.numpy(), noises=noises.numpy())
+    if verbose:
+        print(f"interpolated {inputs.names[0]} → {inputs.names[1]} in {frames} frames in {seconds:.1f} s on "
+              f"{sampler.device}: {files.output('interpolation')}", flush=True)
+
+
+def column_names(sampler, inputs):
+    """Each input's label for a grid: its class when class-guided, else its name ('test 17', the file's)."""
+    if inputs.labels is None:
+        return list(inputs.names)
+    return [sampler.config["classes"][int(c)] for c in inputs.labels]
