@@ -529,10 +529,10 @@ class Diffusion(nn.Module):
 
     # editing real images -----------------------------------------------------------------------
 
-    def level_alpha_bar(self, steps, level):
-        """ᾱ at `level` of a sampler's timesteps `steps` (T−1 first): level 0 is x_0 (ᾱ = 1), level k the k-th
-        timestep from the end, steps[−k]."""
-        return 1.0 if level == 0 else self.alphas_cumprod[steps[-level]].item()
+    def level_alpha_bars(self, steps):
+        """ᾱ at each level of a sampler's timesteps `steps` (T−1 first), on the host: level 0 is x_0 (ᾱ = 1), level k
+        the timestep steps[−k]."""
+        return [1.0] + self.alphas_cumprod[list(reversed(steps))].tolist()
 
     @torch.no_grad()
     def repaint(self, model, x_known, fill, steps, class_labels=None, guidance_scales=None, jump_length=10,
@@ -546,18 +546,18 @@ class Diffusion(nn.Module):
         keep = 1 - fill
         x = torch.randn_like(x_known) if noise is None else noise
         guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
-        path = repaint_levels(len(steps), jump_length, jump_count)
+        path, alpha_bars = repaint_levels(len(steps), jump_length, jump_count), self.level_alpha_bars(steps)
         for here, there in tqdm(list(zip(path, path[1:])), desc="inpainting (RePaint)", leave=False,
                                 disable=not progress):
             if there > here:                                           # back up: x_there ~ q(x_there | x_here)
-                ratio = self.level_alpha_bar(steps, there) / self.level_alpha_bar(steps, here)
+                ratio = alpha_bars[there] / alpha_bars[here]
                 x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * torch.randn_like(x)
                 continue
             i = len(steps) - here                                      # steps[i]: the timestep of level `here`
             t = torch.full((len(x),), steps[i], device=x.device, dtype=torch.long)
             unknown = self.ddim_step(model, x, t, steps[i + 1] if there else -1, class_labels, guidance_scales[i],
                                      eta=1.0)
-            alpha_bar = self.level_alpha_bar(steps, there)              # the known region at the same level: eq. 4
+            alpha_bar = alpha_bars[there]                              # the known region at the same level: eq. 4
             known = math.sqrt(alpha_bar) * x_known + math.sqrt(1 - alpha_bar) * torch.randn_like(x) if there \
                 else x_known
             x = keep * known + fill * unknown
@@ -571,12 +571,12 @@ class Diffusion(nn.Module):
         x̂_0 = (x_s − √(1 − ᾱ_s) ε̂) / √ᾱ_s — exact where ε̂ barely changes over a step, hence better with more steps.
         guidance_scales[i] is the w at steps[i], as the sampler takes it."""
         guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
-        x = x_zero
+        x, alpha_bars = x_zero, self.level_alpha_bars(steps)
         for level in tqdm(range(1, len(steps) + 1), desc="inverting (ddim)", leave=False, disable=not progress):
             i = len(steps) - level                                     # steps[i]: the timestep of this level
             t = torch.full((len(x),), steps[i], device=x.device, dtype=torch.long)
             eps, _ = self.model_predictions(model, x, t, class_labels, guidance_scales[i])
-            alpha_bar_s, alpha_bar_t = self.level_alpha_bar(steps, level - 1), self.level_alpha_bar(steps, level)
+            alpha_bar_s, alpha_bar_t = alpha_bars[level - 1], alpha_bars[level]
             x_zero_hat = (x - math.sqrt(1 - alpha_bar_s) * eps) / math.sqrt(alpha_bar_s)
             x = math.sqrt(alpha_bar_t) * x_zero_hat + math.sqrt(1 - alpha_bar_t) * eps
         return x

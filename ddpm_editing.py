@@ -186,8 +186,8 @@ def editing_settings(job, saved, timesteps, steps=None, guidance_scale=None):
     """The SamplerSettings an editing job runs a T-step model with: DDIM on `steps` (None: EDITING_STEPS, at most T)
     timesteps evenly spaced in t — η = 1 for RePaint (Ho et al.'s ancestral step on those timesteps), η = 0 for
     inversion and interpolation (the deterministic path, run both ways). Guidance: guidance_scale when given, else the
-    checkpoint's (saved: its SamplerSettings or None) for RePaint, and w = 1 — the conditional model itself, which
-    inverts best — for the others; the checkpoint's guidance interval."""
+    checkpoint's (saved: its SamplerSettings or None) for RePaint, and w = 1 — the conditional model itself, one
+    forward a step — for the others; the checkpoint's guidance interval."""
     saved = saved or SamplerSettings()
     scale = guidance_scale if guidance_scale is not None else saved.guidance_scale if job == "inpaint" else 1.0
     settings = SamplerSettings("ddim", steps or min(EDITING_STEPS, timesteps), eta=1.0 if job == "inpaint" else 0.0,

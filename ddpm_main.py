@@ -366,9 +366,10 @@ def edit_images(args, sampler, job, classes, files):
         try:
             return test_split(config, data_dir, dataset, f"--{job}")
         except UserError as e:
-            raise UserError(f"--{job} edits test images of the model's data, and {e}; give --data_dir (or image "
-                            f"files: {'--images a.png,b.png' if job != 'interpolate' else '--interpolate a.png,b.png'}"
-                            ")") from None
+            instead = "--images a.png,b.png" if job != "interpolate" else "--interpolate a.png,b.png"
+            raise UserError(f"--{job} edits test images of the model's data, and {e}; "
+                            f"{'point --data_dir at it' if args.data_dir else 'give --data_dir'} (or image files: "
+                            f"{instead})") from None
     items, split = args.interpolate if job == "interpolate" else args.images, load_split
     if items is None:
         split = load_split()
