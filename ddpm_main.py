@@ -151,8 +151,9 @@ def check_paths(args):
             raise UserError(f"{flag} {path!r} {input_file_problem(path)}")
     for flag, items in (("--images", args.images), ("--interpolate", args.interpolate)):
         check_item_files(items or [], flag)
-    if args.inpaint is not None and mask_problem(args.inpaint):
-        raise UserError(f"--inpaint {mask_problem(args.inpaint)}")
+    problem = mask_problem(args.inpaint) if args.inpaint is not None else None
+    if problem:
+        raise UserError(f"--inpaint {problem}")
     folders = {"--save_dir": args.save_dir, "--export_diffusers": args.export_diffusers}
     if args.job in ("train", "import"):
         folders.update({"--models_dir": args.models_dir, "--tensorboard": args.tensorboard})

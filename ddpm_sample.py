@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm_config import build_diffusion, data_conflicts, trained_data
-from ddpm_data import crop_to_data, data_facts, load_dataset, pad_to_side
+from ddpm_data import crop_to_data, data_facts, evenly_spread, load_dataset, pad_to_side
 from ddpm_diffusion import Diffusion, SamplerSettings, generate, guidance_sweep, seeded_rng
 from ddpm_fid import IS_SPLITS, TORCH_FIDELITY_VERSION, frechet_distance, inception_score, reference_statistics
 from ddpm_helpers import UserError, atomic_open, stderr_is_terminal, write_json
@@ -208,8 +208,7 @@ def spread(images, labels, count):
     if count > len(images):
         print(f"note: --eval_nll {count}: the test split holds {len(images)} images; using all of them",
               file=sys.stderr)
-        count = len(images)
-    chosen = torch.linspace(0, len(images) - 1, count).round().long()
+    chosen = evenly_spread(torch.arange(len(images)), count)
     return images[chosen], None if labels is None else labels[chosen]
 
 
