@@ -11,6 +11,7 @@ labels. Parts, each printed and written to --results as it finishes:
   CLI's defaults; the filled region's RMSE (in 8-bit levels) and PSNR against the originals, beside a baseline that
   pastes there the centre of class-guided samples of the same classes (the checkpoint's sampler: samples that never
   saw the known region); the referee's FID of both sets of completed images against --ref_stats; seconds;
+- originals: the referee's FID of the inpainting part's test images, unedited (what completions can approach);
 - interpolation: seconds for a strip of --frames between two test images (both inverted, then the frames decoded).
 """
 import argparse
@@ -43,7 +44,7 @@ def parse_args():
     p.add_argument("--data_dir", required=True, help="the model's data as an image folder (train/, test/)")
     p.add_argument("--referee", help="referee_fid.py (without it: no FID)")
     p.add_argument("--ref_stats", help="the referee's reference statistics (mu, sigma)")
-    p.add_argument("--parts", default="inversion,inpainting,interpolation")
+    p.add_argument("--parts", default="inversion,inpainting,originals,interpolation")
     p.add_argument("--inversion_images", type=int, default=100)
     p.add_argument("--inversion_steps", default="15,50,250")
     p.add_argument("--inpainting_images", type=int, default=1000)
@@ -123,6 +124,13 @@ def inpainting(args, ckpt, model, images, labels):
     return row
 
 
+def originals(args, ckpt, model, images, labels):
+    """The referee's FID of the inpainting part's test images as they are: the figure completions can approach."""
+    row = {"images": len(images), "fid": referee_fid(args, to_model_range(images), "originals")}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def interpolation(args, ckpt, model, images, labels):
     sampler = sampler_for("interpolate", ckpt, model, args.steps)
     inputs = Inputs([images[0], images[-1]], labels[[0, -1]], ["first", "last"], [None, None])
@@ -142,7 +150,7 @@ def main():
     results = {"model_path": args.model_path, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
                "date": time.strftime("%Y-%m-%d")}
     parts = {"inversion": (inversion, args.inversion_images), "inpainting": (inpainting, args.inpainting_images),
-             "interpolation": (interpolation, 2)}
+             "originals": (originals, args.inpainting_images), "interpolation": (interpolation, 2)}
     for name in args.parts.split(","):
         run, count = parts[name]
         chosen = evenly_spread(torch.arange(len(data["test_images"])), count)
