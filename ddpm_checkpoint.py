@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddpm_config import (AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, RESUME_NEEDS, Range, Value, build_model,
-                         config_problem, entries_problem, nesting_problem, short_repr)
+from ddpm_config import (ADJUSTABLE, AT_LEAST_ONE, BY_NAME, FIXED, MODEL_SETTINGS, NOT_NEGATIVE, POSITIVE, RUN,
+                         SAMPLING, SETTINGS, Range, Value, build_model, short_repr)
+from ddpm_diffusion import SamplerSettings
 from ddpm_download import file_digest
 from ddpm_helpers import (NonFiniteError, RUN_NAME_CHARACTERS, UserError, atomic_torch_save, input_file_problem,
                           sanitized_run_name, write_json)
@@ -123,6 +124,99 @@ OPTIMIZER_ENTRIES = {"lr": Value(float, NOT_NEGATIVE), "eps": Value(float, POSIT
                      "foreach": Value(bool, optional=True), "capturable": Value(bool),
                      "differentiable": Value(bool), "fused": Value(bool, optional=True),
                      "decoupled_weight_decay": Value(bool)}
+
+
+ANY_SIZE = Value(int, AT_LEAST_ONE)
+# What each config entry a checkpoint may hold must be: the stored settings' from their own declarations (what their
+# flags are checked by), the derived entries' here. SAMPLING_NEEDS and RESUME_NEEDS name those that must be there.
+SAMPLING_ENTRIES = {setting.field or setting.name: setting.value for setting in SETTINGS if setting.stored == SAMPLING}
+MODEL_ENTRIES = {
+    **{key: BY_NAME[key].value for key in MODEL_SETTINGS}, "channels": ANY_SIZE, "class_emb_dim": ANY_SIZE,
+    "attn_heads": ANY_SIZE, "attn_dim_head": ANY_SIZE, "num_classes": Value(int, AT_LEAST_ONE, optional=True),
+    "image_size": Value(int, AT_LEAST_ONE, optional=True)}
+CONFIG_ENTRIES = {
+    **{setting.name: setting.value for setting in SETTINGS if setting.stored in (FIXED, ADJUSTABLE, RUN)},
+    "model": Value(dict, fields=MODEL_ENTRIES, what="the U-Net's settings (a dict)"),
+    "image_size": ANY_SIZE, "num_classes": Value(int, AT_LEAST_ONE, optional=True),
+    "classes": Value(str, many=True, min_items=0, what="a list of class names"), "channels": ANY_SIZE,
+    "data_size": Value(int, AT_LEAST_ONE, many=True, length=2, what="[height, width]"),
+    "dataset": Value(str, what="a name"),
+    "sampling": Value(dict, fields=SAMPLING_ENTRIES, closed=True, what="sampler settings"),
+}
+SAMPLING_NEEDS = ("model", "timesteps", "schedule", "image_size")
+RESUME_NEEDS = SAMPLING_NEEDS + ("run_name", "data_dir", "conditional", "num_classes", "loss_type", "batch_size",
+                                 "grad_accum", "p_uncond", "ema_decay", "seed", "lr", "lr_decay", "warmup_steps",
+                                 "epochs")
+MAX_NESTING = 32  # the deepest a checkpoint's entries go (an optimizer's moments: 4)
+
+
+def entries_problem(entries, needed, values, where):
+    """What is wrong with a dict of stored values (None: nothing): an entry of `needed` missing, or one that is not
+    what its Value in `values` says ('<where>'s <key> is …, not …'); entries without a Value are not checked."""
+    missing = [key for key in needed if key not in entries]
+    if missing:
+        return f"{where} lacks {', '.join(missing)}"
+    return next(filter(None, (value.problem(entries[key], f"{where}'s {key}") for key, value in values.items()
+                              if key in entries)), None)
+
+
+def nesting_problem(obj, where, limit=MAX_NESTING):
+    """What is wrong with how deep the containers of `obj` go (None: nothing): an entry nested more than `limit`
+    deep, found without recursion, so that no later walk (repr, JSON, a copy) runs out of stack."""
+    stack = [(obj, 0, where)]
+    while stack:
+        value, depth, name = stack.pop()
+        if depth > limit:
+            return f"{name} is nested more than {limit} deep"
+        if isinstance(value, dict):
+            stack += [(v, depth + 1, name if depth else f"{where}'s {k}") for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [(v, depth + 1, name) for v in value]
+    return None
+
+
+def config_problem(config, needed=SAMPLING_NEEDS):
+    """What makes a checkpoint's config unusable (None: nothing): an entry in `needed` missing, an entry that is not
+    what it must be (CONFIG_ENTRIES: the settings' own declarations, MODEL_ENTRIES, SAMPLING_ENTRIES), or settings
+    that contradict each other."""
+    if not isinstance(config, dict):
+        return "its config is not a dict"
+    problem = (nesting_problem(config, "the config") or entries_problem(config, needed, CONFIG_ENTRIES, "the config")
+               or entries_problem(config["model"], ("dim", "dim_mults"), MODEL_ENTRIES, "the model")
+               or sampling_problem(config.get("sampling")))
+    if problem:
+        return problem
+    model, classes = UNetConfig.from_dict(config["model"]), config.get("classes")
+    if model.num_classes and classes is None:
+        return f"the config lacks classes (the names of its model's {model.num_classes} classes)"
+    if (model.dim % model.groups or model.num_classes != config.get("num_classes", model.num_classes)
+            or (model.num_classes and classes is not None and len(classes) != model.num_classes)
+            or (model.attn_resolutions is not None and model.image_size is None)):
+        return ("the config's settings contradict each other (dim and groups, num_classes and classes, "
+                "attn_resolutions without image_size)")
+    return image_size_problem(config, model)
+
+
+def sampling_problem(sampling):
+    """What SamplerSettings refuses in a config's sampling entry whose values each passed their checks (a guidance
+    interval whose ends are in the wrong order); None: nothing, or no entry."""
+    try:
+        SamplerSettings(**sampling) if sampling is not None else None
+    except (TypeError, ValueError) as e:
+        return f"the config's sampling is not sampler settings ({e})"
+    return None
+
+
+def image_size_problem(config, model):
+    """What is wrong with the side the network works on (None: nothing): the config's and its model's differ, or
+    it cannot be halved once per stage after the first."""
+    side, unit = config["image_size"], 2 ** (len(model.dim_mults) - 1)
+    if model.image_size is not None and model.image_size != side:
+        return f"the config's image_size ({side}) and its model's ({model.image_size}) differ"
+    if side % unit:
+        return (f"the config's image_size is {side}, and its {len(model.dim_mults)} stages need at least {unit} pixels "
+                f"a side, a multiple of {unit}")
+    return None
 
 
 def build_checkpoint(config, model, ema_model, optimizer, state, use_cuda, scaler=None):

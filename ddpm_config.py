@@ -1,51 +1,43 @@
-"""Every setting, declared once: its flag, default, help, check (range or choices) and what a resume may do with it.
+"""Every setting and every job, declared once: a setting's flag, default, help, check (range or choices), the jobs it
+does something in and what a resume may do with it; a job's flag, what it needs and what runs it.
 
-From SETTINGS come the command line (ddpm_flags.py: the parser grouped by SECTIONS, the checks of the flags,
-docs/flags.md), the checks of a checkpoint's stored config (config_problem) and the resume rules (FIXED_SETTINGS,
-ADJUSTABLE_SETTINGS, RUN_SETTINGS, the sampling settings). The resolved config of a run (training_config) is what
-every checkpoint carries, each setting once: inference rebuilds the network and the diffusion from it alone
-(build_model, build_diffusion).
+From SETTINGS and JOBS come the command line (ddpm_flags.py: the parser grouped by sections, the job a command asks
+for, the checks of the flags, docs/flags.md), the checks of a checkpoint's stored config (ddpm_checkpoint, from each
+setting's Value) and the resume rules (FIXED_SETTINGS, ADJUSTABLE_SETTINGS, RUN_SETTINGS, the sampling settings). The
+resolved config of a run (training_config) is what every checkpoint carries, each setting once: inference rebuilds
+the network and the diffusion from it alone (build_model, build_diffusion).
 
-To add a setting: one Setting below (its section, help, check and `stored` kind), then its use (docs/contributing.md).
+To add a setting: one Setting below, then its use; a job: one Job and the function it names (docs/contributing.md).
 """
 import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
 
-from ddpm_data import CIFAR10_CLASSES, DATASETS, DEFAULT_DATA_DIR, model_side
-from ddpm_diffusion import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_SAMPLING_STEPS,
-    LOSS_TYPES,
-    PREDICTIONS,
-    SAMPLERS,
-    SCHEDULES,
-    SPACINGS,
-    VARIANCES,
-    Diffusion,
-    SamplerSettings,
-    make_schedule,
-)
-from ddpm_editing import EDIT_IMAGES, EDITING_STEPS, MASK_SHAPES
-from ddpm_fid import INCEPTION, IS_SPLITS, REFERENCE_SPLITS
+from ddpm_data import DATASETS, model_side
+from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS_TYPES, PREDICTIONS, SAMPLERS,
+                            SCHEDULES, SPACINGS, VARIANCES, Diffusion, SamplerSettings, make_schedule)
+from ddpm_fid import IS_SPLITS, REFERENCE_SPLITS
 from ddpm_helpers import UserError
-from ddpm_interop import PUBLISHED
+from ddpm_jobs import EDIT_IMAGES, EDITING_STEPS, FLAG_SAMPLED, INFERENCE, JOB, MASK_SHAPES, SAMPLES, image_items
 from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig, build_unet
-from ddpm_pictures import MAX_CLASS_ROWS, STRIP_COLUMNS, STRIP_ROWS
 from ddpm_presets import PRESETS
 from ddpm_runtime import COMPILE_CHOICES, PRECISIONS
-from ddpm_train_step import EVAL_IMAGES, LOG_LINE_SECONDS, LR_DECAYS
 
+READS, WRITES = "reads", "writes"  # what a flag's path is (Setting.io)
+LR_DECAYS = ("none", "cosine")  # after warm-up: constant, or cosine-decayed to 0 (ddpm_train_step.learning_rate)
 # What a resume does with a stored setting (Setting.stored):
 FIXED = "fixed"            # what the run trains: a resumed run keeps its checkpoint's, a flag that differs is an error
 ADJUSTABLE = "adjustable"  # how long and how fast: a resumed run takes a flag given, else its checkpoint's
 RUN = "run"                # every run, resumed or not, takes it from its own command line (and torchrun)
 SAMPLING = "sampling"      # how to sample (config['sampling'], SamplerSettings): the flag, else the checkpoint's
-# What a command does (ddpm_main.job_of); a flag given for a job it does nothing in is refused (Setting.jobs)
-TRAIN, INFERENCE, IMPORT, EXPORT = "train", "inference", "import", "export"
-JOB_WORDS = {TRAIN: "training", INFERENCE: "--inference", IMPORT: "--import_weights", EXPORT: "--export_diffusers"}
 RESUME_WORDS = {FIXED: "kept (fixed)", ADJUSTABLE: "may change", RUN: "per run", SAMPLING: "may change"}
+
+
+# the jobs a section's flags do something in, unless a flag says otherwise (Setting.used_in)
+SECTION_JOBS = {"training": ("train",), "diffusion": ("train",), "network": ("train",), "data": SAMPLES,
+                "files": ("train",), "inference": INFERENCE, "editing": INFERENCE, "sampling": FLAG_SAMPLED,
+                "evaluation": SAMPLES, "foreign": ("import",), "machine": SAMPLES}
 
 
 @dataclass(frozen=True)
@@ -102,6 +94,7 @@ def comma_list(kind, what):
 
 int_list = comma_list(int, "integer")
 float_list = comma_list(float, "number")
+class_list = comma_list(str.strip, "class index or name")  # checked against a checkpoint's classes when it loads
 
 
 def noise_interval(text):
@@ -197,7 +190,7 @@ def short_repr(value):
 class Setting:
     """One setting: its flag --<name> (in --help under `section`), what it means and may be, and how it is kept."""
     name: str
-    section: str
+    section: str              # its group in --help (ddpm_flags.SECTIONS)
     help: str                 # one line of --help
     default: object = None
     parse: object = str       # argparse's type: int, float, int_list, …; bool for a switch (--flag sets True)
@@ -214,6 +207,8 @@ class Setting:
     stored_as: Value = None   # what the config holds, where the flag's parse, check and choices do not say it
     used_in: tuple = None     # the jobs the flag does something in (None: its section's, SECTION_JOBS)
     needs: tuple = None       # flags one of which must be given with it (None: none)
+    excludes: tuple = None    # flags that cannot be given with it (None: none)
+    io: str = None            # READS: names a file read; WRITES: a folder written in (checked before anything runs)
 
     @property
     def jobs(self):
@@ -223,6 +218,11 @@ class Setting:
     def is_path(self):
         """Whether the flag names a file or folder (an empty one is refused)."""
         return (self.metavar or "").split("|")[0] in ("DIR", "PATH", "CKPT", "NPZ")
+
+    @property
+    def asks_for(self):
+        """The job this flag asks for (None: none)."""
+        return next((job for job in JOB.values() if job.flag == self.name), None)
 
     @property
     def hidden(self):
@@ -238,43 +238,12 @@ class Setting:
         return Value(kind if kind in (int, float, bool) else str, self.check, self.choices, self.optional, many,
                      what=self.what)
 
-    def entry_words(self):
-        """What a checkpoint's config must hold for it, e.g. 'a whole number ≥ 1', 'none or one of l1, l2, huber'."""
-        return self.value.words()
-
-    def entry_holds(self, value):
-        """Whether a checkpoint's config entry `value` is what this setting may be: its type, choices and range."""
-        return self.value.holds(value)
-
 
 AT_LEAST_ONE = Range(1)
 POSITIVE = Range(0, open_low=True)
 NOT_NEGATIVE = Range(0)
 MAX_RES_BLOCKS = 64  # per stage: published U-Nets use 2 to 4; more would take minutes just to build
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch's generators take (a negative seed is taken modulo 2⁶⁴)
-
-# (title, description) of the groups --help shows, in its order
-SECTIONS = {
-    "training": ("training", None),
-    "diffusion": ("diffusion", None),
-    "network": ("network (the U-Net)", None),
-    "data": ("data", None),
-    "files": ("files, checkpoints and logs", None),
-    "inference": ("inference", None),
-    "editing": ("editing real images (inference, instead of sampling)", None),
-    "sampling": ("sampling (inference, the per-epoch grids and FID)",
-                 "A checkpoint carries its sampling settings; these flags override them."),
-    "evaluation": ("evaluation: FID, Inception Score and the bound", None),
-    "foreign": ("foreign weights (docs/paper.md)", None),
-    "machine": ("machine", None),
-}
-
-# the jobs a section's flags do something in, unless a flag says otherwise (Setting.used_in)
-ALL_JOBS, SAMPLING_JOBS = (TRAIN, INFERENCE, IMPORT, EXPORT), (TRAIN, INFERENCE)
-SECTION_JOBS = {"training": (TRAIN,), "diffusion": (TRAIN,), "network": (TRAIN,), "data": SAMPLING_JOBS,
-                "files": (TRAIN,), "inference": (INFERENCE,), "editing": (INFERENCE,),
-                "sampling": (TRAIN, INFERENCE, IMPORT),
-                "evaluation": SAMPLING_JOBS, "foreign": (IMPORT,), "machine": SAMPLING_JOBS}
 
 S = Setting
 SETTINGS = (
@@ -305,7 +274,7 @@ SETTINGS = (
       check=Range(0, 1, open_high=True), stored=FIXED, metavar="X",
       more="The EMA weights are used for evaluation, grids, FID and inference; warm-up: min(decay, (1+n)/(10+n))."),
     S("conditional", "training", "class-conditional (classifier-free guidance)", False, bool, stored=FIXED,
-      used_in=SAMPLING_JOBS,
+      used_in=SAMPLES,
       more="At inference: class-guided samples from a conditional model."),
     S("p_uncond", "training", "probability a label is dropped to the null label", 0.1, float, check=Range(0, 1),
       stored=FIXED, metavar="P"),
@@ -352,8 +321,7 @@ SETTINGS = (
       stored=FIXED, metavar="ε"),
     # data
     S("data_dir", "data", "an image-folder tree, or where --dataset downloads to", stored=RUN, what="a folder",
-      used_in=(TRAIN, INFERENCE, IMPORT),
-      metavar="DIR",
+      used_in=("import", *SAMPLES), metavar="DIR",
       more="A folder tree is train/<class>/*.png and test/<class>/*.png. Default: ./data; at inference, the folder "
            "the model was trained on."),
     S("dataset", "data", "what --data_dir holds", choices=DATASETS,
@@ -361,42 +329,42 @@ SETTINGS = (
            "holds train/ and test/, else cifar10; at inference, the model's."),
     # files, checkpoints and logs
     S("run_name", "files", "names checkpoints and outputs (default: DDPM)", stored=RUN, what="a name", metavar="NAME",
-      used_in=(TRAIN, INFERENCE, IMPORT),
+      used_in=("import", *SAMPLES),
       more="Never a path: letters A-Z a-z, digits, _, - and . (not . or .. alone), at most 217 characters, so that "
            "the longest file made from it fits a file system's 255. At inference: the --model_path folder's name for "
            "a ckpt.pt, last.pt or best.pt, else the file's."),
     S("models_dir", "files", "checkpoints go to <models_dir>/<run_name>/", "models", metavar="DIR",
-      used_in=(TRAIN, IMPORT)),
-    S("save_dir", "files", "grids, samples and JSON go here", "outputs", metavar="DIR", used_in=SAMPLING_JOBS),
+      used_in=("train", "import"), io=WRITES),
+    S("save_dir", "files", "grids, samples and JSON go here", "outputs", metavar="DIR", used_in=SAMPLES, io=WRITES),
     S("save_model", "files", "also write <models_dir>/<run_name>/ckpt.pt at the end", False, bool),
     S("checkpoint_every", "files", "epochs between last.pt writes", 1, int, check=AT_LEAST_ONE, metavar="N",
       more="The last epoch, interruptions and evaluations always write one."),
     S("checkpoint_minutes", "files", "also write last.pt after this many minutes", 10, float, check=POSITIVE,
       metavar="MIN", more="Mid-epoch included: a killed run loses at most this much."),
     S("eval_every", "files", "epochs between losses, grids and plots", 1, int, check=AT_LEAST_ONE, metavar="N",
-      more=f"The validation and test losses are over {EVAL_IMAGES:,} images of each split; the last epoch always "
+      more="The validation and test losses are over the same images of each split every time; the last epoch always "
            "evaluates."),
     S("log_interval", "files", "steps between loss read-outs and NaN checks", 100, int, check=AT_LEAST_ONE,
-      metavar="N", more=f"A progress bar; without a terminal, a log line at a read-out once {LOG_LINE_SECONDS} s have "
-                          "passed."),
-    S("tensorboard", "files", "also log to TensorBoard in DIR", metavar="DIR",
+      metavar="N", more="A progress bar; without a terminal, a log line at a read-out, at most one a minute."),
+    S("tensorboard", "files", "also log to TensorBoard in DIR", metavar="DIR", io=WRITES,
       more="Loss and lr at read-outs, img/s, validation/test losses, FID and the per-epoch grids; needs the "
            "tensorboard package (tensorboard --logdir DIR)."),
     # inference
     S("inference", "inference", "sample from --model_path instead of training", False, bool),
-    S("model_path", "inference", "the checkpoint to sample from", metavar="CKPT", used_in=(INFERENCE, EXPORT)),
+    S("model_path", "inference", "the checkpoint to sample from", metavar="CKPT", used_in=(*INFERENCE, "export")),
     S("num_samples", "inference", "images to generate (default: whole rows)", None, int, check=AT_LEAST_ONE,
       metavar="N",
       more="Default: 8 of each class for a conditional model, else 64; with --eval_fid, only FID's samples."),
-    S("sample_classes", "inference", "class indices or names, e.g. 3,5 or cat,dog", metavar="C,...",
-      more=f"With --conditional (or --guidance_sweep); checked against the checkpoint's classes, cycled to "
-           f"--num_samples. Default: all the model's classes; a sweep's first {MAX_CLASS_ROWS}; the editing jobs: "
-           "each test image's own (files and seeds need them)."),
+    S("sample_classes", "inference", "class indices or names, e.g. 3,5 or cat,dog", parse=class_list, metavar="C,...",
+      needs=("conditional", "guidance_sweep"),
+      more="Checked against the checkpoint's classes, cycled to --num_samples. Default: all the model's classes (a "
+           "sweep: as many as a grid's rows show); the editing jobs: each test image's own (files and seeds need "
+           "them)."),
     S("guidance_sweep", "inference", "one grid: a row per guidance scale", None, float_list, check=NOT_NEGATIVE,
       metavar="W,...", more="A column per class, every row from the same noise."),
     S("denoising_strip", "inference", "one grid of x̂_0 as the sampler goes", False, bool,
-      more=f"A row per sample ({STRIP_ROWS}, or --num_samples), x̂_0 as the network predicts it at {STRIP_COLUMNS} "
-           "evenly spaced steps of the sampler, x_T to x_0."),
+      more="A row per sample (--num_samples of them, else a few), x̂_0 as the network predicts it at evenly spaced "
+           "steps of the sampler, x_T to x_0."),
     # editing real images
     S("inpaint", "editing", f"RePaint a region: {', '.join(MASK_SHAPES)} or a PNG", metavar="SHAPE|PNG",
       more="centre: the middle square of half the side; left: the left half; strokes: random brush strokes (from "
@@ -405,22 +373,23 @@ SETTINGS = (
            "inputs, the region to fill, the results; and an npz. Only ancestral steps: a deterministic sampler cannot "
            "re-noise (docs/editing.md)."),
     S("jump_length", "editing", "RePaint's jump: levels back up", 5, int, check=AT_LEAST_ONE,
-      metavar="J", needs=("inpaint",), more="Lugmayr et al.'s j (theirs: 10)."),
+      metavar="J", used_in=("inpaint",), more="Lugmayr et al.'s j (theirs: 10)."),
     S("jump_count", "editing", "RePaint's passes per jump (1: none)", 5, int, check=AT_LEAST_ONE,
-      metavar="R", needs=("inpaint",), more="Lugmayr et al.'s r (theirs: 10); each adds (R − 1) · J evaluations per "
+      metavar="R", used_in=("inpaint",), more="Lugmayr et al.'s r (theirs: 10); each adds (R − 1) · J evaluations per "
                                             "jump."),
     S("invert", "editing", "real images to x_T by DDIM and back; their PSNR", False, bool,
       more="DDIM with η = 0 run forwards (Song et al. 2021), then the DDIM sampler from the x_T it finds; w = 1 unless "
-           "--guidance_scale is given. Grid (inputs, x_T, reconstructions), invert_<run>.json (PSNR) and an npz."),
-    S("interpolate", "editing", "a strip between two images or seeds: A,B", metavar="A,B",
+           "given. Grid (inputs, x_T, reconstructions), invert_<run>.json (PSNR) and an npz."),
+    S("interpolate", "editing", "a strip between two images or seeds: A,B", parse=image_items(ends=True),
+      metavar="A,B", excludes=("num_samples",),
       more="Each end a test index, an image file or seed:N (that seed's noise); images through their DDIM-inverted "
            "x_T, spherical interpolation (slerp) between the two noises, each frame decoded by DDIM. With "
            "--conditional, each end's class (a test image's own, or --sample_classes C or C1,C2): between two classes "
            "the class blends too."),
     S("frames", "editing", "frames in the --interpolate strip", 8, int, check=Range(2),
-      metavar="K", needs=("interpolate",), more="Its ends included."),
-    S("images", "editing", "the images to edit: test indices or image files", metavar="I|FILE,...",
-      needs=("inpaint", "invert"),
+      metavar="K", used_in=("interpolate",), more="Its ends included."),
+    S("images", "editing", "the images to edit: test indices or image files", parse=image_items(),
+      metavar="I|FILE,...", used_in=("inpaint", "invert"), excludes=("num_samples",),
       more=f"Comma-separated; an index is into the test split of the model's data (its --data_dir, else the one it "
            f"was trained on). A file must be the model's image size. Default: {EDIT_IMAGES} test images spread over "
            "the split (--num_samples: how many)."),
@@ -431,14 +400,14 @@ SETTINGS = (
            "(docs/sampling.md). A sampler other than the checkpoint's starts from its own "
            "defaults; the guidance scale and interval and the variance stay the checkpoint's."),
     S("sampling_steps", "sampling", f"network evaluations of dpm++2m and ddim ({DEFAULT_SAMPLING_STEPS})", None, int,
-      check=AT_LEAST_ONE, stored=SAMPLING, optional=True, field="steps", metavar="N",
+      check=AT_LEAST_ONE, stored=SAMPLING, optional=True, field="steps", metavar="N", used_in=("import", *SAMPLES),
       more=f"T when T is smaller. --inpaint, --invert and --interpolate: their timesteps ({EDITING_STEPS})."),
     S("spacing", "sampling", "dpm++2m's steps evenly in λ (default) or in t", choices=SPACINGS, stored=SAMPLING,
       more="λ_t = log(√ᾱ_t / √(1−ᾱ_t)); lambda reads the better FID (BENCHMARKS.md)."),
     S("guidance_scale", "sampling", f"guidance w: 0 uncond., 1 cond., >1 more ({DEFAULT_GUIDANCE_SCALE})", None,
-      float, check=NOT_NEGATIVE, stored=SAMPLING, metavar="W"),
+      float, check=NOT_NEGATIVE, stored=SAMPLING, metavar="W", used_in=("import", *SAMPLES)),
     S("guidance_interval", "sampling", "apply w only at noise levels LO < σ ≤ HI", None, noise_interval,
-      stored=SAMPLING, metavar="LO,HI|all",
+      stored=SAMPLING, metavar="LO,HI|all", used_in=("import", *SAMPLES),
       stored_as=Value(float, NOT_NEGATIVE, optional=True, many=True, length=2, infinite=True),
       more="σ_t = √(1−ᾱ_t)/√ᾱ_t (EDM's σ); the plain conditional prediction elsewhere, one forward instead of two "
            "(Kynkäänniemi et al. 2024). all: every step, the default."),
@@ -448,34 +417,37 @@ SETTINGS = (
       more="posterior is the default; beta is Ho et al.'s CIFAR-10 samples and what an imported paper model "
            "carries."),
     S("sample_batch", "sampling", "images generated per forward batch", 1000, int, check=AT_LEAST_ONE, metavar="N",
-      used_in=SAMPLING_JOBS,
+      used_in=SAMPLES,
       more="A batch the GPU cannot hold is retried at half the size, with one warning line."),
     # evaluation
     S("eval_fid", "evaluation", "FID and IS of N samples (after training, or at inference)", 0, int,
       check=Range(IS_SPLITS, zero_is_off=True, words=f"0 (off) or a sample count of at least {IS_SPLITS} (the "
-                  "Inception Score's splits)"), metavar="N",
+                  "Inception Score's splits)"), metavar="N", used_in=("train", "fid"),
       more="Class-balanced when conditional; one pass of torch-fidelity's Inception-v3; published figures use "
            "50,000."),
     S("fid_inception", "evaluation", "the Inception weights file (default: fetched once)", metavar="PATH",
-      more=f"torch-fidelity's {INCEPTION.file_name}; fetched on first use into $TORCH_HOME/hub/checkpoints and "
-           "checked by SHA-256."),
-    S("fid_ref", "evaluation", "the split FID compares with (Ho et al.: train)", "train", choices=REFERENCE_SPLITS),
+      used_in=("train", "fid"), needs=("eval_fid",), io=READS,
+      more="torch-fidelity's weights file; fetched on first use into $TORCH_HOME/hub/checkpoints and checked by "
+           "SHA-256."),
+    S("fid_ref", "evaluation", "the split FID compares with (Ho et al.: train)", "train", choices=REFERENCE_SPLITS,
+      used_in=("train", "fid"), needs=("eval_fid",)),
     S("fid_ref_stats", "evaluation", "reference statistics (mu, sigma) instead", metavar="NPZ",
+      used_in=("train", "fid"), needs=("eval_fid",), excludes=("fid_ref",), io=READS,
       more="An npz with mu (2048,) and sigma (2048, 2048), instead of the --fid_ref split's (docs/evaluation.md)."),
     S("eval_nll", "evaluation", "the bound on N test images, in bits/dim", 0, int,
-      check=Range(0, words="0 (off) or an image count"), metavar="N",
+      check=Range(0, words="0 (off) or an image count"), metavar="N", used_in=("train", "bound"),
       more="After training (null label), or at inference instead of sampling (--conditional: given each image's "
            "label); each term per t to nll_<run>.json and nll_terms_<run>.png; T network evaluations an image "
            "(docs/paper.md)."),
-    S("nll_variance", "evaluation", "σ_t² in the bound (default: the sampler's)", choices=VARIANCES),
+    S("nll_variance", "evaluation", "σ_t² in the bound (default: the sampler's)", choices=VARIANCES,
+      used_in=("train", "bound"), needs=("eval_nll",)),
     # foreign weights
-    S("import_weights", "foreign", f"Ho et al.'s network from a file, or {', '.join(PUBLISHED)}",
-      metavar="PATH|NAME",
+    S("import_weights", "foreign", "Ho et al.'s network from a file, or a published name", metavar="PATH|NAME",
       more="pesser/pytorch_diffusion's state dict or a diffusers UNet2DModel folder, or a file fetched by name once; "
            "written to <models_dir>/<run_name>/ckpt.pt and sampled as the paper did (1,000 ancestral steps, σ_t² = "
            "β_t) unless sampling flags are given."),
     S("export_diffusers", "foreign", "write --model_path as a diffusers DDPMPipeline folder", metavar="DIR",
-      used_in=(EXPORT,),
+      used_in=("export",), io=WRITES,
       more="The architecture ddpm; its EMA weights. DDPMPipeline.from_pretrained(DIR) loads it."),
     # machine
     S("seed", "machine", "random seed (same seed, same results on CPU)", 0, int, metavar="N",
@@ -492,7 +464,7 @@ SETTINGS = (
     S("no_compile", "machine", "the same as --compile off", False, bool, means=("compile", "off")),
     S("no_bf16", "machine", "the same as --precision fp32", False, bool, means=("precision", "fp32")),
     S("no_cuda", "machine", "run on the CPU even when CUDA is available", False, bool),
-    S("quiet", "machine", "no progress bars or per-epoch lines", False, bool, used_in=ALL_JOBS),
+    S("quiet", "machine", "no progress bars or per-epoch lines", False, bool, used_in=tuple(JOB)),
     S("world_size", "machine", "ranks under torchrun", 1, int, check=AT_LEAST_ONE, stored=RUN, flag=False),
 )
 del S
@@ -521,19 +493,9 @@ DERIVED_KEYS = ("model", "num_classes", "dataset", "classes", "channels", "data_
                 "num_val", "num_test", "global_batch_size")
 
 
-# ----------------------------------------------------------------------------------- presets
-
 def preset_flags(name):
     """A preset's flags as command-line text, e.g. '--dim 128 --dim_mults 1,2,2,2 …'."""
     return " ".join(f"--{flag} {flag_text(value)}" for flag, value in PRESETS[name][1].items())
-
-
-def preset_network(name, image_size=32, channels=3, num_classes=None):
-    """The UNetConfig of a preset's network for images of image_size: its flags over UNetConfig's defaults (which
-    are the flags' defaults)."""
-    flags = PRESETS[name][1]
-    fields = {key: flags[key] for key in UNetConfig.__dataclass_fields__ if key in flags}
-    return UNetConfig.from_dict({**fields, "image_size": image_size, "channels": channels, "num_classes": num_classes})
 
 
 # ----------------------------------------------------------------------------------- the config
@@ -543,14 +505,9 @@ def training_config(flags, data_facts, saved_config=None, given=()):
     under its flag's name (the network's in the 'model' entry, UNetConfig's fields), DERIVED_KEYS and 'sampling'.
 
     flags: the command line's values by config key (every setting above), and 'sampling': the resolved
-    SamplerSettings; data_facts: ddpm_data.data_facts and num_train, num_val, num_test. saved_config: the checkpoint's
-    config when resuming, whose fixed settings win over the flags, and whose adjustable ones win over flags not
-    `given` on the command line (a key it lacks, from an older version, falls back to the flag)."""
-    chosen = {key: flags[key] for key in COMMAND_LINE_SETTINGS}
-    if saved_config is not None:
-        kept = FIXED_SETTINGS + tuple(key for key in ADJUSTABLE_SETTINGS if key not in given)
-        saved = stored_settings(saved_config)
-        chosen.update({key: saved.get(key, chosen[key]) for key in kept})
+    SamplerSettings; data_facts: ddpm_data.data_facts and num_train, num_val, num_test; saved_config and given: a
+    resumed run's checkpoint config and the settings given on the command line (resolved_settings)."""
+    chosen = resolved_settings(flags, saved_config, given)
     classes = list(data_facts["classes"])
     side = model_side(data_facts["data_size"], len(chosen["dim_mults"]))
     model = UNetConfig.from_dict({**{key: chosen[key] for key in MODEL_SETTINGS}, "channels": data_facts["channels"],
@@ -594,38 +551,23 @@ def flag_value(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def fixed_setting_conflicts(saved_config, flags, given):
-    """The fixed settings given on a resume's command line with values other than the checkpoint's:
-    {key: (checkpoint's value, flag's value)}."""
+def resolved_settings(flags, saved_config=None, given=()):
+    """The settings a run trains with (COMMAND_LINE_SETTINGS, by config key): the command line's `flags`; for a run
+    resumed from a checkpoint's saved_config, its fixed settings, and its adjustable ones unless `given` on the command
+    line (a key an older checkpoint lacks falls back to the flag). UserError naming the fixed settings given other
+    values than the checkpoint's: what a run trains cannot change mid-run."""
+    chosen = {key: flags[key] for key in COMMAND_LINE_SETTINGS}
+    if saved_config is None:
+        return chosen
     saved = stored_settings(saved_config)
-    return {key: (saved[key], flags[key]) for key in FIXED_SETTINGS
-            if key in given and key in saved and flags[key] != saved[key]}
-
-
-def check_fixed_settings(saved_config, flags, given):
-    """UserError naming the fixed settings a resume's command line gives other values than the checkpoint's."""
-    conflicts = fixed_setting_conflicts(saved_config, flags, given)
+    conflicts = [key for key in FIXED_SETTINGS if key in given and key in saved and chosen[key] != saved[key]]
     if conflicts:
-        asked = ", ".join(f"--{key} {flag_text(value)}" for key, (_, value) in conflicts.items())
-        kept = ", ".join(f"{key} {flag_text(saved_value)}" for key, (saved_value, _) in conflicts.items())
-        raise UserError(f"--resume: {asked} differ from the run being resumed ({kept}); what the run trains cannot "
-                        "change mid-run: drop them, or start a new run under another --run_name")
-
-
-def trained_data(config):
-    """The data facts (ddpm_data.data_facts) of what a config's model was trained on. Checkpoints from before they
-    were stored held square colour images: CIFAR-10 when the class names are CIFAR-10's, else a folder."""
-    classes, side = config.get("classes") or [], config["image_size"]
-    return {"dataset": config.get("dataset") or ("cifar10" if classes == CIFAR10_CLASSES else "folder"),
-            "classes": classes, "channels": config["model"].get("channels", 3),
-            "data_size": config.get("data_size") or [side, side]}
-
-
-def data_conflicts(saved_config, facts):
-    """How the data a resumed run reads differs from what its checkpoint was trained on: {what: (checkpoint's,
-    data's)} over the class names, the channels and the image size."""
-    saved = trained_data(saved_config)
-    return {key: (saved[key], facts[key]) for key in ("classes", "channels", "data_size") if saved[key] != facts[key]}
+        raise UserError(f"--resume: {', '.join(f'--{key} {flag_text(chosen[key])}' for key in conflicts)} differ from "
+                        f"the run being resumed ({', '.join(f'{key} {flag_text(saved[key])}' for key in conflicts)}); "
+                        "what the run trains cannot change mid-run: drop them, or start a new run under another "
+                        "--run_name")
+    kept = FIXED_SETTINGS + tuple(key for key in ADJUSTABLE_SETTINGS if key not in given)
+    return {**chosen, **{key: saved.get(key, chosen[key]) for key in kept}}
 
 
 def resume_changes(saved_config, config):
@@ -648,114 +590,3 @@ def build_diffusion(config, device):
     """The diffusion process the config describes: T, the β schedule, the prediction target, Min-SNR-γ."""
     return Diffusion(config["timesteps"], lambda T: make_schedule(config["schedule"], T), device,
                      prediction=config.get("prediction", "eps"), min_snr_gamma=config.get("min_snr_gamma"))
-
-
-CIFAR10_TRAINED = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels": 3, "data_size": [32, 32],
-                   "num_train": 50_000, "num_val": 0, "num_test": 10_000}  # what Ho et al. trained on: all 50,000
-
-
-def imported_config(flags, imported, settings):
-    """The config of an imported network: --preset ddpm_cifar10's recipe (what the paper trained it with) over the
-    command line's values `flags` (by config key), the network and diffusion the file holds, CIFAR-10's data, and the
-    sampling settings."""
-    recipe = {key: value for key, value in PRESETS["ddpm_cifar10"][1].items() if key in COMMAND_LINE_SETTINGS}
-    chosen = {**{key: flags[key] for key in COMMAND_LINE_SETTINGS}, **recipe,
-              **{key: flag_value(getattr(imported.network, key)) for key in MODEL_SETTINGS},
-              "timesteps": imported.timesteps, "schedule": imported.schedule, "prediction": imported.prediction,
-              "conditional": False, "data_dir": flags["data_dir"] or DEFAULT_DATA_DIR, "sampling": settings}
-    return training_config(chosen, CIFAR10_TRAINED)
-
-
-# ------------------------------------------------------------- what a checkpoint's config must hold
-
-ANY_SIZE = Value(int, AT_LEAST_ONE)
-# What each config entry a checkpoint may hold must be: the stored settings' from their own declarations (what their
-# flags are checked by), the derived entries' here. SAMPLING_NEEDS and RESUME_NEEDS name those that must be there.
-SAMPLING_ENTRIES = {setting.field or setting.name: setting.value for setting in SETTINGS if setting.stored == SAMPLING}
-MODEL_ENTRIES = {
-    **{key: BY_NAME[key].value for key in MODEL_SETTINGS}, "channels": ANY_SIZE, "class_emb_dim": ANY_SIZE,
-    "attn_heads": ANY_SIZE, "attn_dim_head": ANY_SIZE, "num_classes": Value(int, AT_LEAST_ONE, optional=True),
-    "image_size": Value(int, AT_LEAST_ONE, optional=True)}
-CONFIG_ENTRIES = {
-    **{setting.name: setting.value for setting in SETTINGS if setting.stored in (FIXED, ADJUSTABLE, RUN)},
-    "model": Value(dict, fields=MODEL_ENTRIES, what="the U-Net's settings (a dict)"),
-    "image_size": ANY_SIZE, "num_classes": Value(int, AT_LEAST_ONE, optional=True),
-    "classes": Value(str, many=True, min_items=0, what="a list of class names"), "channels": ANY_SIZE,
-    "data_size": Value(int, AT_LEAST_ONE, many=True, length=2, what="[height, width]"),
-    "dataset": Value(str, what="a name"),
-    "sampling": Value(dict, fields=SAMPLING_ENTRIES, closed=True, what="sampler settings"),
-}
-SAMPLING_NEEDS = ("model", "timesteps", "schedule", "image_size")
-RESUME_NEEDS = SAMPLING_NEEDS + ("run_name", "data_dir", "conditional", "num_classes", "loss_type", "batch_size",
-                                 "grad_accum", "p_uncond", "ema_decay", "seed", "lr", "lr_decay", "warmup_steps",
-                                 "epochs")
-MAX_NESTING = 32  # the deepest a checkpoint's entries go (an optimizer's moments: 4)
-
-
-def entries_problem(entries, needed, values, where):
-    """What is wrong with a dict of stored values (None: nothing): an entry of `needed` missing, or one that is not
-    what its Value in `values` says ('<where>'s <key> is …, not …'); entries without a Value are not checked."""
-    missing = [key for key in needed if key not in entries]
-    if missing:
-        return f"{where} lacks {', '.join(missing)}"
-    return next(filter(None, (value.problem(entries[key], f"{where}'s {key}") for key, value in values.items()
-                              if key in entries)), None)
-
-
-def nesting_problem(obj, where, limit=MAX_NESTING):
-    """What is wrong with how deep the containers of `obj` go (None: nothing): an entry nested more than `limit`
-    deep, found without recursion, so that no later walk (repr, JSON, a copy) runs out of stack."""
-    stack = [(obj, 0, where)]
-    while stack:
-        value, depth, name = stack.pop()
-        if depth > limit:
-            return f"{name} is nested more than {limit} deep"
-        if isinstance(value, dict):
-            stack += [(v, depth + 1, name if depth else f"{where}'s {k}") for k, v in value.items()]
-        elif isinstance(value, (list, tuple)):
-            stack += [(v, depth + 1, name) for v in value]
-    return None
-
-
-def config_problem(config, needed=SAMPLING_NEEDS):
-    """What makes a checkpoint's config unusable (None: nothing): an entry in `needed` missing, an entry that is not
-    what it must be (CONFIG_ENTRIES: the settings' own declarations, MODEL_ENTRIES, SAMPLING_ENTRIES), or settings
-    that contradict each other."""
-    if not isinstance(config, dict):
-        return "its config is not a dict"
-    problem = (nesting_problem(config, "the config") or entries_problem(config, needed, CONFIG_ENTRIES, "the config")
-               or entries_problem(config["model"], ("dim", "dim_mults"), MODEL_ENTRIES, "the model")
-               or sampling_problem(config.get("sampling")))
-    if problem:
-        return problem
-    model, classes = UNetConfig.from_dict(config["model"]), config.get("classes")
-    if model.num_classes and classes is None:
-        return f"the config lacks classes (the names of its model's {model.num_classes} classes)"
-    if (model.dim % model.groups or model.num_classes != config.get("num_classes", model.num_classes)
-            or (model.num_classes and classes is not None and len(classes) != model.num_classes)
-            or (model.attn_resolutions is not None and model.image_size is None)):
-        return ("the config's settings contradict each other (dim and groups, num_classes and classes, "
-                "attn_resolutions without image_size)")
-    return image_size_problem(config, model)
-
-
-def sampling_problem(sampling):
-    """What SamplerSettings refuses in a config's sampling entry whose values each passed their checks (a guidance
-    interval whose ends are in the wrong order); None: nothing, or no entry."""
-    try:
-        SamplerSettings(**sampling) if sampling is not None else None
-    except (TypeError, ValueError) as e:
-        return f"the config's sampling is not sampler settings ({e})"
-    return None
-
-
-def image_size_problem(config, model):
-    """What is wrong with the side the network works on (None: nothing): the config's and its model's differ, or
-    it cannot be halved once per stage after the first."""
-    side, unit = config["image_size"], 2 ** (len(model.dim_mults) - 1)
-    if model.image_size is not None and model.image_size != side:
-        return f"the config's image_size ({side}) and its model's ({model.image_size}) differ"
-    if side % unit:
-        return (f"the config's image_size is {side}, and its {len(model.dim_mults)} stages need at least {unit} pixels "
-                f"a side, a multiple of {unit}")
-    return None

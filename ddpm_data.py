@@ -273,6 +273,40 @@ def data_facts(data):
             "channels": data["train_images"].shape[1], "data_size": list(data["train_images"].shape[-2:])}
 
 
+def trained_data(config):
+    """The data facts (data_facts) of what a config's model was trained on. Checkpoints from before they
+    were stored held square colour images: CIFAR-10 when the class names are CIFAR-10's, else a folder."""
+    classes, side = config.get("classes") or [], config["image_size"]
+    return {"dataset": config.get("dataset") or ("cifar10" if classes == CIFAR10_CLASSES else "folder"),
+            "classes": classes, "channels": config["model"].get("channels", 3),
+            "data_size": config.get("data_size") or [side, side]}
+
+
+def data_conflicts(saved_config, facts):
+    """How the data a resumed run reads differs from what its checkpoint was trained on: {what: (checkpoint's,
+    data's)} over the class names, the channels and the image size."""
+    saved = trained_data(saved_config)
+    return {key: (saved[key], facts[key]) for key in ("classes", "channels", "data_size") if saved[key] != facts[key]}
+
+
+def require_trained_data(config, facts, data_dir, flag):
+    """UserError, naming `flag` (what reads the data), when the data at data_dir (its facts) is not what the config's
+    model was trained on (data_conflicts)."""
+    conflicts = data_conflicts(config, facts)
+    if conflicts:
+        raise UserError(f"{flag}: the data at {data_dir!r} is not what the model was trained on ("
+                        + "; ".join(f"{key} {data_text(old)} for the model, {data_text(new)} here"
+                                    for key, (old, new) in conflicts.items())
+                        + "); point --data_dir (and --dataset) at the model's data")
+
+
+def data_text(value):
+    """A data fact for people: class lists shortened ('10: airplane, automobile, …'), sizes as H×W."""
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return f"{len(value)}: {', '.join(value[:3])}{', …' if len(value) > 3 else ''}"
+    return "×".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def describe_data(facts):
     """A dataset's facts for people: 'mnist: 28×28 grayscale, 10 classes'."""
     h, w = facts["data_size"]

@@ -8,15 +8,13 @@ Samplers: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), DDIM (Song et al. 2021
 (Algorithm 2), all with classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond), at
 every step or only in an interval of noise levels (Kynkäänniemi et al. 2024).
 SAMPLERS is the table of samplers (a Diffusion method each, and the settings it takes); SamplerSettings names one way
-to sample; generate() and guidance_sweep() are what the CLI, the benchmarks and FID sample with.
+to sample; Diffusion.sample runs it (ddpm_sample.generate batches it for the CLI, the benchmarks and FID).
 
 Editing real images: RePaint inpainting (Lugmayr et al. 2022), DDIM inversion (Song et al. 2021, η = 0 run forwards),
 spherical interpolation of noises (slerp), and ClassMix, the guided prediction of a blend of two classes.
 """
-import contextlib
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +119,11 @@ class SamplerSettings:
             # (0, ∞) is every step: stored as None, so both say the same thing the same way
             object.__setattr__(self, "guidance_interval", None if interval == (0, math.inf) else interval)
 
+    def evaluations_per_step(self, conditional):
+        """Network evaluations an image takes per step: two where classifier-free guidance runs both branches (a
+        conditional model, w other than 0 and 1: counted at every step, an upper bound with a guidance interval)."""
+        return 2 if conditional and self.guidance_scale not in (0, 1) else 1
+
     def guides_at(self, sigma):
         """Whether w applies at noise level σ_t (inside the guidance interval, or there is none)."""
         return self.guidance_interval is None or self.guidance_interval[0] < sigma <= self.guidance_interval[1]
@@ -131,20 +134,6 @@ class SamplerSettings:
         if not 1 <= steps <= timesteps:
             raise ValueError(f"sampling steps must be in 1..{timesteps} (the model's T), got {steps}")
         return dataclasses.replace(self, steps=steps)
-
-    def describe(self, guided=True):
-        """As metrics files record it, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance 1.5'; without the guidance
-        when not guided (an unconditional model, or a conditional one sampled with the null label)."""
-        options = SAMPLERS[self.sampler].options
-        steps = f"{self.steps or 'default'} steps"
-        if "spacing" in options:
-            steps += f" ({self.spacing} spacing)"
-        noise = f", eta {self.eta}" if "eta" in options else ""
-        noise += ", σ_t² = β_t" if "variance" in options and self.variance == "beta" else ""
-        interval = (f" for σ in ({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
-                    if self.guidance_interval is not None else "")
-        guidance = f", guidance {self.guidance_scale}{interval}" if guided else ""
-        return f"{self.sampler}, {steps}{noise}{guidance}"
 
 
 def extract(a, t, shape):
@@ -425,19 +414,17 @@ class Diffusion(nn.Module):
         return x_prev
 
     @torch.no_grad()
-    def dpm_solver_2m(self, model, x, steps, class_labels=None, guidance_scales=None, clip_denoised=True,
-                      progress=False, trace=None):
+    def dpm_solver_2m(self, model, x, steps, class_labels, guidance_scales, clip_denoised=True, progress=False,
+                      trace=None):
         """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): x at timestep steps[0] through steps[1:] to x_0, one
-        network evaluation (its data prediction x̂_0) per timestep, guided by guidance_scales[i] at steps[i] (None:
-        the default w at every step). With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t) and λ_t = log(α_t/σ_t), each step s → t
-        is x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D, h = λ_t − λ_s: D = x̂_0(s) is first order (DDIM), D from the
-        last two x̂_0 second order. First order are: the first step, having one x̂_0; with fewer than 15 steps the
-        step onto the last timestep (the paper's lower-order final step, which steadies few-step sampling); and the
-        final step onto σ = 0, where e^{−h} = 0 and the step returns x̂_0. trace: a list each step's x̂_0 is
-        appended to."""
+        network evaluation (its data prediction x̂_0) per timestep, guided by guidance_scales[i] at steps[i]. With
+        α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t) and λ_t = log(α_t/σ_t), each step s → t is
+        x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D, h = λ_t − λ_s: D = x̂_0(s) is first order (DDIM), D from the last
+        two x̂_0 second order. First order are: the first step, having one x̂_0; with fewer than 15 steps the step
+        onto the last timestep (the paper's lower-order final step, which steadies few-step sampling); and the final
+        step onto σ = 0, where e^{−h} = 0 and the step returns x̂_0. trace: a list each step's x̂_0 is appended to."""
         alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
         lam = self.half_log_snr.tolist()  # on the host once: no device sync per step
-        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
         x_zero_prev = h_prev = None
         for i, s in enumerate(tqdm(steps, desc="sampling (dpm++2m)", leave=False, disable=not progress)):
             t_vec = torch.full((len(x),), s, device=x.device, dtype=torch.long)
@@ -535,7 +522,7 @@ class Diffusion(nn.Module):
         return [1.0] + self.alphas_cumprod[list(reversed(steps))].tolist()
 
     @torch.no_grad()
-    def repaint(self, model, x_known, fill, steps, class_labels=None, guidance_scales=None, jump_length=10,
+    def repaint(self, model, x_known, fill, steps, class_labels, guidance_scales, jump_length=10,
                 jump_count=10, noise=None, progress=False):
         """RePaint (Lugmayr et al. 2022, Algorithm 1): images x_known (N, C, H, W) in [−1, 1] with the region where
         `fill` (N, 1, H, W) is 1 drawn by the model, the rest kept. On the way down, each ancestral step (DDIM with
@@ -545,7 +532,6 @@ class Diffusion(nn.Module):
         equal to x_known."""
         keep = 1 - fill
         x = torch.randn_like(x_known) if noise is None else noise
-        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
         path, alpha_bars = repaint_levels(len(steps), jump_length, jump_count), self.level_alpha_bars(steps)
         for here, there in tqdm(list(zip(path, path[1:])), desc="inpainting (RePaint)", leave=False,
                                 disable=not progress):
@@ -564,13 +550,12 @@ class Diffusion(nn.Module):
         return x
 
     @torch.no_grad()
-    def ddim_invert(self, model, x_zero, steps, class_labels=None, guidance_scales=None, progress=False):
+    def ddim_invert(self, model, x_zero, steps, class_labels, guidance_scales, progress=False):
         """DDIM inversion: images x_0 (N, C, H, W) to the x_T that the DDIM sampler (η = 0) on the timesteps `steps`
         (T−1 first) takes back to them, its deterministic step (eq. 12) run forwards. Each step s → t (t the higher
         noise level) takes ε̂ from the network at the point it has, x_s, and t: x_t = √ᾱ_t x̂_0 + √(1 − ᾱ_t) ε̂ with
         x̂_0 = (x_s − √(1 − ᾱ_s) ε̂) / √ᾱ_s — exact where ε̂ barely changes over a step, hence better with more steps.
         guidance_scales[i] is the w at steps[i], as the sampler takes it."""
-        guidance_scales = guidance_scales or [DEFAULT_GUIDANCE_SCALE] * len(steps)
         x, alpha_bars = x_zero, self.level_alpha_bars(steps)
         for level in tqdm(range(1, len(steps) + 1), desc="inverting (ddim)", leave=False, disable=not progress):
             i = len(steps) - level                                     # steps[i]: the timestep of this level
@@ -606,56 +591,3 @@ def slerp(a, b, weight):
     if theta < 1e-6:                                                   # the same direction: the line is the arc
         return torch.lerp(a64, b64, weight).to(a.dtype)
     return ((torch.sin((1 - weight) * theta) * a64 + torch.sin(weight * theta) * b64) / torch.sin(theta)).to(a.dtype)
-
-
-# sampling ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def seeded_rng(seed, device):
-    """Draw from `seed` inside the block, leaving the caller's RNG state (training's) untouched."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
-@torch.no_grad()
-def generate(diffusion, denoiser, settings, num_images, image_size, channels=3, class_labels=None,
-             batch_size=1000, seed=None, progress=False):
-    """num_images samples (num_images, channels, image_size, image_size) in [−1, 1], on the CPU, made batch_size
-    at a time; class_labels (num_images,) or None. With a seed, the noise comes from it and the caller's RNG
-    state is left as it was; without, from the caller's RNG.
-
-    A batch that runs out of device memory is tried again at half the size, down to one image, with one warning
-    line: the end of a long run is not lost to a --sample_batch the card cannot hold."""
-    device = diffusion.betas.device
-    chunks, done, warned = [], 0, False
-    with seeded_rng(seed, device) if seed is not None else contextlib.nullcontext(), \
-            tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
-        while done < num_images:
-            n = min(batch_size, num_images - done)
-            labels = None if class_labels is None else class_labels[done:done + n]
-            try:
-                chunks.append(diffusion.sample(denoiser, (n, channels, image_size, image_size), settings, labels,
-                                               progress=progress).cpu())
-            except torch.OutOfMemoryError:
-                if n == 1:
-                    raise
-                batch_size = n // 2
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if not warned:
-                    print(f"warning: out of memory sampling {n} images at a time; going on with {batch_size} "
-                          "(halved again if need be; a smaller --sample_batch avoids the retry)", file=sys.stderr)
-                    warned = True
-                continue
-            done += n
-            bar.update(n)
-    return torch.cat(chunks)
-
-
-def guidance_sweep(diffusion, denoiser, settings, scales, classes, image_size, channels, seed):
-    """A row per guidance scale in `scales`, a column per class; every row starts from the same noise and draws
-    the same per-step noise (from `seed`), so only w changes between rows. Returns (rows · columns, C, H, W)."""
-    labels = torch.tensor(classes, device=diffusion.betas.device)
-    return torch.cat([generate(diffusion, denoiser, dataclasses.replace(settings, guidance_scale=w), len(classes),
-                               image_size, channels, labels, batch_size=len(classes), seed=seed) for w in scales])

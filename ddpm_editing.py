@@ -5,7 +5,6 @@ and the grids, npz and JSON they write. The maths is ddpm_diffusion's (repaint, 
 """
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -14,58 +13,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from ddpm_data import open_image, pad_to_side, padding
-from ddpm_diffusion import ClassMix, SamplerSettings, seeded_rng, slerp
+from ddpm_data import evenly_spread, open_image, pad_to_side, padding, trained_data
+from ddpm_diffusion import ClassMix, slerp
 from ddpm_helpers import UserError, atomic_open, input_file_problem, stderr_is_terminal, write_json
+from ddpm_jobs import EDIT_IMAGES, MASK_SHAPES, Item
 from ddpm_pictures import save_labelled_grid, to_model_range, to_uint8
+from ddpm_sample import describe_sampling, model_data, seeded_rng, test_split
 
-EDITING_STEPS = 50  # the timesteps of RePaint's ancestral steps and of DDIM's inversion and interpolation, by default
-EDIT_IMAGES = 8     # test images edited when --images is not given, spread over the split
-MASK_SHAPES = ("centre", "left", "strokes")
-EDITING_JOBS = ("inpaint", "invert", "interpolate")  # the flags; each runs instead of sampling
 NOISE_SHOWN = 3     # x_T is drawn divided by this (|ε| < 3 for 99.7 % of a Gaussian's values)
 
 
 # ------------------------------------------------------------------------------- what to edit
-
-@dataclass(frozen=True)
-class Item:
-    """One image to edit, as --images or --interpolate names it: an index into the test split ('test'), an image
-    file ('file') or, for --interpolate, the noise of a seed ('seed')."""
-    kind: str
-    value: object  # int for 'test' and 'seed', a path for 'file'
-
-    @property
-    def name(self):
-        """A column label: 'test 17', the file's name, 'seed 3'."""
-        return os.path.basename(self.value) if self.kind == "file" else f"{self.kind} {self.value}"
-
-
-def parse_items(text, flag, seeds=False):
-    """--images or --interpolate as Items: ASCII digits are a test index, seed:N a seed (with seeds), anything else
-    an image file (checked by check_item_files)."""
-    items = []
-    for part in (p.strip() for p in text.split(",")):
-        seed = re.fullmatch(r"seed:(-?[0-9]{1,19})", part)
-        if not part:
-            raise UserError(f"{flag} {text!r} has an empty item: give test indices or image files, comma-separated")
-        if re.fullmatch(r"[0-9]{1,9}", part):
-            items.append(Item("test", int(part)))
-        elif seed and seeds:
-            items.append(Item("seed", int(seed.group(1))))
-        else:
-            items.append(Item("file", part))
-    if seeds and len(items) != 2:
-        raise UserError(f"{flag} takes two ends, A,B (test indices, image files or seed:N), got {len(items)}")
-    return items
-
-
-def check_item_files(items, flag):
-    """UserError naming the first image file of `items` that cannot be read as a file (before anything loads)."""
-    for item in items:
-        if item.kind == "file" and input_file_problem(item.value):
-            raise UserError(f"{flag}: {item.value!r} {input_file_problem(item.value)}")
-
 
 @dataclass
 class Inputs:
@@ -174,40 +132,77 @@ def read_mask(path, data_size):
     return fill
 
 
-def mask_problem(spec):
-    """What is wrong with --inpaint's value before anything loads (None: nothing): not a shape, and no file to read."""
-    problem = None if spec in MASK_SHAPES else input_file_problem(spec)
-    return f"{spec!r} is not one of {', '.join(MASK_SHAPES)}, and as a mask file it {problem}" if problem else None
-
-
-# -------------------------------------------------------------------------- how they sample
-
-def editing_settings(job, saved, timesteps, steps=None, guidance_scale=None):
-    """The SamplerSettings an editing job runs a T-step model with: DDIM on `steps` (None: EDITING_STEPS, at most T)
-    timesteps evenly spaced in t — η = 1 for RePaint (Ho et al.'s ancestral step on those timesteps), η = 0 for
-    inversion and interpolation (the deterministic path, run both ways). Guidance: guidance_scale when given, else the
-    checkpoint's (saved: its SamplerSettings or None) for RePaint, and w = 1 — the conditional model itself, one
-    forward a step — for the others; the checkpoint's guidance interval."""
-    saved = saved or SamplerSettings()
-    scale = guidance_scale if guidance_scale is not None else saved.guidance_scale if job == "inpaint" else 1.0
-    settings = SamplerSettings("ddim", steps or min(EDITING_STEPS, timesteps), eta=1.0 if job == "inpaint" else 0.0,
-                               guidance_scale=scale, guidance_interval=saved.guidance_interval)
-    try:
-        return settings.for_timesteps(timesteps)
-    except ValueError:
-        raise UserError(f"--sampling_steps {steps} is more than the model's T = {timesteps}") from None
-
-
-def describe_editing(job, settings, guided, jump_length=None, jump_count=None):
-    """What an editing job runs, for its banner line."""
-    guidance = f", guidance {settings.guidance_scale}" if guided else ""
-    if job == "inpaint":
-        return (f"RePaint, {settings.steps} ancestral steps, jumps of {jump_length} levels made {jump_count} "
-                f"time{'s' if jump_count > 1 else ''}{guidance}")
-    return f"DDIM (η = 0), {settings.steps} steps{guidance}"
+def check_inputs(options):
+    """What an editing job reads, before anything loads (Job.check): the image files --images or --interpolate names,
+    and --inpaint's shape, or its mask file."""
+    for flag, items in (("--images", options.images), ("--interpolate", options.interpolate)):
+        for item in (item for item in items or () if item.kind == "file"):
+            if input_file_problem(item.value):
+                raise UserError(f"{flag}: {item.value!r} {input_file_problem(item.value)}")
+    if options.inpaint is not None and options.inpaint not in MASK_SHAPES and input_file_problem(options.inpaint):
+        raise UserError(f"--inpaint {options.inpaint!r} is not one of {', '.join(MASK_SHAPES)}, and as a mask file it "
+                        f"{input_file_problem(options.inpaint)}")
 
 
 # --------------------------------------------------------------------------------- the jobs
+# ddpm_jobs.JOBS names these: each takes the command line's options, the Sampler of --model_path (settings: the job's
+# own sampler, ddpm_sample.sampler_settings), the run's RunFiles and --sample_classes as class indices (None: not given)
+
+def inpaint_job(options, sampler, files, classes):
+    """--inpaint SHAPE|PNG: RePaint the region in the images edit_inputs finds (write_inpainting)."""
+    inputs = edit_inputs(options, sampler, classes, "--inpaint", options.images, "--images")
+    fill = fill_masks(options.inpaint, len(inputs.names), trained_data(sampler.config)["data_size"], options.seed)
+    write_inpainting(sampler, inputs, fill, options.jump_length, options.jump_count, options.seed, files,
+                     not options.quiet)
+
+
+def invert_job(options, sampler, files, classes):
+    """--invert: the images edit_inputs finds to x_T by DDIM and back (write_inversion)."""
+    inputs = edit_inputs(options, sampler, classes, "--invert", options.images, "--images")
+    write_inversion(sampler, inputs, files, not options.quiet)
+
+
+def interpolate_job(options, sampler, files, classes):
+    """--interpolate A,B: a strip from A to B (write_interpolation)."""
+    inputs = edit_inputs(options, sampler, classes, "--interpolate", options.interpolate, "--interpolate")
+    write_interpolation(sampler, inputs, options.frames, files, not options.quiet)
+
+
+def edit_inputs(options, sampler, classes, job_flag, items, items_flag):
+    """The Inputs a job (job_flag) edits: `items` (what items_flag names), else --num_samples (EDIT_IMAGES) test
+    images spread over the split of the model's data; class-guided with --conditional (gather_inputs)."""
+    config = sampler.config
+    data_dir, dataset = model_data(config, options.data_dir, options.dataset)
+
+    def load_split():  # only when a test image is asked for
+        try:
+            return test_split(config, data_dir, dataset, job_flag)
+        except UserError as e:
+            raise UserError(f"{job_flag} edits test images of the model's data, and {e}; "
+                            f"{'point --data_dir at it' if options.data_dir else 'give --data_dir'} (or image files: "
+                            f"{items_flag} a.png,b.png)") from None
+    split = load_split
+    if items is None:
+        split = load_split()
+        chosen = evenly_spread(torch.arange(len(split[0])), options.num_samples or EDIT_IMAGES)
+        items = [Item("test", i) for i in chosen.tolist()]
+    return gather_inputs(items, split, trained_data(config), classes, options.conditional, job_flag)
+
+
+def repaint_banner(options, settings, config):
+    """What --inpaint runs, for its banner."""
+    return (f"RePaint, {settings.steps} ancestral steps, jumps of {options.jump_length} levels made "
+            f"{options.jump_count} time{'s' if options.jump_count > 1 else ''}{guidance_words(options, settings)}")
+
+
+def ddim_banner(options, settings, config):
+    """What --invert and --interpolate run, for their banner."""
+    return f"DDIM (η = 0), {settings.steps} steps{guidance_words(options, settings)}"
+
+
+def guidance_words(options, settings):
+    return f", guidance {settings.guidance_scale}" if options.conditional else ""
+
 
 def model_images(sampler, images_uint8):
     """uint8 images (N, C, H, W) at the data's size → [−1, 1] at the model's side (edges repeated), on its device."""
@@ -316,7 +311,7 @@ def write_inversion(sampler, inputs, files, verbose):
     result = {"psnr_db_mean": float(finite.mean()) if len(finite) else None,  # identical images (inf) left out
               "psnr_db": [float(v) if math.isfinite(v) else None for v in scores],  # None: identical
               "identical": len(scores) - len(finite), "images": inputs.names,
-              "sampler": sampler.settings.describe(inputs.labels is not None),
+              "sampler": describe_sampling(sampler.settings, inputs.labels is not None),
               "network_evaluations_per_image": 2 * sampler.settings.steps, "seconds": seconds,
               "device": str(sampler.device), "precision": sampler.denoiser.precision, "run_name": files.run_name}
     write_json(result, files.output("inversion_json"))

@@ -13,6 +13,7 @@ them differs. The network is run on one image as it loads, and statistics are ch
 channels."""
 import functools
 import hashlib
+import importlib.metadata
 import io
 import os
 import sys
@@ -23,27 +24,31 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch_fidelity
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from tqdm.auto import tqdm
 
 from ddpm_data import CIFAR10_CLASSES, data_facts, describe_data, load_dataset
 from ddpm_download import RemoteFile, fetched
 from ddpm_helpers import UserError, WriteError, atomic_open, stderr_is_terminal
 
-# torch-fidelity's weights file (the file name carries the first 8 hex digits of its SHA-256, torch.hub's convention)
-INCEPTION = RemoteFile(URL_INCEPTION_V3, "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+# torch-fidelity's weights file (the file name carries the first 8 hex digits of its SHA-256, torch.hub's convention);
+# its address is torch-fidelity's URL_INCEPTION_V3 (a test checks), written here so that torch-fidelity, a second of
+# imports, loads only when FID runs
+INCEPTION = RemoteFile("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                       "weights-inception-2015-12-05-6726825d.pth",
+                       "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
                        95_628_359, "the Inception-v3 weights of FID and IS", "--fid_inception")
 INCEPTION_NAME = "inception-v3-compat"          # torch-fidelity's name for this network
-TORCH_FIDELITY_VERSION = torch_fidelity.__version__  # part of the protocol: its implementation reads the figures
 FEATURES = 2048                                 # the pool features' width
 IS_SPLITS = 10                                  # the Inception Score's splits (Salimans et al., Ho et al.)
 # images per Inception batch: a GPU wants many; on a 2-core CPU 16 read 13.6 images/s and 250 read 10.6 (BENCHMARKS.md)
 FEATURE_BATCH = {"cuda": 250, "cpu": 16}
 REFERENCE_SPLITS = ("train", "test")            # --fid_ref
 UNTAGGED_STATS = ("cifar10", 3, 32, 32)         # what an npz without a 'dataset' entry (the referee's) describes
+
+
+def torch_fidelity_version():
+    """torch-fidelity's version: part of the FID protocol, its implementation reads the figures."""
+    return importlib.metadata.version("torch-fidelity")
 
 
 def stats_cache_name(split, dataset):
@@ -90,6 +95,7 @@ def load_inception(path, device, verbose=False, progress=False):
     if problem:
         raise UserError(f"--fid_inception {path!r} {problem}: give torch-fidelity's Inception weights file "
                         f"({INCEPTION.file_name}), or leave the flag out to fetch it")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     try:
         with torch.random.fork_rng(devices=[]):  # its random initialisation, replaced by the weights, leaves the
             net = FeatureExtractorInceptionV3(   # caller's random numbers (a seeded sampler's) as they were
@@ -109,6 +115,7 @@ def load_inception(path, device, verbose=False, progress=False):
 def random_inception(seed=0):
     """torch-fidelity's Inception-v3 with random weights (nothing is downloaded): the stand-in of tests and smoke
     runs, and the names and shapes of the real weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class Unloaded(FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, strict=True, assign=False):  # keeps the random initialisation
@@ -135,6 +142,7 @@ def inception_score(logits, splits=IS_SPLITS):
     """(mean, standard deviation) over `splits` consecutive parts of the images of exp E_x KL(p(y|x) ‖ p(y)),
     p(y) the part's mean of p(y|x) (Salimans et al. 2016, §4), from logits (N, 1008); torch-fidelity's
     implementation, the parts in the images' order as in Salimans et al.'s code (no shuffle)."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
     if len(logits) < splits:
         raise ValueError(f"the Inception Score's {splits} splits need at least {splits} images, got {len(logits)}")
     score = isc_features_to_metric(torch.as_tensor(logits), splits, shuffle=False)
@@ -212,6 +220,7 @@ class InceptionFeatures:
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)   (Heusel et al. 2017), by torch-fidelity (tr (Σ1 Σ2)^½ as the sum of
     the square roots of Σ1 Σ2's eigenvalues)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
     statistics = [{"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
                   for mu, sigma in ((mu1, sigma1), (mu2, sigma2))]
     return fid_statistics_to_metric(*statistics, verbose=False)[KEY_METRIC_FID]

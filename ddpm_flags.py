@@ -1,15 +1,30 @@
-"""The command line, derived from the settings ddpm_config.py declares: the parser (a flag per Setting, grouped by
-section), which flags were given, presets filled in, the checks of the numbers, the old synonyms, the sampling
-settings the flags ask for, and docs/flags.md (`python ddpm_flags.py > docs/flags.md`)."""
+"""The command line, derived from the settings ddpm_config.py and the jobs ddpm_jobs.py declare: the parser (a flag per
+Setting, grouped by section), which flags were given, presets filled in, the job asked, the checks of the numbers, of
+the flags' jobs and of their paths, the old synonyms, and docs/flags.md (`python ddpm_flags.py > docs/flags.md`)."""
 import argparse
-import dataclasses
 import math
 
-from ddpm_config import (FLAGS, JOB_WORDS, RESUME_WORDS, SAMPLING_FLAGS, SECTIONS, SYNONYMS, flag_text,
-                         preset_flags)
-from ddpm_diffusion import SAMPLERS, SamplerSettings
-from ddpm_helpers import UserError
+from ddpm_config import FLAGS, READS, RESUME_WORDS, SAMPLING, SYNONYMS, WRITES, flag_text, preset_flags
+from ddpm_helpers import UserError, check_run_name, check_writable_folder, input_file_problem
+from ddpm_jobs import INFERENCE, JOB, JOBS, function_named
 from ddpm_presets import PRESETS
+
+
+# (title, description) of the groups --help shows, in its order
+SECTIONS = {
+    "training": ("training", None),
+    "diffusion": ("diffusion", None),
+    "network": ("network (the U-Net)", None),
+    "data": ("data", None),
+    "files": ("files, checkpoints and logs", None),
+    "inference": ("inference", None),
+    "editing": ("editing real images (inference, instead of sampling)", None),
+    "sampling": ("sampling (inference, the per-epoch grids and FID)",
+                 "A checkpoint carries its sampling settings; these flags override them."),
+    "evaluation": ("evaluation: FID, Inception Score and the bound", None),
+    "foreign": ("foreign weights (docs/paper.md)", None),
+    "machine": ("machine", None),
+}
 
 
 class Command(argparse.Namespace):
@@ -83,6 +98,23 @@ def parse_command_line(parser, argv):
     return args
 
 
+def check_command(parser, args):
+    """Reject bad input before anything is read or written (one line, exit status 2): the numbers, the job asked, the
+    flags it takes and the paths they name, then what the job itself checks (Job.check). Returns the job; synonyms
+    are resolved in args.given."""
+    try:
+        check_numbers(args)
+        args.given = resolve_synonyms(args, args.given)
+        job = job_asked(args.given)
+        check_flags_apply(args, args.given, job)
+        check_paths(args, job)
+        if job.check:
+            function_named(job.check)(args)
+    except UserError as e:
+        parser.error(str(e))
+    return job
+
+
 def check_numbers(args):
     """Every number finite and in its Setting's range (--guidance_interval, whose HI may be inf, is checked by its
     type); the U-Net's width one its GroupNorm can divide."""
@@ -103,21 +135,69 @@ def check_numbers(args):
                         f"got {args.dim}")
 
 
+def job_asked(given):
+    """The job (ddpm_jobs.JOBS) the flags `given` ask for: one whose flag goes with no other (--inference,
+    --import_weights, --export_diffusers; none: training), then, of the jobs that go with that one's flag, the one
+    whose flag is given. UserError when two are asked for, or the job reads --model_path and none is given."""
+    top = one_job([job for job in JOBS if job.under is None and job.flag in given], "") or JOB["train"]
+    if top.model and "model_path" not in given:
+        raise UserError(f"{top.words} needs --model_path (a checkpoint written by training with this tool)")
+    return one_job([job for job in JOBS if job.under and job.under == top.flag and job.flag in given],
+                   f" at {top.words}") or top
+
+
+def one_job(asked, place):
+    """The one job of `asked` (None: none); UserError when there are more."""
+    if len(asked) > 1:
+        raise UserError(f"{' and '.join(job.words for job in asked)} are separate jobs{place}: give one per command")
+    return asked[0] if asked else None
+
+
 def check_flags_apply(args, given, job):
-    """Every flag given does something in the command's job (Setting.jobs), beside a flag it needs (Setting.needs),
-    and no file or folder flag is empty."""
+    """Every flag given does something in the command's job (Setting.jobs), beside a flag it needs (Setting.needs) and
+    none it excludes (Setting.excludes), and no file or folder flag is empty."""
     for setting in FLAGS:
         if setting.name not in given:
             continue
-        if job not in setting.jobs:
-            uses = " and ".join(JOB_WORDS[j] for j in setting.jobs)
-            raise UserError(f"--{setting.name} does nothing in {JOB_WORDS[job]} (it is for {uses}); drop it")
+        if job.name not in setting.jobs:
+            raise UserError(misplaced_flag(setting, job))
         if setting.needs and not given & set(setting.needs):
             others = " or ".join(f"--{name}" for name in setting.needs)
             raise UserError(f"--{setting.name} goes with {others}; give {'it' if len(setting.needs) == 1 else 'one'} "
                             "too")
+        for other in (name for name in setting.excludes or () if name in given):
+            raise UserError(f"--{setting.name} and --{other} cannot go together: give one of them")
         if setting.is_path and getattr(args, setting.name) == "":
             raise UserError(f"--{setting.name} is empty: name a {'folder' if 'DIR' in setting.metavar else 'file'}")
+
+
+def misplaced_flag(setting, job):
+    """Why a flag given does nothing in `job`: the job it asks for goes with another flag, the job runs its own sampler,
+    or it is for other jobs."""
+    asked = setting.asks_for
+    if asked and asked.under:
+        return f"--{setting.name} goes with --{asked.under} (its job works on a trained model: --model_path CKPT)"
+    if job.sampler and setting.stored == SAMPLING:
+        return (f"--{setting.name} does nothing in {job.words}, which always runs its own sampler (--sampling_steps "
+                "sets its steps); drop it")
+    whole = set(INFERENCE) <= set(setting.jobs)  # all of --inference's jobs: said as --inference
+    uses = [JOB[name].words for name in setting.jobs if not (whole and JOB[name].under)]
+    return (f"--{setting.name} does nothing in {job.words}"
+            + (f" (it is for {' and '.join(uses)})" if len(uses) <= 3 else "") + "; drop it")
+
+
+def check_paths(args, job):
+    """The run name is a name, the files the job's flags read exist and its folders can be written."""
+    if args.run_name is not None:
+        check_run_name(args.run_name)
+    for setting in FLAGS:
+        path = getattr(args, setting.name)
+        if path is None or setting.io is None or job.name not in setting.jobs:
+            continue
+        if setting.io == READS and input_file_problem(path):
+            raise UserError(f"--{setting.name} {path!r} {input_file_problem(path)}")
+        if setting.io == WRITES:
+            check_writable_folder(path, f"--{setting.name}")
 
 
 def resolve_synonyms(args, given):
@@ -131,31 +211,6 @@ def resolve_synonyms(args, given):
             setattr(args, flag, value)
             given = given | {flag}
     return given
-
-
-def sampler_settings(args, saved, timesteps):
-    """How to sample a T-step model (inference, the per-epoch grids and FID): the sampling flags given, else the
-    checkpoint's settings `saved` (None: SamplerSettings' defaults). A --sampler other than the saved one starts
-    from that sampler's defaults, keeping the saved guidance scale and interval and the variance. Steps are filled in
-    for T."""
-    base = saved or SamplerSettings()
-    if args.sampler is not None and args.sampler != base.sampler:
-        base = SamplerSettings(args.sampler, guidance_scale=base.guidance_scale,
-                               guidance_interval=base.guidance_interval, variance=base.variance)
-    given = {field: getattr(args, flag) for flag, field in SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
-    settings = dataclasses.replace(base, **given)
-    kind = SAMPLERS[settings.sampler]
-    if kind.every_step and args.sampling_steps is not None:
-        takers = " and ".join(name for name, other in SAMPLERS.items() if not other.every_step)
-        raise UserError(f"--sampling_steps applies to --sampler {takers} ({settings.sampler} always runs all T steps)")
-    for option in ("spacing", "eta", "variance"):  # what only some samplers take; a preset's value is no mistake
-        if getattr(args, option) is not None and option not in kind.options and option in args.given:
-            takers = " and ".join(name for name, other in SAMPLERS.items() if option in other.options)
-            raise UserError(f"--{option} applies to --sampler {takers} (the sampler here is {settings.sampler})")
-    try:
-        return settings.for_timesteps(timesteps)
-    except ValueError:  # steps > T (check_numbers rejects steps < 1)
-        raise UserError(f"--sampling_steps {settings.steps} is more than the model's T = {timesteps}") from None
 
 
 def flags_markdown():

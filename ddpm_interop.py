@@ -4,19 +4,25 @@ In: pesser/pytorch_diffusion's state dict (Ho et al.'s TensorFlow checkpoints co
 and diffusers' UNet2DModel folder (`config.json` and `diffusion_pytorch_model.safetensors` or `.bin`, e.g.
 google/ddpm-cifar10-32, with `scheduler_config.json`), old attention names included. Out: a diffusers DDPMPipeline
 folder. Files are read without running code (torch.load with weights_only=True, safetensors), and every tensor's name
-and shape is checked against the network before anything is written.
+and shape is checked against the network before anything is written. The jobs --import_weights and --export_diffusers.
 """
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from ddpm_diffusion import scaled_beta_range
+from ddpm_checkpoint import imported_checkpoint, load_sampling_model, save_checkpoint, write_config_json
+from ddpm_config import COMMAND_LINE_SETTINGS, MODEL_SETTINGS, flag_value, training_config
+from ddpm_data import CIFAR10_CLASSES, DEFAULT_DATA_DIR
+from ddpm_diffusion import SamplerSettings, scaled_beta_range
 from ddpm_download import RemoteFile, fetched
-from ddpm_helpers import UserError, stderr_is_terminal
+from ddpm_helpers import RunFiles, UserError, sanitized_run_name, stderr_is_terminal, write_folder
 from ddpm_model import DDPMUNet, UNetConfig
+from ddpm_presets import PRESETS
+from ddpm_sample import asked_sampling, describe_sampling, sampler_settings
 
 PAPER_SIDE = 32           # CIFAR-10's images: what the imported networks are for
 PAPER_GROUPS, PAPER_EPS = 32, 1e-6  # Ho et al.'s GroupNorm, which a state dict does not record
@@ -400,3 +406,75 @@ def foreign_weights_path(source, verbose):
                         f"(huggingface-cli download {HUB_FOLDER} --local-dir ddpm-cifar10-32, or the files of "
                         f"https://huggingface.co/{HUB_FOLDER}) and pass it: --import_weights ddpm-cifar10-32")
     return source
+
+
+# ------------------------------------------------------------------------------------------ the jobs
+
+def import_job(options):
+    """--import_weights: a foreign file of Ho et al.'s network (fetched first when named) → <models_dir>/<run>/ckpt.pt
+    and config.json, sampled as the paper did unless sampling flags say otherwise."""
+    verbose = not options.quiet
+    path = foreign_weights_path(options.import_weights, verbose)
+    foreign = read_foreign(path)
+    imported = import_weights(foreign)
+    run_name = options.run_name or sanitized_run_name(
+        options.import_weights if options.import_weights in PUBLISHED else
+        os.path.splitext(os.path.basename(os.path.normpath(path)))[0], fallback="imported")
+    files = RunFiles(options.models_dir, options.save_dir, run_name)
+    target = files.checkpoint("ckpt.pt")
+    if os.path.exists(target):
+        raise UserError(f"{target} exists: give another --run_name (or remove that run first)")
+    settings = sampler_settings(asked_sampling(options), SamplerSettings("ddpm", variance=imported.variance),
+                                imported.timesteps, given=options.given)
+    config = imported_config({**vars(options), "run_name": run_name}, imported, settings)
+    os.makedirs(files.ckpt_dir, exist_ok=True)
+    save_checkpoint(imported_checkpoint(config, imported.weights, foreign.source), target)
+    write_config_json(config, files.checkpoint("config.json"))
+    if verbose:
+        count = sum(w.numel() for w in imported.weights.values())
+        print(f"imported Ho et al.'s network ({count:,} parameters) from {foreign.source} "
+              f"({FORMAT_NAMES[foreign.style]}) into {target}; it samples with "
+              f"{describe_sampling(settings, guided=False)}. Sample it: python ddpm_main.py --inference --model_path "
+              f"{target}"
+              f"{FAST_SAMPLING if settings.sampler == 'ddpm' else ''}", file=sys.stderr)
+
+
+FAST_SAMPLING = " (add --sampler dpm++2m --sampling_steps 15 for 15 network evaluations an image instead of 1,000)"
+
+
+CIFAR10_TRAINED = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels": 3, "data_size": [32, 32],
+                   "num_train": 50_000, "num_val": 0, "num_test": 10_000}  # what Ho et al. trained on: all 50,000
+
+
+def imported_config(flags, imported, settings):
+    """The config of an imported network: --preset ddpm_cifar10's recipe (what the paper trained it with) over the
+    command line's values `flags` (by config key), the network and diffusion the file holds, CIFAR-10's data, and the
+    sampling settings."""
+    recipe = {key: value for key, value in PRESETS["ddpm_cifar10"][1].items() if key in COMMAND_LINE_SETTINGS}
+    chosen = {**{key: flags[key] for key in COMMAND_LINE_SETTINGS}, **recipe,
+              **{key: flag_value(getattr(imported.network, key)) for key in MODEL_SETTINGS},
+              "timesteps": imported.timesteps, "schedule": imported.schedule, "prediction": imported.prediction,
+              "conditional": False, "data_dir": flags["data_dir"] or DEFAULT_DATA_DIR, "sampling": settings}
+    return training_config(chosen, CIFAR10_TRAINED)
+
+
+def check_export(options):
+    """--export_diffusers DIR writes a new folder (Job.check): DIR must not exist, or be an empty folder."""
+    folder = options.export_diffusers
+    if os.path.exists(folder) and not (os.path.isdir(folder) and not os.listdir(folder)):
+        raise UserError(f"--export_diffusers {folder!r} exists and is not an empty folder; name a new one")
+
+
+def export_job(options):
+    """--export_diffusers DIR: --model_path's network and EMA weights as a diffusers DDPMPipeline folder."""
+    ckpt, _ = load_sampling_model(options.model_path)
+    config = ckpt["config"]
+    network = UNetConfig.from_dict(config["model"])
+    problem = export_problem(config, network)
+    if problem:
+        raise UserError(f"--export_diffusers: {options.model_path!r} {problem}")
+    write_folder(diffusers_folder_files(config, network, ckpt.get("ema") or ckpt["model"]), options.export_diffusers)
+    if not options.quiet:
+        print(f"wrote {options.export_diffusers}: {options.model_path}'s network as a diffusers DDPMPipeline "
+              f"(UNet2DModel and DDPMScheduler); load it with diffusers.DDPMPipeline.from_pretrained("
+              f"{options.export_diffusers!r})", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Pictures: pixel ranges, sample grids and PNGs, labelled grids and plots, and the layout constants of the grids
-the tool draws. Every file is written atomically (ddpm_helpers.atomic_open); images that hold NaN are refused."""
+"""Pictures: pixel ranges, sample grids and PNGs, labelled grids and plots, and the layout of the grids the tool
+draws. Every file is written atomically (ddpm_helpers.atomic_open); images that hold NaN are refused."""
+import math
 import os
 import re
 import shutil
@@ -15,6 +16,18 @@ GRID_UNCONDITIONAL = 64   # images in the per-epoch grid of an unconditional mod
 MAX_CLASS_ROWS = 16       # with more classes, grids show one image per class (or, sweeps, the first this many)
 STRIP_ROWS = 8            # samples in the denoising strip unless --num_samples says otherwise
 STRIP_COLUMNS = 10        # x̂_0 at this many evenly spaced network evaluations, the first to the last
+
+
+def grid_layout(num_classes):
+    """The per-epoch grid of a model of num_classes classes (None: unconditional): (class labels (N,) or None, N, its
+    columns): GRID_PER_CLASS of each class, a row each, or with more than MAX_CLASS_ROWS classes one image of each in
+    about √K columns; unconditional, GRID_UNCONDITIONAL in rows of GRID_PER_CLASS."""
+    if num_classes is None:
+        return None, GRID_UNCONDITIONAL, GRID_PER_CLASS
+    if num_classes > MAX_CLASS_ROWS:
+        return torch.arange(num_classes), num_classes, math.isqrt(num_classes - 1) + 1  # ⌈√K⌉ columns
+    return torch.arange(num_classes).repeat_interleave(GRID_PER_CLASS), num_classes * GRID_PER_CLASS, GRID_PER_CLASS
+
 
 def to_model_range(images_uint8):
     """uint8 [0, 255] → float [−1, 1]."""
@@ -46,6 +59,15 @@ def file_name_part(text):
     becomes one '_' ('T-shirt/top' → 'T_shirt_top', '0 - zero' → '0_zero'), cut to CLASS_NAME_BYTES in UTF-8."""
     part = re.sub(r"\W+", "_", text).strip("_").encode()[:CLASS_NAME_BYTES].decode(errors="ignore")
     return part or "_"
+
+
+def save_forward_strip(diffusion, image_uint8, path, count=10):
+    """One training image (C, H, W) noised by the forward process q(x_t | x_0) of `diffusion` at `count` evenly spaced
+    t, left (t = 0) to right (t = T−1)."""
+    x0 = to_model_range(image_uint8.to(diffusion.betas.device)).expand(count, -1, -1, -1)
+    t = torch.linspace(0, diffusion.timesteps - 1, count).round().long().to(x0.device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(GRID_SEED)).to(x0.device)
+    save_grid(diffusion.q_sample(x0, t, noise), path, nrow=count)
 
 
 def save_individual_pngs(images, folder, labels=None, classes=None):

@@ -3,6 +3,8 @@ each recipe: --help and docs/flags.md (ddpm_config) list them from here, and ben
 
 Values are the flags' values, as argparse would parse them (lists for the comma-separated flags).
 """
+from ddpm_model import UNetConfig
+
 # Ho et al. 2020, CIFAR-10 (§4, Appendix B, and their released code): the 35.7M-parameter U-Net, T = 1000 with the
 # linear β from 1e-4 to 0.02, ε-prediction with L_simple, Adam (no weight decay) at 2e-4 after 5,000 warm-up steps,
 # batch 128, EMA 0.9999, gradient norm clipped at 1 (always, ddpm_train_step.GRAD_CLIP_NORM), random horizontal flips
@@ -41,3 +43,11 @@ PRESETS = {
     "speedrun": ("bench/speedrun.py's 5-minute GPU recipe (3.1M parameters)", SPEEDRUN),
     "cpu": ("the recipe study's best for CPU runs: a 20-minute run (3.0M parameters)", CPU),
 }
+
+
+def preset_network(name, image_size=32, channels=3, num_classes=None):
+    """The UNetConfig of a preset's network for images of image_size: its flags over UNetConfig's defaults (which
+    are the flags' defaults)."""
+    flags = PRESETS[name][1]
+    fields = {key: flags[key] for key in UNetConfig.__dataclass_fields__ if key in flags}
+    return UNetConfig.from_dict({**fields, "image_size": image_size, "channels": channels, "num_classes": num_classes})

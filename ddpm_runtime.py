@@ -120,6 +120,13 @@ def choose_compile(requested, device):
     return requested == "on" or (requested == "auto" and device.type == "cuda")
 
 
+def device_of(options):
+    """The device a command runs on: its rank's CUDA device unless --no_cuda, else the CPU."""
+    if torch.cuda.is_available() and not options.no_cuda:
+        return torch.device("cuda", getattr(options, "local_rank", 0))
+    return torch.device("cpu")
+
+
 def synchronize(device):
     """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
     if device.type == "cuda":
@@ -235,10 +242,11 @@ TRAINING_COPIES = 5                     # weights, their gradients, the EMA and 
 ACTIVATION_BYTES = 2                    # the least a stored activation takes (bf16 / fp16 autocast)
 
 
-def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, training, guided):
+def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, training, evaluations=1):
     """What a run needs in memory before it starts, as lower bounds [(bytes, what, flag that lowers it)]: the weights
     (and for `training` their gradients, EMA and optimizer moments), the noise schedule, one sampling batch (its images
-    and the U-Net's skip connections, for both halves of a guided batch) and the samples kept (float32, C × side²)."""
+    and the U-Net's skip connections, for each of a step's `evaluations`: both halves of a guided batch) and the
+    samples kept (float32, C × side²)."""
     params = parameter_count(model_config)
     copies = TRAINING_COPIES if training else 1
     dims = [model_config.dim * m for m in model_config.dim_mults]
@@ -249,18 +257,18 @@ def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, trai
     return [(params * 4 * copies, f"for {params:,} parameters{' while training' if training else ''}",
              "--dim or --dim_mults"),
             (timesteps * SCHEDULE_BYTES_PER_STEP, f"for the noise schedule of T = {timesteps:,}", "--timesteps"),
-            (sample_batch * (2 if guided else 1) * (skips * ACTIVATION_BYTES + 4 * image * 4),
+            (sample_batch * evaluations * (skips * ACTIVATION_BYTES + 4 * image * 4),
              f"for a sampling batch of {sample_batch:,}", "--sample_batch"),
             (samples_kept * image * 4, f"to hold {samples_kept:,} samples",
              "--eval_fid" if training else "--num_samples or --eval_fid")]
 
 
-def check_run_memory(device, sample_batch, model_config, timesteps, side, samples, training, guided):
+def check_run_memory(device, sample_batch, model_config, timesteps, side, samples, training, evaluations=1):
     """UserError before anything is allocated when the weights, the schedule, one sampling batch (of sample_batch) and
     the samples kept need more memory than the device (and for the samples, the machine) has: memory_needs. On CUDA a
     batch that does not fit is halved down to one image (generate), so only one image of it must fit there."""
     batch = 1 if device.type == "cuda" else min(sample_batch, samples)
-    needs = memory_needs(model_config, timesteps, side, batch, samples, training, guided)
+    needs = memory_needs(model_config, timesteps, side, batch, samples, training, evaluations)
     check_memory(needs[:3], device, needs[3:])
 
 

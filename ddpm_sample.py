@@ -1,10 +1,12 @@
-"""Sampling a trained model, and what it writes: a `Sampler` (the diffusion, the network and how to sample them),
-samples at the data's size, the class list of class-guided samples, the sample files inference writes (grid, PNGs,
-npz), the guidance sweep and the denoising strip; and what measures a model: the FID of its samples and the
-variational bound of test images in bits/dim.
+"""Sampling a trained model, and what it writes: how a job samples (the one resolver of SamplerSettings), a `Sampler`
+(the diffusion, the network and how to sample them), batched generation, the class list of class-guided samples, the
+files inference writes (grid, PNGs, npz), the guidance sweep and the denoising strip; what measures a model: the FID
+of its samples and the variational bound of test images in bits/dim; and the jobs of --inference made of these.
 
 Training (its per-epoch grids and final FID, ddpm_train.py) and inference (ddpm_main.py) both sample through these.
 """
+import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -16,16 +18,127 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_config import build_diffusion, data_conflicts, trained_data
-from ddpm_data import crop_to_data, data_facts, evenly_spread, load_dataset, pad_to_side
-from ddpm_diffusion import Diffusion, SamplerSettings, generate, guidance_sweep, seeded_rng
-from ddpm_fid import IS_SPLITS, TORCH_FIDELITY_VERSION, frechet_distance, inception_score, reference_statistics
-from ddpm_helpers import UserError, atomic_open, stderr_is_terminal, write_json
-from ddpm_pictures import (GRID_PER_CLASS, GRID_UNCONDITIONAL, MAX_CLASS_ROWS, STRIP_COLUMNS, plot_bound_terms,
+from ddpm_config import SAMPLING_FLAGS, build_diffusion
+from ddpm_data import (crop_to_data, data_facts, evenly_spread, load_dataset, pad_to_side, require_trained_data,
+                       trained_data)
+from ddpm_diffusion import SAMPLERS, Diffusion, SamplerSettings
+from ddpm_fid import (IS_SPLITS, InceptionFeatures, frechet_distance, inception_score, ref_statistics_file,
+                      reference_statistics, torch_fidelity_version)
+from ddpm_helpers import UserError, atomic_open, require_finite, stderr_is_terminal, write_json
+from ddpm_pictures import (GRID_PER_CLASS, GRID_UNCONDITIONAL, MAX_CLASS_ROWS, STRIP_COLUMNS, STRIP_ROWS,
+                           plot_bound_terms,
                            save_grid, save_individual_pngs, save_labelled_grid, to_model_range, to_uint8)
-from ddpm_runtime import Denoiser, choose_compile, choose_precision, describe_precision
+from ddpm_runtime import Denoiser, choose_compile, choose_precision, describe_precision, memory_guard
 
 PAPER_SAMPLES = 50_000  # the samples of Ho et al.'s FID and IS (Table 1)
+SAMPLE_REMEDY = "lower --sample_batch"
+OPTIONS = {option for kind in SAMPLERS.values() for option in kind.options}  # what only some samplers take
+
+
+def sampler_settings(asked, saved, timesteps, own=None, given=()):
+    """How a job samples a T-step model, the one resolver of SamplerSettings (inference, the editing jobs, a training
+    run and its grids, an import): the sampler the job always runs (`own`: SamplerSettings fields; steps its default,
+    at most T), else the checkpoint's settings `saved` (None: the defaults), with the sampling flags `asked`
+    ({field: value}) over them. A sampler other than the base one starts from its own defaults, keeping the guidance
+    and the variance. An option of another sampler (SAMPLERS) is refused when its flag is `given` (a preset's value is
+    no mistake); steps are filled in for T."""
+    base, own = saved or SamplerSettings(), dict(own or {})
+    if own:
+        steps = own.pop("steps", None)
+        base = dataclasses.replace(switched(base, own.pop("sampler")), **own, steps=steps and min(steps, timesteps))
+    elif asked.get("sampler", base.sampler) != base.sampler:
+        base = switched(base, asked["sampler"])
+    settings, flags = dataclasses.replace(base, **asked), {field: flag for flag, field in SAMPLING_FLAGS.items()}
+    kind = SAMPLERS[settings.sampler]
+    if kind.every_step and "steps" in asked:
+        takers = " and ".join(name for name, other in SAMPLERS.items() if not other.every_step)
+        raise UserError(f"--sampling_steps applies to --sampler {takers} ({settings.sampler} always runs all T steps)")
+    for option in sorted(OPTIONS - set(kind.options)):
+        if flags[option] in given:
+            takers = " and ".join(name for name, other in SAMPLERS.items() if option in other.options)
+            raise UserError(f"--{flags[option]} applies to --sampler {takers} (the sampler here is {settings.sampler})")
+    try:
+        return settings.for_timesteps(timesteps)
+    except ValueError:  # steps > T (the flags' check rejects steps < 1)
+        raise UserError(f"--sampling_steps {settings.steps} is more than the model's T = {timesteps}") from None
+
+
+def switched(settings, sampler):
+    """`sampler` at its own defaults, with the guidance (scale and interval) and variance of `settings`."""
+    return SamplerSettings(sampler, guidance_scale=settings.guidance_scale,
+                           guidance_interval=settings.guidance_interval, variance=settings.variance)
+
+
+def describe_sampling(settings, guided=True):
+    """SamplerSettings as banners and metrics files say them, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance
+    1.5'; without the guidance when not guided (an unconditional model, or a conditional one with the null label)."""
+    options = SAMPLERS[settings.sampler].options
+    steps = f"{settings.steps or 'default'} steps"
+    if "spacing" in options:
+        steps += f" ({settings.spacing} spacing)"
+    noise = f", eta {settings.eta}" if "eta" in options else ""
+    noise += ", σ_t² = β_t" if "variance" in options and settings.variance == "beta" else ""
+    interval = (f" for σ in ({settings.guidance_interval[0]:g}, {settings.guidance_interval[1]:g}]"
+                if settings.guidance_interval is not None else "")
+    guidance = f", guidance {settings.guidance_scale}{interval}" if guided else ""
+    return f"{settings.sampler}, {steps}{noise}{guidance}"
+
+
+def asked_sampling(options):
+    """The sampling flags the command line sets (a preset's included), by SamplerSettings field."""
+    return {field: getattr(options, flag) for flag, field in SAMPLING_FLAGS.items()
+            if getattr(options, flag) is not None}
+
+
+@contextlib.contextmanager
+def seeded_rng(seed, device):
+    """Draw from `seed` inside the block, leaving the caller's RNG state (training's) untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def generate(diffusion, denoiser, settings, num_images, image_size, channels=3, class_labels=None,
+             batch_size=1000, seed=None, progress=False):
+    """num_images samples (num_images, channels, image_size, image_size) in [−1, 1], on the CPU, made batch_size
+    at a time; class_labels (num_images,) or None. With a seed, the noise comes from it and the caller's RNG
+    state is left as it was; without, from the caller's RNG.
+
+    A batch that runs out of device memory is tried again at half the size, down to one image, with one warning
+    line: the end of a long run is not lost to a --sample_batch the card cannot hold."""
+    device = diffusion.betas.device
+    chunks, done, warned = [], 0, False
+    with seeded_rng(seed, device) if seed is not None else contextlib.nullcontext(), \
+            tqdm(total=num_images, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
+        while done < num_images:
+            n = min(batch_size, num_images - done)
+            labels = None if class_labels is None else class_labels[done:done + n]
+            try:
+                chunks.append(diffusion.sample(denoiser, (n, channels, image_size, image_size), settings, labels,
+                                               progress=progress).cpu())
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+                batch_size = n // 2
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not warned:
+                    print(f"warning: out of memory sampling {n} images at a time; going on with {batch_size} "
+                          "(halved again if need be; a smaller --sample_batch avoids the retry)", file=sys.stderr)
+                    warned = True
+                continue
+            done += n
+            bar.update(n)
+    return torch.cat(chunks)
+
+
+def guidance_sweep(diffusion, denoiser, settings, scales, classes, image_size, channels, seed):
+    """A row per guidance scale in `scales`, a column per class; every row starts from the same noise and draws
+    the same per-step noise (from `seed`), so only w changes between rows. Returns (rows · columns, C, H, W)."""
+    labels = torch.tensor(classes, device=diffusion.betas.device)
+    return torch.cat([generate(diffusion, denoiser, dataclasses.replace(settings, guidance_scale=w), len(classes),
+                               image_size, channels, labels, batch_size=len(classes), seed=seed) for w in scales])
 
 
 @dataclass(eq=False)
@@ -53,15 +166,6 @@ class Sampler:
         return crop_to_data(images, trained_data(self.config)["data_size"])
 
 
-def parse_classes(text):
-    """--sample_classes as a list of its items (class indices or names), checked against the checkpoint's classes by
-    class_indices."""
-    items = [v.strip() for v in text.split(",") if v.strip()]
-    if not items:
-        raise UserError("--sample_classes is empty: give class indices or names such as 0,1,2 or cat,dog")
-    return items
-
-
 def class_indices(items, classes):
     """The class index of each --sample_classes item: one of the model's class names, else an index 0 … K−1 (a class
     named by a number is taken by its name)."""
@@ -85,7 +189,7 @@ def class_cycle(classes, n, device):
 
 def prepare_sampler(model, config, settings, device, precision, compile, batch_size, verbose, job):
     """A checkpoint's network (on the CPU) as a Sampler on the device, at the precision (--precision) and compilation
-    (--compile) chosen for it; when verbose, says what it does with it: job, e.g. ('sampling', settings.describe())."""
+    (--compile) chosen for it; when verbose, says what it does with it: job, e.g. ('sampling', its settings)."""
     precision, precision_why = choose_precision(precision, device)
     model = model.to(device, memory_format=torch.channels_last).eval()
     denoiser = Denoiser(model, choose_compile(compile, device), precision)
@@ -150,7 +254,7 @@ def write_denoising_strip(sampler, rows, classes, seed, files, verbose):
                        [f"t = {steps[i] + 1}" if i + 1 < len(trace) else "x_0" for i in picks])
     if verbose:
         print(f"denoising strip ({rows} samples, x̂_0 at {len(picks)} of {len(trace)} steps, "
-              f"{sampler.settings.describe(guided=classes is not None)}): {path}", flush=True)
+              f"{describe_sampling(sampler.settings, guided=classes is not None)}): {path}", flush=True)
 
 
 def grayscale_fid_note(config, verbose):
@@ -187,19 +291,21 @@ def measure_fid_and_is(sampler, num_samples, seed, features, reference, samples_
     fid = frechet_distance(mu, sigma, reference.mu, reference.sigma)
     score, score_std = inception_score(logits) if features.has_classifier else (None, None)
     protocol = {"samples": num_samples, "class_balanced": labels is not None, "seed": seed,
-                "sampler": settings.describe(), "reference": reference.source, "reference_images": reference.images,
+                "sampler": describe_sampling(settings), "reference": reference.source,
+                "reference_images": reference.images,
                 "network_sha256": features.fingerprint, "official_network": features.official,
-                "is_splits": IS_SPLITS, "torch_fidelity": TORCH_FIDELITY_VERSION}
+                "is_splits": IS_SPLITS, "torch_fidelity": torch_fidelity_version()}
     if verbose:
         is_text = (f", IS {score:.3f} ± {score_std:.3f}" if score is not None else
                    " (no IS: the network file's classifier layer is not finite)")
         images_text = f" ({reference.images:,} images)" if reference.images else ""
         print(f"FID {fid:.3f}{is_text}\n  from {num_samples:,}{' class-balanced' if labels is not None else ''} "
-              f"samples (seed {seed}, {settings.describe()}) against {reference.source}{images_text}; Inception "
-              f"weights {features.fingerprint[:8]}… ({'the' if features.official else 'not the'} official file)",
+              f"samples (seed {seed}, {describe_sampling(settings)}) against {reference.source}{images_text}; "
+              f"Inception weights {features.fingerprint[:8]}… ({'the' if features.official else 'not the'} official "
+              "file)",
               flush=True)
     return {"fid": fid, "inception_score": score, "inception_score_std": score_std, "fid_samples": num_samples,
-            "fid_sampler": settings.describe(), "fid_protocol": protocol}
+            "fid_sampler": describe_sampling(settings), "fid_protocol": protocol}
 
 
 def spread(images, labels, count):
@@ -216,11 +322,7 @@ def test_split(config, data_dir, dataset, flag):
     """The test split of the data at data_dir (a `dataset`): uint8 images (N, C, H, W) and labels (N,). The data must
     be what the model was trained on (a UserError naming `flag`, the job that reads it)."""
     data = load_dataset(data_dir, dataset)
-    conflicts = data_conflicts(config, data_facts(data))
-    if conflicts:
-        raise UserError(f"{flag}: the data at {data_dir!r} is not what the model was trained on ("
-                        + "; ".join(f"{key}: {old} for the model, {new} here" for key, (old, new) in conflicts.items())
-                        + "); point --data_dir (and --dataset) at the model's data")
+    require_trained_data(config, data_facts(data), data_dir, flag)
     return data["test_images"], data["test_labels"]
 
 
@@ -286,3 +388,97 @@ def whole_rows(classes):
     if classes is None:
         return GRID_UNCONDITIONAL
     return len(classes) * GRID_PER_CLASS if len(classes) <= MAX_CLASS_ROWS else len(classes)
+
+
+# ------------------------------------------------------------------------------ the jobs of --inference
+# Each takes the command line's options, the Sampler of --model_path, the run's RunFiles and --sample_classes as the
+# model's class indices (None: not given); ddpm_main.inference prepares them (ddpm_jobs.JOBS names these).
+
+def sample_job(options, sampler, files, classes):
+    """--inference: --num_samples images (default: whole rows), class-guided with --conditional; a grid, a PNG each
+    and an npz."""
+    write_samples(options, sampler, files, guided_classes(options, sampler.config, classes))
+
+
+def write_samples(options, sampler, files, classes):
+    """--num_samples images (default: whole rows) of `classes` (class indices cycled; None: unconditional)."""
+    num_samples = options.num_samples or whole_rows(classes)
+    labels = class_cycle(classes, num_samples, sampler.device) if classes else None
+    start = time.perf_counter()
+    with memory_guard(f"sampling {num_samples} images", SAMPLE_REMEDY):
+        images = sampler.sample(num_samples, labels, progress=not options.quiet and stderr_is_terminal())
+    require_finite(images, "the samples")
+    save_samples(sampler, images, labels, files, len(classes) if classes else None, time.perf_counter() - start,
+                 not options.quiet)
+
+
+def guided_classes(options, config, classes):
+    """The classes samples are guided by: --sample_classes, else all the model's, with --conditional; else None."""
+    return (classes or list(range(config["num_classes"]))) if options.conditional else None
+
+
+def sweep_job(options, sampler, files, classes):
+    """--guidance_sweep W,...: one grid, a row per guidance scale (write_guidance_sweep)."""
+    write_guidance_sweep(sampler, options.guidance_sweep, classes, options.seed, files, not options.quiet)
+
+
+def strip_job(options, sampler, files, classes):
+    """--denoising_strip: x̂_0 as the sampler goes, a row per sample (--num_samples, else STRIP_ROWS)."""
+    write_denoising_strip(sampler, options.num_samples or STRIP_ROWS, guided_classes(options, sampler.config, classes),
+                          options.seed, files, not options.quiet)
+
+
+def bound_job(options, sampler, files, classes):
+    """--eval_nll N: the bound of N test images of the model's data (--data_dir, else where it was trained), given
+    each image's class with --conditional."""
+    config = sampler.config
+    images, labels = nll_test_images(config, options.data_dir or config["data_dir"], options.dataset,
+                                     options.eval_nll, options.conditional)
+    measure_nll(sampler, images, labels, bound_variance(options, sampler.settings), options.seed, files,
+                not options.quiet)
+
+
+def bound_variance(options, settings):
+    """σ_t² of the bound: --nll_variance, else the sampler's."""
+    return options.nll_variance or settings.variance
+
+
+def bound_banner(options, settings, config):
+    return f"all {config['timesteps']} steps of p_θ, σ_t² {bound_variance(options, settings)}"
+
+
+def fid_job(options, sampler, files, classes):
+    """--eval_fid N: FID and IS of N class-balanced samples (metrics_<run>.json, fid_samples_<run>.npz), against the
+    reference made first (one of other data stops before anything is written); with --num_samples, those samples
+    too."""
+    start = time.perf_counter()
+    features, reference = inference_fid_reference(options, sampler)
+    reference_s = time.perf_counter() - start
+    if "num_samples" in options.given:
+        write_samples(options, sampler, files, guided_classes(options, sampler.config, classes))
+    start = time.perf_counter()
+    os.makedirs(files.save_dir, exist_ok=True)
+    measured = measure_fid_and_is(sampler, options.eval_fid, options.seed, features, reference,
+                                  files.output("fid_samples"), not options.quiet)
+    write_json({"run_name": files.run_name, "model_path": options.model_path, **measured,
+                "conditional": options.conditional, "fid_s": reference_s + time.perf_counter() - start,
+                "device": str(sampler.device), "precision": sampler.denoiser.precision}, files.output("metrics"))
+
+
+def inference_fid_reference(options, sampler):
+    """--eval_fid's network (InceptionFeatures, fetched on first use) and Reference: --fid_ref_stats, else the
+    statistics of the --fid_ref split of the model's data (model_data)."""
+    config, verbose = sampler.config, not options.quiet
+    features = InceptionFeatures(options.fid_inception, sampler.device, verbose=verbose)
+    grayscale_fid_note(config, verbose)
+    if options.fid_ref_stats:
+        return features, ref_statistics_file(options.fid_ref_stats, trained_data(config))
+    data_dir, dataset = model_data(config, options.data_dir, options.dataset)
+    return features, fid_reference(features, config, None, data_dir, dataset, options.fid_ref, verbose)
+
+
+def model_data(config, data_dir, dataset):
+    """(data_dir, dataset) of the images a job reads: data_dir (--data_dir), else the folder the model was trained
+    on, and dataset (--dataset), else the model's own where it is the model's folder (None: found from the folder)."""
+    data_dir = data_dir or config["data_dir"]
+    return data_dir, dataset or (config.get("dataset") if data_dir == config["data_dir"] else None)

@@ -1,28 +1,315 @@
-"""A training run, once set up (ddpm_train_setup.py): epoch after epoch of training steps, evaluation (losses, grids,
-plots), checkpoint saves, stopping on a signal or the time budget, and the end (final checkpoint, FID, metrics).
+"""A training run: what it checks before anything is read, its set-up (the data on the device, the networks, the
+samplers, the resolved config, FID's reference), a fresh start or a checkpoint put back, epoch after epoch of training
+steps with evaluations (losses, grids, plots) and checkpoint saves until --epochs, a signal or the time budget stops
+it, and the end (final checkpoint, FID, the bound, metrics).
 
-ddpm_main.py's train() is the story these pieces make; the step itself, the clock and the reporting are in
-ddpm_train_step.py. Nothing here reads the command line: a run takes its config (what it trains) and TrainingOptions
-(how it goes about it).
+train() is the story. What a run trains is its config alone (a resumed run's from its checkpoint); how it goes about
+it (files, intervals, reporting, FID) is the command line's options (ddpm_flags.Command). The step, the clock and the
+reports are ddpm_train_step's, which bench/bench.py times without this module.
 """
+import copy
 import dataclasses
+import importlib.util
 import math
+import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from ddpm_checkpoint import require_finite_weights, save_checkpoint
-from ddpm_helpers import Interrupted, NonFiniteError, write_json
-from ddpm_pictures import GRID_PER_CLASS, GRID_SEED, GRID_UNCONDITIONAL, MAX_CLASS_ROWS, plot_loss_history, save_grid
-from ddpm_runtime import all_ranks_mean, barrier, max_over_ranks, memory_guard
-from ddpm_sample import grayscale_fid_note, measure_fid_and_is, measure_nll, spread
-from ddpm_train_setup import training_position
-from ddpm_train_step import evaluate_loss, learning_rate
+from ddpm_checkpoint import (TrainingState, build_checkpoint, load_resumable, require_finite_weights,
+                             restore_training, save_checkpoint, stored_run_name, write_config_json)
+from ddpm_config import (build_diffusion, build_model, resolved_settings, resume_changes, saved_sampler_settings,
+                         training_config)
+from ddpm_data import (DEFAULT_DATA_DIR, DeviceLoader, check_stage_count, data_facts, evenly_spread, image_size_of,
+                       load_dataset, model_side, require_image_folder, require_trained_data, train_val_split)
+from ddpm_diffusion import Diffusion, SamplerSettings
+from ddpm_fid import InceptionFeatures, Reference, ref_statistics_file
+from ddpm_helpers import (Interrupted, NonFiniteError, RunFiles, StopRequested, TrainingError, UserError, WriteError,
+                          make_way, write_json)
+from ddpm_model import UNetConfig
+from ddpm_pictures import (GRID_SEED, GRID_UNCONDITIONAL, grid_layout, plot_loss_history, save_forward_strip,
+                           save_grid)
+from ddpm_runtime import (Denoiser, SignalFlag, all_ranks_mean, barrier, check_run_memory, choose_compile,
+                          choose_precision, device_of, max_over_ranks, memory_guard)
+from ddpm_sample import (SAMPLE_REMEDY, Sampler, asked_sampling, fid_reference, grayscale_fid_note,
+                         measure_fid_and_is, measure_nll, sampler_settings, spread)
+from ddpm_train_step import (EVAL_IMAGES, Reporter, TrainingClock, TrainingStep, build_loss_scaler, build_optimizer,
+                             evaluate_loss, learning_rate)
 
 BATCH_REMEDY = "lower --batch_size (--grad_accum K keeps K × --batch_size images a step)"
-SAMPLE_REMEDY = "lower --sample_batch"
+CPU_GRID_STEPS = 50  # on a CPU, a grid whose sampler takes more steps (ddpm's T) uses dpm++2m's default instead
+CPU_GRID_SAMPLER = {"sampler": "dpm++2m"}
 
+
+def check_training(options):
+    """What training checks before anything is read or written (Job.check): --tensorboard's package, and for a new
+    run its sampling flags for its T and, from the first image's header alone, that its images can be halved once per
+    U-Net stage and its model, schedule and samples fit in memory."""
+    if options.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if options.resume is not None:
+        return
+    sampler_settings(asked_sampling(options), None, options.timesteps, given=options.given)
+    data_dir = options.data_dir or DEFAULT_DATA_DIR
+    if options.dataset == "folder":
+        require_image_folder(data_dir)
+    image_size = image_size_of(data_dir, options.dataset)
+    check_stage_count(options.dim_mults, image_size)
+    # a lower bound: one channel, no classes (the data is not read yet), no attention, the unconditional grid
+    model = UNetConfig(dim=options.dim, dim_mults=tuple(options.dim_mults), channels=1,
+                       architecture=options.architecture, num_res_blocks=options.num_res_blocks, attn_resolutions=(),
+                       groups=options.groups)
+    check_run_memory(device_of(options), options.sample_batch, model, options.timesteps,
+                     model_side(image_size or (1, 1), len(options.dim_mults)),
+                     max(GRID_UNCONDITIONAL, options.eval_fid), training=True)
+
+
+def train(options):
+    """Train: the checkpoint --resume names checked against the command line, the run set up and started or resumed,
+    epoch after epoch until --epochs, a signal (saved; exit 130) or the time budget stops it (train_epochs), then the
+    end: the final checkpoint, metrics, FID and the bound (finish). NaN or infinity stops it (exit 1) before anything
+    is written from them; so does a failed write, the last good checkpoint kept."""
+    saved, run_name, resumed_from = resumed_checkpoint(options)
+    files = RunFiles(options.models_dir, options.save_dir, run_name)
+    make_way(files, {"--fid_ref_stats": options.fid_ref_stats, "--fid_inception": options.fid_inception})
+    run = set_up_run(options, files, saved, resumed_from)
+    with run.report, run.signals:
+        try:
+            train_epochs(run, run.state, run.clock)
+            finish(run, run.state, run.clock)
+        except StopRequested as e:
+            stop_on_signal(run, run.state, str(e))
+        except NonFiniteError as e:
+            raise TrainingError(diverged_message(run, e)) from None
+        except WriteError as e:
+            raise TrainingError(write_failed_message(run, e)) from None
+
+
+def resumed_checkpoint(options):
+    """(the checkpoint --resume names, the run's name, that last.pt's path) once the command line is checked against
+    it: its fixed settings unchanged (resolved_settings), memory, a time budget not spent; (None, the run's name,
+    None) for a new run. The name is --run_name, else the checkpoint's when --resume names a path, else DDPM."""
+    if not options.resume:
+        return None, options.run_name or "DDPM", None
+    path, saved = load_resumable(options.resume, options.models_dir, options.run_name or "DDPM")
+    config = saved["config"]
+    check_run_memory(device_of(options), options.sample_batch, UNetConfig.from_dict(config["model"]),
+                     config["timesteps"], config["image_size"], max(GRID_UNCONDITIONAL, options.eval_fid),
+                     training=True)
+    check_budget_left(saved, resolved_settings(vars(options), config, options.given)["time_budget_min"])
+    return saved, options.run_name or stored_run_name(config, path), path
+
+
+def check_budget_left(saved, budget):
+    """UserError, saying how to give more time, when a resumed run's time budget (budget: the resolved one) is spent:
+    the time budget stopped it and the budget is not raised, or it is no more than the wall time the run has used."""
+    if not budget:
+        return
+    used_min = TrainingClock.wall_used(saved["timing"]) / 60
+    stopped = saved.get("budget_spent") is True and budget <= (saved["config"]["time_budget_min"] or 0)
+    if stopped or used_min >= budget:
+        raise UserError(f"--resume: the time budget is spent ({used_min:.1f} min used of --time_budget_min "
+                        f"{budget:g}, which counts the whole run); to train on, give a larger total, e.g. "
+                        f"--time_budget_min {math.ceil(used_min + budget):g}")
+
+
+# ------------------------------------------------------------------------------------ the set-up
+
+@dataclass(eq=False)
+class Run:
+    """A training run, built once and complete (set_up_run). What it trains is `config` alone; `options` (the command
+    line) says how it goes about it: intervals, saves, reporting, FID and the bound."""
+    options: object                # ddpm_flags.Command
+    config: dict
+    files: RunFiles                # where checkpoints and outputs go, under the run's (checked) name
+    device: torch.device
+    resumed_from: str              # the last.pt the run continues (None: a new run)
+    train_loader: DeviceLoader
+    eval_loaders: dict             # 'val' and 'test': the validation and test splits
+    model: nn.Module
+    ema_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    diffusion: Diffusion
+    train_step: TrainingStep
+    sampler: Sampler               # the EMA weights with the config's settings: FID, the bound
+    grid_sampler: Sampler          # the same weights with the grids' settings (grid_settings)
+    precision_why: str             # why the U-Net computes in run.precision (choose_precision), for the banner
+    report: Reporter
+    state: TrainingState           # where training stands
+    clock: TrainingClock           # the run's wall clock and time budget
+    signals: SignalFlag            # SIGINT / SIGTERM, while the run trains and finishes
+    test_images: torch.Tensor      # the test split (N, C, H, W) uint8 on the CPU: --eval_nll's images
+    fid_features: InceptionFeatures = None  # --eval_fid's network, loaded and tried on one image before training
+    fid_reference: Reference = None  # what --eval_fid compares with, read or computed before training
+    last_saved: tuple = None       # (path, where training stood) of the last good last.pt; None: none yet
+
+    @property
+    def is_main(self):  # only rank 0 writes files and prints
+        return self.options.rank == 0
+
+    @property
+    def world_size(self):
+        return self.options.world_size
+
+    @property
+    def ema_denoiser(self):  # evaluation, grids and FID use the EMA weights
+        return self.sampler.denoiser
+
+    @property
+    def precision(self):  # what the U-Net computes in: config["precision"] resolved for the device
+        return self.train_step.denoiser.precision
+
+    @property
+    def num_params(self):
+        return sum(p.numel() for p in self.model.parameters())
+
+    def checkpoint(self, state):
+        return build_checkpoint(self.config, self.model, self.ema_model, self.optimizer, state,
+                                self.device.type == "cuda", self.train_step.scaler)
+
+
+def set_up_run(options, files, saved, resumed_from):
+    """Read the data, resolve the config (the command line's settings, or a resumed run's checkpoint `saved`: its
+    training_config), build the loaders, networks, optimizer and diffusion on the device, and start: a fresh
+    TrainingState, or the checkpoint's put back (start_or_resume)."""
+    device, is_main = device_of(options), options.rank == 0
+    data_dir = options.data_dir or (saved["config"]["data_dir"] if saved else DEFAULT_DATA_DIR)
+    dataset = options.dataset or (saved["config"].get("dataset") if saved and not options.data_dir else None)
+    # FID's network is fetched (once) and runs on one image now: a bad file costs seconds, not the run
+    fid_features = InceptionFeatures(options.fid_inception, device, verbose=not options.quiet) \
+        if options.eval_fid and is_main else None
+    start = time.perf_counter()
+    data = load_dataset(data_dir, dataset)
+    train_idx, val_idx = train_val_split(len(data["train_images"]))
+    decode_s = time.perf_counter() - start
+    facts = data_facts(data)
+    if saved:  # UserError: nothing has been written yet
+        require_trained_data(saved["config"], facts, data_dir, "--resume")
+    fid_ref_stats = ref_statistics_file(options.fid_ref_stats, facts) if options.eval_fid and options.fid_ref_stats \
+        else None
+    if data["mode_note"] and is_main:
+        print(f"warning: {data['mode_note']}", file=sys.stderr)
+    sampling = sampler_settings(asked_sampling(options), saved and saved_sampler_settings(saved["config"]),
+                                saved["config"]["timesteps"] if saved else options.timesteps, given=options.given)
+    config = training_config({**vars(options), "run_name": files.run_name, "data_dir": data_dir, "sampling": sampling},
+                             {**facts, "num_train": len(train_idx), "num_val": len(val_idx),
+                              "num_test": len(data["test_images"])}, saved and saved["config"], options.given)
+    fid_ref = fid_reference_of_run(options, fid_features, fid_ref_stats, config, data, data_dir)
+    if is_main:
+        os.makedirs(files.save_dir, exist_ok=True)
+        os.makedirs(files.ckpt_dir, exist_ok=True)
+    train_loader, eval_loaders = device_loaders(data, train_idx, val_idx, config, options, device)
+    networks = build_networks(config, options, device)
+    state, last_saved = start_or_resume(networks, config, device, saved, resumed_from, decode_s)
+    run = Run(options=options, config=config, files=files, device=device, resumed_from=resumed_from,
+              train_loader=train_loader, eval_loaders=eval_loaders, **networks,
+              report=Reporter(options.quiet, options.tensorboard, is_main), state=state,
+              clock=TrainingClock(state.timing, config["time_budget_min"], networks["train_step"].denoiser.compiled,
+                                  device, options.started),
+              signals=SignalFlag(immediate=options.world_size == 1), test_images=data["test_images"],
+              fid_features=fid_features, fid_reference=fid_ref, last_saved=last_saved)
+    introduce(run, saved)
+    return run
+
+
+def fid_reference_of_run(options, fid_features, fid_ref_stats, config, data, data_dir):
+    """What --eval_fid compares with, made before training (its time is the set-up's, and the end of the run holds no
+    surprise): --fid_ref_stats, else the statistics of the --fid_ref split; None without FID's network (no --eval_fid,
+    or a rank other than 0)."""
+    if fid_features is None:
+        return None
+    if fid_ref_stats is not None:
+        return fid_ref_stats
+    return fid_reference(fid_features, config, data[f"{options.fid_ref}_images"], data_dir, None, options.fid_ref,
+                         not options.quiet)
+
+
+def device_loaders(data, train_idx, val_idx, config, options, device):
+    """The training split's loader (shuffled, flipped) and the validation and test losses' {'val', 'test'}: EVAL_IMAGES
+    of each split, evenly spread (the same images every evaluation). They live on the device as uint8 tensors. A
+    batch holds an optimizer step's micro-batches, and the evaluation's batches as many images (no gradients kept), so
+    its t and ε are drawn as with one --batch_size."""
+    batch_size, side = config["batch_size"] * config["grad_accum"], config["image_size"]  # smaller images are padded
+    shards = {"device": device, "rank": options.rank, "world_size": options.world_size, "side": side}
+    train_loader = DeviceLoader(data["train_images"][train_idx], data["train_labels"][train_idx], batch_size,
+                                shuffle=True, flip=True, seed=config["seed"], **shards)
+    test_idx = torch.arange(len(data["test_images"]))
+    eval_loaders = {name: DeviceLoader(images[chosen], labels[chosen], batch_size, shuffle=False, flip=False, **shards)
+                    for name, images, labels, chosen in (
+                        ("val", data["train_images"], data["train_labels"], evenly_spread(val_idx, EVAL_IMAGES)),
+                        ("test", data["test_images"], data["test_labels"], evenly_spread(test_idx, EVAL_IMAGES)))}
+    return train_loader, eval_loaders
+
+
+def build_networks(config, options, device):
+    """The U-Net (seeded by the config), its EMA, AdamW, the diffusion, the training step (through DDP under torchrun)
+    and the EMA's Samplers, at the precision and compilation chosen for the device: the Run's fields of those names."""
+    torch.manual_seed(config["seed"])
+    model = build_model(config).to(device, memory_format=torch.channels_last)  # faster convolutions, GPU and CPU
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # no dropout where the EMA samples
+    optimizer = build_optimizer(model, config["lr"], config["weight_decay"])
+    diffusion = build_diffusion(config, device)
+    precision, precision_why = choose_precision(config["precision"], device)
+    compile_model = choose_compile(options.compile, device)
+    trained_model = model
+    if options.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_step = TrainingStep(model, ema_model, optimizer, diffusion, Denoiser(trained_model, compile_model, precision),
+                              config["p_uncond"], config["loss_type"], config["ema_decay"], options.rank,
+                              options.world_size, config["grad_accum"], build_loss_scaler(precision, device))
+    settings = SamplerSettings(**config["sampling"]).for_timesteps(config["timesteps"])
+    sampler = Sampler(diffusion, Denoiser(ema_model, compile_model, precision), settings, config, options.sample_batch)
+    grid_sampler = dataclasses.replace(sampler, settings=grid_settings(settings, config["timesteps"], device))
+    return {"model": model, "ema_model": ema_model, "optimizer": optimizer, "diffusion": diffusion,
+            "train_step": train_step, "sampler": sampler, "grid_sampler": grid_sampler, "precision_why": precision_why}
+
+
+def grid_settings(settings, timesteps, device):
+    """How a training run samples its grids: with the config's settings, except on a CPU when they take more than
+    CPU_GRID_STEPS network evaluations (the ddpm sampler's T: hours for the paper's network), where dpm++2m stands
+    in with the config's guidance (inference keeps the config's)."""
+    if device.type == "cuda" or settings.steps <= CPU_GRID_STEPS:
+        return settings
+    return sampler_settings({}, settings, timesteps, CPU_GRID_SAMPLER)
+
+
+def start_or_resume(networks, config, device, saved, resumed_from, decode_s):
+    """(TrainingState, the last good last.pt and where it stood): a fresh state, or the checkpoint's weights,
+    optimizer, RNG states and TrainingState put back into the networks."""
+    if not saved:
+        state = TrainingState()
+        state.timing["decode_s"] = decode_s
+        return state, None
+    state = restore_training(saved, networks["model"], networks["ema_model"], networks["optimizer"],
+                             device.type == "cuda", networks["train_step"].scaler)
+    for group in networks["optimizer"].param_groups:  # the state's own is the checkpoint's: an adjustable setting
+        group["weight_decay"] = config["weight_decay"]
+    return state, (resumed_from, training_position(state))
+
+
+def introduce(run, saved):
+    """config.json, a new run's forward-process picture, and the banner: what the run trains, how it computes, how its
+    grids sample, and what a resume changes."""
+    config = run.config
+    if run.is_main:
+        write_config_json(config, run.files.checkpoint("config.json"))
+        if not saved:
+            save_forward_strip(run.diffusion, run.train_loader.images[:1], run.files.output("forward_strip"))
+    run.report.introduce(run, resume_changes(saved["config"], config) if saved else {})
+
+
+def training_position(state):
+    """Where training stands, for people: 'step 140: epoch 3, batch 5' (mid-epoch) or 'step 140: epoch 2 done'."""
+    if state.batch_in_epoch:
+        return f"step {state.step}: epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
+    return f"step {state.step}: epoch {state.epoch} done"
+
+
+# ------------------------------------------------------------------------------------ the epochs
 
 def train_epochs(run, state, clock):
     """Epoch after epoch until the config's epochs, a signal (last.pt saved, then Interrupted) or the time budget
@@ -80,7 +367,7 @@ def end_of_run_seconds(run, clock):
     options, forward_s = run.options, clock.forward_s_per_image()
     forwards = sum(loader.num_local for loader in run.eval_loaders.values())
     if run.is_main:
-        forwards += grid_size(run) * network_evaluations(run.grid_sampler)
+        forwards += grid_layout(run.config["num_classes"])[1] * network_evaluations(run.grid_sampler)
         forwards += options.eval_fid * network_evaluations(run.sampler) + options.eval_nll * run.config["timesteps"]
     inception_s = options.eval_fid * run.fid_features.seconds_per_image if options.eval_fid and run.is_main else 0.0
     return forwards * forward_s + inception_s + (3 + options.save_model) * clock.save_s
@@ -89,8 +376,7 @@ def end_of_run_seconds(run, clock):
 def network_evaluations(sampler):
     """Forward passes of one image a sample costs: the sampler's steps, twice where classifier-free guidance runs
     both branches (counted at every step: an upper bound with a guidance interval)."""
-    guided = sampler.config["conditional"] and sampler.settings.guidance_scale not in (0, 1)
-    return sampler.settings.steps * (2 if guided else 1)
+    return sampler.settings.steps * sampler.settings.evaluations_per_step(sampler.config["conditional"])
 
 
 def train_one_epoch(run, state, clock, epoch):
@@ -144,11 +430,11 @@ def agree_on_stop_and_checkpoint(run, clock):
     """Whether to stop inside the epoch (a signal, or the budget spent once the end-of-run work's time is kept
     back), and whether last.pt is due (--checkpoint_minutes since the last one): after every step, decided by all
     ranks together in one all-reduce of host numbers, which also agrees on the lr's progress."""
-    clock.reserve_s = end_of_run_seconds(run, clock)
-    due = time.perf_counter() - run.last_save_time >= run.options.checkpoint_minutes * 60
-    signalled, spent, due, clock.agreed_progress = max_over_ranks(
-        [run.signals.received is not None, clock.out_of_time(), due, clock.progress(clock.epoch_seconds())],
-        run.world_size)
+    clock.keep_back(end_of_run_seconds(run, clock))
+    signalled, spent, due, progress = max_over_ranks(
+        [run.signals.received is not None, clock.out_of_time(), clock.checkpoint_due(run.options.checkpoint_minutes),
+         clock.progress(clock.epoch_seconds())], run.world_size)
+    clock.agree_on_progress(progress)
     return bool(signalled or spent), bool(due)
 
 
@@ -168,8 +454,8 @@ def save_last(run, state):
         save_checkpoint(ckpt, path)
     else:  # nothing to write: only the weights' check
         require_finite_weights({"model": run.model.state_dict(), "ema": run.ema_model.state_dict()})
-    run.last_saved, run.last_save_time = (path, training_position(state)), time.perf_counter()
-    run.clock.save_s = run.last_save_time - start
+    run.last_saved = (path, training_position(state))
+    run.clock.saved(start)
     return ckpt
 
 
@@ -198,7 +484,7 @@ def stop_on_signal(run, state, signal_name):
     barrier(run.world_size)
     raise Interrupted(f"{signal_name or 'a signal (on another rank)'} received: stopped at {training_position(state)}"
                       f"; saved {run.files.checkpoint('last.pt')}. Resume with:\n"
-                      f"  {resume_command(run.options.command_line, resume='auto')}")
+                      f"  {resume_command(run.options.argv, resume='auto')}")
 
 
 def resume_command(argv, **flags):
@@ -231,10 +517,11 @@ def evaluation_losses(run, clock, epoch):
 
 def write_epoch_grid(run, state, clock, epoch):
     """The epoch's sample grid, from fixed noise (GRID_SEED) so epochs compare, to its PNG and TensorBoard."""
+    labels, count, columns = grid_layout(run.config["num_classes"])
     with clock.timed("sample_s"), memory_guard("sampling the epoch's grid", SAMPLE_REMEDY):
-        images = run.grid_sampler.sample(grid_size(run), grid_labels(run), seed=GRID_SEED)
-        save_grid(images, run.files.output("epoch_grid", epoch=epoch), grid_columns(run))
-    run.report.grid(state.step, images, grid_columns(run))
+        images = run.grid_sampler.sample(count, labels, seed=GRID_SEED)
+        save_grid(images, run.files.output("epoch_grid", epoch=epoch), columns)
+    run.report.grid(state.step, images, columns)
 
 
 def record_evaluation(run, state, epoch, train_loss, losses):
@@ -248,31 +535,6 @@ def record_evaluation(run, state, epoch, train_loss, losses):
         write_json(state.history, run.files.output("loss_history"))
         plot_loss_history(state.history, run.files.output("loss_curves"), run.config["run_name"])
     return is_best
-
-
-def grid_labels(run):
-    """The per-epoch grid's class labels: GRID_PER_CLASS of each class, a row each (with more than MAX_CLASS_ROWS
-    classes, one image per class); None for an unconditional model."""
-    num_classes = run.config["num_classes"]
-    if not run.config["conditional"]:
-        return None
-    per_class = GRID_PER_CLASS if num_classes <= MAX_CLASS_ROWS else 1
-    return torch.arange(num_classes, device=run.device).repeat_interleave(per_class)
-
-
-def grid_size(run):
-    """Images in the per-epoch grid: GRID_UNCONDITIONAL unconditional, else one per grid label."""
-    labels = grid_labels(run)
-    return GRID_UNCONDITIONAL if labels is None else len(labels)
-
-
-def grid_columns(run):
-    """The per-epoch grid's columns: 8 (8 × 8 unconditional, 8 per class a row), or about √K for K > MAX_CLASS_ROWS
-    classes."""
-    num_classes = run.config["num_classes"]
-    if run.config["conditional"] and num_classes > MAX_CLASS_ROWS:
-        return math.isqrt(num_classes - 1) + 1  # ⌈√K⌉ columns
-    return GRID_PER_CLASS
 
 
 def finish(run, state, clock):
@@ -322,7 +584,7 @@ def diverged_message(run, problem):
                 f"(e.g. {lower_lr}) or a larger --warmup_steps.")
     path, position = run.last_saved
     return (f"{problem}; stopped. The last good checkpoint is {path} ({position}); to continue from it with a "
-            f"lower learning rate:\n  {resume_command(run.options.command_line, resume=path, lr=lower_lr)}")
+            f"lower learning rate:\n  {resume_command(run.options.argv, resume=path, lr=lower_lr)}")
 
 
 def write_failed_message(run, problem):

@@ -1,6 +1,6 @@
 """The training step and what measures and reports it: one AdamW step on the diffusion loss (accumulated over
 micro-batches, loss-scaled in fp16) with the EMA update, the learning-rate schedule, the evaluation loss, the clock
-that keeps the time budget, and the Reporter (bars, log lines, TensorBoard).
+that keeps the time budget, and the Reporter (the banner, bars, log lines, TensorBoard).
 
 The training run (ddpm_train.py) is made of these, and bench/bench.py times the very same step.
 """
@@ -14,15 +14,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_diffusion import Diffusion
+from ddpm_data import describe_data, trained_data
+from ddpm_diffusion import Diffusion, SamplerSettings
 from ddpm_helpers import stderr_is_terminal
-from ddpm_runtime import Denoiser, all_ranks_mean, synchronize
+from ddpm_runtime import Denoiser, all_ranks_mean, describe_precision, synchronize
+from ddpm_sample import describe_sampling
 
 EVAL_IMAGES = 1000  # the validation and test losses are over this many images of each split, evenly spread
 EVAL_SEED = 1234  # fixed t and noise for validation / test losses, comparable across epochs
 GRAD_CLIP_NORM = 1.0  # as in Ho et al.'s training
 FP16_INIT_SCALE = 2.0 ** 16  # the loss scale fp16 training starts from (GradScaler's default)
-LR_DECAYS = ("none", "cosine")  # after warm-up: constant, or cosine-decayed to 0
 LOG_LINE_SECONDS = 60  # without a terminal, the least time between two training log lines
 WALL_PARTS = ("decode_s", "compile_s", "train_s", "eval_s", "sample_s")  # the timed parts of a run's wall time
 
@@ -166,14 +167,37 @@ class TrainingClock:
         self.timing, self.budget_min, self.compiles, self.device = timing, budget_min, compiles, device
         self.started = time.perf_counter() if started is None else started  # this session's start
         # wall time of the sessions before this one (older checkpoints kept no wall_s: their parts' sum)
-        self.used_before = timing.get("wall_s") or sum(timing.get(key, 0.0) for key in WALL_PARTS)
+        self.used_before = self.wall_used(timing)
         self.compiled_batch_sizes = set()
-        self.reserve_s = 0.0             # the end-of-run work's estimated seconds (set by the run)
+        self.reserve_s = 0.0             # the end-of-run work's estimated seconds (keep_back)
         self.session_images, self.session_train_s = 0, 0.0  # this session's trained images and their seconds
         self.eval_rate = None            # measured seconds per image of a no-grad forward (None: not yet)
         self.save_s = 0.0                # seconds the last checkpoint write took
+        self.last_save = time.perf_counter()  # when the last checkpoint was written (or the run started)
         self.agreed_progress = self.progress()  # the lr's progress all ranks last agreed on
         self.epoch_start, self.untimed = None, 0.0  # epoch_start: None between epochs
+
+    @staticmethod
+    def wall_used(timing):
+        """The wall seconds a run's timing says it used (older checkpoints kept no wall_s: their parts' sum)."""
+        return timing.get("wall_s") or sum(timing.get(key, 0.0) for key in WALL_PARTS)
+
+    def keep_back(self, seconds):
+        """The end-of-run work's estimated seconds, kept back from training's share of the budget."""
+        self.reserve_s = seconds
+
+    def agree_on_progress(self, progress):
+        """The lr's progress as all ranks agreed on it (ddpm_train.agree_on_stop_and_checkpoint)."""
+        self.agreed_progress = progress
+
+    def saved(self, start):
+        """A checkpoint whose write began at `start` is on the disk."""
+        self.last_save = time.perf_counter()
+        self.save_s = self.last_save - start
+
+    def checkpoint_due(self, minutes):
+        """Whether `minutes` have passed since the last checkpoint (--checkpoint_minutes)."""
+        return time.perf_counter() - self.last_save >= minutes * 60
 
     def start_epoch(self):
         self.epoch_start, self.untimed = time.perf_counter(), 0.0
@@ -287,6 +311,26 @@ class Reporter:
         if self.verbose:
             print(text, flush=True)
 
+    def introduce(self, run, changes):
+        """The run's banner: what it trains and from where (changes: {setting: (checkpoint's value, new value)} of a
+        resume), how it computes and how its grids sample."""
+        config, name, state = run.config, run.config["run_name"], run.state
+        what = (f"resuming '{name}' from {run.resumed_from} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
+                if run.resumed_from else f"training '{name}'")
+        budget, used_min = config["time_budget_min"], run.clock.used_s() / 60
+        self.say(f"{what}: {'conditional' if config['conditional'] else 'unconditional'} DDPM on {run.device}, "
+                 f"{run.num_params / 1e6:.2f}M parameters, {data_description(config)} ({config['num_train']} "
+                 f"train / {config['num_val']} val / {config['num_test']} test images), T={config['timesteps']} "
+                 f"({config['schedule']})"
+                 + (f"; {run.world_size} ranks × batch {config['batch_size']}" if run.world_size > 1 else "")
+                 + (f"; time budget {budget:g} min for the whole run: {used_min:.1f} used, "
+                    f"{max(0, budget - used_min):.1f} left" if budget else ""))
+        self.say(compute_description(run))
+        self.say(grid_description(run))
+        if changes:
+            self.say("changed from the checkpoint: " + ", ".join(
+                f"{key} {setting_text(key, old)} → {setting_text(key, new)}" for key, (old, new) in changes.items()))
+
     def epochs(self, done, total):
         """The epochs still to train, done + 1 … total."""
         self.total_epochs = total
@@ -336,3 +380,45 @@ class Reporter:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+
+
+def compute_description(run):
+    """How the run computes, for people: the precision and why, compilation, and the micro-batches of a step."""
+    config = run.config
+    text = (f"compute: {describe_precision(run.precision)} ({run.precision_why}); weights, EMA and optimizer "
+            f"state in float32; {'torch.compile' if run.train_step.denoiser.compiled else 'eager'}")
+    if config["grad_accum"] > 1:
+        text += (f"; {config['grad_accum']} micro-batches of {config['batch_size']} per optimizer step"
+                 + (f" on each of {run.world_size} ranks" if run.world_size > 1 else "")
+                 + f": {config['global_batch_size']} images a step")
+    return text
+
+
+def grid_description(run):
+    """How the run's grids (and FID's samples) are drawn, for people, and why the grids' sampler is not the config's
+    when it is not (grid_settings)."""
+    guided = run.config["conditional"]
+    grids, own = run.grid_sampler.settings, run.sampler.settings
+    text = f"grids: {describe_sampling(grids, guided)}"
+    if grids != own:
+        text += (f"; the checkpoint's sampler, {describe_sampling(own, guided)}, is too slow for a CPU's grids "
+                 "(--inference uses it)")
+    elif run.options.eval_fid:
+        text += "; FID's samples too"
+    return text
+
+
+def data_description(config):
+    """What the model is trained on, for people, with the padding to the U-Net's side when there is one."""
+    facts, side = trained_data(config), config["image_size"]
+    stages = len(config["model"]["dim_mults"])
+    padded = (f", padded to {side}×{side} for the U-Net's {stages} stages (samples are cut back)"
+              if facts["data_size"] != [side, side] else "")
+    return describe_data(facts) + padded
+
+
+def setting_text(key, value):
+    """A config setting's value for people (the sampling settings as SamplerSettings.describe says them)."""
+    if key == "sampling" and value is not None:
+        return f"({describe_sampling(SamplerSettings(**value))})"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm_data import DeviceLoader  # noqa: E402
-from ddpm_diffusion import Diffusion, SamplerSettings, generate, make_schedule  # noqa: E402
+from ddpm_diffusion import Diffusion, SamplerSettings, make_schedule  # noqa: E402
+from ddpm_sample import generate  # noqa: E402
 from ddpm_model import UNet, UNetConfig  # noqa: E402
 from ddpm_runtime import COMPILE_CHOICES, Denoiser, choose_compile, synchronize  # noqa: E402
 from ddpm_train_step import TrainingStep, build_loss_scaler, build_optimizer  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm_checkpoint import checkpoint_digest, load_checkpoint, write_checkpoint  # noqa: E402
-from ddpm_config import preset_network  # noqa: E402
+from ddpm_presets import preset_network  # noqa: E402
 from ddpm_model import build_unet  # noqa: E402
 
 SHIPPED = "models/cifar10_cond_speedrun/ckpt.pt"

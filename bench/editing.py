@@ -29,13 +29,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ddpm_checkpoint import load_sampling_model  # noqa: E402
-from ddpm_config import saved_sampler_settings, trained_data  # noqa: E402
+from ddpm_config import saved_sampler_settings  # noqa: E402
+from ddpm_data import trained_data  # noqa: E402
 from ddpm_data import evenly_spread, load_dataset  # noqa: E402
-from ddpm_editing import (EDITING_STEPS, Inputs, decode, editing_settings, fill_masks, inpaint, invert,  # noqa: E402
-                          psnr, write_interpolation)
+from ddpm_editing import Inputs, decode, fill_masks, inpaint, invert, psnr, write_interpolation  # noqa: E402
 from ddpm_helpers import RunFiles  # noqa: E402
 from ddpm_pictures import to_model_range, to_uint8  # noqa: E402
-from ddpm_sample import prepare_sampler  # noqa: E402
+from ddpm_jobs import EDITING_STEPS, JOB  # noqa: E402
+from ddpm_sample import describe_sampling, prepare_sampler, sampler_settings  # noqa: E402
 
 
 def parse_args():
@@ -60,9 +61,10 @@ def parse_args():
 
 def sampler_for(job, ckpt, model, steps, batch_size=1000):
     config = ckpt["config"]
-    settings = editing_settings(job, saved_sampler_settings(config), config["timesteps"], steps)
+    settings = sampler_settings({"steps": steps} if steps else {}, saved_sampler_settings(config), config["timesteps"],
+                                JOB[job].sampler)
     return prepare_sampler(model, config, settings, torch.device("cpu"), "auto", "auto", batch_size, True,
-                           (job, settings.describe()))
+                           (job, describe_sampling(settings)))
 
 
 def inversion(args, ckpt, model, images, labels):
@@ -115,7 +117,7 @@ def inpainting(args, ckpt, model, images, labels):
     samples = baseline_sampler.sample(len(images), labels, seed=args.seed, progress=True)
     pasted = to_model_range(images) * (1 - fill) + samples * fill
     baseline_rmse, baseline_psnr = region_error(images, pasted, fill)
-    row.update({"baseline": f"the centre of class-guided samples ({baseline_sampler.settings.describe()})",
+    row.update({"baseline": f"the centre of class-guided samples ({describe_sampling(baseline_sampler.settings)})",
                 "baseline_seconds": time.perf_counter() - start, "baseline_region_rmse_8bit": baseline_rmse,
                 "baseline_region_psnr_db": baseline_psnr})
     row["fid_completed"] = referee_fid(args, completed, "inpainted")

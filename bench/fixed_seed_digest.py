@@ -31,8 +31,12 @@ sys.path.insert(0, ROOT)
 from ddpm_fid import write_random_inception  # noqa: E402
 
 TINY = ["--dim", "8", "--dim_mults", "1,2", "--timesteps", "10", "--batch_size", "8", "--no_cuda", "--precision",
-        "fp32", "--data_dir", "data"]
-VARYING = {"timing", "versions", "train_images_per_s", "fid_s",  # entries that differ between identical runs
+        "fp32", "--data_dir", "data"]  # what every training command adds
+MACHINE = ["--no_cuda", "--precision", "fp32", "--data_dir", "data"]  # what every --inference command adds
+PAPER_LAYOUT = ["--architecture", "ddpm", "--resblock", "add", "--groups", "4"]  # a network --export_diffusers takes
+VARYING = {"timing", "versions", "train_images_per_s", "fid_s", "seconds", "seconds_per_image",  # entries that differ
+           # between identical runs
+           "file",  # the absolute path of an imported checkpoint's source, in the digest's own temporary folder
            "network", "network_sha256",  # the stand-in network file's SHA-256: torch.save writes other bytes each time
            "sha256"}  # a checkpoint's digest of its contents, timings included
 TIMES = re.compile(r"\d+(\.\d+)? ?(s|img/s|min)\b")
@@ -67,6 +71,17 @@ COMMANDS = [
     ["--inference", "--model_path", "models/cond/ckpt.pt", "--guidance_sweep", "0,1,3", "--run_name", "sweep"],
     ["--inference", "--model_path", "models/uncond/ckpt.pt", "--num_samples", "8", "--eval_fid", "12",
      "--fid_inception", "net.pth", "--seed", "3"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--conditional", "--denoising_strip", "--run_name", "strip"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--conditional", "--eval_nll", "4", "--run_name", "nll"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--conditional", "--inpaint", "centre", "--num_samples",
+     "3", "--run_name", "inpaint"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--invert", "--images", "0,5", "--run_name", "invert"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--conditional", "--interpolate", "1,seed:4",
+     "--sample_classes", "2", "--frames", "3", "--run_name", "interpolate"],
+    ["--epochs", "1", "--save_model", "--run_name", "paper", *PAPER_LAYOUT, "--data_dir", "data32"],
+    ["--model_path", "models/paper/ckpt.pt", "--export_diffusers", "exported"],
+    ["--import_weights", "exported", "--run_name", "imported", "--sampler", "ddim", "--sampling_steps", "4"],
+    ["--inference", "--model_path", "models/imported/ckpt.pt", "--num_samples", "2"],
     # bad input: exit status 2 and one line, nothing written
     ["--epochs", "0"],
     ["--inference"],
@@ -82,6 +97,15 @@ COMMANDS = [
     ["--sampler", "ddpm", "--sampling_steps", "5"],
     ["--guidance_sweep", "1,2"],
     ["--dim_mults", "1,2,2,2,2,2"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--inpaint", "centre", "--sampler", "ddpm"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--invert", "--eval_nll", "2"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--jump_length", "2"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--interpolate", "1,2", "--num_samples", "2"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--invert", "--images", "0,missing.png"],
+    ["--inference", "--model_path", "models/cond/ckpt.pt", "--inpaint", "circle"],
+    ["--import_weights", "exported", "--inference"],
+    ["--export_diffusers", "elsewhere"],
+    ["--model_path", "models/cond/ckpt.pt", "--export_diffusers", "other"],
 ]
 
 
@@ -118,14 +142,24 @@ def digest_file(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
 
 
+def common_flags(command):
+    """The flags a command runs with besides its own: the tiny network's for training, the machine's for inference,
+    none for --import_weights and --export_diffusers (their jobs take neither)."""
+    if "--import_weights" in command or "--export_diffusers" in command:
+        return []
+    return MACHINE if "--inference" in command else TINY
+
+
 def main():
     work = tempfile.mkdtemp(prefix="ddpm_digest_")
     make_folder(os.path.join(work, "data"))
+    make_folder(os.path.join(work, "data32"), size=32)  # CIFAR-10's side: what --import_weights takes
     write_random_inception(os.path.join(work, "net.pth"))
     env = {**os.environ, "TORCH_HOME": os.path.join(work, "torch_home")}  # never the user's download cache
     seen = {}
     for command in COMMANDS:
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm_main.py"), *TINY, *command], cwd=work,
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm_main.py"), *common_flags(command), *command],
+                                cwd=work,
                                 capture_output=True, text=True, timeout=600, env=env)
         print(f"$ {' '.join(command)}\nexit {result.returncode}")
         for stream, text in (("out", result.stdout), ("err", result.stderr)):

@@ -21,7 +21,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from ddpm_config import preset_network  # noqa: E402
+from ddpm_presets import preset_network  # noqa: E402
 from ddpm_interop import foreign_weights  # noqa: E402
 from ddpm_model import DDPMUNet  # noqa: E402
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddpm_config import preset_network
+from ddpm_presets import preset_network
 from ddpm_data import DeviceLoader  # noqa: E402
 from ddpm_diffusion import Diffusion, make_schedule  # noqa: E402
 from ddpm_model import build_unet  # noqa: E402

@@ -10,12 +10,13 @@ from conftest import save_edited
 import ddpm_flags
 from ddpm_checkpoint import TrainingState, build_checkpoint, load_checkpoint, restore_training, save_checkpoint
 from ddpm_config import (ADJUSTABLE_SETTINGS, DERIVED_KEYS, FIXED_SETTINGS, MODEL_SETTINGS, RUN_SETTINGS,
-                         SAMPLING_SETTINGS, data_conflicts, fixed_setting_conflicts, resume_changes,
-                         saved_sampler_settings, stored_settings, trained_data, training_config)
-from ddpm_data import CIFAR10_CLASSES
+                         SAMPLING_SETTINGS, resolved_settings, resume_changes, saved_sampler_settings, stored_settings,
+                         training_config)
+from ddpm_data import CIFAR10_CLASSES, data_conflicts, trained_data
 from ddpm_diffusion import SamplerSettings
 from ddpm_helpers import NonFiniteError, UserError
 from ddpm_model import UNet
+from ddpm_sample import asked_sampling, sampler_settings
 
 FACTS = {"dataset": "folder", "classes": ["a", "b", "c"], "channels": 3, "data_size": [16, 16], "num_train": 27,
          "num_val": 3, "num_test": 10}
@@ -35,7 +36,7 @@ FLAGS_B = ["--timesteps", "20", "--schedule", "sigmoid", "--loss_type", "huber",
 
 def flags(argv, world_size, saved_sampling=None):
     args = ddpm_flags.build_parser().parse_args(argv)
-    sampling = ddpm_flags.sampler_settings(args, saved_sampling, args.timesteps)
+    sampling = sampler_settings(asked_sampling(args), saved_sampling, args.timesteps)
     return {**vars(args), "world_size": world_size, "sampling": sampling}
 
 
@@ -79,7 +80,9 @@ def test_flags_given_are_told_from_defaults():
 def test_resumed_config_takes_fixed_settings_from_the_checkpoint_and_adjustable_ones_from_flags_given():
     saved = training_config(flags(FLAGS_A, 1), FACTS)
     fresh = training_config(flags(FLAGS_B, 2), FACTS)
-    resumed = training_config(flags(FLAGS_B, 2), FACTS, saved_config=saved, given=given(FLAGS_B))
+    # the fixed settings of FLAGS_B not given (given, they are refused: the next test), the others given
+    resumed = training_config(flags(FLAGS_B, 2), FACTS, saved_config=saved,
+                              given=given(FLAGS_B) - set(FIXED_SETTINGS))
     bare = training_config(flags([], 2), FACTS, saved_config=saved, given=set())
     saved, fresh, resumed, bare = map(stored_settings, (saved, fresh, resumed, bare))
     for key in FIXED_SETTINGS:
@@ -98,8 +101,10 @@ def test_fixed_settings_given_with_other_values_are_conflicts_and_adjustable_cha
     saved = training_config(flags(FLAGS_A, 1), FACTS)
     argv = ["--dim", "8", "--dim_mults", "1,2,4", "--timesteps", "20", "--lr", "0.001", "--epochs", "9",
             "--precision", "fp32"]
-    assert fixed_setting_conflicts(saved, flags(argv, 1), given(argv)) == {"dim_mults": ([1, 2], [1, 2, 4]),
-                                                                           "timesteps": (10, 20)}
+    with pytest.raises(UserError, match=r"--resume: --timesteps 20, --dim_mults 1,2,4 differ from the run being "
+                                        r"resumed \(timesteps 10, dim_mults 1,2\)"):
+        resolved_settings(flags(argv, 1), saved, given(argv))
+    argv = ["--dim", "8", "--lr", "0.001", "--epochs", "9", "--precision", "fp32"]  # a fixed one given as it was
     resumed = training_config(flags(argv, 1), FACTS, saved_config=saved, given=given(argv))
     assert resume_changes(saved, resumed) == {"lr": (0.002, 0.001), "epochs": (2, 9),
                                               "sampling": (saved["sampling"], resumed["sampling"])}

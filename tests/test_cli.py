@@ -105,7 +105,8 @@ BAD_ARGUMENTS = [
     (["--inference", "--conditional", "--model_path", SHIPPED, "--sample_classes", "cat,kitten"],
      "'kitten' is neither a class index 0-9 nor a class name"),
     (["--inference", "--conditional", "--model_path", SHIPPED, "--sample_classes", "2.5"], "'2.5' is neither"),
-    (["--inference", "--conditional", "--model_path", SHIPPED, "--sample_classes", ","], "--sample_classes is empty"),
+    (["--inference", "--conditional", "--model_path", SHIPPED, "--sample_classes", ","],
+     "argument --sample_classes: expected at least one class index or name"),
     (["--inference", "--model_path", "does/not/exist.pt"], "does not exist"),
     (["--sampler", "ddpm", "--sampling_steps", "10"], "--sampling_steps applies to --sampler dpm++2m and ddim"),
     (["--sampler", "ddim", "--spacing", "time"], "--spacing applies to --sampler dpm++2m (the sampler here is ddim"),
@@ -142,7 +143,7 @@ BAD_ARGUMENTS = [
     (["--models_dir", "/sys/ddpm_models"], "--models_dir '/sys/ddpm_models' is not writable"),
     (["--inference", "--model_path", SHIPPED, "--save_dir", "/sys/ddpm_outputs"],
      "--save_dir '/sys/ddpm_outputs' is not writable"),
-    (["--sample_classes", "3"], "--sample_classes picks the classes of class-guided samples"),
+    (["--sample_classes", "3"], "--sample_classes does nothing in training (it is for --inference)"),
     (["--seed", str(2 ** 64)], "--seed must be in -9223372036854775808 … 18446744073709551615, the random generator's "
                                "range, got 18446744073709551616"),
     (["--seed", str(-2 ** 63 - 1)], "--seed must be in -9223372036854775808 … 18446744073709551615"),
@@ -152,15 +153,16 @@ BAD_ARGUMENTS = [
                                     "T = 2,000,000,000) and this machine has "),
     (["--inference", "--model_path", SHIPPED, "--num_samples", "1000000000000"],
      "this would need at least 12.3 PB of memory (12.3 PB to hold 1,000,000,000,000 samples) and this machine has "),
-    (["--inference", "--model_path", SHIPPED, "--sample_classes", "3"], "it goes with --inference --conditional"),
+    (["--inference", "--model_path", SHIPPED, "--sample_classes", "3"],
+     "--sample_classes goes with --conditional or --guidance_sweep; give one too"),
     (["--time_budget_min", "0"], "--time_budget_min must be greater than 0"),
     (["--eval_fid", "5"], "--eval_fid must be 0 (off) or a sample count of at least 10 (the Inception Score's "
                           "splits), got 5"),
     (["--eval_fid", "-1"], "--eval_fid must be 0 (off)"),
-    (["--fid_inception", "w.pth"], "--fid_inception sets up the FID of --eval_fid N; give --eval_fid too"),
-    (["--fid_ref", "test", "--fid_ref_stats", "s.npz"], "--fid_ref and --fid_ref_stats set up the FID of --eval_fid N"),
+    (["--fid_inception", "w.pth"], "--fid_inception goes with --eval_fid; give it too"),
+    (["--fid_ref", "test", "--fid_ref_stats", "s.npz"], "--fid_ref goes with --eval_fid; give it too"),
     (["--eval_fid", "10", "--fid_ref", "test", "--fid_ref_stats", "s.npz"],
-     "--fid_ref picks the split whose statistics are computed, --fid_ref_stats gives statistics instead: give one"),
+     "--fid_ref_stats and --fid_ref cannot go together: give one of them"),
     (["--eval_fid", "10", "--fid_inception", "missing.pth"], "--fid_inception 'missing.pth' does not exist"),
     (["--eval_fid", "10", "--fid_ref", "val"], "argument --fid_ref: invalid choice: 'val'"),
 ]
@@ -398,12 +400,12 @@ def test_banners_say_what_the_command_does(trained, tmp_path):
     assert "sampling on cpu" in uncond.stdout and "guidance" not in uncond.stdout + uncond.stderr
     strip = run_main("--inference", "--model_path", models / "cond" / "ckpt.pt", "--denoising_strip",
                     "--num_samples", "2", "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
-    assert "drawing unconditional samples" in strip.stderr and "guidance" not in strip.stdout
+    assert "sampling with its unconditional model" in strip.stderr and "guidance" not in strip.stdout
     nll = run_main("--inference", "--model_path", models / "cond" / "ckpt.pt", "--eval_nll", "2", "--no_cuda",
                   cwd=tmp_path)
     assert nll.returncode == 0, nll.stderr
     assert nll.stdout.startswith("computing the bound on cpu") and "all 10 steps of p_θ, σ_t² posterior" in nll.stdout
-    assert "sampl" not in nll.stdout + nll.stderr and "the bound of its unconditional model" in nll.stderr
+    assert "sampl" not in nll.stdout + nll.stderr and "computing the bound with its unconditional model" in nll.stderr
 
 
 def test_outputs_are_named_after_the_model_path_in_grids_of_whole_rows(trained, tmp_path):

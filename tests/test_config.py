@@ -9,8 +9,9 @@ import pytest
 
 import ddpm_config
 import ddpm_flags
-from ddpm_config import (ADJUSTABLE_SETTINGS, BY_NAME, CONFIG_ENTRIES, FIXED_SETTINGS, FLAGS, MODEL_SETTINGS,
-                         RUN_SETTINGS, SAMPLING_FLAGS, SETTINGS, Range, config_problem)
+from ddpm_checkpoint import CONFIG_ENTRIES, config_problem
+from ddpm_config import (ADJUSTABLE_SETTINGS, BY_NAME, FIXED_SETTINGS, FLAGS, MODEL_SETTINGS, RUN_SETTINGS, Range,
+                         SAMPLING_FLAGS, SETTINGS)
 from ddpm_diffusion import SamplerSettings
 from ddpm_flags import build_parser, flags_markdown
 from ddpm_presets import PRESETS
@@ -32,7 +33,7 @@ def test_every_flag_is_in_help_and_docs_and_help_fits_150_lines():
     for setting in FLAGS:
         assert (f"--{setting.name}" in text) != setting.hidden, setting.name
         assert f"`--{setting.name}`" in docs
-    for title, _ in ddpm_config.SECTIONS.values():
+    for title, _ in ddpm_flags.SECTIONS.values():
         assert f"\n{title}:" in text
 
 
@@ -73,12 +74,12 @@ def test_every_stored_default_and_preset_value_passes_its_own_check():
     for setting in SETTINGS:
         if setting.stored in ("fixed", "adjustable") or setting.name == "world_size":
             value = defaults.get(setting.name, setting.default)
-            assert setting.entry_holds(value), (setting.name, value)
+            assert setting.value.holds(value), (setting.name, value)
     for name, (_, flags) in PRESETS.items():
         for key, value in flags.items():
             setting = BY_NAME[key]  # a preset names declared settings only
             if setting.stored in ("fixed", "adjustable"):
-                assert setting.entry_holds(value), (name, key, value)
+                assert setting.value.holds(value), (name, key, value)
             elif setting.check is not None:
                 assert all(map(setting.check.holds, value if isinstance(value, list) else [value])), (name, key)
             if setting.choices:
@@ -106,7 +107,7 @@ def test_a_new_setting_is_one_declaration(monkeypatch):
     with pytest.raises(ddpm_flags.UserError, match="--ema_warmup must be 0 or more, got -1"):
         ddpm_flags.check_numbers(parser.parse_args(["--ema_warmup", "-1"]))
     assert "`--ema_warmup` | `0` | 0 or more | kept (fixed) | EMA warm-up steps." in flags_markdown()
-    assert new.entry_words() == "a whole number ≥ 0" and not new.entry_holds(-1)
+    assert new.value.words() == "a whole number ≥ 0" and not new.value.holds(-1)
 
 
 def test_a_config_entry_of_the_wrong_type_is_named():

@@ -103,8 +103,8 @@ def test_64px_folder_trains_and_samples_at_64_and_a_resume_on_other_data_is_refu
     last_pt = (tmp_path / "models" / "big" / "last.pt").read_bytes()
     result = run_main("--resume", "auto", "--run_name", "big", "--data_dir", tiny_data, "--epochs", "2", cwd=tmp_path)
     assert result.returncode == 2
-    assert (f"--resume: the data at {tiny_data!r} is not what the run was trained on (classes 2: 0_class0, 1_class1 "
-            "in the checkpoint, 10: 0_class0, 1_class1, 2_class2, … here; data_size 64×64 in the checkpoint, 16×16 "
+    assert (f"--resume: the data at {tiny_data!r} is not what the model was trained on (classes 2: 0_class0, "
+            "1_class1 for the model, 10: 0_class0, 1_class1, 2_class2, … here; data_size 64×64 for the model, 16×16 "
             "here)") in result.stderr
     assert (tmp_path / "models" / "big" / "last.pt").read_bytes() == last_pt
 

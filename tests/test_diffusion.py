@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_diffusion import (Diffusion, SamplerSettings, cosine_beta_schedule, extract, generate, guidance_sweep,
-                            guided_prediction, linear_beta_schedule)
+from ddpm_diffusion import (Diffusion, SamplerSettings, cosine_beta_schedule, extract, guided_prediction,
+                            linear_beta_schedule)
+from ddpm_sample import describe_sampling, generate, guidance_sweep
 
 
 @pytest.fixture
@@ -239,11 +240,11 @@ def test_min_snr_weights(prediction):
 
 
 def test_sampler_settings_describe_themselves_as_metrics_record_them():
-    assert SamplerSettings().describe() == "dpm++2m, default steps (lambda spacing), guidance 3.0"
-    assert SamplerSettings(spacing="time").for_timesteps(100).describe() == \
+    assert describe_sampling(SamplerSettings()) == "dpm++2m, default steps (lambda spacing), guidance 3.0"
+    assert describe_sampling(SamplerSettings(spacing="time").for_timesteps(100)) == \
         "dpm++2m, 25 steps (time spacing), guidance 3.0"
-    assert SamplerSettings("ddpm").for_timesteps(100).describe() == "ddpm, 100 steps, guidance 3.0"
-    assert SamplerSettings("ddim", steps=25, eta=0.5, guidance_scale=1.5).describe() == \
+    assert describe_sampling(SamplerSettings("ddpm").for_timesteps(100)) == "ddpm, 100 steps, guidance 3.0"
+    assert describe_sampling(SamplerSettings("ddim", steps=25, eta=0.5, guidance_scale=1.5)) == \
         "ddim, 25 steps, eta 0.5, guidance 1.5"
 
 

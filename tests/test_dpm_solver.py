@@ -44,7 +44,7 @@ def test_four_steps_by_hand():
     x_e = sigma[e] / sigma[c] * x_c - alpha[e] * (math.exp(-h3) - 1) * x0_c
     expected = x_zero_of_gaussian(x_e, alpha[e], sigma[e])
 
-    out = d.dpm_solver_2m(GaussianOptimalEps(d, MU, S), x.float(), [a, b, c, e], clip_denoised=False)
+    out = d.dpm_solver_2m(GaussianOptimalEps(d, MU, S), x.float(), [a, b, c, e], None, [1.0] * 4, clip_denoised=False)
     assert torch.allclose(out.double(), expected, atol=1e-6, rtol=0)
 
 

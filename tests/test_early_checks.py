@@ -34,7 +34,7 @@ FLAG_SIZES = [
     (["--epoch", "1"], "unrecognized arguments: --epoch 1"),
     (["--model_path", "x.pt"], "--model_path does nothing in training (it is for --inference and --export_diffusers)"),
     (["--inference", "--model_path", SHIPPED, "--lr", "0.1"], "--lr does nothing in --inference (it is for training)"),
-    (["--fid_inception", "x.pth"], "--fid_inception sets up the FID of --eval_fid N; give --eval_fid too"),
+    (["--fid_inception", "x.pth"], "--fid_inception goes with --eval_fid; give it too"),
     (["--save_dir", ""], "--save_dir is empty: name a folder"),
     (["--models_dir", ""], "--models_dir is empty: name a folder"),
     (["--inference", "--model_path", SHIPPED, "--fid_ref_stats", "", "--eval_fid", "10"],

@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import run_main
 from ddpm_diffusion import ClassMix, Diffusion, cosine_beta_schedule, guided_prediction, repaint_levels, slerp
-from ddpm_editing import fill_masks, parse_items, psnr
+from ddpm_editing import fill_masks, psnr
+from ddpm_jobs import image_items
 from test_hostile_input import one_line_error, tree
 
 
@@ -61,7 +62,7 @@ def test_repaint_keeps_the_known_region_exactly_and_fills_the_rest():
     fill = fill_masks("centre", 3, (8, 8), 0)
     other = torch.full((3, 3, 8, 8), 0.5)                           # what the model believes the images are
     steps = list(range(49, -1, -5))
-    out = d.repaint(ExactModel(d, other), known, fill, steps, jump_length=2, jump_count=3)
+    out = d.repaint(ExactModel(d, other), known, fill, steps, None, [1.0] * len(steps), jump_length=2, jump_count=3)
     assert torch.equal(out[:, :, fill[0, 0] == 0], known[:, :, fill[0, 0] == 0])
     assert torch.allclose(out[:, :, fill[0, 0] == 1], other[:, :, fill[0, 0] == 1], atol=1e-4)
 
@@ -87,7 +88,7 @@ def test_an_exact_one_image_model_inverts_and_reconstructs_within_float_toleranc
     image = torch.rand(1, 3, 8, 8) * 2 - 1
     model = ExactModel(d, image)
     steps = d.sampling_timesteps(15)
-    noise = d.ddim_invert(model, image, steps, guidance_scales=[1.0] * 15)
+    noise = d.ddim_invert(model, image, steps, None, [1.0] * 15)
     back = d.ddim(model, noise, steps, None, [1.0] * 15)
     assert (back - image).abs().max() < 1e-5
 
@@ -102,7 +103,7 @@ def test_inversion_of_gaussian_data_converges_to_the_exact_ode():
     errors, round_trips = [], []
     for count in (10, 50, 250):
         steps = d.sampling_timesteps(count)
-        noise = d.ddim_invert(model, x0, steps, guidance_scales=[1.0] * count)
+        noise = d.ddim_invert(model, x0, steps, None, [1.0] * count)
         errors.append(((noise - exact).norm() / exact.norm()).item())
         round_trips.append((d.ddim(model, noise, steps, None, [1.0] * count, clip_denoised=False) - x0).abs().max())
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02, errors
@@ -221,17 +222,17 @@ BAD_EDITS = [
     (["--inpaint", "notes.png"], "--inpaint: cannot read the mask 'notes.png'"),
     (["--invert", "--images", "missing.png"], "--images: 'missing.png' does not exist"),
     (["--invert", "--images", "small.png"], "--invert: 'small.png' is 8×8 pixels; this model's images are 16×16"),
-    (["--invert", "--images", "0,,1"], "--images '0,,1' has an empty item"),
+    (["--invert", "--images", "0,,1"], "argument --images: '0,,1' has an empty item"),
     (["--invert", "--conditional", "--images", "black16.png"],
      "--invert with --conditional: black16.png has no class; give the classes with --sample_classes"),
-    (["--interpolate", "3"], "--interpolate takes two ends, A,B (test indices, image files or seed:N), got 1"),
-    (["--invert", "--sampler", "ddpm"], "--invert always runs DDIM with η = 0, both ways: drop --sampler"),
-    (["--inpaint", "centre", "--eta", "0.5"], "--inpaint always runs RePaint's ancestral steps: drop --eta"),
-    (["--invert", "--inpaint", "centre"], "--inpaint and --invert are separate jobs at inference"),
-    (["--jump_length", "3"], "--jump_length goes with --inpaint; give it too"),
-    (["--invert", "--frames", "3"], "--frames goes with --interpolate; give it too"),
-    (["--images", "0"], "--images goes with --inpaint or --invert; give one too"),
-    (["--interpolate", "0,1", "--num_samples", "3"], "--frames sets the strip's length"),
+    (["--interpolate", "3"], "--interpolate: takes two ends, A,B (test indices, image files or seed:N), got 1"),
+    (["--invert", "--sampler", "ddpm"], "--sampler does nothing in --invert, which always runs its own sampler"),
+    (["--inpaint", "centre", "--eta", "0.5"], "--eta does nothing in --inpaint, which always runs its own sampler"),
+    (["--invert", "--inpaint", "centre"], "--inpaint and --invert are separate jobs at --inference"),
+    (["--jump_length", "3"], "--jump_length does nothing in --inference (it is for --inpaint)"),
+    (["--invert", "--frames", "3"], "--frames does nothing in --invert (it is for --interpolate)"),
+    (["--images", "0"], "--images does nothing in --inference (it is for --inpaint and --invert)"),
+    (["--interpolate", "0,1", "--num_samples", "3"], "--interpolate and --num_samples cannot go together"),
     (["--invert", "--sampling_steps", "11"], "--sampling_steps 11 is more than the model's T = 10"),
 ]
 
@@ -252,12 +253,10 @@ def test_bad_editing_input_is_one_line(argv, message, trained, tmp_path):
 
 def test_editing_flags_go_with_inference(tiny_data, tmp_path):
     line = one_line_error(run_main("--data_dir", tiny_data, "--invert", cwd=tmp_path))
-    assert "--invert does nothing in training (it is for --inference)" in line and tree(tmp_path) == {}
+    assert "--invert goes with --inference" in line and tree(tmp_path) == {}
 
 
-def test_parse_items():
-    assert [(i.kind, i.value) for i in parse_items("3, a.png,7", "--images")] == [("test", 3), ("file", "a.png"),
-                                                                                  ("test", 7)]
-    assert [(i.kind, i.value) for i in parse_items("seed:-2,b.jpg", "--interpolate", seeds=True)] == \
-        [("seed", -2), ("file", "b.jpg")]
-    assert parse_items("seed:5", "--images")[0].kind == "file"  # seeds only where noise can stand for an image
+def test_image_items():
+    assert [(i.kind, i.value) for i in image_items()("3, a.png,7")] == [("test", 3), ("file", "a.png"), ("test", 7)]
+    assert [(i.kind, i.value) for i in image_items(ends=True)("seed:-2,b.jpg")] == [("seed", -2), ("file", "b.jpg")]
+    assert image_items()("seed:5")[0].kind == "file"  # seeds only where noise can stand for an image

@@ -15,7 +15,8 @@ import ddpm_main
 import ddpm_runtime
 import ddpm_train_step
 from conftest import TINY_MODEL, run_main
-from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule, generate
+from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule
+from ddpm_sample import generate
 from ddpm_model import UNet, UNetConfig
 from ddpm_runtime import Denoiser, choose_compile, choose_precision
 from ddpm_train_step import TrainingStep, build_loss_scaler, build_optimizer

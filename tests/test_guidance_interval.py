@@ -12,6 +12,7 @@ import ddpm_main
 from conftest import TINY_MODEL
 from ddpm_checkpoint import load_checkpoint
 from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule, guided_prediction
+from ddpm_sample import describe_sampling
 
 W = 2.5
 LABELS = torch.tensor([0, 3, 9])
@@ -115,7 +116,7 @@ def test_settings_normalise_and_check_the_interval():
     for bad in [(2.9, 0.28), (-1, 1), (1, 1), (1,), (0, 1, 2), (0, math.nan)]:
         with pytest.raises(ValueError, match="two noise levels"):
             SamplerSettings(guidance_interval=bad)
-    assert (SamplerSettings("dpm++2m", 15, guidance_scale=2, guidance_interval=(0.28, 2.9)).describe()
+    assert (describe_sampling(SamplerSettings("dpm++2m", 15, guidance_scale=2, guidance_interval=(0.28, 2.9)))
             == "dpm++2m, 15 steps (lambda spacing), guidance 2 for σ in (0.28, 2.9]")
 
 

@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 import ddpm_interop
 from conftest import run_main
 from ddpm_checkpoint import load_checkpoint, load_sampling_model
-from ddpm_config import preset_network
+from ddpm_presets import preset_network
 from ddpm_diffusion import Diffusion, SamplerSettings, make_schedule
 from ddpm_download import RemoteFile
 from ddpm_interop import import_weights, read_foreign
 from ddpm_model import DDPMUNet, UNetConfig, build_unet
+from ddpm_sample import describe_sampling
 
 # google/ddpm-cifar10-32's config.json (the Hugging Face hub), the paper's 35.7M-parameter network
 GOOGLE_CONFIG = {"act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
@@ -300,9 +301,9 @@ def test_the_hub_folder_by_name_says_how_to_fetch_it_by_hand(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--import_weights", "x", "--inference"], "--import_weights is a job of its own: drop --inference"),
-    (["--export_diffusers", "out"], "--export_diffusers DIR writes the network of --model_path CKPT"),
-    (["--import_weights", "x", "--preset", "ddpm_cifar10"], "drop --preset"),
+    (["--import_weights", "x", "--inference"], "--inference and --import_weights are separate jobs"),
+    (["--export_diffusers", "out"], "--export_diffusers needs --model_path (a checkpoint written by training"),
+    (["--import_weights", "x", "--preset", "ddpm_cifar10"], "--preset does nothing in --import_weights"),
     (["--variance", "beta"], "--variance applies to --sampler ddpm (the sampler here is dpm++2m"),
 ])
 def test_foreign_weight_flags_that_do_not_go_together(argv, message, tmp_path):
@@ -371,8 +372,8 @@ def test_the_ancestral_step_draws_with_beta_or_the_posterior_variance(index, var
 
 def test_the_sampler_settings_carry_the_variance_and_say_it():
     settings = SamplerSettings("ddpm", variance="beta")
-    assert settings.describe(guided=False) == "ddpm, default steps, σ_t² = β_t"
-    assert SamplerSettings("ddpm").describe(guided=False) == "ddpm, default steps"
+    assert describe_sampling(settings, guided=False) == "ddpm, default steps, σ_t² = β_t"
+    assert describe_sampling(SamplerSettings("ddpm"), guided=False) == "ddpm, default steps"
     assert SamplerSettings(**{k: v for k, v in settings.__dict__.items() if k != "variance"}).variance == "posterior"
     with pytest.raises(ValueError, match="unknown variance 'large'"):
         SamplerSettings("ddpm", variance="large")

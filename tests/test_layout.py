@@ -1,6 +1,7 @@
 """The layout: ddpm_main.py is the top of the house. No module imports it (bench/ times the modules, never the CLI),
-the modules import each other without a cycle, and only ddpm_main.py, ddpm_config.py (where every setting is declared)
-and ddpm_flags.py (the parser derived from it) take the command line's `args`."""
+the modules import each other without a cycle, the jobs ddpm_jobs.py names exist, and only ddpm_main.py,
+ddpm_config.py and ddpm_jobs.py (where every setting and job is declared) and ddpm_flags.py (the parser derived from
+them) take the command line's `args`."""
 import ast
 import glob
 import os
@@ -35,8 +36,8 @@ def test_no_module_but_the_runners_imports_the_cli():
 
 
 def test_the_modules_import_each_other_without_a_cycle():
-    """Peeling off, again and again, the modules that import no module left: all are peeled, in an order that puts
-    ddpm_main last (the bottom rooms first)."""
+    """Peeling off, again and again, the modules that import no module left: all are peeled (the bottom rooms first),
+    and none imports ddpm_main."""
     left, order = project_modules(), []
     while left:
         ready = sorted(name for name, imports in left.items() if not imports & set(left))
@@ -44,15 +45,15 @@ def test_the_modules_import_each_other_without_a_cycle():
         order += ready
         for name in ready:
             del left[name]
-    assert order[-1] == "ddpm_main" and "ddpm_main" not in set().union(*project_modules().values())
+    assert "ddpm_main" in order and "ddpm_main" not in set().union(*project_modules().values())
 
 
 def test_only_the_cli_takes_the_command_lines_args():
-    """No function outside ddpm_main.py, ddpm_config.py and ddpm_flags.py (the settings' declarations and the parser
-    made from them) has a parameter named args, and none imports argparse: the run, sampling and the lower modules
-    take a config and options."""
+    """No function outside ddpm_main.py, ddpm_config.py, ddpm_jobs.py and ddpm_flags.py (the declarations and the
+    parser made from them) has a parameter named args, and none imports argparse: the run, sampling and the lower
+    modules take a config and the command line's options once read (ddpm_flags.Command)."""
     for path in sorted(glob.glob(os.path.join(ROOT, "ddpm_*.py"))):
-        if path.endswith(("ddpm_main.py", "ddpm_config.py", "ddpm_flags.py")):
+        if path.endswith(("ddpm_main.py", "ddpm_config.py", "ddpm_jobs.py", "ddpm_flags.py")):
             continue
         tree = parsed(path)
         assert "argparse" not in imported_modules(tree), path
@@ -66,3 +67,16 @@ def test_the_readme_names_every_module_in_its_layout():
     layout = readme[readme.index("## Layout"):]
     missing = [name for name in project_modules() if f"| `{name}.py` |" not in layout]
     assert not missing, f"README's layout lacks {missing}"
+
+
+def test_every_job_names_functions_that_exist_and_its_flag_is_a_setting():
+    """ddpm_jobs.JOBS names its functions as 'module.function' (imported when the job runs): each exists, and each
+    job's flag, and every job a setting names, are declared."""
+    from ddpm_config import BY_NAME, SECTION_JOBS, SETTINGS
+    from ddpm_jobs import JOB, JOBS, function_named
+    for job in JOBS:
+        for path in filter(None, (job.run, job.banner, job.check)):
+            assert callable(function_named(path)), path
+        assert job.flag is None or job.flag in BY_NAME, job.name
+    named = {name for setting in SETTINGS for name in setting.jobs} | set().union(*SECTION_JOBS.values())
+    assert named <= set(JOB), named - set(JOB)

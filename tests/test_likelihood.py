@@ -127,8 +127,8 @@ def test_the_test_images_are_spread_over_the_split_so_a_class_sorted_folder_give
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--eval_nll", "2", "--denoising_strip"], "separate jobs at inference"),
-    (["--nll_variance", "beta"], "give --eval_nll too"),
+    (["--eval_nll", "2", "--denoising_strip"], "separate jobs at --inference"),
+    (["--nll_variance", "beta"], "--nll_variance does nothing in --inference (it is for training and --eval_nll)"),
     (["--eval_nll", "-1"], "--eval_nll must be 0 (off) or an image count"),
 ])
 def test_nll_flags_that_do_not_go_together_stop_with_one_line(trained, argv, message):

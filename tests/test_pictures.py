@@ -10,8 +10,8 @@ import ddpm_main
 from conftest import run_main
 from ddpm_checkpoint import load_checkpoint
 from ddpm_config import build_diffusion
-from ddpm_diffusion import guidance_sweep
 from ddpm_model import UNet, UNetConfig
+from ddpm_sample import asked_sampling, guidance_sweep, sampler_settings
 
 
 def test_forward_process_strip_and_loss_curves(trained):
@@ -31,7 +31,7 @@ def test_guidance_sweep_rows_share_noise(trained, monkeypatch):
     model = UNet(UNetConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt["ema"])
     diffusion = build_diffusion(ckpt["config"], torch.device("cpu"))
-    settings = ddpm_flags.sampler_settings(args, None, diffusion.timesteps)
+    settings = sampler_settings(asked_sampling(args), None, diffusion.timesteps)
     images = guidance_sweep(diffusion, model, settings, args.guidance_sweep, [3, 5, 8], image_size=16, channels=3,
                             seed=args.seed)
     rows = images.view(4, 3, *images.shape[1:])

@@ -14,12 +14,14 @@ import ddpm_flags
 import ddpm_main
 from conftest import ROOT, run_main
 from ddpm_checkpoint import export_for_inference, load_checkpoint, load_sampling_model
-from ddpm_config import preset_flags, preset_network, training_config
+from ddpm_config import preset_flags, training_config
+from ddpm_presets import preset_network
 from ddpm_data import CIFAR10_CLASSES
 from ddpm_flags import flags_markdown
 from ddpm_model import Attention, DDPMUNet, ResnetBlock, StridedConvDownsample, UNet, UNetConfig, build_unet
 from ddpm_presets import PRESETS
 from ddpm_runtime import parameter_count
+from ddpm_sample import asked_sampling, sampler_settings
 
 CIFAR10 = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels": 3, "data_size": [32, 32], "num_train": 45000,
            "num_val": 5000, "num_test": 10000}
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))  # the speedrun's and the recipe
 def config_of(argv):
     """The training config a command line resolves to on CIFAR-10 (the data's facts given, nothing read)."""
     args = ddpm_flags.parse_command_line(ddpm_flags.build_parser(), argv)
-    sampling = ddpm_flags.sampler_settings(args, None, args.timesteps)
+    sampling = sampler_settings(asked_sampling(args), None, args.timesteps)
     return training_config({**vars(args), "world_size": 1, "sampling": sampling}, CIFAR10)
 
 

@@ -11,6 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ddpm_main
+import ddpm_train
 from conftest import ROOT, TINY_MODEL
 
 
@@ -131,12 +132,12 @@ def test_writer_is_closed_by_sigterm_which_saves_last_pt(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--inference", "--model_path", "x.pt", "--tensorboard", "tb"], "--tensorboard logs training"),
+    (["--inference", "--model_path", "x.pt", "--tensorboard", "tb"], "--tensorboard does nothing in --inference"),
     (["--tensorboard", "tb"], "--tensorboard needs the tensorboard package"),
 ])
 def test_tensorboard_flag_errors(argv, message, tmp_path, monkeypatch, capsys):
-    real_find_spec = ddpm_main.importlib.util.find_spec
-    monkeypatch.setattr(ddpm_main.importlib.util, "find_spec",
+    real_find_spec = ddpm_train.importlib.util.find_spec
+    monkeypatch.setattr(ddpm_train.importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:

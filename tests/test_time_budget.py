@@ -15,8 +15,7 @@ import ddpm_train
 import ddpm_train_step
 from conftest import TINY_MODEL
 from ddpm_diffusion import SamplerSettings
-from ddpm_train import end_of_run_seconds
-from ddpm_train_setup import grid_settings
+from ddpm_train import end_of_run_seconds, grid_settings
 from ddpm_train_step import TrainingClock
 
 RUN = [*TINY_MODEL, "--seed", "5", "--log_interval", "1"]
