@@ -10,12 +10,17 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MAIN = os.path.join(ROOT, "ddpm_main.py")
+SHIPPED = os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt")  # the shipped model: 10 classes
+from ddpm_diffusion import Diffusion, cosine_beta_schedule  # noqa: E402
 from ddpm_fid import write_random_inception  # noqa: E402
+from ddpm_model import UNet, UNetConfig  # noqa: E402
 # float32: a U-Net this small trains slower under bf16 autocast than without (the casts outweigh the arithmetic), and
 # runs the same on every CPU; tests/test_gpu_branches.py runs the other precisions
 TINY_MODEL = ["--dim", "8", "--dim_mults", "1,2", "--timesteps", "10", "--batch_size", "8", "--no_cuda",
@@ -48,6 +53,28 @@ def run_cli(*args, cwd, timeout=300, env=None):
     """Run ddpm_main.py as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, MAIN, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def tree(root):
+    """Every file and folder under root, relative to it, with each file's bytes: to compare before and after."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, root)] = f.read()
+    return found
+
+
+def one_line_error(result, code=2):
+    """The one line a command that stopped with exit status `code` said (notes and warnings aside), no traceback."""
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith(("note:", "warning:"))]
+    assert len(lines) == 1 and lines[0].startswith("ddpm_main.py: error: "), result.stderr
+    return lines[0]
 
 
 def run_main(*args, cwd):
@@ -105,5 +132,78 @@ def fake_inception(tmp_path_factory):
 def save_edited(ckpt, path):
     """Save a checkpoint edited by hand, as another tool (or an older version of this one) writes it: without the
     digest this tool's writer adds, which the edit would no longer match."""
-    import torch
     torch.save({key: value for key, value in ckpt.items() if key != "sha256"}, path)
+
+
+def run_in_process(argv, capsys):
+    """ddpm_main.main(argv) → (exit status, stderr)."""
+    import ddpm_main
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm_main.main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def diffusion():
+    return Diffusion(100, cosine_beta_schedule)
+
+
+class ClassShift(nn.Module):
+    """ε = x · 0.1 + label (null label: 10), so guided combinations are easy to read."""
+    num_classes = 10
+
+    def forward(self, x, t, class_labels=None):
+        labels = torch.full_like(t, 10) if class_labels is None else class_labels
+        return x * 0.1 + labels.float().view(-1, 1, 1, 1)
+
+
+def tiny_unet(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return UNet(UNetConfig(**{"dim": 8, "dim_mults": (1, 2), "num_classes": 10, **kwargs}))
+
+
+def card_holding(images, tried):
+    """Diffusion.sample on a device with room for `images` at a time: larger batches raise out of memory; every batch
+    size asked for is appended to `tried`."""
+    real_sample = Diffusion.sample
+
+    def sample(self, model, shape, *args, **kwargs):
+        tried.append(shape[0])
+        if shape[0] > images:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_sample(self, model, shape, *args, **kwargs)
+    return sample
+
+
+# google/ddpm-cifar10-32's config.json (the Hugging Face hub), the paper's 35.7M-parameter network
+GOOGLE_CONFIG = {"act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+                 "center_input_sample": False, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                                                    "DownBlock2D"],
+                 "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+                 "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
+                 "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+                 "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+
+
+# the same layout, narrower, for the tests that need not pay for 35.7M parameters
+SMALL_CONFIG = {**GOOGLE_CONFIG, "block_out_channels": [32, 64, 64, 64], "norm_num_groups": 8}
+
+
+def random_unet(config, seed=0):
+    """A UNet2DModel with random weights, its GroupNorms' scales and shifts too (they start at 1 and 0)."""
+    from diffusers import UNet2DModel
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**config).eval()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return unet
+
+
+@pytest.fixture(scope="session")
+def small_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small") / "small-unet"
+    unet = random_unet(SMALL_CONFIG, seed=1)
+    unet.save_pretrained(folder)
+    return folder, unet

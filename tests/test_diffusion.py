@@ -1,16 +1,16 @@
-"""The diffusion process pinned to closed forms: forward marginals, posterior, reverse process, guidance."""
+"""The method (ddpm_diffusion): schedules, the forward process, the loss, the samplers (DPM-Solver++(2M), DDIM,
+ancestral) pinned to closed forms, guidance and its interval, the bound's terms."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from ddpm_diffusion import (Diffusion, SamplerSettings, cosine_beta_schedule, extract, guided_prediction,
-                            linear_beta_schedule)
-from ddpm_sample import describe_sampling, generate, guidance_sweep
-
-
-@pytest.fixture
-def diffusion():
-    return Diffusion(100, cosine_beta_schedule)
+from conftest import ClassShift
+from ddpm_diffusion import (Diffusion, SamplerSettings, cosine_beta_schedule, discretized_gaussian_log_likelihood,
+                            extract, guided_prediction, linear_beta_schedule, make_schedule, normal_kl,
+                            scaled_beta_range, sigmoid_beta_schedule)
+from ddpm_sample import describe_sampling
 
 
 def test_extract_broadcasts_per_example():
@@ -123,15 +123,6 @@ def test_ddim_with_eta_one_is_ddpm_step(diffusion):
     assert torch.allclose(ddpm, ddim, atol=1e-5)
 
 
-class ClassShift(nn.Module):
-    """ε = x · 0.1 + label (null label: 10), so guided combinations are easy to read."""
-    num_classes = 10
-
-    def forward(self, x, t, class_labels=None):
-        labels = torch.full_like(t, 10) if class_labels is None else class_labels
-        return x * 0.1 + labels.float().view(-1, 1, 1, 1)
-
-
 @pytest.mark.parametrize("w", [0.0, 1.0, 3.0, 7.5])
 def test_classifier_free_guidance(w):
     model = ClassShift()
@@ -239,15 +230,6 @@ def test_min_snr_weights(prediction):
             weight * plain.p_losses(Zero(), x0, t, noise).item(), rel=1e-4)
 
 
-def test_sampler_settings_describe_themselves_as_metrics_record_them():
-    assert describe_sampling(SamplerSettings()) == "dpm++2m, default steps (lambda spacing), guidance 3.0"
-    assert describe_sampling(SamplerSettings(spacing="time").for_timesteps(100)) == \
-        "dpm++2m, 25 steps (time spacing), guidance 3.0"
-    assert describe_sampling(SamplerSettings("ddpm").for_timesteps(100)) == "ddpm, 100 steps, guidance 3.0"
-    assert describe_sampling(SamplerSettings("ddim", steps=25, eta=0.5, guidance_scale=1.5)) == \
-        "ddim, 25 steps, eta 0.5, guidance 1.5"
-
-
 def test_default_steps_are_25_or_t_and_ddpm_always_runs_t():
     assert SamplerSettings().for_timesteps(1000).steps == 25
     assert SamplerSettings().for_timesteps(10).steps == 10
@@ -259,23 +241,403 @@ def test_default_steps_are_25_or_t_and_ddpm_always_runs_t():
         SamplerSettings("euler")
 
 
-def test_generate_in_batches_from_a_seed_leaves_the_callers_rng_alone(diffusion):
-    model, labels = ClassShift(), torch.tensor([0, 1, 2, 3, 4])
-    settings = SamplerSettings("ddim", steps=5, eta=0.5, guidance_scale=2.0)
+MU, S = 0.2, 0.3  # the Gaussian data N(MU, S²) of GaussianOptimalEps
+
+
+def schedule64(timesteps):
+    """α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), λ_t = log(α_t / σ_t) of the cosine schedule, in float64, from the β alone."""
+    alpha_bar = torch.cumprod(1 - cosine_beta_schedule(timesteps), 0)
+    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return alpha, sigma, (alpha / sigma).log()
+
+
+def x_zero_of_gaussian(x, alpha, sigma):
+    """E[x_0 | x_t] for x_0 ~ N(MU, S²): MU + α S² (x − α MU) / (α² S² + σ²), in float64."""
+    return MU + alpha * S ** 2 * (x - alpha * MU) / (alpha ** 2 * S ** 2 + sigma ** 2)
+
+
+def test_four_steps_by_hand():
+    """Timesteps 80, 60, 30, 5 of T = 100, then x_0: step 1 first order (nothing to extrapolate from), step 2
+    second order, step 3 first order (fewer than 15 steps: the one onto the last timestep), step 4 returns x̂_0."""
+    d = Diffusion(100, cosine_beta_schedule)
+    alpha, sigma, lam = schedule64(100)
+    x = torch.linspace(-2, 2, 12, dtype=torch.float64).view(1, 3, 2, 2)
+    a, b, c, e = 80, 60, 30, 5
+    x0_a = x_zero_of_gaussian(x, alpha[a], sigma[a])
+    h1 = lam[b] - lam[a]
+    x_b = sigma[b] / sigma[a] * x - alpha[b] * (math.exp(-h1) - 1) * x0_a
+    x0_b = x_zero_of_gaussian(x_b, alpha[b], sigma[b])
+    h2 = lam[c] - lam[b]
+    r2 = h1 / h2
+    d2 = (1 + 1 / (2 * r2)) * x0_b - 1 / (2 * r2) * x0_a
+    x_c = sigma[c] / sigma[b] * x_b - alpha[c] * (math.exp(-h2) - 1) * d2
+    x0_c = x_zero_of_gaussian(x_c, alpha[c], sigma[c])
+    h3 = lam[e] - lam[c]
+    x_e = sigma[e] / sigma[c] * x_c - alpha[e] * (math.exp(-h3) - 1) * x0_c
+    expected = x_zero_of_gaussian(x_e, alpha[e], sigma[e])
+
+    out = d.dpm_solver_2m(GaussianOptimalEps(d, MU, S), x.float(), [a, b, c, e], None, [1.0] * 4, clip_denoised=False)
+    assert torch.allclose(out.double(), expected, atol=1e-6, rtol=0)
+
+
+def exact_flow(d, x_start):
+    """Where the probability-flow ODE takes x at t = T−1 for Gaussian data: the standardised value
+    z = (x − α MU) / √(α² S² + σ²) is constant along it, so x_0 = MU + S z."""
+    alpha, sigma = d.sqrt_alphas_cumprod[-1].double(), d.sqrt_one_minus_alphas_cumprod[-1].double()
+    return MU + S * (x_start.double() - alpha * MU) / (alpha ** 2 * S ** 2 + sigma ** 2).sqrt()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_ten_steps_recover_gaussian_data_closer_than_ddim(schedule):
+    betas = cosine_beta_schedule if schedule == "cosine" else lambda T: linear_beta_schedule(*scaled_beta_range(T), T)
+    d = Diffusion(1000, betas)
+    noise = torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    target = exact_flow(d, noise)  # the ODE's own answer for this noise: no sampling error in the comparison
+    model = GaussianOptimalEps(d, MU, S)
+
+    def errors(settings):
+        x = d.sample(model, noise.shape, settings, noise=noise, clip_denoised=False).double()
+        return abs(x.mean() - target.mean()).item(), abs(x.std() - target.std()).item()
+
+    ddim_mean, ddim_std = errors(SamplerSettings("ddim", steps=10))
+    for spacing in ("time", "lambda"):
+        mean_error, std_error = errors(SamplerSettings("dpm++2m", steps=10, spacing=spacing))
+        assert mean_error < ddim_mean and std_error < ddim_std, (spacing, mean_error, ddim_mean, std_error, ddim_std)
+    assert ddim_std > 0.05  # 10-step DDIM is visibly off: the comparison means something
+
+
+def test_guided_solver_follows_guided_prediction():
+    """The solver guides exactly as guided_prediction does: sampling the guided model equals sampling a model
+    whose output is guided_prediction's, unguided."""
+    d = Diffusion(50, cosine_beta_schedule)
+    model, labels, w = ClassShift(), torch.tensor([0, 3, 9]), 2.5
+
+    class Guided(torch.nn.Module):
+        num_classes = None
+
+        def forward(self, x, t, class_labels=None):
+            return guided_prediction(model, x, t, labels, w)
+
+    x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    steps = d.sampling_timesteps(6)
+    guided = d.dpm_solver_2m(model, x, steps, labels, [w] * len(steps), clip_denoised=True)
+    assert torch.equal(guided, d.dpm_solver_2m(Guided(), x, steps, None, [w] * len(steps), clip_denoised=True))
+    assert not torch.equal(guided, d.dpm_solver_2m(model, x, steps, labels, [1.0] * len(steps), clip_denoised=True))
+
+
+@pytest.mark.parametrize("spacing", ["time", "lambda"])
+def test_eps_model_and_equivalent_v_model_give_the_same_samples(spacing):
+    """The linear schedule: at t = T−1 of the cosine one (√ᾱ ≈ 1e-4) an ε-model's own x̂_0 = (x − σ ε̂)/α loses
+    about 1e-4 to float32, which is the ε-parametrisation's limit, not the solver's."""
+    linear = lambda T: linear_beta_schedule(*scaled_beta_range(T), T)  # noqa: E731
+    eps_diffusion = Diffusion(1000, linear)
+    v_diffusion = Diffusion(1000, linear, prediction="v")
+    noise = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    settings = SamplerSettings("dpm++2m", steps=15, spacing=spacing)
+    a = eps_diffusion.sample(GaussianOptimalEps(eps_diffusion, MU, S), noise.shape, settings, noise=noise)
+    b = v_diffusion.sample(GaussianOptimalV(v_diffusion, MU, S), noise.shape, settings, noise=noise)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_v_model_x_zero_is_exact_even_at_t_max():
+    """x̂_0 = √ᾱ x_t − √(1−ᾱ) v̂ directly: at t = T−1 of the cosine schedule (√ᾱ ≈ 1e-4) the detour through ε̂
+    would lose about 5e-3 to float32 cancellation."""
+    d = Diffusion(1000, cosine_beta_schedule, prediction="v")
+    x_zero, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    t = torch.full((4,), 999)
+    x_t = d.q_sample(x_zero, t, noise)
+
+    class TrueV(torch.nn.Module):
+        num_classes = None
+
+        def forward(self, x, t_, class_labels=None):
+            return d.v_target(x_zero, t_, noise)
+
+    eps, predicted = d.model_predictions(TrueV(), x_t, t)
+    assert (predicted - x_zero).abs().max() < 1e-6
+    assert (eps - noise).abs().max() < 1e-6
+    detour = d.predict_start_from_noise(x_t, t, eps)  # what v̂ → ε̂ → x̂_0 gives
+    assert (detour - x_zero).abs().max() > 1e-4
+
+
+def test_lambda_spacing_is_even_in_lambda():
+    d = Diffusion(1000, lambda T: linear_beta_schedule(*scaled_beta_range(T), T))
+    steps = d.sampling_timesteps(10, "lambda")
+    assert steps[0] == 999 and steps[-1] == 0 and steps == sorted(set(steps), reverse=True)
+    gaps = (d.half_log_snr[steps[1:]] - d.half_log_snr[steps[:-1]]).double()
+    even = (d.half_log_snr[0] - d.half_log_snr[999]).item() / 9
+    assert torch.allclose(gaps, torch.full_like(gaps, even), rtol=0.05)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 9, 10])
+def test_lambda_spacing_gives_distinct_timesteps_down_to_zero(steps):
+    """Where λ moves fast (t near 0 and T−1 of the cosine schedule), nearest indices would collide: they are moved."""
+    d = Diffusion(10, cosine_beta_schedule)
+    spaced = d.sampling_timesteps(steps, "lambda")
+    assert len(spaced) == steps and spaced == sorted(set(spaced), reverse=True)
+    assert spaced[0] == 9 and (steps == 1 or spaced[-1] == 0)
+    if steps == 10:
+        assert spaced == list(range(9, -1, -1))
+
+
+W = 2.5
+
+
+LABELS = torch.tensor([0, 3, 9])
+
+
+SAMPLERS = [SamplerSettings("dpm++2m", steps=8), SamplerSettings("ddim", steps=8), SamplerSettings("ddpm")]
+
+
+def noise_levels(diffusion):
+    """σ_t = √(1 − ᾱ_t)/√ᾱ_t of every timestep, in float64 from the β alone."""
+    alpha_bar = torch.cumprod(1 - cosine_beta_schedule(diffusion.timesteps), 0)
+    return (1 / alpha_bar - 1).sqrt()
+
+
+class IntervalGuided(torch.nn.Module):
+    """ClassShift guided as the interval says, computed here from t: w inside (σ_lo, σ_hi], 1 outside. Sampling it
+    unguided must equal sampling ClassShift with the interval."""
+    num_classes = None
+
+    def __init__(self, sigmas, interval):
+        super().__init__()
+        self.sigmas, self.interval = sigmas, interval
+
+    def forward(self, x, t, class_labels=None):
+        inside = self.interval[0] < self.sigmas[int(t[0])] <= self.interval[1]
+        return guided_prediction(ClassShift(), x, t, LABELS, W if inside else 1.0)
+
+
+class CountingShift(ClassShift):
+    """ClassShift that records the batch size of every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, x, t, class_labels=None):
+        self.batches.append(len(x))
+        return super().forward(x, t, class_labels)
+
+
+def test_the_scale_is_w_inside_the_interval_and_1_outside():
+    """15 λ-spaced steps of T = 1000 (the shipped model's sampler): σ_t runs 20291 … 0.0064, and the interval
+    (0.28, 2.9] of Kynkäänniemi et al.'s ImageNet-512 record holds the 10th and 11th (σ = 1.346, 0.462)."""
+    d = Diffusion(1000, cosine_beta_schedule)
+    settings = SamplerSettings("dpm++2m", steps=15, guidance_scale=W, guidance_interval=(0.28, 2.9))
+    steps = d.sampler_timesteps(settings)
+    assert steps == [999, 998, 997, 996, 995, 992, 980, 943, 839, 589, 269, 92, 27, 5, 0]
+    assert [round(s, 3) for s in noise_levels(d)[[589, 269]].tolist()] == [1.346, 0.462]
+    assert d.guidance_scales(settings, steps) == [1.0] * 9 + [W, W] + [1.0] * 4
+    everywhere = SamplerSettings("dpm++2m", steps=15, guidance_scale=W)
+    assert d.guidance_scales(everywhere, steps) == [W] * 15
+
+
+def test_the_interval_is_open_below_and_closed_above():
+    d = Diffusion(50, cosine_beta_schedule)
+    sigmas = noise_levels(d)
+    steps = list(range(49, -1, -1))
+    settings = SamplerSettings("ddpm", guidance_scale=W, guidance_interval=(sigmas[10].item(), sigmas[20].item()))
+    scales = d.guidance_scales(settings, steps)
+    assert [t for t, w in zip(steps, scales) if w == W] == list(range(20, 10, -1))  # 20 in, 10 out
+
+
+@pytest.mark.parametrize("settings", SAMPLERS, ids=lambda s: s.sampler)
+def test_w_inside_the_interval_and_the_conditional_prediction_outside(settings):
+    d = Diffusion(20, cosine_beta_schedule)
+    sigmas = noise_levels(d)
+    interval = (sigmas[4].item(), sigmas[13].item())
+    noise = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def sample(model, settings, labels):
+        torch.manual_seed(1)  # the same per-step noise for ddpm
+        return d.sample(model, noise.shape, settings, labels, noise=noise)
+
+    guided = SamplerSettings(settings.sampler, settings.steps, guidance_scale=W, guidance_interval=interval)
+    with_interval = sample(ClassShift(), guided, LABELS)
+    assert torch.equal(with_interval, sample(IntervalGuided(sigmas, interval), settings, None))
+    everywhere = sample(ClassShift(), SamplerSettings(settings.sampler, settings.steps, guidance_scale=W), LABELS)
+    assert not torch.equal(with_interval, everywhere)
+    # an interval holding every step is no interval; one holding none is w = 1
+    assert torch.equal(everywhere, sample(ClassShift(), SamplerSettings(
+        settings.sampler, settings.steps, guidance_scale=W, guidance_interval=(0, 1e9)), LABELS))
+    conditional = sample(ClassShift(), SamplerSettings(settings.sampler, settings.steps, guidance_scale=1), LABELS)
+    assert torch.equal(conditional, sample(ClassShift(), SamplerSettings(
+        settings.sampler, settings.steps, guidance_scale=W, guidance_interval=(1e8, 1e9)), LABELS))
+
+
+@pytest.mark.parametrize("settings", SAMPLERS, ids=lambda s: s.sampler)
+def test_steps_outside_the_interval_take_one_forward_of_the_n_batch(settings):
+    d = Diffusion(20, cosine_beta_schedule)
+    sigmas = noise_levels(d)
+    interval = (sigmas[4].item(), sigmas[13].item())
+    model = CountingShift()
+    settings = SamplerSettings(settings.sampler, settings.steps, guidance_scale=W, guidance_interval=interval)
+    d.sample(model, (3, 3, 4, 4), settings, LABELS)
+    steps = d.sampler_timesteps(settings)
+    assert model.batches == [6 if 4 < t <= 13 else 3 for t in steps]
+    assert 3 in model.batches and 6 in model.batches  # both kinds of step happen
+
+
+def test_settings_normalise_and_check_the_interval():
+    assert SamplerSettings(guidance_interval=[0.28, 2.9]).guidance_interval == (0.28, 2.9)  # as JSON keeps it
+    assert SamplerSettings(guidance_interval=(0, math.inf)).guidance_interval is None  # every step
+    for bad in [(2.9, 0.28), (-1, 1), (1, 1), (1,), (0, 1, 2), (0, math.nan)]:
+        with pytest.raises(ValueError, match="two noise levels"):
+            SamplerSettings(guidance_interval=bad)
+    assert (describe_sampling(SamplerSettings("dpm++2m", 15, guidance_scale=2, guidance_interval=(0.28, 2.9)))
+            == "dpm++2m, 15 steps (lambda spacing), guidance 2 for σ in (0.28, 2.9]")
+
+
+class ZeroNoise(torch.nn.Module):
+    num_classes = None
+
+    def forward(self, x, t, class_labels=None):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("index, variance, expected", [
+    (500, "beta", math.sqrt(0.01005995995995996)),        # β_501 = 1e-4 + (0.02 − 1e-4) · 500/999
+    (999, "beta", math.sqrt(0.02)),                       # β_T
+    (1, "beta", math.sqrt(0.00011991991991991993)),       # β_2
+    (1, "posterior", math.sqrt(5.4531876613021935e-05)),  # β̃_2 = β_2 (1 − ᾱ_1)/(1 − ᾱ_2)
+    (0, "beta", 0.0),                                     # the last step adds no noise
+])
+def test_the_ancestral_step_draws_with_beta_or_the_posterior_variance(index, variance, expected):
+    """x_t = 0 and ε̂ = 0 make x̂_0 = 0 and the mean 0: x_{t−1} = σ_t · noise, with noise 1."""
+    diffusion = Diffusion(1000, lambda T: make_schedule("linear", T))
+    x, t = torch.zeros(1, 3, 2, 2), torch.full((1,), index)
+    step = diffusion.p_sample(ZeroNoise(), x, t, index, noise=torch.ones(1, 3, 2, 2), variance=variance)
+    assert step.flatten().tolist() == pytest.approx([expected] * 12, rel=1e-6)
+    assert math.exp(diffusion.log_betas_decoder_clipped[0].item()) == pytest.approx(5.4531876613021935e-05, rel=1e-6)
+
+
+LN2 = math.log(2)
+
+
+def phi(x):
+    """The standard normal CDF, from math.erf: independent of torch.special."""
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def test_normal_kl_is_the_closed_form():
+    # KL(N(0, 1) ‖ N(1, 4)) = ½ (log 4 + 1/4 + 1/4 − 1)
+    kl = normal_kl(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0), torch.tensor(math.log(4)))
+    assert kl.item() == pytest.approx(0.5 * (math.log(4) - 0.5), abs=1e-7)
+    assert normal_kl(torch.tensor(0.3), torch.tensor(-2.0), torch.tensor(0.3), torch.tensor(-2.0)).item() == 0
+
+
+def test_discretized_gaussian_gives_each_pixel_its_bins_mass():
+    h = 1 / 255  # half a bin
+    cases = [  # (x, mean, σ, the bin's mass)
+        (0.0, 0.0, h, phi(1) - phi(-1)),                      # an inner bin one σ each side
+        (-1.0, -1.0, h, phi(1)),                              # x = −1: the bin reaches to −∞
+        (1.0, 1.0, h, 1 - phi(-1)),                           # x = 1: to +∞
+        (0.2, 0.5, 0.1, phi((0.2 - 0.5 + h) / 0.1) - phi((0.2 - 0.5 - h) / 0.1)),
+        (0.6, 0.1, 0.05, 0.5 * (math.erfc((0.5 - h) / (0.05 * math.sqrt(2)))
+                                - math.erfc((0.5 + h) / (0.05 * math.sqrt(2))))),
+        # ten σ out, in the upper tail: a mass of 10⁻²³ (1 − Φ(x) = erfc(x/√2)/2)
+    ]
+    x, mean, sigma, mass = (torch.tensor(v, dtype=torch.float64) for v in zip(*cases))
+    log_p = discretized_gaussian_log_likelihood(x, mean, sigma.log())
+    assert torch.allclose(log_p, mass.log(), rtol=1e-9)
+
+
+def test_the_prior_term_is_the_kl_of_q_x_T_from_the_standard_normal():
+    d = Diffusion(10, lambda T: make_schedule("linear", T))
+    x0 = torch.tensor([-1.0, 0.0, 0.5, 1.0]).reshape(1, 1, 2, 2)
+    a = d.alphas_cumprod[-1].double().item()  # ᾱ_T
+    per_dim = [0.5 * (a * x ** 2 + (1 - a) - 1 - math.log(1 - a)) for x in (-1.0, 0.0, 0.5, 1.0)]
+    assert d.prior_bpd(x0).item() == pytest.approx(sum(per_dim) / 4 / LN2, rel=1e-6)
+
+
+class ExactModel(GaussianOptimalEps):
+    """The network that knows the data is the one image x* (Gaussian data of spread 0): ε(x_t, t) = (x_t − √ᾱ_t x*) /
+    √(1 − ᾱ_t), or v = √ᾱ_t ε − √(1 − ᾱ_t) x*."""
+
+    def __init__(self, diffusion, image, prediction):
+        super().__init__(diffusion, image, 0.0)
+        self.prediction = prediction
+
+    def forward(self, x, t, class_labels=None):
+        eps = super().forward(x, t)
+        ab = self.d.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        return eps if self.prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * self.mu
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_the_bound_of_a_model_that_knows_its_one_image_is_the_closed_form(prediction, variance):
+    """x̂_0 = x* exactly, so p_θ's mean is q's: each KL is the variances' alone (0 for β̃_t; ½ (log(β_t/β̃_t) +
+    β̃_t/β_t − 1) a dimension for β_t), the decoder is N(x*, β̃_1)'s mass on each pixel's bin, and L_T is the prior."""
+    T = 10
+    d = Diffusion(T, lambda T: make_schedule("linear", T), prediction=prediction)
+    pixels = torch.tensor([0, 255, 128, 17, 200, 64, 3, 250, 99, 180, 40, 222], dtype=torch.float64)
+    image = (pixels / 127.5 - 1).reshape(1, 3, 2, 2)
     torch.manual_seed(0)
-    caller_state = torch.get_rng_state()
-    images = generate(diffusion, model, settings, 5, 8, 3, labels, batch_size=2, seed=7)
-    assert torch.equal(torch.get_rng_state(), caller_state)
-    torch.manual_seed(7)  # the same draws, batch by batch: 2 + 2 + 1
-    expected = torch.cat([diffusion.sample(model, (len(part), 3, 8, 8), settings, part) for part in labels.split(2)])
-    assert images.shape == (5, 3, 8, 8) and torch.equal(images, expected)
+    terms, prior = d.bound_terms(ExactModel(d, image.float(), prediction), image.float(), variance=variance)
+
+    betas = make_schedule("linear", T)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    posterior = betas[1:] * (1 - alphas_cumprod[:-1]) / (1 - alphas_cumprod[1:])   # β̃ at indices 1 … T−1
+    kl = 0.5 * ((betas[1:] / posterior).log() + posterior / betas[1:] - 1) if variance == "beta" else 0 * posterior
+    sigma = posterior[0].sqrt().item()                                              # β̃ at index 1, the decoder's
+    h = 1 / 255
+    masses = [phi(h / sigma) if p in (0, 255) else phi(h / sigma) - phi(-h / sigma) for p in pixels.tolist()]
+    decoder = -sum(math.log(m) for m in masses) / len(masses) / LN2
+    expected = torch.cat([torch.tensor([decoder], dtype=torch.float64), kl / LN2])
+    assert torch.allclose(terms[0].double(), expected, atol=1e-6)
+    assert prior.item() == pytest.approx(d.prior_bpd(image.float()).item())
+    assert (terms.sum() + prior).item() == pytest.approx(expected.sum().item() + prior.item(), abs=1e-5)
 
 
-def test_guidance_sweep_rows_are_generate_at_each_scale_from_one_seed(diffusion):
-    model, classes = ClassShift(), [1, 6]
-    settings = SamplerSettings("ddim", steps=4, eta=1.0)
-    rows = guidance_sweep(diffusion, model, settings, [0.0, 2.0], classes, 8, 3, seed=5).view(2, 2, 3, 8, 8)
-    for row, w in zip(rows, (0.0, 2.0)):
-        expected = generate(diffusion, model, SamplerSettings("ddim", steps=4, eta=1.0, guidance_scale=w), 2, 8, 3,
-                            torch.tensor(classes), seed=5)
-        assert torch.equal(row, expected)
+def test_linear_schedule_values():
+    betas = linear_beta_schedule(1e-4, 0.02, 1000)
+    assert betas.shape == (1000,)
+    for t in (0, 1, 500, 999):
+        assert betas[t].item() == pytest.approx(1e-4 + t * (0.02 - 1e-4) / 999, rel=1e-12)
+
+
+def test_cosine_schedule_values():
+    T, s = 100, 0.008
+
+    def f(t):
+        return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = cosine_beta_schedule(T)
+    for t in (0, 1, 50, 98):  # paper step t+1: β = 1 − ᾱ_{t+1}/ᾱ_t with ᾱ_t = f(t)/f(0)
+        assert betas[t].item() == pytest.approx(1 - f(t + 1) / f(t), rel=1e-10)
+    assert betas[-1].item() == pytest.approx(0.999)  # 1 − f(T)/f(T−1) = 1, clipped
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    assert alphas_cumprod[49].item() == pytest.approx(f(50) / f(0), rel=1e-10)
+
+
+def test_sigmoid_schedule_values():
+    betas = sigmoid_beta_schedule(1e-4, 0.02, 101)
+    for t, x in ((0, -6.0), (50, 0.0), (100, 6.0)):
+        assert betas[t].item() == pytest.approx(1e-4 + (0.02 - 1e-4) / (1 + math.exp(-x)), rel=1e-12)
+    assert betas[50].item() == pytest.approx((1e-4 + 0.02) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("T", [10, 100, 1000])
+def test_schedules_valid_and_alpha_bar_monotone(name, T):
+    betas = make_schedule(name, T)
+    assert betas.shape == (T,) and betas.dtype == torch.float64
+    assert ((betas > 0) & (betas < 1)).all()
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    assert (alphas_cumprod[1:] < alphas_cumprod[:-1]).all()
+    assert alphas_cumprod[-1] < 0.01  # x_T is close to pure noise at every T (β range scaled by 1000/T)
+
+
+def test_diffusion_buffers_float32_and_consistent():
+    d = Diffusion(100, cosine_beta_schedule)
+    assert d.betas.dtype == torch.float32
+    assert torch.allclose(d.alphas_cumprod, torch.cumprod(1 - cosine_beta_schedule(100), 0).float())
+    assert d.alphas_cumprod_prev[0] == 1 and d.posterior_variance[0] == 0
+
+
+def test_diffusion_rejects_bad_schedule():
+    with pytest.raises(ValueError):
+        Diffusion(10, lambda T: torch.linspace(0, 1.5, T))

@@ -1,6 +1,5 @@
-"""Editing real images: RePaint's jump schedule (against diffusers'), its kept region, DDIM inversion with an exact
-model, slerp and the class blend pinned to exact values; the three CLI jobs end to end on a tiny trained model, and
-their bad inputs (masks, image files, flags) one line each, exit status 2, nothing written."""
+"""Editing real images (ddpm_editing, and RePaint, inversion and slerp in ddpm_diffusion): the maths pinned, the jobs
+end to end."""
 import math
 
 import numpy as np
@@ -12,7 +11,6 @@ from conftest import run_main
 from ddpm_diffusion import ClassMix, Diffusion, cosine_beta_schedule, guided_prediction, repaint_levels, slerp
 from ddpm_editing import fill_masks, psnr
 from ddpm_jobs import image_items
-from test_hostile_input import one_line_error, tree
 
 
 def diffusion(timesteps=100):
@@ -34,8 +32,6 @@ class ExactModel(torch.nn.Module):
         alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         return (sigma * (x.double() - alpha * self.mean) / (alpha_bar * self.spread ** 2 + sigma ** 2)).float()
 
-
-# --------------------------------------------------------------------------------------------------- RePaint
 
 @pytest.mark.parametrize("levels,jump_length,jump_count", [(250, 10, 10), (50, 5, 5), (20, 7, 3), (10, 10, 3),
                                                             (12, 1, 2), (8, 3, 1)])
@@ -81,8 +77,6 @@ def test_masks_cover_what_they_say(tmp_path):
     assert mask.shape == (3, 1, 8, 6) and mask.sum() == 6 and mask[:, 0, 0, :2].all()
 
 
-# ------------------------------------------------------------------------------------------------ inversion
-
 def test_an_exact_one_image_model_inverts_and_reconstructs_within_float_tolerance():
     d = diffusion(100)
     image = torch.rand(1, 3, 8, 8) * 2 - 1
@@ -118,8 +112,6 @@ def test_psnr_pinned():
     assert math.isinf(scores[0]) and scores[1] == pytest.approx(10 * math.log10(255 ** 2 / 25))
 
 
-# ------------------------------------------------------------------------------------------ interpolation
-
 def test_slerp_pinned():
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
@@ -147,8 +139,6 @@ def test_class_mix_blends_guided_predictions():
     assert out[:, 0, 0, 0].tolist() == [-3.0, -3.0 + 0.25 * 4, 1.0]
     assert torch.equal(out[0], guided_prediction(Labelled(), x[:1], t[:1], torch.tensor([0]), 2.0)[0])
 
-
-# --------------------------------------------------------------------------------------------- the CLI
 
 def edit(trained, tmp_path, *argv, model="cond"):
     return run_main("--inference", "--model_path", trained / "models" / model / "ckpt.pt", "--sampling_steps", "4",
@@ -210,50 +200,6 @@ def test_interpolation_between_two_seeds_and_two_classes(trained, tmp_path):
             seed)).numpy())
     assert "interpolated seed 1 → seed 2 in 3 frames" in result.stdout
     assert (tmp_path / "out" / "interpolate_cond.png").stat().st_size > 0
-
-
-BAD_EDITS = [
-    (["--inpaint", "centre", "--images", "10"], "--inpaint: test index 10 is past the test split's 10 images (0-9)"),
-    (["--inpaint", "circle"], "--inpaint 'circle' is not one of centre, left, strokes, and as a mask file it does not "
-                              "exist"),
-    (["--inpaint", "small.png"], "--inpaint: the mask 'small.png' is 8×8 pixels; it must be the model's image size, "
-                                 "16×16"),
-    (["--inpaint", "black.png"], "the mask 'black.png' is all black: nothing to fill"),
-    (["--inpaint", "notes.png"], "--inpaint: cannot read the mask 'notes.png'"),
-    (["--invert", "--images", "missing.png"], "--images: 'missing.png' does not exist"),
-    (["--invert", "--images", "small.png"], "--invert: 'small.png' is 8×8 pixels; this model's images are 16×16"),
-    (["--invert", "--images", "0,,1"], "argument --images: '0,,1' has an empty item"),
-    (["--invert", "--conditional", "--images", "black16.png"],
-     "--invert with --conditional: black16.png has no class; give the classes with --sample_classes"),
-    (["--interpolate", "3"], "--interpolate: takes two ends, A,B (test indices, image files or seed:N), got 1"),
-    (["--invert", "--sampler", "ddpm"], "--sampler does nothing in --invert, which always runs its own sampler"),
-    (["--inpaint", "centre", "--eta", "0.5"], "--eta does nothing in --inpaint, which always runs its own sampler"),
-    (["--invert", "--inpaint", "centre"], "--inpaint and --invert are separate jobs at --inference"),
-    (["--jump_length", "3"], "--jump_length does nothing in --inference (it is for --inpaint)"),
-    (["--invert", "--frames", "3"], "--frames does nothing in --invert (it is for --interpolate)"),
-    (["--images", "0"], "--images does nothing in --inference (it is for --inpaint and --invert)"),
-    (["--interpolate", "0,1", "--num_samples", "3"], "--interpolate and --num_samples cannot go together"),
-    (["--invert", "--sampling_steps", "11"], "--sampling_steps 11 is more than the model's T = 10"),
-]
-
-
-@pytest.mark.parametrize("argv,message", BAD_EDITS, ids=[" ".join(a)[:40] for a, _ in BAD_EDITS])
-def test_bad_editing_input_is_one_line(argv, message, trained, tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
-    Image.new("L", (16, 16)).save(tmp_path / "black.png")
-    Image.new("RGB", (16, 16)).save(tmp_path / "black16.png")
-    (tmp_path / "notes.png").write_text("not an image")
-    before = tree(tmp_path)
-    result = run_main("--inference", "--model_path", trained / "models" / "cond" / "ckpt.pt", "--no_cuda", *argv,
-                      cwd=tmp_path)
-    line = one_line_error(result)
-    assert message in line, line
-    assert tree(tmp_path) == before
-
-
-def test_editing_flags_go_with_inference(tiny_data, tmp_path):
-    line = one_line_error(run_main("--data_dir", tiny_data, "--invert", cwd=tmp_path))
-    assert "--invert goes with --inference" in line and tree(tmp_path) == {}
 
 
 def test_image_items():

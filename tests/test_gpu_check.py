@@ -9,9 +9,16 @@ import torch
 
 from conftest import ROOT, run_main
 
+
 SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+
+
 SHARED_NET = os.path.join(SHARED, "fid", "inception-2015-12-05-fp16.pt.xz")
+
+
 SHARED_WEIGHTS = os.path.join(SHARED, "fid", "inception-2015-12-05-torch-fidelity-fp16w.pth")
+
+
 RESULT_FILES = ["1_speed.json", "1_speed.txt", "2_cli.json", "2_cli.txt", "3_cifar10_cond_speedrun.pt",
                 "3_samples.png", "3_speedrun.json", "3_speedrun.txt"]
 
@@ -63,7 +70,6 @@ def test_speedrun_part_reads_fid_and_exports_a_bf16_model_that_samples(smoke, tm
     sampled = run_main("--inference", "--conditional", "--model_path", out / "3_cifar10_cond_speedrun.pt",
                        "--num_samples", "10", "--sampler", "ddim", "--sampling_steps", "2", "--no_cuda", cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
-
 
 
 @pytest.mark.skipif(not all(map(os.path.isfile, (SHARED_NET, SHARED_WEIGHTS))),

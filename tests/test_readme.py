@@ -4,6 +4,7 @@ import re
 
 from conftest import ROOT
 
+
 MARK = "<!-- runs as shown: tests/test_readme.py -->"
 
 

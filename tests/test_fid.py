@@ -1,13 +1,9 @@
-"""FID and the Inception Score: torch-fidelity's weights fetched (here from 127.0.0.1 or a file:// URL) and checked by
-SHA-256, local weights files checked before torch-fidelity reads them, the maths pinned on constructed inputs, the
-protocol in the JSON, and agreement with torch-fidelity's own pipeline and with the referee (on ../shared's weights,
-when they are beside the checkout)."""
+"""FID and the Inception Score (ddpm_fid, ddpm_download): the metrics pinned, the network fetched and checked, the
+protocol end to end, agreement with torch-fidelity and the referee."""
 import hashlib
 import http.server
 import importlib.util
-import io
 import json
-import lzma
 import os
 import shutil
 import socket
@@ -17,29 +13,34 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
-from torch import nn
 
 import ddpm_fid
-from conftest import ROOT, TINY_MODEL, make_image_folder, run_main
+from conftest import ROOT, TINY_MODEL, make_image_folder, one_line_error, run_main
 from ddpm_download import RemoteFile, cache_folder, fetched, file_digest
 from ddpm_fid import INCEPTION, IS_SPLITS, InceptionFeatures, frechet_distance, inception_score
 from ddpm_helpers import UserError
 from ddpm_runtime import format_bytes
 
+
+def test_eval_fid_alone_writes_fids_samples_and_no_grid(trained, tmp_path, fake_inception):
+    result = run_main("--inference", "--conditional", "--model_path", trained / "models" / "cond" / "ckpt.pt",
+                      "--eval_fid", "10", "--fid_inception", fake_inception, "--sampling_steps", "2", "--no_cuda",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "outputs")) == ["fid_samples_cond.npz", "metrics_cond.json"]
+
+
 SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+
+
 SHARED_WEIGHTS = os.path.join(SHARED, "fid", "inception-2015-12-05-torch-fidelity-fp16w.pth")
+
+
 REFEREE_NET = os.path.join(SHARED, "fid", "inception-2015-12-05-fp16.pt.xz")
+
+
 REFEREE = os.path.join(SHARED, "tools", "referee_fid.py")
 
-
-def one_line_error(result):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if not line.startswith(("note:", "warning:"))]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
-
-
-# ------------------------------------------------------------------------------------------ the maths
 
 def test_inception_score_of_uniform_predictions_is_one():
     mean, std = inception_score(np.zeros((20, 1008)))
@@ -75,8 +76,6 @@ def test_frechet_distance_closed_forms():
     s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 4.0, 1.0])
     assert frechet_distance(np.zeros(3), s1, np.ones(3), s2) == pytest.approx(3 + 1 + 0 + 4)
 
-
-# ------------------------------------------------------------------------------------------- fetching
 
 @pytest.fixture
 def server(tmp_path):
@@ -203,63 +202,6 @@ def test_eval_fid_with_no_weights_file_fetches_the_network_once_and_offline_says
     assert os.listdir(offline) == []  # nothing sampled or written
 
 
-# ------------------------------------------------------------------------------------ weights files
-
-class RunsCode:
-    """Pickled, it calls open(marker, 'w') when loaded with weights_only=False."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
-def bad_weights_files(folder, fake_inception, checkpoint):
-    """{case: (path, what the error says)} of --fid_inception files that are not Inception weights."""
-    (folder / "text.pth").write_text("not weights")
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), buffer)
-    (folder / "script.pt").write_bytes(buffer.getvalue())
-    (folder / "script.pt.xz").write_bytes(lzma.compress(buffer.getvalue()))
-    torch.save({"conv.weight": torch.zeros(2, 2)}, folder / "other.pth")
-    state = torch.load(fake_inception, weights_only=True)
-    torch.save({**state, "Conv2d_1a_3x3.conv.weight": torch.full_like(state["Conv2d_1a_3x3.conv.weight"], np.nan)},
-               folder / "nan.pth")
-    return {
-        "text": (folder / "text.pth", "cannot be read as plain weights (UnpicklingError): it is damaged, or it holds "
-                                      "objects that would run code as they load, which this tool never does"),
-        "TorchScript": (folder / "script.pt", "is a TorchScript network (what older versions of this tool read); FID "
-                                              "now runs on torch-fidelity's weights file"),
-        "xz": (folder / "script.pt.xz", "is xz-compressed, as the TorchScript network older versions of this tool "
-                                        "read was"),
-        "a checkpoint": (checkpoint, "holds no state dict (a dict of tensors)"),
-        "other weights": (folder / "other.pth", "does not hold the Inception-v3 weights torch-fidelity expects "
-                                                "(RuntimeError: Error(s) in loading state_dict"),
-        "NaN weights": (folder / "nan.pth", "gives NaN or infinite features for one image: the network is broken"),
-    }
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # the TorchScript case is made with torch.jit
-def test_files_that_are_not_inception_weights_are_refused_with_what_they_are(tmp_path, fake_inception, trained):
-    for case, (path, message) in bad_weights_files(tmp_path, fake_inception,
-                                                   trained / "models" / "cond" / "ckpt.pt").items():
-        with pytest.raises(UserError) as error:
-            InceptionFeatures(str(path), "cpu")
-        assert str(error.value).startswith(f"--fid_inception {str(path)!r} {message}"), (case, str(error.value))
-
-
-def test_a_weights_file_that_would_run_code_is_refused_without_running_it(tmp_path, trained):
-    marker = tmp_path / "the_code_ran"
-    torch.save({"fc.weight": RunsCode(str(marker))}, tmp_path / "runs_code.pth")
-    result = run_main("--inference", "--model_path", trained / "models" / "uncond" / "ckpt.pt", "--eval_fid", "10",
-                      "--fid_inception", tmp_path / "runs_code.pth", "--no_cuda", cwd=tmp_path)
-    assert "holds objects that would run code as they load, which this tool never does" in one_line_error(result)
-    assert not marker.exists()
-    torch.load(tmp_path / "runs_code.pth", weights_only=False)  # what torch-fidelity would have done: it runs
-    assert marker.exists()
-
-
 def test_a_file_other_than_the_official_one_is_noted_and_one_without_classifier_gives_fid_but_no_is(
         tmp_path, fake_inception, capsys):
     features = InceptionFeatures(fake_inception, "cpu", verbose=True)
@@ -271,8 +213,6 @@ def test_a_file_other_than_the_official_one_is_noted_and_one_without_classifier_
     torch.save({**state, "fc.weight": torch.full_like(state["fc.weight"], np.nan)}, tmp_path / "no_fc.pth")
     assert not InceptionFeatures(str(tmp_path / "no_fc.pth"), "cpu").has_classifier  # as ../shared's copy
 
-
-# -------------------------------------------------------------------------------------- the CLI, end to end
 
 def test_eval_fid_and_is_after_training_and_at_inference_with_their_protocol(tmp_path, fake_inception):
     data = make_image_folder(str(tmp_path / "data"), per_class_train=3, num_classes=10)
@@ -336,8 +276,6 @@ def test_eval_fid_leaves_a_seeded_commands_samples_as_they_are(tmp_path, fake_in
     plain, with_fid = (np.load(tmp_path / "outputs" / f"samples_{run}.npz")["images"] for run in ("plain", "measured"))
     assert np.array_equal(plain, with_fid)
 
-
-# ------------------------------------------------------------------- against torch-fidelity and the referee
 
 class Images(torch.utils.data.Dataset):
     """uint8 images (N, 3, H, W) as torch-fidelity takes them: a dataset of tensors."""

@@ -1,10 +1,7 @@
-"""The code a GPU run takes, executed on the CPU: the precision each kind of hardware gets, fp16 with its loss scaler,
-fused AdamW, torch.compile of the training step and of the sampler (inductor, the CPU's code generator), gradient
-accumulation, and the out-of-memory retry of sampling."""
+"""The machine (ddpm_runtime): precision, compilation, the GPU branches run on the CPU, memory needs."""
 import contextlib
 import copy
 import json
-import os
 import re
 
 import pytest
@@ -14,17 +11,65 @@ from torch._dynamo.utils import counters
 import ddpm_main
 import ddpm_runtime
 import ddpm_train_step
-from conftest import TINY_MODEL, run_main
+from conftest import TINY_MODEL, run_main, tiny_unet
 from ddpm_diffusion import Diffusion, SamplerSettings, cosine_beta_schedule
-from ddpm_sample import generate
+from ddpm_helpers import UserError
 from ddpm_model import UNet, UNetConfig
-from ddpm_runtime import Denoiser, choose_compile, choose_precision
+from ddpm_runtime import (Denoiser, check_memory, check_run_memory, choose_compile, choose_precision, format_bytes,
+                          memory_needs, parameter_count)
+from ddpm_sample import generate
 from ddpm_train_step import TrainingStep, build_loss_scaler, build_optimizer
 
 
-def tiny_unet(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    return UNet(UNetConfig(**{"dim": 8, "dim_mults": (1, 2), "num_classes": 10, **kwargs}))
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return UNet(dim=8, dim_mults=(1, 2), num_classes=10)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+    return x, torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g), \
+        torch.randn(8, 3, 16, 16, generator=g)
+
+
+def test_bf16_loss_and_gradients_match_fp32(model):
+    d = Diffusion(10, cosine_beta_schedule)
+    x, t, y, noise = batch()
+    plain = d.p_losses(model, x, t, noise, class_labels=y)
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    fast = d.p_losses(Denoiser(model, precision="bf16"), x, t, noise, class_labels=y)
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()))
+    assert fast.item() == pytest.approx(plain.item(), rel=2e-2)
+    cosine = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in plain_grads]),
+                                                   torch.cat([g.flatten() for g in fast_grads]), dim=0)
+    assert cosine > 0.99
+
+
+def test_compile_failure_falls_back_to_eager(model, monkeypatch, capsys):
+    def broken_compile(module, **kwargs):
+        def fail(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x, t, y, _ = batch()
+    denoiser = Denoiser(model, compile=True)
+    assert torch.equal(denoiser(x, t, y), model(x, t, y))
+    assert not denoiser.compiled and "torch.compile failed" in capsys.readouterr().err
+
+
+def test_fast_sampling_matches_plain_sampling(model):
+    d = Diffusion(10, cosine_beta_schedule)
+    noise = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    for settings in (SamplerSettings("dpm++2m"), SamplerSettings("ddim"), SamplerSettings("ddpm")):
+        torch.manual_seed(3)
+        plain = d.sample(model, noise.shape, settings, labels, noise=noise)
+        torch.manual_seed(3)
+        fast = d.sample(Denoiser(model, precision="bf16"), noise.shape, settings, labels, noise=noise)
+        assert (fast - plain).abs().mean() < 0.02, settings
 
 
 def a_batch(n=8, size=16):
@@ -38,8 +83,6 @@ def training_step(model, precision="fp32", compile=False, grad_accum=1, scaler=N
                         loss_type="l2", ema_decay=0.999, grad_accum=grad_accum,
                         scaler=scaler or build_loss_scaler(precision, torch.device("cpu")))
 
-
-# ---------------------------------------------------------------------------------- precision
 
 @pytest.fixture
 def cuda_device(monkeypatch):
@@ -158,19 +201,6 @@ def test_fp16_training_through_the_cli_reports_skipped_steps_and_a_resume_may_ch
     assert metrics["steps"] == 8 and metrics["fp16_skipped_steps"] == skips[-1] and metrics["precision"] == "fp32"
 
 
-def test_fp16_loss_that_is_not_finite_still_stops_the_run(tiny_data, tmp_path, monkeypatch, capsys):
-    """A NaN loss is not an overflow the scaler can mend: the run stops (exit 1) as in float32, writing nothing."""
-    monkeypatch.chdir(tmp_path)
-    real_losses = Diffusion.p_losses
-    monkeypatch.setattr(Diffusion, "p_losses", lambda self, *a, **k: real_losses(self, *a, **k) * float("nan"))
-    code = run_main("--data_dir", tiny_data, "--epochs", "1", "--log_interval", "1", "--run_name", "nan16",
-                    *TINY_MODEL, "--precision", "fp16", cwd=tmp_path)
-    assert code.returncode == 1 and "the training loss at epoch 1, step 1 became nan; stopped" in code.stderr
-    assert not (tmp_path / "models" / "nan16" / "last.pt").exists()
-
-
-# ------------------------------------------------------------------------------------ compile
-
 def test_compiled_training_step_matches_eager_and_compiles_one_graph():
     """Inductor's CPU code for the forward and backward pass of a one-stage U-Net, three steps of one batch shape:
     one graph, compiled once; losses within 1e-4, first-step gradients within 1e-4 of the largest, weights within
@@ -236,8 +266,6 @@ def test_compile_on_compiles_training_and_inference_on_the_cpu(tiny_data, tmp_pa
     assert ", compiled" not in capsys.readouterr().out and len(compiled) == 3  # auto: CUDA only
 
 
-# ------------------------------------------------------------------------- gradient accumulation
-
 class FakeDDP(torch.nn.Module):
     """What TrainingStep asks of DistributedDataParallel: forward, and no_sync (counted)."""
 
@@ -295,44 +323,48 @@ def test_grad_accum_through_the_cli_trains_what_the_whole_batch_trains(tiny_data
     assert metrics["grad_accum"] == 2 and metrics["global_batch_size"] == 8
 
 
-# ---------------------------------------------------------------------------- out of memory
-
-def card_holding(images, tried):
-    """Diffusion.sample on a device with room for `images` at a time: larger batches raise out of memory; every batch
-    size asked for is appended to `tried`."""
-    real_sample = Diffusion.sample
-
-    def sample(self, model, shape, *args, **kwargs):
-        tried.append(shape[0])
-        if shape[0] > images:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_sample(self, model, shape, *args, **kwargs)
-    return sample
-
-
-def test_sampling_out_of_memory_halves_the_batch_and_says_so_once(monkeypatch, capsys):
-    """A device that holds 2 images: 5 asked for 8 at a time are tried at 5, then 2, 2 and 1 — all 5 come back."""
-    tried = []
-    monkeypatch.setattr(Diffusion, "sample", card_holding(2, tried))
-    model = tiny_unet().eval()
-    images = generate(Diffusion(10, cosine_beta_schedule), Denoiser(model), SamplerSettings("ddim", steps=2), 5, 16,
-                      class_labels=torch.arange(5), batch_size=8)
-    assert images.shape == (5, 3, 16, 16) and tried == [5, 2, 2, 1]
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["warning: out of memory sampling 5 images at a time; going on with 2 (halved again if need be; "
-                   "a smaller --sample_batch avoids the retry)"]
-    monkeypatch.setattr(Diffusion, "sample", card_holding(0, tried))
-    with pytest.raises(torch.OutOfMemoryError):  # not even one image fits: the error stands
-        generate(Diffusion(10, cosine_beta_schedule), Denoiser(model), SamplerSettings("ddim", steps=2), 1, 16)
+def test_memory_needs_are_pinned_lower_bounds():
+    config = UNetConfig(dim=8, dim_mults=(1, 2), channels=3)
+    params = sum(p.numel() for p in UNet(config).parameters())
+    assert parameter_count(config) == params
+    needs = memory_needs(config, timesteps=10, side=16, sample_batch=4, samples_kept=6, training=True, evaluations=2)
+    # skips per image: the first conv's 8 × 16² and two per stage, 2 · 8 · 16² + 2 · 8 · 8² (stage inputs 8, 8)
+    skips = 8 * 256 + 2 * 8 * 256 + 2 * 8 * 64
+    assert [n for n, _, _ in needs] == [params * 4 * 5,                            # weights, grads, EMA, 2 moments
+                                        10 * 15 * 12,                              # 15 tables in float64 + float32
+                                        4 * 2 * (skips * 2 + 4 * 3 * 256 * 4),     # guided: 2 × 4 images
+                                        6 * 3 * 256 * 4]                           # the samples, float32
+    assert [flag for _, _, flag in needs] == ["--dim or --dim_mults", "--timesteps", "--sample_batch", "--eval_fid"]
+    huge = UNetConfig(dim=800_000_000)  # not built, even on the meta device: the middle blocks' convolutions
+    assert parameter_count(huge) == 4 * 9 * 3_200_000_000 ** 2
 
 
-def test_inference_that_runs_out_of_memory_still_writes_every_sample(trained, monkeypatch, tmp_path):
-    """Room for 3: 10 at a time fail, then 5; 2 at a time fit, and the rest goes 2 at a time."""
-    tried = []
-    monkeypatch.setattr(Diffusion, "sample", card_holding(3, tried))
-    result = run_main("--inference", "--model_path", os.path.join(trained, "models", "cond", "ckpt.pt"),
-                      "--conditional", "--num_samples", "10", "--sample_batch", "10", "--no_cuda", "--run_name", "oom",
-                      cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.count("warning: out of memory sampling 10 images at a time") == 1
-    assert tried == [10, 5, 2, 2, 2, 2, 2] and len(os.listdir(tmp_path / "outputs" / "samples_oom")) == 10
+def test_check_memory_names_the_largest_need_and_its_flag():
+    check_memory([(1000, "small", "--a")], torch.device("cpu"))
+    with pytest.raises(UserError) as refused:
+        check_memory([(10 ** 20, "for the schedule", "--timesteps"), (10 ** 16, "for a batch", "--sample_batch"),
+                      (1, "tiny", "--x")], torch.device("cpu"))
+    message = str(refused.value)
+    assert message.startswith("this would need at least 1.0e+20 B of memory (1.0e+20 B for the schedule) and this "
+                              "machine has ")
+    assert message.endswith(": lower --timesteps")
+    assert [format_bytes(n) for n in (999, 1000, 1_234_567, 2.5e15)] == ["999 B", "1.0 kB", "1.2 MB", "2.5 PB"]
+
+
+def test_on_cuda_the_samples_count_against_ram_and_a_sampling_batch_may_halve_down_to_one(monkeypatch):
+    """The CUDA branch, on the CPU: the card's memory and the machine's are checked apart, and a --sample_batch the
+    card cannot hold is not refused (generate halves it), while on a CPU it is."""
+    def memory_of(device):
+        return (10 ** 9, "the GPU has") if device.type == "cuda" else (10 ** 12, "this machine has")
+
+    monkeypatch.setattr(ddpm_runtime, "memory_of", memory_of)
+    cuda = torch.device("cuda")
+    check_memory([(9 * 10 ** 8, "weights", "--dim")], cuda, [(9 * 10 ** 11, "samples", "--num_samples")])
+    with pytest.raises(UserError, match=r"\(2.0 GB weights\) and the GPU has 1.0 GB: lower --dim$"):
+        check_memory([(2 * 10 ** 9, "weights", "--dim")], cuda, [(9 * 10 ** 11, "samples", "--num_samples")])
+    with pytest.raises(UserError, match=r"and this machine has 1.0 TB: lower --num_samples$"):
+        check_memory([(10, "weights", "--dim")], cuda, [(2 * 10 ** 12, "samples", "--num_samples")])
+    model = UNetConfig(dim=32, dim_mults=(1, 2, 2))
+    check_run_memory(cuda, 10 ** 7, model, 1000, 32, 10 ** 7, training=False, evaluations=2)  # one image must fit
+    with pytest.raises(UserError, match="lower --sample_batch$"):
+        check_run_memory(torch.device("cpu"), 10 ** 7, model, 1000, 32, 10 ** 7, training=False, evaluations=2)

@@ -1,5 +1,4 @@
-"""Beyond CIFAR-10: image folders with more classes, grayscale or other sizes, and the torchvision datasets by name,
-each trained and sampled end to end through the CLI on tiny generated data; the padding rule; FID on other data."""
+"""Data (ddpm_data): image folders, torchvision datasets, padding, the on-device loader and its cache."""
 import json
 import os
 import pickle
@@ -10,12 +9,15 @@ import torch
 import torchvision
 from PIL import Image
 
+import ddpm_data
+import ddpm_pictures
 from conftest import TINY_MODEL, make_image_folder, run_main
 from ddpm_data import (CIFAR10_CLASSES, DeviceLoader, crop_to_data, load_dataset, majority_mode, model_side,
                        pad_to_side, padding, stages_allowed)
 from ddpm_fid import InceptionFeatures
 from ddpm_pictures import file_name_part
 from ddpm_sample import class_indices
+
 
 FAST_SAMPLING = ["--sampler", "ddim", "--sampling_steps", "2"]  # for the per-epoch grids too
 
@@ -36,8 +38,6 @@ def sample(cwd, run, *extra):
 def config_of(cwd, run):
     return torch.load(cwd / "models" / run / "ckpt.pt", weights_only=True)["config"]
 
-
-# ------------------------------------------------------------------------------------------- image folders
 
 def test_twelve_classes_train_and_sample_class_11_by_index_and_by_name(tmp_path):
     names = sorted(f"{word}" for word in ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "koi",
@@ -154,8 +154,6 @@ def test_loader_flips_the_image_before_padding_it(tmp_path):
     assert torch.equal(crop_to_data(x, (5, 5)), expected)  # a flipped image stays where the crop looks
 
 
-# -------------------------------------------------------------------------------------- torchvision datasets
-
 def write_idx(path, array):
     """An uint8 array in the IDX format of the MNIST files: magic (0, 0, 8 = ubyte, ndim), big-endian sizes, data."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,8 +232,6 @@ def test_the_default_dataset_is_the_folder_tree_when_there_is_one_else_cifar10(t
     assert load_dataset(str(tmp_path))["dataset"] == "cifar10"
 
 
-# ---------------------------------------------------------------------------------------------------- FID
-
 def test_fid_repeats_grey_into_three_channels(fake_inception):
     features = InceptionFeatures(fake_inception, "cpu")
     grey = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
@@ -276,3 +272,58 @@ def test_a_dataset_that_cannot_be_downloaded_is_one_line_and_leaves_no_folders(t
                                     "downloaded (RuntimeError: Error downloading train-images-idx3-ubyte.gz: Tried ")
     assert len(result.stderr.splitlines()) == 1  # torchvision's message spans lines
     assert os.listdir(tmp_path) == []  # data/MNIST/raw, made for the download, removed again
+
+
+def test_loader_yields_every_image_once_per_epoch_flipped_about_half():
+    n = 1000
+    images = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(n) % 256  # make every image identifiable and asymmetric
+    images[:, 1, 0, 0] = torch.arange(n) // 256
+    images[:, :, :, -1] = 0
+    loader = DeviceLoader(images, torch.arange(n), 64, "cpu", seed=3)
+    assert len(loader) == 16
+    seen, flipped = [], 0
+    for x, idx in loader.batches(epoch=1):
+        assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+        original = ddpm_pictures.to_model_range(images[idx])
+        is_flipped = (x == original.flip(3)).flatten(1).all(1)
+        assert (is_flipped | (x == original).flatten(1).all(1)).all()
+        flipped += int(is_flipped.sum())
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(n))
+    assert 0.4 * n < flipped < 0.6 * n
+    order_2 = torch.cat([idx for _, idx in loader.batches(epoch=2)])
+    assert not torch.equal(order_2, torch.tensor(seen))  # a new order every epoch
+    resumed = torch.cat([idx for _, idx in loader.batches(epoch=2, start_batch=5)])
+    assert torch.equal(resumed, order_2[5 * 64:])  # an epoch can be replayed from any batch
+
+
+def test_loader_shards_are_disjoint_and_cover_the_epoch():
+    images, labels = torch.zeros(103, 3, 2, 2, dtype=torch.uint8), torch.arange(103)
+    loaders = [DeviceLoader(images, labels, 8, "cpu", seed=1, rank=r, world_size=3) for r in range(3)]
+    shards = [torch.cat([y for _, y in loader.batches(epoch=4)]) for loader in loaders]
+    assert [len(s) for s in shards] == [34, 34, 34] and len({len(loader) for loader in loaders}) == 1
+    seen = torch.cat(shards)
+    assert len(set(seen.tolist())) == 102  # disjoint; 103 % 3 = 1 image waits for the next epoch's order
+    order, _ = DeviceLoader(images, labels, 8, "cpu", seed=1).epoch_indices(4)
+    assert sorted(seen.tolist()) == sorted(order[:102].tolist())  # exactly the single-process epoch, cut
+
+
+def test_uint8_cache_is_written_and_reused(tmp_path, monkeypatch):
+    root = make_image_folder(str(tmp_path / "d"), per_class_train=2, num_classes=3)
+    first = load_dataset(root)
+    assert (tmp_path / "d" / ddpm_data.CACHE_NAME).is_file()
+    monkeypatch.setattr(ddpm_data, "_decode", lambda path: pytest.fail("decoded again"))
+    second = load_dataset(root)
+    assert torch.equal(first["train_images"], second["train_images"]) and second["classes"] == first["classes"]
+    assert first["train_images"].dtype == torch.uint8 and first["train_images"].shape == (6, 3, 16, 16)
+
+
+def test_the_epoch_order_takes_any_seed_in_the_generators_range_and_is_unchanged_for_the_rest():
+    images, labels = torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.zeros(10, dtype=torch.long)
+    for seed in (2 ** 64 - 1, -2 ** 63):
+        order, _ = DeviceLoader(images, labels, 2, "cpu", seed=seed).epoch_indices(3)
+        assert sorted(order.tolist()) == list(range(10))
+    order, flips = DeviceLoader(images, labels, 2, "cpu", seed=5).epoch_indices(3)
+    g = torch.Generator().manual_seed(5 * 1_000_003 + 3)  # the seeding before any seed was allowed
+    assert torch.equal(order, torch.randperm(10, generator=g)) and torch.equal(flips, torch.rand(10, generator=g) < 0.5)
