@@ -41,11 +41,28 @@ def to_uint8(images):
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def tile(images, nrow, padding=2):
+    """Images in [−1, 1] (N, C, H, W) as one grid (3, H', W') in [0, 1], `nrow` a row, `padding` black pixels around
+    each: torchvision's make_grid(normalize=True, value_range=(−1, 1)) written out (tests/test_pictures.py checks the
+    two agree), so that drawing a grid does not import torchvision, whose models take a second to import."""
+    images = images.float().cpu().clamp(-1, 1).add(1).div(2)
+    images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images   # grey: the same in every channel
+    if len(images) == 1:
+        return images[0]
+    columns = min(nrow, len(images))
+    rows = math.ceil(len(images) / columns)
+    height, width = images.shape[2] + padding, images.shape[3] + padding
+    grid = images.new_zeros(3, height * rows + padding, width * columns + padding)
+    for k, image in enumerate(images):
+        top, left = (k // columns) * height + padding, (k % columns) * width + padding
+        grid[:, top:top + height - padding, left:left + width - padding] = image
+    return grid
+
+
 def save_grid(images, path, nrow):
     """Save images in [−1, 1] (N, C, H, W) as one PNG grid with nrow images per row: RGB, or mode L when C = 1."""
-    from torchvision.utils import make_grid
     require_finite(images, "the images")
-    grid = make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)  # (3, H', W')
+    grid = tile(images, nrow)                                                                      # (3, H', W')
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # as save_image rounds
     with atomic_open(path) as f:
         Image.fromarray(pixels[..., 0] if images.shape[1] == 1 else pixels).save(f, format="png")
@@ -101,12 +118,11 @@ def save_labelled_grid(images, path, row_labels, col_labels, title=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
 
     require_finite(images, "the images")
     rows, cols = len(row_labels), len(col_labels)
     height, width = images.shape[-2:]
-    grid = make_grid(images.float().cpu(), nrow=cols, normalize=True, value_range=(-1, 1), padding=2)
+    grid = tile(images, cols)
     fig, ax = plt.subplots(figsize=(1.2 + 0.75 * cols, 0.6 + 0.75 * rows + 0.3 * bool(title)), dpi=100)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     centres = lambda n, size: [2 + (size + 2) * i + size / 2 for i in range(n)]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ddpm_data import describe_data, trained_data
 from ddpm_diffusion import Diffusion, SamplerSettings
 from ddpm_helpers import stderr_is_terminal
+from ddpm_pictures import tile
 from ddpm_runtime import Denoiser, all_ranks_mean, describe_precision, synchronize
 from ddpm_sample import describe_sampling
 
@@ -372,9 +373,7 @@ class Reporter:
 
     def grid(self, step, images, nrow):
         if self.writer is not None:
-            from torchvision.utils import make_grid
-            self.writer.add_image("samples", make_grid(images.float(), nrow=nrow, normalize=True, value_range=(-1, 1),
-                                                       padding=2), step)
+            self.writer.add_image("samples", tile(images, nrow), step)
 
     def scalars(self, step, values):
         if self.writer is not None:

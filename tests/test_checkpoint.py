@@ -15,10 +15,8 @@ from ddpm_helpers import UserError
 from ddpm_model import UNet
 from ddpm_sample import asked_sampling, sampler_settings
 
-
 FACTS = {"dataset": "folder", "classes": ["a", "b", "c"], "channels": 3, "data_size": [16, 16], "num_train": 27,
          "num_val": 3, "num_test": 10}
-
 
 # two command lines that differ in every setting a config holds
 FLAGS_A = ["--conditional", "--timesteps", "10", "--schedule", "linear", "--loss_type", "l1", "--prediction", "v",
@@ -28,8 +26,6 @@ FLAGS_A = ["--conditional", "--timesteps", "10", "--schedule", "linear", "--loss
            "--sampler", "ddim", "--sampling_steps", "4", "--eta", "0.5", "--guidance_scale", "2", "--grad_accum", "2",
            "--precision", "fp32", "--architecture", "ddpm", "--num_res_blocks", "1", "--attn_resolutions", "8",
            "--dropout", "0.1", "--resblock", "add", "--groups", "4", "--norm_eps", "1e-6", "--weight_decay", "0"]
-
-
 FLAGS_B = ["--timesteps", "20", "--schedule", "sigmoid", "--loss_type", "huber", "--dim", "16", "--dim_mults", "1",
            "--lr", "0.001", "--lr_decay", "none", "--warmup_steps", "5", "--batch_size", "4", "--p_uncond", "0.3",
            "--ema_decay", "0.9", "--seed", "8", "--epochs", "5", "--run_name", "b", "--data_dir", "data_b",

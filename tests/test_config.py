@@ -44,8 +44,6 @@ def test_help_shows_every_default_and_version_names_the_tool_and_torch(capsys):
     assert capsys.readouterr().out.strip().endswith(f"{TOOL_VERSION} (ddpm-cifar10), torch {torch.__version__}")
 
 
-
-
 def test_docs_flags_md_is_generated_from_the_declarations():
     with open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8") as f:
         assert f.read() == flags_markdown(), "regenerate it: python ddpm_flags.py > docs/flags.md"
@@ -164,11 +162,7 @@ def test_flag_values(text, interval):
 
 CIFAR10 = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels": 3, "data_size": [32, 32], "num_train": 45000,
            "num_val": 5000, "num_test": 10000}
-
-
 PAPER_PARAMETERS = 35_746_307  # Ho et al.'s CIFAR-10 model in its published PyTorch port
-
-
 sys.path.insert(0, os.path.join(ROOT, "bench"))  # the speedrun's and the recipe study's recipes, which two presets must match
 
 

@@ -18,7 +18,6 @@ from ddpm_fid import InceptionFeatures
 from ddpm_pictures import file_name_part
 from ddpm_sample import class_indices
 
-
 FAST_SAMPLING = ["--sampler", "ddim", "--sampling_steps", "2"]  # for the per-epoch grids too
 
 

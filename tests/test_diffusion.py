@@ -381,11 +381,7 @@ def test_lambda_spacing_gives_distinct_timesteps_down_to_zero(steps):
 
 
 W = 2.5
-
-
 LABELS = torch.tensor([0, 3, 9])
-
-
 SAMPLERS = [SamplerSettings("dpm++2m", steps=8), SamplerSettings("ddim", steps=8), SamplerSettings("ddpm")]
 
 

@@ -31,14 +31,8 @@ def test_eval_fid_alone_writes_fids_samples_and_no_grid(trained, tmp_path, fake_
 
 
 SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
-
-
 SHARED_WEIGHTS = os.path.join(SHARED, "fid", "inception-2015-12-05-torch-fidelity-fp16w.pth")
-
-
 REFEREE_NET = os.path.join(SHARED, "fid", "inception-2015-12-05-fp16.pt.xz")
-
-
 REFEREE = os.path.join(SHARED, "tools", "referee_fid.py")
 
 

@@ -9,16 +9,9 @@ import torch
 
 from conftest import ROOT, run_main
 
-
 SHARED = os.environ.get("DDPM_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
-
-
 SHARED_NET = os.path.join(SHARED, "fid", "inception-2015-12-05-fp16.pt.xz")
-
-
 SHARED_WEIGHTS = os.path.join(SHARED, "fid", "inception-2015-12-05-torch-fidelity-fp16w.pth")
-
-
 RESULT_FILES = ["1_speed.json", "1_speed.txt", "2_cli.json", "2_cli.txt", "3_cifar10_cond_speedrun.pt",
                 "3_samples.png", "3_speedrun.json", "3_speedrun.txt"]
 

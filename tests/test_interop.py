@@ -21,7 +21,6 @@ from ddpm_interop import import_weights, read_foreign
 from ddpm_model import DDPMUNet, UNetConfig, build_unet
 from ddpm_presets import preset_network
 
-
 TIMESTEPS = torch.tensor([0, 1, 500, 999])
 
 

@@ -42,16 +42,10 @@ def add_line(path, before, line):
 
 # what a contributor writes for a job: its Job, its flag's Setting and the function the Job names
 NEW_JOB = '    Job("noise", "noise_grid", "noise_job.draw", "drawing noise", **OF_A_MODEL),\n'
-
-
 NEW_FLAG = '    S("noise_grid", "inference", "one grid of x_T", False, bool),\n'
-
-
 NEW_FUNCTION = '''def draw(options, sampler, files, classes):
     print(f"x_T of {files.run_name}: {sampler.settings.steps} steps, classes {classes}")
 '''
-
-
 RUNS = '''import sys
 import ddpm_main
 for argv in ({commands}):

@@ -1,5 +1,4 @@
 """The U-Nets (ddpm_model): shapes, conditioning, Ho et al.'s layout, sizes, and that they learn."""
-
 import pytest
 import torch
 import torch.nn.functional as F

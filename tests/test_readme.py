@@ -4,7 +4,6 @@ import re
 
 from conftest import ROOT
 
-
 MARK = "<!-- runs as shown: tests/test_readme.py -->"
 
 

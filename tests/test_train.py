@@ -76,8 +76,6 @@ def test_without_a_terminal_training_logs_a_line_per_read_out_at_most_once_a_min
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
 COMMON = ["--conditional", "--seed", "3", "--dim", "8", "--dim_mults", "1,2", "--timesteps", "10", "--no_cuda",
           "--log_interval", "2", "--precision", "fp32"]  # fp32: the comparisons are to float32 round-off
 

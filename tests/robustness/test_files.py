@@ -227,8 +227,6 @@ def damage(ckpt, how):
 
 
 SAMPLE = ("uncond/ckpt.pt", ["--inference", "--model_path", "damaged.pt", "--num_samples", "2"])
-
-
 RESUME = ("cond/last.pt", ["--resume", "damaged.pt", "--epochs", "2"])
 
 
@@ -540,14 +538,8 @@ def save_damaged(source, change, path):
 
 
 SAMPLE = ("uncond/ckpt.pt", ["--inference", "--model_path", "damaged.pt", "--num_samples", "2"])
-
-
 SAMPLE_COND = ("cond/ckpt.pt", ["--inference", "--conditional", "--model_path", "damaged.pt", "--num_samples", "2"])
-
-
 RESUME = ("cond/last.pt", ["--resume", "damaged.pt", "--epochs", "2"])
-
-
 CHECKPOINT_CONTENTS = [
     ("guidance scale a string", SAMPLE, set_in("config", "sampling", "guidance_scale", "3"),
      "the config's sampling.guidance_scale is '3', not a number ≥ 0"),

@@ -10,7 +10,6 @@ import ddpm_main
 import ddpm_train
 from conftest import SHIPPED, TINY_MODEL, make_image_folder, one_line_error, run_in_process, run_main, tree
 
-
 BAD_ARGUMENTS = [
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
