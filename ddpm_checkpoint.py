@@ -19,7 +19,7 @@ An export for inference (export_for_inference) keeps format, version, config, ve
 An imported network (imported_checkpoint) has format, version, config, versions, its weights as 'ema' in float32, and
 imported_from: the file it was made from and that file's SHA-256.
 
-Every checkpoint is checked before it is used: its digest, then what it must hold (checkpoint_problem: each config entry
+Every checkpoint is checked before it is used: its digest, then what it must hold (checked_network: each config entry
 against the declaration of its setting, weights that are dense real floating-point tensors of the shapes its network
 has, and for a resume the training state, optimizer and RNG, each against its Value); what a config needs in memory is
 estimated before anything is built (memory_needs).
@@ -298,7 +298,7 @@ def digest_problem(ckpt, path):
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by this tool (weights_only=True: no code is unpickled) and check that it holds what
-    sampling needs (checkpoint_problem): UserError naming the file and what is wrong."""
+    sampling needs (checked_network): UserError naming the file and what is wrong."""
     return _load_checked(path, map_location)[0]
 
 
@@ -422,14 +422,9 @@ def network_to_check(config, weights):
         return None, f"the network its config describes cannot be built ({type(e).__name__})"
 
 
-def checkpoint_problem(ckpt):
-    """What keeps a checkpoint from being sampled (None: nothing): its config (config_problem), and weights ('ema', else
-    'model') that fit the network the config describes."""
-    return checked_network(ckpt)[1]
-
-
 def checked_network(ckpt):
-    """(the U-Net the checkpoint's config describes, None), or (None, checkpoint_problem's answer)."""
+    """(the U-Net the checkpoint's config describes, None), or (None, what keeps the checkpoint from being sampled):
+    its config (config_problem), and weights ('ema', else 'model') that fit the network the config describes."""
     problem = config_problem(ckpt["config"])
     if problem:
         return None, problem
@@ -447,7 +442,7 @@ def checked_network(ckpt):
 
 
 def resume_problem(ckpt):
-    """What keeps a last.pt that passed checkpoint_problem (so its weights fit) from being resumed (None: nothing):
+    """What keeps a last.pt that passed checked_network (so its weights fit) from being resumed (None: nothing):
     the config's training settings, both weights there, the training state (STATE_ENTRIES), the RNG states, and an
     optimizer state of the network's parameters."""
     problem = config_problem(ckpt["config"], RESUME_NEEDS)

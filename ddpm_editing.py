@@ -190,18 +190,9 @@ def edit_inputs(options, sampler, classes, job_flag, items, items_flag):
 
 
 def repaint_banner(options, settings, config):
-    """What --inpaint runs, for its banner."""
-    return (f"RePaint, {settings.steps} ancestral steps, jumps of {options.jump_length} levels made "
-            f"{options.jump_count} time{'s' if options.jump_count > 1 else ''}{guidance_words(options, settings)}")
-
-
-def ddim_banner(options, settings, config):
-    """What --invert and --interpolate run, for their banner."""
-    return f"DDIM (η = 0), {settings.steps} steps{guidance_words(options, settings)}"
-
-
-def guidance_words(options, settings):
-    return f", guidance {settings.guidance_scale}" if options.conditional else ""
+    """What --inpaint runs, for its banner: RePaint's jumps on its ancestral steps (DDIM with η = 1)."""
+    return (f"RePaint, jumps of {options.jump_length} levels made {options.jump_count} "
+            f"time{'s' if options.jump_count > 1 else ''}, on {describe_sampling(settings, options.conditional)}")
 
 
 def model_images(sampler, images_uint8):

@@ -50,7 +50,7 @@ def function_named(path):
 
 EDITING_STEPS = 50  # the timesteps of RePaint's ancestral steps and of DDIM's inversion and interpolation, by default
 REPAINT = {"sampler": "ddim", "eta": 1.0, "steps": EDITING_STEPS}  # Ho et al.'s ancestral step on the respaced steps
-DDIM_BOTH_WAYS = {"sampler": "ddim", "eta": 0.0, "steps": EDITING_STEPS, "guidance_scale": 1.0}  # a path run both ways
+DDIM_BOTH_WAYS = {"sampler": "ddim", "eta": 0.0, "steps": EDITING_STEPS, "guidance_scale": 1.0}  # run both ways, w = 1
 OF_A_MODEL = {"under": "inference", "model": True}  # a job of --inference, on the model --model_path names
 EDIT = {**OF_A_MODEL, "check": "ddpm_editing.check_inputs"}
 JOBS = (
@@ -63,10 +63,8 @@ JOBS = (
     Job("fid", "eval_fid", "ddpm_sample.fid_job", "sampling", **OF_A_MODEL),
     Job("inpaint", "inpaint", "ddpm_editing.inpaint_job", "inpainting", sampler=REPAINT,
         banner="ddpm_editing.repaint_banner", **EDIT),
-    Job("invert", "invert", "ddpm_editing.invert_job", "inverting", sampler=DDIM_BOTH_WAYS,
-        banner="ddpm_editing.ddim_banner", **EDIT),
-    Job("interpolate", "interpolate", "ddpm_editing.interpolate_job", "interpolating", sampler=DDIM_BOTH_WAYS,
-        banner="ddpm_editing.ddim_banner", **EDIT),
+    Job("invert", "invert", "ddpm_editing.invert_job", "inverting", sampler=DDIM_BOTH_WAYS, **EDIT),
+    Job("interpolate", "interpolate", "ddpm_editing.interpolate_job", "interpolating", sampler=DDIM_BOTH_WAYS, **EDIT),
     Job("import", "import_weights", "ddpm_interop.import_job", "importing"),
     Job("export", "export_diffusers", "ddpm_interop.export_job", "exporting", model=True,
         check="ddpm_interop.check_export"),

@@ -20,7 +20,7 @@ DDPM_CIFAR10 = {
 }
 
 # bench/speedrun.py's recipe for a 5-minute GPU run (a starting point, not yet tuned on a GPU: BENCHMARKS.md); the
-# speedrun adds --conditional, --time_budget_min and --guidance_scale.
+# speedrun adds --conditional, --time_budget_min and a guidance scale.
 SPEEDRUN = {
     "dim": 48, "dim_mults": [1, 2, 2], "batch_size": 500, "lr": 2e-3, "warmup_steps": 300, "ema_decay": 0.9995,
     "timesteps": 1000, "schedule": "cosine", "eval_every": 1000, "checkpoint_every": 1000,

@@ -149,7 +149,7 @@ def test_inpainting_keeps_the_known_region_of_test_images(trained, tmp_path):
     result = edit(trained, tmp_path, "--inpaint", "centre", "--conditional", "--images", "0,3,9", "--jump_length",
                   "2", "--jump_count", "2")
     assert result.returncode == 0, result.stderr
-    assert "RePaint, 4 ancestral steps, jumps of 2 levels made 2 times, guidance" in result.stdout
+    assert "RePaint, jumps of 2 levels made 2 times, on ddim, 4 steps, eta 1.0, guidance" in result.stdout
     saved = np.load(tmp_path / "out" / "inpaint_cond.npz")
     keep = ~saved["fill"]
     assert saved["inputs"].shape == (3, 16, 16, 3) and saved["fill"][:, 4:12, 4:12].all() and keep.sum() == 3 * 192
@@ -174,7 +174,7 @@ def test_inpainting_with_strokes_and_a_mask_file(trained, tmp_path):
 def test_inversion_writes_its_psnr_and_the_interpolation_ends_are_the_reconstructions(trained, tmp_path):
     inverted = edit(trained, tmp_path, "--invert", "--conditional", "--images", "2,7")
     assert inverted.returncode == 0, inverted.stderr
-    assert "DDIM (η = 0), 4 steps, guidance 1.0" in inverted.stdout and "PSNR" in inverted.stdout
+    assert "ddim, 4 steps, eta 0.0, guidance 1.0" in inverted.stdout and "PSNR" in inverted.stdout
     import json
     report = json.loads((tmp_path / "out" / "invert_cond.json").read_text())
     arrays = np.load(tmp_path / "out" / "invert_cond.npz")
