@@ -137,11 +137,13 @@ def check_inputs(options):
     and --inpaint's shape, or its mask file."""
     for flag, items in (("--images", options.images), ("--interpolate", options.interpolate)):
         for item in (item for item in items or () if item.kind == "file"):
-            if input_file_problem(item.value):
-                raise UserError(f"{flag}: {item.value!r} {input_file_problem(item.value)}")
-    if options.inpaint is not None and options.inpaint not in MASK_SHAPES and input_file_problem(options.inpaint):
+            problem = input_file_problem(item.value)
+            if problem:
+                raise UserError(f"{flag}: {item.value!r} {problem}")
+    problem = None if options.inpaint in (None, *MASK_SHAPES) else input_file_problem(options.inpaint)
+    if problem:
         raise UserError(f"--inpaint {options.inpaint!r} is not one of {', '.join(MASK_SHAPES)}, and as a mask file it "
-                        f"{input_file_problem(options.inpaint)}")
+                        f"{problem}")
 
 
 # --------------------------------------------------------------------------------- the jobs

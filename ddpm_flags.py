@@ -194,8 +194,9 @@ def check_paths(args, job):
         path = getattr(args, setting.name)
         if path is None or setting.io is None or job.name not in setting.jobs:
             continue
-        if setting.io == READS and input_file_problem(path):
-            raise UserError(f"--{setting.name} {path!r} {input_file_problem(path)}")
+        problem = input_file_problem(path) if setting.io == READS else None
+        if problem:
+            raise UserError(f"--{setting.name} {path!r} {problem}")
         if setting.io == WRITES:
             check_writable_folder(path, f"--{setting.name}")
 

@@ -23,7 +23,7 @@ class Job:
     run: str                 # 'module.function' that does it, imported only then (torch-fidelity, diffusers: lazily)
     doing: str               # what its banner and messages say it does, e.g. 'inpainting'
     under: str = None        # the flag it goes with: a job of --inference is one of its jobs, one per command
-    model: bool = False      # it reads --model_path (a job under --inference samples it)
+    model: bool = False      # it reads --model_path (a job under another reads what that one reads)
     classes: bool = False    # it needs a conditional model
     sampler: dict = None     # the sampler it always runs (SamplerSettings fields; steps: the default, at most T);
                              # None: the sampling flags over the checkpoint's settings
@@ -51,7 +51,7 @@ def function_named(path):
 EDITING_STEPS = 50  # the timesteps of RePaint's ancestral steps and of DDIM's inversion and interpolation, by default
 REPAINT = {"sampler": "ddim", "eta": 1.0, "steps": EDITING_STEPS}  # Ho et al.'s ancestral step on the respaced steps
 DDIM_BOTH_WAYS = {"sampler": "ddim", "eta": 0.0, "steps": EDITING_STEPS, "guidance_scale": 1.0}  # run both ways, w = 1
-OF_A_MODEL = {"under": "inference", "model": True}  # a job of --inference, on the model --model_path names
+OF_A_MODEL = {"under": "inference"}  # a job of --inference, on the model --model_path names
 EDIT = {**OF_A_MODEL, "check": "ddpm_editing.check_inputs"}
 JOBS = (
     Job("train", None, "ddpm_train.train", "training", check="ddpm_train.check_training"),

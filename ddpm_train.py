@@ -62,8 +62,13 @@ def check_training(options):
     model = UNetConfig(dim=options.dim, dim_mults=tuple(options.dim_mults), channels=1,
                        architecture=options.architecture, num_res_blocks=options.num_res_blocks, attn_resolutions=(),
                        groups=options.groups)
-    check_run_memory(device_of(options), options.sample_batch, model, options.timesteps,
-                     model_side(image_size or (1, 1), len(options.dim_mults)),
+    check_training_memory(options, model, options.timesteps, model_side(image_size or (1, 1), len(options.dim_mults)))
+
+
+def check_training_memory(options, model, timesteps, side):
+    """UserError when a run of this network (a UNetConfig), T and image side cannot fit in memory with its samples
+    (the unconditional grid or --eval_fid's): ddpm_runtime.check_run_memory."""
+    check_run_memory(device_of(options), options.sample_batch, model, timesteps, side,
                      max(GRID_UNCONDITIONAL, options.eval_fid), training=True)
 
 
@@ -96,9 +101,7 @@ def resumed_checkpoint(options):
         return None, options.run_name or "DDPM", None
     path, saved = load_resumable(options.resume, options.models_dir, options.run_name or "DDPM")
     config = saved["config"]
-    check_run_memory(device_of(options), options.sample_batch, UNetConfig.from_dict(config["model"]),
-                     config["timesteps"], config["image_size"], max(GRID_UNCONDITIONAL, options.eval_fid),
-                     training=True)
+    check_training_memory(options, UNetConfig.from_dict(config["model"]), config["timesteps"], config["image_size"])
     check_budget_left(saved, resolved_settings(vars(options), config, options.given)["time_budget_min"])
     return saved, options.run_name or stored_run_name(config, path), path
 
