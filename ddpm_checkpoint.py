@@ -19,10 +19,8 @@ An export for inference (export_for_inference) keeps format, version, config, ve
 An imported network (imported_checkpoint) has format, version, config, versions, its weights as 'ema' in float32, and
 imported_from: the file it was made from and that file's SHA-256.
 
-Every checkpoint is checked before it is used: its digest, then what it must hold (checked_network: each config entry
-against the declaration of its setting, weights that are dense real floating-point tensors of the shapes its network
-has, and for a resume the training state, optimizer and RNG, each against its Value); what a config needs in memory is
-estimated before anything is built (memory_needs).
+Every checkpoint is checked before it is used: its digest, its config against the settings' declarations, its weights
+against the network the config describes, and for a resume its training state, optimizer and RNG states.
 """
 import dataclasses
 import hashlib
@@ -67,6 +65,9 @@ def write_config_json(config, path):
     write_json({**config, "versions": environment_versions()}, path)
 
 
+HISTORY_KEYS = ("train_loss", "val_loss", "test_loss", "epochs")
+
+
 @dataclass
 class TrainingState:
     """Where training stands: what a checkpoint holds besides the config, weights, optimizer and RNG."""
@@ -76,7 +77,7 @@ class TrainingState:
     epoch_loss_sum: float = 0.0    # the sum of those batches' losses
     best_val: float = math.inf     # the lowest validation loss so far (best.pt)
     skipped_steps: int = 0         # fp16 steps the loss scaler skipped because their gradients overflowed
-    history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "test_loss": [], "epochs": []})
+    history: dict = field(default_factory=lambda: {key: [] for key in HISTORY_KEYS})
     timing: dict = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))  # seconds per activity
     budget_spent: bool = False     # the time budget stopped training (a resume needs a larger one)
 
@@ -89,8 +90,7 @@ class TrainingState:
 
     def record_evaluation(self, epoch, train_loss, val_loss, test_loss):
         """Append an evaluated epoch to the history; True when its validation loss is the best so far."""
-        for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("test_loss", test_loss),
-                           ("epochs", epoch)):
+        for key, value in zip(HISTORY_KEYS, (train_loss, val_loss, test_loss, epoch)):
             self.history[key].append(value)
         is_best = val_loss < self.best_val
         self.best_val = min(self.best_val, val_loss)
@@ -101,7 +101,6 @@ class TrainingState:
 
 
 COUNT = Value(int, NOT_NEGATIVE)
-HISTORY_KEYS = ("train_loss", "val_loss", "test_loss", "epochs")
 # What a checkpoint's TrainingState entries may be (a resume checks them before it uses them); older files lack
 # skipped_steps, budget_spent and some timing keys, whose defaults are used
 STATE_ENTRIES = {
@@ -151,8 +150,8 @@ MAX_NESTING = 32  # the deepest a checkpoint's entries go (an optimizer's moment
 
 
 def entries_problem(entries, needed, values, where):
-    """What is wrong with a dict of stored values (None: nothing): an entry of `needed` missing, or one that is not
-    what its Value in `values` says ('<where>'s <key> is …, not …'); entries without a Value are not checked."""
+    """What is wrong with a dict of stored values (None: nothing): an entry of `needed` missing, or one that its
+    Value in `values` refuses."""
     missing = [key for key in needed if key not in entries]
     if missing:
         return f"{where} lacks {', '.join(missing)}"
@@ -161,8 +160,8 @@ def entries_problem(entries, needed, values, where):
 
 
 def nesting_problem(obj, where, limit=MAX_NESTING):
-    """What is wrong with how deep the containers of `obj` go (None: nothing): an entry nested more than `limit`
-    deep, found without recursion, so that no later walk (repr, JSON, a copy) runs out of stack."""
+    """An entry of `obj` nested more than `limit` deep (None: none), found without recursion: no later walk runs
+    out of stack."""
     stack = [(obj, 0, where)]
     while stack:
         value, depth, name = stack.pop()
@@ -176,9 +175,8 @@ def nesting_problem(obj, where, limit=MAX_NESTING):
 
 
 def config_problem(config, needed=SAMPLING_NEEDS):
-    """What makes a checkpoint's config unusable (None: nothing): an entry in `needed` missing, an entry that is not
-    what it must be (CONFIG_ENTRIES: the settings' own declarations, MODEL_ENTRIES, SAMPLING_ENTRIES), or settings
-    that contradict each other."""
+    """What makes a checkpoint's config unusable (None: nothing): an entry of `needed` missing, one that is not what
+    CONFIG_ENTRIES says, or settings that contradict each other."""
     if not isinstance(config, dict):
         return "its config is not a dict"
     problem = (nesting_problem(config, "the config") or entries_problem(config, needed, CONFIG_ENTRIES, "the config")
@@ -198,8 +196,7 @@ def config_problem(config, needed=SAMPLING_NEEDS):
 
 
 def sampling_problem(sampling):
-    """What SamplerSettings refuses in a config's sampling entry whose values each passed their checks (a guidance
-    interval whose ends are in the wrong order); None: nothing, or no entry."""
+    """What SamplerSettings refuses in a config's sampling entry (None: nothing, or no entry)."""
     try:
         SamplerSettings(**sampling) if sampling is not None else None
     except (TypeError, ValueError) as e:
@@ -208,8 +205,7 @@ def sampling_problem(sampling):
 
 
 def image_size_problem(config, model):
-    """What is wrong with the side the network works on (None: nothing): the config's and its model's differ, or
-    it cannot be halved once per stage after the first."""
+    """The config's and its model's side differ, or it cannot be halved once per stage after the first (None: fine)."""
     side, unit = config["image_size"], 2 ** (len(model.dim_mults) - 1)
     if model.image_size is not None and model.image_size != side:
         return f"the config's image_size ({side}) and its model's ({model.image_size}) differ"
@@ -220,8 +216,7 @@ def image_size_problem(config, model):
 
 
 def build_checkpoint(config, model, ema_model, optimizer, state, use_cuda, scaler=None):
-    """The checkpoint dict of a training run at this moment (see the module docstring); scaler: fp16's
-    GradScaler, or None."""
+    """The checkpoint dict of a training run at this moment; scaler: fp16's GradScaler, or None."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if use_cuda else []}
     return {**checkpoint_header(config), "model": model.state_dict(), "ema": ema_model.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": rng,
@@ -243,8 +238,7 @@ def require_finite_weights(ckpt):
 
 
 def save_checkpoint(ckpt, path, with_optimizer=True):
-    """Write atomically (a crash never leaves a half-written file); best.pt goes without the optimizer. Weights
-    that are NaN or infinite are never written: NonFiniteError."""
+    """Write atomically, best.pt without the optimizer; NaN or infinite weights are never written (NonFiniteError)."""
     require_finite_weights(ckpt)
     write_checkpoint(ckpt if with_optimizer else {k: v for k, v in ckpt.items() if k != "optimizer"}, path)
 
@@ -258,8 +252,8 @@ def write_checkpoint(ckpt, path):
 
 
 def checkpoint_digest(ckpt):
-    """The SHA-256, in hex, of everything a checkpoint holds but its digest: each tensor's dtype, shape and bytes,
-    every other value's repr, dict keys in sorted order, so that the same contents give the same digest."""
+    """SHA-256 of everything the checkpoint holds but its digest: tensors' dtype, shape and bytes, other values'
+    repr, dict keys sorted."""
     digest = hashlib.sha256()
     _feed_digest(digest, {key: value for key, value in ckpt.items() if key != DIGEST_KEY})
     return digest.hexdigest()
@@ -285,8 +279,7 @@ def _feed_digest(digest, value):
 
 
 def digest_problem(ckpt, path):
-    """What the digest says of a checkpoint (None: it matches); a note, once, when it carries none (written by an
-    older version of this tool, or by another)."""
+    """What the digest says of a checkpoint (None: it matches); a note when it carries none."""
     if DIGEST_KEY not in ckpt:
         print(f"note: {path!r} carries no digest (written before checkpoints had one, or by another tool): its "
               "contents are not checked against one", file=sys.stderr)
@@ -297,22 +290,20 @@ def digest_problem(ckpt, path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by this tool (weights_only=True: no code is unpickled) and check that it holds what
-    sampling needs (checked_network): UserError naming the file and what is wrong."""
+    """A checkpoint of this tool, loaded with weights_only=True and checked (_load_checked): UserError otherwise."""
     return _load_checked(path, map_location)[0]
 
 
 def load_sampling_model(path):
-    """(checkpoint, its U-Net on the CPU with the weights it samples with: the EMA's, else the raw ones), checked as
-    load_checkpoint checks; the network the check builds is the one returned."""
+    """(checkpoint, its U-Net on the CPU holding the weights it samples with: the EMA's, else the raw ones)."""
     ckpt, model = _load_checked(path, "cpu")
     model.load_state_dict(ckpt.get("ema") or ckpt["model"])
     return ckpt, model
 
 
 def stored_run_name(config, path):
-    """The run name a checkpoint's config carries, made a valid one (with a note) when it is not: an older or foreign
-    file's name never chooses where files go."""
+    """The run name a checkpoint's config carries, made a valid one (with a note): a file never chooses where
+    files go."""
     stored = config.get("run_name")
     name = sanitized_run_name(stored)
     if name != stored:
@@ -322,9 +313,8 @@ def stored_run_name(config, path):
 
 
 def inference_run_name(model_path, config):
-    """What inference names its outputs: the name the user sees in --model_path, the run folder of a file the tool
-    wrote (models/<name>/ckpt.pt → <name>), else the file's own (downloads/ho2020.pt → ho2020); the checkpoint's stored
-    run name where that is not a valid run name."""
+    """What inference names its outputs: the run folder of a file the tool wrote (models/<name>/ckpt.pt), else
+    the file's own name (ho2020.pt → ho2020), else the checkpoint's stored run name."""
     path = os.path.abspath(model_path)
     name = os.path.basename(os.path.dirname(path)) if os.path.basename(path) in CHECKPOINT_FILES else \
         os.path.splitext(os.path.basename(path))[0]
@@ -376,9 +366,14 @@ def refuse_nonfinite(ckpt, path, parts):
 REAL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def is_plain_tensor(t, dtypes=REAL_FLOATS):
+    """A dense tensor held in the file (not on the meta device) of one of `dtypes`."""
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type == "cpu" and t.dtype in dtypes
+
+
 def weight_tensors_problem(weights, what):
-    """What keeps `weights` from being weights (None: nothing): not a dict of tensors, or a tensor that is not dense,
-    not in memory (the meta device) or not real floating point, the first named."""
+    """What keeps `weights` from being weights (None: nothing): not a dict of tensors, or a tensor that is not
+    dense, not in the file or not real floating point."""
     if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
         return f"its {what} are not a dict of tensors"
     for name, w in weights.items():
@@ -392,8 +387,7 @@ def weight_tensors_problem(weights, what):
 
 
 def weights_problem(weights, model, what):
-    """What keeps the state dict `weights` (checked by weight_tensors_problem) from loading into `model` (None:
-    nothing): a missing or extra tensor, or one of another shape, the first named."""
+    """The first tensor of `weights` missing, extra or of another shape than `model` has (None: they fit)."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     reshaped = [name for name in expected if name in weights and tuple(weights[name].shape) != expected[name]]
@@ -410,9 +404,8 @@ def weights_problem(weights, model, what):
 
 
 def network_to_check(config, weights):
-    """(the U-Net the config describes, None), or (None, what keeps it from being built). Built on the CPU, unless a
-    count on the meta device (parameter_count) says it is far larger than `weights`: a damaged config never makes it
-    allocate much more than the file holds."""
+    """(the U-Net the config describes, None), or (None, why not): never built when it would be far larger than
+    `weights` (parameter_count on the meta device)."""
     try:
         count, held = parameter_count(UNetConfig.from_dict(config["model"])), sum(w.numel() for w in weights.values())
         if count > max(16 * held, 10 ** 8):
@@ -423,8 +416,7 @@ def network_to_check(config, weights):
 
 
 def checked_network(ckpt):
-    """(the U-Net the checkpoint's config describes, None), or (None, what keeps the checkpoint from being sampled):
-    its config (config_problem), and weights ('ema', else 'model') that fit the network the config describes."""
+    """(the U-Net the checkpoint's config describes, None), or (None, what keeps it from being sampled)."""
     problem = config_problem(ckpt["config"])
     if problem:
         return None, problem
@@ -442,9 +434,8 @@ def checked_network(ckpt):
 
 
 def resume_problem(ckpt):
-    """What keeps a last.pt that passed checked_network (so its weights fit) from being resumed (None: nothing):
-    the config's training settings, both weights there, the training state (STATE_ENTRIES), the RNG states, and an
-    optimizer state of the network's parameters."""
+    """What keeps a last.pt that passed checked_network from being resumed (None: nothing): its training settings,
+    both weights, training state, RNG and optimizer states."""
     problem = config_problem(ckpt["config"], RESUME_NEEDS)
     if problem:
         return problem
@@ -463,19 +454,15 @@ def resume_problem(ckpt):
 def rng_problem(rng):
     """What keeps a checkpoint's RNG states from being restored (None: nothing)."""
     cpu = rng.get("cpu") if isinstance(rng, dict) else None
-    if not (isinstance(cpu, torch.Tensor) and cpu.layout == torch.strided and cpu.device.type == "cpu"
-            and cpu.dtype == torch.uint8 and cpu.shape == torch.get_rng_state().shape
-            and isinstance(rng.get("cuda"), list)
-            and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.layout == torch.strided
-                    for s in rng["cuda"])):
+    if not (is_plain_tensor(cpu, (torch.uint8,)) and cpu.shape == torch.get_rng_state().shape
+            and isinstance(rng.get("cuda"), list) and all(is_plain_tensor(s, (torch.uint8,)) for s in rng["cuda"])):
         return f"the checkpoint's rng is {short_repr(rng)}, not the generators' states"
     return None
 
 
 def optimizer_problem(state, shapes):
-    """What keeps AdamW's state dict from fitting parameters of `shapes` (None: nothing): one parameter group of
-    hyper-parameters that are what OPTIMIZER_ENTRIES says, and per parameter a step count and two moments, dense real
-    floating-point tensors of its shape."""
+    """What keeps AdamW's state dict from fitting parameters of `shapes` (None: nothing): one parameter group as
+    OPTIMIZER_ENTRIES says, per parameter a step count and two moments of its shape."""
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
             and isinstance(state.get("state"), dict)):
@@ -490,22 +477,17 @@ def optimizer_problem(state, shapes):
         return problem
     for index, moments in state["state"].items():
         if not (isinstance(index, int) and 0 <= index < len(shapes) and isinstance(moments, dict)
-                and all(moment_fits(moments.get(key), shapes[index]) for key in ("exp_avg", "exp_avg_sq"))
+                and all(is_plain_tensor(moments.get(key)) and moments[key].shape == shapes[index]
+                        for key in ("exp_avg", "exp_avg_sq"))
                 and step_count_holds(moments.get("step"))):
             return f"its optimizer state of parameter {short_repr(index)} does not fit the network"
     return None
 
 
-def moment_fits(moment, shape):
-    return (isinstance(moment, torch.Tensor) and moment.layout == torch.strided and moment.device.type == "cpu"
-            and moment.dtype in REAL_FLOATS and moment.shape == shape)
-
-
 def step_count_holds(step):
     """An AdamW step count: a number, or a one-element real floating-point tensor, finite and ≥ 0."""
     if isinstance(step, torch.Tensor):
-        return (step.layout == torch.strided and step.device.type == "cpu" and step.dtype in REAL_FLOATS
-                and step.numel() == 1 and bool(torch.isfinite(step).all()) and step.item() >= 0)
+        return is_plain_tensor(step) and step.numel() == 1 and bool(torch.isfinite(step).all()) and step.item() >= 0
     return COUNT.holds(step) or Value(float, NOT_NEGATIVE).holds(step)
 
 
@@ -517,8 +499,7 @@ def resumable_runs(models_dir):
 
 
 def load_resumable(resume, models_dir, run_name):
-    """(path, checkpoint) of the last.pt --resume names ('auto': <models_dir>/<run_name>/last.pt); it must hold the
-    optimizer."""
+    """(path, checkpoint) of the last.pt --resume names ('auto': <models_dir>/<run_name>/last.pt), with optimizer."""
     path = resume
     if path == "auto":
         path = os.path.join(models_dir, run_name, "last.pt")
@@ -540,9 +521,8 @@ def load_resumable(resume, models_dir, run_name):
 
 
 def restore_training(ckpt, model, ema_model, optimizer, use_cuda, scaler=None):
-    """Put a checkpoint's weights, EMA, optimizer state and RNG states back, and fp16's loss scale when both the
-    checkpoint and this run have one (a run that changes precision on resume starts the scaler afresh); returns its
-    TrainingState."""
+    """Put a checkpoint's weights, EMA, optimizer, RNG states and fp16's loss scale (when both sides have one) back;
+    returns its TrainingState."""
     model.load_state_dict(ckpt["model"])
     ema_model.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -556,15 +536,13 @@ def restore_training(ckpt, model, ema_model, optimizer, use_cuda, scaler=None):
 
 
 def imported_checkpoint(config, weights, source):
-    """The checkpoint of a network imported from the file `source` (ddpm_interop): config, weights as 'ema' (what
-    sampling uses), and where they came from."""
+    """The checkpoint of a network imported from the file `source`: its weights as 'ema', and their origin."""
     return {**checkpoint_header(config), "ema": weights,
             "imported_from": {"file": os.path.abspath(source), "sha256": file_digest(source)}}
 
 
 def export_for_inference(ckpt, path):
-    """Write a small inference-only checkpoint: config and EMA weights in bf16 (no optimizer, no raw weights).
-    The training machine's data folder means nothing elsewhere: the config's data_dir becomes the default."""
+    """Write a small inference-only checkpoint: config and EMA weights in bf16; data_dir back to the default."""
     weights = ckpt.get("ema") or ckpt["model"]
     small = {**checkpoint_header({**ckpt["config"], "data_dir": "./data"}),
              "ema": {k: v.to(torch.bfloat16) for k, v in weights.items()}}

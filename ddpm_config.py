@@ -112,9 +112,8 @@ def noise_interval(text):
 
 @dataclass(frozen=True)
 class Value:
-    """What a value read back from a file may be — a setting's in a checkpoint's config (Setting.value), a sampler
-    setting, a last.pt's training state, an optimizer's hyper-parameter — checked by one function (problem) and said
-    in one phrase (words): its kind, range or choices, whether None stands for 'off', and for a list its items."""
+    """What a value read back from a file may be (a stored setting, a training state entry, an optimizer's
+    hyper-parameter): checked by problem, said by words."""
     kind: type                # int, float, bool, str, or dict (a record of `fields`)
     check: Range = None       # for numbers: the range
     choices: tuple = None     # for text: the values it may take
@@ -146,8 +145,7 @@ class Value:
         return f"none or {words}" if self.optional else words
 
     def problem(self, value, name):
-        """What is wrong with `value`, stored under `name` (None: nothing): '<name> is <value>, not <words>', or for
-        a record the first entry that is wrong, named '<name>.<key>'."""
+        """What is wrong with `value`, stored under `name` (None: nothing); for a record, its first wrong entry."""
         if not self.holds(value):
             return f"{name} is {short_repr(value)}, not {self.words()}"
         if self.fields and value is not None:
@@ -501,12 +499,8 @@ def preset_flags(name):
 # ----------------------------------------------------------------------------------- the config
 
 def training_config(flags, data_facts, saved_config=None, given=()):
-    """The resolved config of a training run, saved in every checkpoint and in config.json: each stored setting once
-    under its flag's name (the network's in the 'model' entry, UNetConfig's fields), DERIVED_KEYS and 'sampling'.
-
-    flags: the command line's values by config key (every setting above), and 'sampling': the resolved
-    SamplerSettings; data_facts: ddpm_data.data_facts and num_train, num_val, num_test; saved_config and given: a
-    resumed run's checkpoint config and the settings given on the command line (resolved_settings)."""
+    """The resolved config of a training run, saved in every checkpoint and config.json: each stored setting once
+    (the network's in 'model'), DERIVED_KEYS and 'sampling' (flags['sampling'], the resolved SamplerSettings)."""
     chosen = resolved_settings(flags, saved_config, given)
     classes = list(data_facts["classes"])
     side = model_side(data_facts["data_size"], len(chosen["dim_mults"]))
@@ -534,15 +528,13 @@ def check_attention_sides(model):
 
 
 def saved_model_settings(saved_config):
-    """The model settings (MODEL_SETTINGS) of a checkpoint's network, from its model entry: those older checkpoints
-    lack are the defaults they were built with."""
+    """MODEL_SETTINGS of a checkpoint's network, from its model entry (older files: the defaults they were built)."""
     model = UNetConfig.from_dict(saved_config["model"])
     return {key: flag_value(getattr(model, key)) for key in MODEL_SETTINGS}
 
 
 def stored_settings(config):
-    """A config's settings by flag name, the network's read from its model entry (where older configs also kept a
-    copy at the top level)."""
+    """A config's settings by flag name, the network's read from its model entry."""
     return {**config, **saved_model_settings(config)}
 
 
@@ -552,10 +544,8 @@ def flag_value(value):
 
 
 def resolved_settings(flags, saved_config=None, given=()):
-    """The settings a run trains with (COMMAND_LINE_SETTINGS, by config key): the command line's `flags`; for a run
-    resumed from a checkpoint's saved_config, its fixed settings, and its adjustable ones unless `given` on the command
-    line (a key an older checkpoint lacks falls back to the flag). UserError naming the fixed settings given other
-    values than the checkpoint's: what a run trains cannot change mid-run."""
+    """The settings a run trains with: the command line's `flags`; resumed, the checkpoint's fixed settings and its
+    adjustable ones not `given`. UserError when a fixed setting given differs from the checkpoint's."""
     chosen = {key: flags[key] for key in COMMAND_LINE_SETTINGS}
     if saved_config is None:
         return chosen

@@ -28,8 +28,8 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def _list_image_folder(root):
-    """[(path, class_index)] and the class names of a folder of class sub-folders, sorted by name. An image name
-    that is not a regular file (a FIFO, which would block the read; a socket; a link to nothing) is a UserError."""
+    """[(path, class_index)] and the class names of a folder of class sub-folders, sorted by name; UserError for an
+    image name that is not a regular file (a FIFO would block the read)."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     files = []
     for index, name in enumerate(classes):
@@ -48,8 +48,8 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # the largest training image read: its header is
 
 @contextlib.contextmanager
 def open_image(path):
-    """The image at path, opened (its header read, nothing decoded) once its pixel count is known to be at most
-    MAX_IMAGE_PIXELS: a decompression bomb is a UserError naming it before any memory goes to it."""
+    """The image at path, opened (nothing decoded) once its header says at most MAX_IMAGE_PIXELS: a decompression
+    bomb is a UserError before any memory goes to it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -65,9 +65,8 @@ def open_image(path):
 
 
 def _decode(path, mode=None):
-    """The image at path as uint8 (H, W) in mode 'L' or (H, W, 3) in 'RGB'; mode None: the file's own, 'L' for
-    grayscale files (1-bit, 8-bit, 16-bit or float grey, with or without alpha), else 'RGB'. A file PIL cannot read
-    (corrupt, truncated) is a UserError naming it."""
+    """The image at path as uint8 (H, W) in mode 'L' or (H, W, 3) in 'RGB' (None: 'L' for any grey file, else
+    'RGB'); UserError for a file PIL cannot read."""
     try:
         with open_image(path) as im:
             if mode is None:
@@ -78,15 +77,14 @@ def _decode(path, mode=None):
 
 
 def majority_mode(arrays):
-    """The mode most of the decoded images have ('L': (H, W) arrays, or 'RGB'; RGB on a tie), and how many images
-    have the other."""
+    """The mode most decoded images have ('L' or 'RGB'; RGB on a tie), and how many have the other."""
     grey = sum(a.ndim == 2 for a in arrays)
     return ("L", len(arrays) - grey) if grey > len(arrays) / 2 else ("RGB", grey)
 
 
 def _decode_all(paths, root):
-    """The images at paths (all under root), decoded in threads, as uint8 (N, C, H, W) in the mode most of them have
-    (C = 1 grey, 3 colour: majority_mode), and how many were converted to it."""
+    """The images at paths, decoded in threads, as uint8 (N, C, H, W) in their majority mode, and how many were
+    converted to it."""
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
         arrays = list(tqdm(pool.map(_decode, paths), total=len(paths), leave=False,
                            desc=f"decoding {root} (once; cached)", disable=not stderr_is_terminal()))
@@ -107,9 +105,8 @@ def _is_image_folder_layout(data_dir):
 
 
 def _load_image_folders(data_dir):
-    """Both splits of an image-folder dataset, through a uint8 cache file beside it. Grayscale files give 1-channel
-    images; a folder mixing grayscale and colour files is converted to the mode most files have ('mode_note' says
-    how many were converted)."""
+    """Both splits of an image-folder dataset, through a uint8 cache file beside it; a folder mixing grey and colour
+    is converted to the mode most files have ('mode_note')."""
     cache_path = os.path.join(data_dir, CACHE_NAME)
     listings = {split: _list_image_folder(os.path.join(data_dir, split)) for split in ("train", "test")}
     counts = [len(files) for files, _ in listings.values()]
@@ -142,9 +139,8 @@ def _load_image_folders(data_dir):
 
 
 def _read_cache(path, counts, classes, image_size):
-    """(the decode cache at path, None) when it holds the images of the listed folders (file counts `counts`, class
-    names `classes`, the first image's size `image_size`); (None, None) when it is stale (other files or sizes, an
-    older version); (None, what is wrong) when it is damaged."""
+    """(the decode cache at path, None) when it holds the listed folders' images; (None, None) when stale; (None,
+    what is wrong) when damaged."""
     try:
         cached = torch.load(path, weights_only=True)
     except Exception as e:
@@ -211,16 +207,15 @@ def _folders_under(root):
 
 
 def resolve_dataset(dataset, data_dir):
-    """What --data_dir holds: --dataset when given, else 'folder' when it holds train/ or test/ (an image-folder tree,
-    complete or not), else 'cifar10'."""
+    """What --data_dir holds: --dataset, else 'folder' when it holds train/ or test/, else 'cifar10'."""
     if dataset is not None:
         return dataset
     return "folder" if any(os.path.isdir(os.path.join(data_dir, s)) for s in ("train", "test")) else "cifar10"
 
 
 def image_size_of(data_dir, dataset=None):
-    """(height, width) of the dataset's images, from the first training image's header alone for a folder (a
-    torchvision dataset's are known); None when it cannot be read, which load_dataset then reports."""
+    """(height, width) of the dataset's images, from the first training image's header for a folder; None when
+    unreadable (load_dataset then says why)."""
     dataset = resolve_dataset(dataset, data_dir)
     if dataset != "folder":
         return TORCHVISION_DATASETS[dataset][1]
@@ -233,12 +228,8 @@ def image_size_of(data_dir, dataset=None):
 
 
 def load_dataset(data_dir, dataset=None):
-    """The dataset at data_dir (see resolve_dataset) as uint8 tensors.
-
-    Returns a dict with train_images (N, C, H, W) uint8 (C = 1 grayscale, 3 colour), train_labels (N,),
-    test_images, test_labels, classes, dataset (what it is: one of DATASETS) and mode_note (None, or a line saying
-    how many images of a mixed folder were converted).
-    """
+    """The dataset at data_dir as uint8 tensors: {train_images (N, C, H, W), train_labels (N,), test_images,
+    test_labels, classes, dataset (one of DATASETS), mode_note (None, or how many images were converted)}."""
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir!r} is a file, not a folder")
     if dataset is None and data_dir != DEFAULT_DATA_DIR and not os.path.exists(data_dir):
@@ -274,8 +265,8 @@ def data_facts(data):
 
 
 def trained_data(config):
-    """The data facts (data_facts) of what a config's model was trained on. Checkpoints from before they
-    were stored held square colour images: CIFAR-10 when the class names are CIFAR-10's, else a folder."""
+    """The data facts of what a config's model was trained on (older checkpoints: square colour images, CIFAR-10
+    when the class names are CIFAR-10's, else a folder)."""
     classes, side = config.get("classes") or [], config["image_size"]
     return {"dataset": config.get("dataset") or ("cifar10" if classes == CIFAR10_CLASSES else "folder"),
             "classes": classes, "channels": config["model"].get("channels", 3),
@@ -283,15 +274,13 @@ def trained_data(config):
 
 
 def data_conflicts(saved_config, facts):
-    """How the data a resumed run reads differs from what its checkpoint was trained on: {what: (checkpoint's,
-    data's)} over the class names, the channels and the image size."""
+    """{what: (checkpoint's, data's)} where the data differs from the model's: class names, channels, image size."""
     saved = trained_data(saved_config)
     return {key: (saved[key], facts[key]) for key in ("classes", "channels", "data_size") if saved[key] != facts[key]}
 
 
 def require_trained_data(config, facts, data_dir, flag):
-    """UserError, naming `flag` (what reads the data), when the data at data_dir (its facts) is not what the config's
-    model was trained on (data_conflicts)."""
+    """UserError, naming `flag`, when the data at data_dir (its facts) is not what the model was trained on."""
     conflicts = data_conflicts(config, facts)
     if conflicts:
         raise UserError(f"{flag}: the data at {data_dir!r} is not what the model was trained on ("
@@ -317,14 +306,12 @@ def describe_data(facts):
 # ------------------------------------------------------------------------ fitting any size to the U-Net
 
 def stages_allowed(data_size):
-    """The most U-Net stages (each after the first halves the image) that images of data_size (H, W) allow: the
-    innermost stage works on at least 1 × 1 pixels once the images are padded (model_side)."""
+    """The most U-Net stages that images of data_size (H, W) allow, padded: the innermost works on at least 1 × 1."""
     return max(data_size).bit_length()
 
 
 def check_stage_count(dim_mults, image_size):
-    """UserError when the U-Net has more stages than the images can be halved (padded, they allow
-    stages_allowed); image_size (H, W), or None when unknown (the data is then checked as it is read)."""
+    """UserError when the U-Net has more stages than images of image_size (H, W; None: unknown) allow."""
     if image_size is not None and len(dim_mults) > stages_allowed(image_size):
         raise UserError(f"--dim_mults {','.join(map(str, dim_mults))} has {len(dim_mults)} stages, which need "
                         f"images of at least {2 ** (len(dim_mults) - 1)} pixels a side; these images are "
@@ -332,15 +319,13 @@ def check_stage_count(dim_mults, image_size):
 
 
 def model_side(data_size, stages):
-    """The side of the square the U-Net works on for images of data_size (H, W): the smallest multiple of
-    2^(stages − 1) (each stage after the first halves it) that holds both sides."""
+    """The side of the U-Net's square for data_size (H, W): the smallest multiple of 2^(stages − 1) holding both."""
     unit = 2 ** (stages - 1)
     return -(-max(data_size) // unit) * unit
 
 
 def padding(data_size, side):
-    """(left, right, top, bottom) pixels that centre H × W images in a side × side square (an odd one extra goes
-    right or down)."""
+    """(left, right, top, bottom) pixels centring H × W in side × side (an odd one extra goes right or down)."""
     h, w = data_size
     return (side - w) // 2, side - w - (side - w) // 2, (side - h) // 2, side - h - (side - h) // 2
 
@@ -375,11 +360,8 @@ def train_val_split(num_images, seed=0):
 class DeviceLoader:
     """A whole split held on the device as uint8, batched without a DataLoader (cifar10-airbench style).
 
-    Each epoch's order and flips come from a generator seeded by (seed, epoch), so an epoch can be
-    replayed exactly (resume) and split across ranks (rank r takes every world_size-th index).
-    Yields (images in [−1, 1] as float (B, C, side, side), labels (B,)): flipped, then centred in side × side
-    (pad_to_side) when the images are smaller (side None: as they are).
-    """
+    Each epoch's order and flips come from a generator seeded by (seed, epoch): replayed exactly on resume, split
+    across ranks (rank r takes every world_size-th index). Yields (float (B, C, side, side) in [−1, 1], labels (B,))."""
 
     def __init__(self, images_uint8, labels, batch_size, device, shuffle=True, flip=True, seed=0,
                  rank=0, world_size=1, side=None):
@@ -398,9 +380,8 @@ class DeviceLoader:
         return len(self.images) // self.world_size
 
     def epoch_indices(self, epoch):
-        """This rank's image indices and flip flags for the epoch, both (num_local,). With several ranks
-        the epoch's order is cut to a multiple of world_size (at most world_size − 1 images wait for
-        the next epoch's order), so every rank runs the same number of steps."""
+        """This rank's image indices and flip flags for the epoch, both (num_local,); with several ranks the order is
+        cut to a multiple of world_size, so every rank runs the same number of steps."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2 ** 64)  # any seed: the generator's range
         n = len(self.images)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)

@@ -35,9 +35,8 @@ class Inputs:
 
 
 def gather_inputs(items, test_split, data, classes, conditional, flag):
-    """The Inputs `items` name: test images from test_split ((images, labels), or a function returning them, loaded
-    only when an item needs it), image files read at the size and channels of the model's `data` (its data facts),
-    seeds. Labels, when `conditional`: `classes` (class indices, cycled) if given, else each test image's own."""
+    """The Inputs `items` name: test images (test_split: (images, labels), or a function loading them when needed),
+    image files read as the model's `data`, seeds; labels when `conditional`: `classes` cycled, else the images' own."""
     needs_split = any(item.kind == "test" for item in items)
     split_images, split_labels = (test_split() if callable(test_split) else test_split) if needs_split else (None,) * 2
     images = []
@@ -64,8 +63,7 @@ def gather_inputs(items, test_split, data, classes, conditional, flag):
 
 
 def read_image_file(path, data, flag):
-    """An image file as the model's `data` (its data facts): (C, H, W) uint8 in its channels (RGB or grey), of
-    exactly its size."""
+    """An image file as the model's `data`: (C, H, W) uint8 in its channels, of exactly its size."""
     height, width = data["data_size"]
     try:
         with open_image(path) as im:
@@ -81,9 +79,8 @@ def read_image_file(path, data, flag):
 # ------------------------------------------------------------------------------------- masks
 
 def fill_masks(spec, count, data_size, seed):
-    """Where RePaint draws: (count, 1, H, W) float, 1 to fill, 0 to keep. spec: 'centre' (the middle square of half
-    the shorter side), 'left' (the left half), 'strokes' (a few random brush strokes per image, from seed), or a mask
-    PNG of the data's size (white fills, black keeps; one mask for every image)."""
+    """Where RePaint draws: (count, 1, H, W) float, 1 to fill. spec: 'centre' (the middle square of half the side),
+    'left' (the left half), 'strokes' (random brush strokes from seed), or a mask PNG of the data's size."""
     height, width = data_size
     masks = torch.zeros(count, 1, height, width)
     if spec == "centre":
@@ -115,8 +112,8 @@ def brush_strokes(rng, height, width, strokes=4):
 
 
 def read_mask(path, data_size):
-    """A mask PNG as (H, W) float, 1 where its pixels are white (≥ 128 in grey): UserError when it cannot be read,
-    is not of the data's size, or marks nothing to fill or nothing to keep."""
+    """A mask PNG as (H, W) float, 1 where white (≥ 128); UserError when unreadable, of another size, or marking
+    nothing to fill or nothing to keep."""
     height, width = data_size
     try:
         with open_image(path) as im:
@@ -133,8 +130,7 @@ def read_mask(path, data_size):
 
 
 def check_inputs(options):
-    """What an editing job reads, before anything loads (Job.check): the image files --images or --interpolate names,
-    and --inpaint's shape, or its mask file."""
+    """What an editing job reads, checked before anything loads (Job.check): image files, --inpaint's shape or mask."""
     for flag, items in (("--images", options.images), ("--interpolate", options.interpolate)):
         for item in (item for item in items or () if item.kind == "file"):
             problem = input_file_problem(item.value)
@@ -171,8 +167,8 @@ def interpolate_job(options, sampler, files, classes):
 
 
 def edit_inputs(options, sampler, classes, job_flag, items, items_flag):
-    """The Inputs a job (job_flag) edits: `items` (what items_flag names), else --num_samples (EDIT_IMAGES) test
-    images spread over the split of the model's data; class-guided with --conditional (gather_inputs)."""
+    """The Inputs a job edits: `items` (named by items_flag), else --num_samples (EDIT_IMAGES) test images spread
+    over the model's data; class-guided with --conditional."""
     config = sampler.config
     data_dir, dataset = model_data(config, options.data_dir, options.dataset)
 
@@ -214,8 +210,7 @@ def labels_on(sampler, labels, batch):
 
 
 def inpaint(sampler, images_uint8, fill, labels, jump_length, jump_count, seed, progress=False):
-    """RePaint on images (N, C, H, W) uint8 where fill (N, 1, H, W) is 1: (N, C, H, W) in [−1, 1] at the data's
-    size, sampler.batch_size images at a time; the kept pixels are the inputs'."""
+    """RePaint on images (N, C, H, W) uint8 where fill (N, 1, H, W) is 1: (N, C, H, W) in [−1, 1] at the data's size."""
     steps, scales = diffusion_schedule(sampler)
     side = sampler.config["image_size"]
     fill = F.pad(fill, padding(fill.shape[-2:], side))                 # the padding is kept, never drawn
@@ -236,8 +231,7 @@ def invert(sampler, images_uint8, labels, progress=False):
 
 
 def decode(sampler, noises, labels, progress=False):
-    """The DDIM sampler (η = 0) from noises (N, C, S, S): images (N, C, H, W) in [−1, 1] at the data's size;
-    labels (N,), a ClassMix or None."""
+    """The DDIM sampler (η = 0) from noises (N, C, S, S) → (N, C, H, W) in [−1, 1]; labels (N,), a ClassMix or None."""
     steps, scales = diffusion_schedule(sampler)
     return sampler.to_data_size(torch.cat([sampler.diffusion.ddim(
         sampler.denoiser, noises[batch].to(sampler.device), steps, labels_on(sampler, labels, batch), scales,
@@ -250,8 +244,8 @@ def batches(count, batch_size):
 
 
 def psnr(originals_uint8, images):
-    """PSNR in dB of images in [−1, 1] against uint8 originals (N, C, H, W), on the 8-bit pixels a PNG holds:
-    10 log10(255² / MSE) per image (N,) float64, inf where they are identical."""
+    """PSNR in dB of images in [−1, 1] against uint8 originals on the 8-bit pixels a PNG holds: 10 log10(255² / MSE)
+    per image (N,), inf where identical."""
     error = to_uint8(images).astype(np.float64) - originals_uint8.permute(0, 2, 3, 1).numpy()
     mse = (error ** 2).reshape(len(error), -1).mean(1)
     with np.errstate(divide="ignore"):
@@ -263,8 +257,7 @@ def db_text(value):
 
 
 def write_inpainting(sampler, inputs, fill, jump_length, jump_count, seed, files, verbose):
-    """inpaint_<run>.png (rows: the inputs, the inputs with the region to fill in grey, RePaint's completions) and
-    inpaint_<run>.npz (inputs, fill masks, outputs as uint8 (N, H, W, C) and (N, H, W) bool)."""
+    """inpaint_<run>.png (the inputs, the region to fill in grey, the completions) and inpaint_<run>.npz."""
     images = torch.stack(inputs.images)
     start = time.perf_counter()
     outputs = inpaint(sampler, images, fill, inputs.labels, jump_length, jump_count, seed,
@@ -284,8 +277,7 @@ def write_inpainting(sampler, inputs, fill, jump_length, jump_count, seed, files
 
 
 def write_inversion(sampler, inputs, files, verbose):
-    """invert_<run>.png (rows: the inputs, their x_T, the DDIM reconstructions from it, each column's PSNR),
-    invert_<run>.npz (inputs, noises, reconstructions) and invert_<run>.json (the PSNRs, their mean, the settings)."""
+    """invert_<run>.png (the inputs, their x_T, the reconstructions, PSNRs), invert_<run>.npz and invert_<run>.json."""
     images, progress = torch.stack(inputs.images), verbose and stderr_is_terminal()
     start = time.perf_counter()
     noises = invert(sampler, images, inputs.labels, progress)
@@ -317,8 +309,8 @@ def write_inversion(sampler, inputs, files, verbose):
 
 
 def interpolation_noises(sampler, inputs, frames):
-    """The two ends' x_T (an image's by DDIM inversion, a seed's drawn from it) and the `frames` noises slerped
-    between them: (frames, C, S, S), and the weights (frames,)."""
+    """The two ends' x_T (an image's by DDIM inversion, a seed's drawn) and `frames` noises slerped between them:
+    (frames, C, S, S), and the weights (frames,)."""
     config = sampler.config
     shape = (config["model"]["channels"], config["image_size"], config["image_size"])
     ends = [None, None]
@@ -337,9 +329,8 @@ def interpolation_noises(sampler, inputs, frames):
 
 
 def write_interpolation(sampler, inputs, frames, files, verbose):
-    """interpolate_<run>.png: one row, the `frames` images decoded from the slerped noises, the input images (if any)
-    at its ends; with two classes, the class blends from the first to the second (ClassMix); interpolate_<run>.npz:
-    the frames (uint8), the weights and the noises."""
+    """interpolate_<run>.png: the `frames` images decoded from the slerped noises, input images at its ends, the class
+    blending between two (ClassMix); interpolate_<run>.npz: the frames, weights and noises."""
     start = time.perf_counter()
     noises, weights = interpolation_noises(sampler, inputs, frames)
     labels = inputs.labels

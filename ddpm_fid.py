@@ -52,14 +52,13 @@ def torch_fidelity_version():
 
 
 def stats_cache_name(split, dataset):
-    """The reference statistics' cache beside the data: ddpm_fid_<split>_stats.npz for an image folder, with
-    _<dataset> for a torchvision dataset (whose folder may hold several)."""
+    """The reference statistics' cache beside the data: ddpm_fid_<split>_stats[_<dataset>].npz."""
     return f"ddpm_fid_{split}_stats{'' if dataset == 'folder' else f'_{dataset}'}.npz"
 
 
 def weights_problem(raw):
-    """What keeps the bytes of a --fid_inception file from being a weights file torch-fidelity may be given (None:
-    nothing): it must load with torch.load(weights_only=True), which runs no code, as a dict of tensors."""
+    """What keeps a --fid_inception file's bytes from being weights torch-fidelity may be given (None: nothing): they
+    must load with torch.load(weights_only=True), which runs no code, as a dict of tensors."""
     if raw.startswith(b"\xfd7zXZ"):
         return ("is xz-compressed, as the TorchScript network older versions of this tool read was; FID now runs on "
                 "torch-fidelity's weights file")
@@ -81,9 +80,8 @@ def weights_problem(raw):
 
 
 def load_inception(path, device, verbose=False, progress=False):
-    """(torch-fidelity's Inception-v3 with the weights at path on device, giving pool features and logits; the
-    SHA-256 of the file). path None: the official file, fetched into the cache on first use. UserError for a file
-    that is not such weights; a note (when verbose) for one that is not the official file."""
+    """(torch-fidelity's Inception-v3 with the weights at path on device, the file's SHA-256); path None: the official
+    file, fetched on first use. UserError for other files; a note (verbose) when not the official one."""
     if path is None:
         path = fetched(INCEPTION, progress, verbose)
     elif not os.path.isfile(path):
@@ -113,8 +111,7 @@ def load_inception(path, device, verbose=False, progress=False):
 
 
 def random_inception(seed=0):
-    """torch-fidelity's Inception-v3 with random weights (nothing is downloaded): the stand-in of tests and smoke
-    runs, and the names and shapes of the real weights."""
+    """torch-fidelity's Inception-v3 with random weights: the stand-in of tests and smoke runs."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class Unloaded(FeatureExtractorInceptionV3):
@@ -150,10 +147,8 @@ def inception_score(logits, splits=IS_SPLITS):
 
 
 class InceptionFeatures:
-    """Inception pool features and logits of uint8 images, resized as the standard (TF) implementations do. The
-    network is run on one image as it loads: weights that give NaN are a UserError before anything uses them.
-    has_classifier: whether its logits are finite (a file without the classifier layer gives FID but no IS).
-    verbose: say what is fetched (with a progress bar on a terminal) and when the file is not the official one."""
+    """Inception pool features and logits of uint8 images, resized as the TF implementations do; tried on one image
+    as it loads. has_classifier: whether its logits are finite (without, FID but no IS)."""
 
     def __init__(self, path, device, verbose=False):
         self.path, self.device = path or INCEPTION.file_name, torch.device(device)
@@ -195,9 +190,8 @@ class InceptionFeatures:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
     def statistics(self, images_uint8, batch_size=None, progress=False, keep_logits=False):
-        """(mean (2048,), covariance (2048, 2048), the logits (N, 1008) when keep_logits else None) of the images'
-        features, as float64 numpy arrays, batch_size images at a time (None: FEATURE_BATCH's for the device);
-        UserError when mean or covariance are not finite (the network gave NaN or infinity for some image)."""
+        """(mean (2048,), covariance (2048, 2048), logits (N, 1008) when keep_logits) as float64 numpy arrays;
+        UserError when they are not finite."""
         batch_size = batch_size or FEATURE_BATCH.get(self.device.type, FEATURE_BATCH["cpu"])
         total = torch.zeros(FEATURES, dtype=torch.float64, device=self.device)
         outer = torch.zeros(FEATURES, FEATURES, dtype=torch.float64, device=self.device)
@@ -227,8 +221,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def fid_identity(facts):
-    """What FID statistics describe, from data facts (ddpm_data.data_facts): (dataset, channels, height, width).
-    CIFAR-10 as an image folder (its class names, 32 × 32 colour) counts as cifar10."""
+    """What FID statistics describe: (dataset, channels, height, width); CIFAR-10 as an image folder is cifar10."""
     h, w = facts["data_size"]
     cifar10 = facts["classes"] == CIFAR10_CLASSES and facts["channels"] == 3 and (h, w) == (32, 32)
     return "cifar10" if cifar10 else facts["dataset"], facts["channels"], h, w
@@ -240,8 +233,7 @@ def describe_identity(identity):
 
 
 def stats_identity(ref):
-    """What an npz of statistics describes (fid_identity): its 'dataset' and 'shape' entries, written by this tool;
-    without them (the referee's, clean-fid's), CIFAR-10."""
+    """What an npz of statistics describes: its 'dataset' and 'shape' entries, else (the referee's) CIFAR-10."""
     return (str(ref["dataset"]), *map(int, ref["shape"])) if "dataset" in ref else UNTAGGED_STATS
 
 
@@ -249,8 +241,8 @@ MAX_FEATURE = 1e3  # far past any Inception pool feature's mean (the ImageNet-tr
 
 
 def statistics_problem(entries):
-    """What keeps an npz's entries from being FID statistics (None: nothing): mu (2048,) and sigma (2048, 2048),
-    finite, sigma symmetric (to float32's precision)."""
+    """What keeps an npz's entries from being FID statistics (None: nothing): mu (2048,), sigma (2048, 2048), finite,
+    sigma symmetric."""
     mu, sigma = entries.get("mu"), entries.get("sigma")
     if mu is None or sigma is None:
         return f"it holds no {'mu' if mu is None else 'sigma'}"
@@ -272,8 +264,7 @@ def statistics_problem(entries):
 
 
 def read_statistics(path):
-    """(the npz's entries as a dict, None), or (None, what is wrong) when it cannot be read or holds no statistics
-    (statistics_problem). Pickled objects are never loaded."""
+    """(the npz's entries, None), or (None, what is wrong); pickled objects are never loaded."""
     try:
         with np.load(path) as npz:
             entries = {key: npz[key] for key in npz.files}
@@ -294,8 +285,7 @@ class Reference:
 
 
 def ref_statistics_file(stats_path, model_facts):
-    """The Reference of --fid_ref_stats, checked: FID statistics (read_statistics) of the data the model was trained
-    on (UserError otherwise)."""
+    """The Reference of --fid_ref_stats: FID statistics of the data the model was trained on (UserError otherwise)."""
     ref, problem = read_statistics(stats_path)
     if problem:
         raise UserError(f"--fid_ref_stats {stats_path!r} cannot be used: {problem}")
@@ -311,8 +301,7 @@ def ref_statistics_file(stats_path, model_facts):
 
 
 def cached_statistics(cache_path, num_images, identity, fingerprint):
-    """(mu, sigma) from the cache when it was made by the network with this fingerprint from num_images images of
-    data `identity`; else (None, why it is made again)."""
+    """(mu, sigma) from the cache when this network made it from these images; else (None, why it is made again)."""
     cached, problem = read_statistics(cache_path)
     if problem:
         return None, f"is damaged ({problem})"
@@ -326,10 +315,8 @@ def cached_statistics(cache_path, num_images, identity, fingerprint):
 
 
 def reference_statistics(features, data_dir, dataset, model_facts, split="train", images_uint8=None, progress=False):
-    """The Reference for a model trained on data described by model_facts (data_facts) when no --fid_ref_stats are
-    given (ref_statistics_file): the statistics of the `split` images (N, C, H, W) uint8 — read from data_dir (a
-    `dataset`, see ddpm_data.load_dataset) when None — cached in data_dir (stats_cache_name), keyed by the network,
-    the image count and what they are. Images of another dataset are a UserError."""
+    """The Reference without --fid_ref_stats: the statistics of the `split` images (N, C, H, W) uint8 (None: read from
+    data_dir), cached beside the data keyed by the network, the image count and the data. Other data: UserError."""
     if images_uint8 is None:
         data = load_dataset(data_dir, dataset)
         facts, images_uint8 = data_facts(data), data[f"{split}_images"]

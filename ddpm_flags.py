@@ -28,9 +28,8 @@ SECTIONS = {
 
 
 class Command(argparse.Namespace):
-    """The command line once read (ddpm_main.main: parsed, checked, synonyms resolved, torchrun's rank added): the
-    flags' values by name, never changed afterwards; what a job works out from them (a run's name, say) it keeps
-    itself."""
+    """The command line once read (parsed, checked, synonyms resolved, torchrun's rank added): the flags' values by
+    name, never changed afterwards."""
 
     def __init__(self, **values):
         for name, value in values.items():
@@ -48,8 +47,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, each flag's default after its help (flags without one say in words), and the help
-    column wide enough for the longer flags."""
+    """The description as written, each flag's default after its help, a help column wide enough for long flags."""
 
     def __init__(self, prog):
         super().__init__(prog, max_help_position=26)
@@ -79,8 +77,8 @@ def build_parser(description=None, version=None):
 
 
 def flags_given(parser, args, argv):
-    """The names (dests) of the flags given on the command line, as opposed to those left at their defaults: argv
-    parsed again into a namespace whose every entry is already set, so that argparse fills in no default."""
+    """The flags (dests) given on the command line: argv parsed again into a namespace already holding every entry,
+    so argparse fills in no default."""
     unset = object()
     given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     return frozenset(name for name, value in vars(given).items() if value is not unset)
@@ -99,9 +97,8 @@ def parse_command_line(parser, argv):
 
 
 def check_command(parser, args):
-    """Reject bad input before anything is read or written (one line, exit status 2): the numbers, the job asked, the
-    flags it takes and the paths they name, then what the job itself checks (Job.check). Returns the job; synonyms
-    are resolved in args.given."""
+    """Reject bad input before anything is read or written (one line, exit status 2): numbers, the job asked, the flags
+    it takes and their paths, then Job.check. Returns the job."""
     try:
         check_numbers(args)
         args.given = resolve_synonyms(args, args.given)
@@ -116,8 +113,7 @@ def check_command(parser, args):
 
 
 def check_numbers(args):
-    """Every number finite and in its Setting's range (--guidance_interval, whose HI may be inf, is checked by its
-    type); the U-Net's width one its GroupNorm can divide."""
+    """Every number finite and in its Setting's range; the U-Net's width one its GroupNorm can divide."""
     for name, value in vars(args).items():
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise UserError(f"--{name} must be finite, got {value}")
@@ -136,9 +132,8 @@ def check_numbers(args):
 
 
 def job_asked(given):
-    """The job (ddpm_jobs.JOBS) the flags `given` ask for: one whose flag goes with no other (--inference,
-    --import_weights, --export_diffusers; none: training), then, of the jobs that go with that one's flag, the one
-    whose flag is given. UserError when two are asked for, or the job reads --model_path and none is given."""
+    """The job the flags `given` ask for: the one whose flag goes with no other (none: training), then of the jobs
+    going with it the one whose flag is given. UserError for two jobs, or a job without its --model_path."""
     top = one_job([job for job in JOBS if job.under is None and job.flag in given], "") or JOB["train"]
     if top.model and "model_path" not in given:
         raise UserError(f"{top.words} needs --model_path (a checkpoint written by training with this tool)")
@@ -154,8 +149,7 @@ def one_job(asked, place):
 
 
 def check_flags_apply(args, given, job):
-    """Every flag given does something in the command's job (Setting.jobs), beside a flag it needs (Setting.needs) and
-    none it excludes (Setting.excludes), and no file or folder flag is empty."""
+    """Every flag given does something in the job, beside a flag it needs and none it excludes; no path flag empty."""
     for setting in FLAGS:
         if setting.name not in given:
             continue
@@ -172,8 +166,8 @@ def check_flags_apply(args, given, job):
 
 
 def misplaced_flag(setting, job):
-    """Why a flag given does nothing in `job`: the job it asks for goes with another flag, the job runs its own sampler,
-    or it is for other jobs."""
+    """Why a flag does nothing in `job`: its job goes with another flag, the job runs its own sampler, or it is for
+    other jobs."""
     asked = setting.asks_for
     if asked and asked.under:
         return f"--{setting.name} goes with --{asked.under} (its job works on a trained model: --model_path CKPT)"
@@ -202,8 +196,7 @@ def check_paths(args, job):
 
 
 def resolve_synonyms(args, given):
-    """--no_compile is --compile off and --no_bf16 is --precision fp32: the flags they stand for, as if given (a
-    resume takes them over the checkpoint's); beside a contradicting --compile or --precision, an error."""
+    """--no_compile is --compile off, --no_bf16 --precision fp32, as if given; beside a contradicting flag, an error."""
     for old, (flag, value) in SYNONYMS.items():
         if getattr(args, old):
             if flag in given and getattr(args, flag) != value:
@@ -215,8 +208,7 @@ def resolve_synonyms(args, given):
 
 
 def flags_markdown():
-    """docs/flags.md: every flag by section, with its default, what it may be and what a resume does with it, then
-    the presets' flags."""
+    """docs/flags.md: every flag by section with its default, what it may be and what a resume does with it; presets."""
     lines = ["# Flags", "", "Generated from `ddpm_config.SETTINGS` by `python ddpm_flags.py > docs/flags.md` "
              "(tests/test_config.py keeps it in sync). *On --resume*: **kept** settings are what the run trains and "
              "cannot change; the others may be given anew.", ""]

@@ -24,8 +24,8 @@ class NonFiniteError(Exception):
 
 
 class WriteError(Exception):
-    """A file could not be written (no space left, permission lost, quota): the file it was to replace is untouched
-    and no temporary file is left. Reported as one line, exit status 1."""
+    """A file could not be written (no space, permission, quota): the file it replaces is untouched, no temporary
+    is left. One line, exit status 1."""
 
 
 class OutOfMemory(Exception):
@@ -41,8 +41,7 @@ class Interrupted(Exception):
 
 
 class StopRequested(Exception):
-    """SIGINT / SIGTERM (its name the message) outside the training steps: raised at once (ddpm_runtime); exit
-    status 130."""
+    """SIGINT / SIGTERM (its name the message) outside the training steps, raised at once; exit status 130."""
 
 
 # what stops a command with a message (failure_text) and an exit status (exit_status) instead of a traceback
@@ -81,10 +80,8 @@ def require_finite(tensor, what):
 
 @contextlib.contextmanager
 def atomic_open(path):
-    """A binary file that appears at `path` only once the block has written all of it and it is on the disk
-    (temporary file, fsync, rename): a crash, Ctrl-C or error never leaves a half-written file, and the file it
-    replaces stays as it was until then. A write that fails (no space left, permission lost, quota) is a
-    WriteError naming the file."""
+    """A binary file that appears at `path` only once the block has written all of it to the disk (temporary file,
+    fsync, rename): a crash never leaves a half-written file. A failed write is a WriteError naming the file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -134,9 +131,8 @@ def atomic_write_text(text, path):
 
 
 def write_folder(files, path):
-    """A new folder of files ({name: bytes}) that appears at `path` only once all of them are written (a temporary
-    sibling folder, then a rename); `path` may exist as an empty folder. A failed write is a WriteError that leaves
-    nothing behind."""
+    """A folder of files ({name: bytes}) that appears at `path` (absent or empty) only once all are written; a failed
+    write is a WriteError that leaves nothing behind."""
     tmp = f"{os.path.normpath(path)}.tmp{os.getpid()}"
     try:
         os.makedirs(tmp)
@@ -164,9 +160,8 @@ def write_json(obj, path):
 
 
 def input_file_problem(path):
-    """What keeps `path` from being read as a file (None: nothing), said after the path: it does not exist, is a loop
-    of symbolic links or a link to nothing, is a folder or not a regular file (a FIFO would block the read), or
-    cannot be opened for reading. Nothing is read."""
+    """What keeps `path` from being read as a file (None: nothing), said after the path: missing, a link loop or a
+    link to nothing, a folder or not a regular file (a FIFO would block), or unreadable. Nothing is read."""
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
@@ -224,8 +219,8 @@ MAX_RUN_NAME = NAME_MAX - LONGEST_DECORATION
 
 
 def run_name_problem(name):
-    """What is wrong with `name` as a run name (None: nothing). A run name becomes part of file and folder names,
-    never a path: POSIX's portable characters only, not '.' or '..', and short enough for every name made from it."""
+    """What is wrong with `name` as a run name (None: nothing): it names files, never a path, so POSIX's portable
+    characters only, not '.' or '..', short enough for every name made from it."""
     if not name:
         return "is empty"
     if name in (".", ".."):
@@ -246,16 +241,16 @@ def check_run_name(name):
 
 
 def sanitized_run_name(name, fallback="DDPM"):
-    """A valid run name made from any text (an older or foreign checkpoint's): every run of other characters becomes
-    '_', leading '.', '_' and '-' go ('../../x y' → 'x_y'), cut to MAX_RUN_NAME; `fallback` when nothing is left."""
+    """A valid run name made from any text: runs of other characters become '_', leading '.', '_', '-' go
+    ('../../x y' → 'x_y'), cut to MAX_RUN_NAME; `fallback` when nothing is left."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name or "")).lstrip("._-")[:MAX_RUN_NAME]
     return name or fallback
 
 
 @dataclass(frozen=True)
 class RunFiles:
-    """Every path a run writes, built here alone from the two folders and the run name, which is checked first
-    (check_run_name): checkpoints and config.json in <models_dir>/<run>/, outputs as <save_dir>/OUTPUT_NAMES."""
+    """Every path a run writes, from the two folders and the run name (checked first): checkpoints and config.json in
+    <models_dir>/<run>/, outputs as <save_dir>/OUTPUT_NAMES."""
     models_dir: str
     save_dir: str
     run_name: str
@@ -292,8 +287,7 @@ class RunFiles:
         return folder == os.path.realpath(self.save_dir) and self.output_names().fullmatch(name) is not None
 
     def stale_temporaries(self):
-        """The temporary files (and folders) that atomic writes of this run left behind when its process was killed
-        (kill -9, a power cut): '<name>.tmp<pid>' of a process no longer running."""
+        """'<name>.tmp<pid>' files and folders of this run whose process no longer runs (kill -9, a power cut)."""
         found = []
         for folder, names in ((self.ckpt_dir, re.compile(f"(?:{'|'.join(map(re.escape, CHECKPOINT_NAMES))})"
                                                          r"\.tmp([0-9]+)")),
@@ -319,8 +313,8 @@ def process_running(pid):
 
 
 def make_way(files, inputs):
-    """Before a command writes `files` (RunFiles): UserError when one of the files it reads, inputs {flag: path},
-    is one it would write over; then the temporary files of killed runs of the same name are removed."""
+    """Before a command writes `files`: UserError when an input {flag: path} is one of its outputs; then the temporary
+    files of killed runs of the same name go."""
     for flag, path in inputs.items():
         if path and files.is_output(path):
             raise UserError(f"{flag} {path!r} is where this command writes one of its outputs (run "

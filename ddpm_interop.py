@@ -111,8 +111,7 @@ class Imported:
 # ------------------------------------------------------------------------------------------ reading
 
 def read_foreign(path):
-    """A pesser state dict, a diffusers folder, or a diffusers weights file (config.json beside it): ForeignWeights.
-    UserError, one line, for anything else."""
+    """ForeignWeights of a pesser state dict, a diffusers folder, or a diffusers weights file; UserError otherwise."""
     if os.path.isdir(path):
         folder = os.path.join(path, "unet") if os.path.isfile(os.path.join(path, "unet", "config.json")) else path
         weights = next((os.path.join(folder, name) for name in ("diffusion_pytorch_model.safetensors",
@@ -135,8 +134,8 @@ def read_foreign(path):
 
 
 def read_diffusers(weights_path, root, tensors=None):
-    """ForeignWeights of a diffusers UNet2DModel: its weights, the config.json beside them, and the pipeline's
-    scheduler_config.json when there is one (beside them, or in root/scheduler/)."""
+    """ForeignWeights of a diffusers UNet2DModel: weights, config.json beside them, and scheduler_config.json when
+    there is one (beside them, or in root/scheduler/)."""
     folder = os.path.dirname(weights_path)
     config = read_json(os.path.join(folder, "config.json"), required=True)
     scheduler = next(filter(None, (read_json(os.path.join(where, "scheduler_config.json")) for where in
@@ -187,8 +186,7 @@ def read_tensors(path):
 # ------------------------------------------------------------------------------------ the network and names
 
 def foreign_network(foreign):
-    """The UNetConfig of a foreign network, its layout read from its tensors (levels, blocks, widths, attention) and,
-    for diffusers, config.json (GroupNorm, which the tensors do not record, and the layout options it must have)."""
+    """The UNetConfig of a foreign network, its layout read from its tensors and, for diffusers, config.json."""
     names = foreign.tensors
     block = {"pesser": r"down\.(\d+)\.block\.(\d+)\.conv1\.weight",
              "diffusers": r"down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight"}[foreign.style]
@@ -216,8 +214,7 @@ def foreign_network(foreign):
 
 
 def diffusers_layout(foreign, levels):
-    """(image side, GroupNorm groups, ε) of a diffusers UNet2DModel, once config.json is checked to describe Ho et
-    al.'s layout (one attention head, sin before cos, 'SAME' down-sampling, …) for 32 × 32 RGB images."""
+    """(image side, GroupNorm groups, ε) of a diffusers UNet2DModel whose config.json describes Ho et al.'s layout."""
     config, source = foreign.unet_config, foreign.source
     wrong = [f"{key} {config.get(key, default)!r} (Ho et al.: {value!r})"
              for key, (value, default) in DIFFUSERS_LAYOUT.items() if config.get(key, default) != value]
@@ -267,15 +264,15 @@ def parameter_map(names, network, style, old_attention=False):
 
 
 def foreign_shape(shape, count, linear):
-    """The shape each of `count` foreign tensors has that make one DDPMUNet tensor of `shape` (stacked along the first
-    dimension; a Linear's weight without the 1 × 1 of a convolution)."""
+    """The shape of each of `count` foreign tensors that make one DDPMUNet tensor of `shape` (stacked; a Linear's
+    weight without the 1 × 1)."""
     shape = (shape[0] // count, *shape[1:])
     return shape[:2] if linear and len(shape) == 4 else shape
 
 
 def import_weights(foreign):
-    """Imported: the foreign file's network, its weights under DDPMUNet's names (float32), and its diffusion. UserError
-    naming the first tensor that is missing, extra or of another shape."""
+    """Imported: the foreign network, its weights under DDPMUNet's names (float32), its diffusion; UserError naming
+    the first tensor missing, extra or of another shape."""
     network = foreign_network(foreign)
     old = foreign.style == "diffusers" and any(".query." in name for name in foreign.tensors)
     with torch.device("meta"):
@@ -306,9 +303,8 @@ def import_weights(foreign):
 
 
 def foreign_diffusion(foreign):
-    """The diffusion a foreign network was trained with: diffusers' scheduler_config.json when there is one, else Ho
-    et al.'s (T = 1000, linear β from 1e-4 to 0.02, ε, sampled with σ_t² = β_t). UserError for a scheduler the tool
-    cannot reproduce."""
+    """The diffusion a foreign network was trained with: scheduler_config.json's, else Ho et al.'s (T = 1000, linear
+    β 1e-4 … 0.02, ε, σ_t² = β_t). UserError for a scheduler the tool cannot reproduce."""
     scheduler = foreign.scheduler
     if not scheduler:
         return {}
@@ -338,8 +334,7 @@ def foreign_diffusion(foreign):
 # ------------------------------------------------------------------------------------------ writing
 
 def export_problem(config, network):
-    """Why a checkpoint's network has no diffusers twin (None: it has one): UNet2DModel is Ho et al.'s layout,
-    unconditional here (its class embedding is not this tool's)."""
+    """Why a checkpoint's network has no diffusers twin (None: it has one): Ho et al.'s layout, unconditional."""
     if network.architecture != "ddpm" or network.resblock != "add":
         return ("is the compact U-Net, which has no diffusers twin: only Ho et al.'s layout (--architecture ddpm "
                 "--resblock add, as --preset ddpm_cifar10 and imported models) exports")
@@ -374,8 +369,7 @@ def scheduler_config(config):
 
 
 def foreign_weights(network, weights, style="diffusers"):
-    """DDPMUNet's state dict `weights` under pesser's or UNet2DModel's names, float32 and contiguous (as safetensors
-    wants)."""
+    """A DDPMUNet state dict under pesser's or UNet2DModel's names, float32 and contiguous."""
     tensors = {}
     for name, (targets, linear) in parameter_map(weights, network, style).items():
         for target, chunk in zip(targets, weights[name].float().chunk(len(targets))):
@@ -388,8 +382,7 @@ PIPELINE_INDEX = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS
 
 
 def diffusers_folder_files(config, network, weights):
-    """{file name: bytes} of a diffusers DDPMPipeline folder in the flat layout of google/ddpm-cifar10-32: model_index,
-    the UNet2DModel's config.json and safetensors weights, and scheduler_config.json."""
+    """{file name: bytes} of a DDPMPipeline folder laid out as google/ddpm-cifar10-32's."""
     from safetensors.torch import save
     as_json = lambda value: (json.dumps(value, indent=2) + "\n").encode()
     return {"model_index.json": as_json(PIPELINE_INDEX), "config.json": as_json(diffusers_config(network)),
@@ -411,8 +404,8 @@ def foreign_weights_path(source, verbose):
 # ------------------------------------------------------------------------------------------ the jobs
 
 def import_job(options):
-    """--import_weights: a foreign file of Ho et al.'s network (fetched first when named) → <models_dir>/<run>/ckpt.pt
-    and config.json, sampled as the paper did unless sampling flags say otherwise."""
+    """--import_weights: Ho et al.'s network from a file (fetched first when named) → <models_dir>/<run>/ckpt.pt
+    and config.json."""
     verbose = not options.quiet
     path = foreign_weights_path(options.import_weights, verbose)
     foreign = read_foreign(path)
@@ -447,9 +440,8 @@ CIFAR10_TRAINED = {"dataset": "cifar10", "classes": CIFAR10_CLASSES, "channels":
 
 
 def imported_config(flags, imported, settings):
-    """The config of an imported network: --preset ddpm_cifar10's recipe (what the paper trained it with) over the
-    command line's values `flags` (by config key), the network and diffusion the file holds, CIFAR-10's data, and the
-    sampling settings."""
+    """The config of an imported network: --preset ddpm_cifar10's recipe under the command line's `flags`, the file's
+    network and diffusion, CIFAR-10's data, and the sampling settings."""
     recipe = {key: value for key, value in PRESETS["ddpm_cifar10"][1].items() if key in COMMAND_LINE_SETTINGS}
     chosen = {**{key: flags[key] for key in COMMAND_LINE_SETTINGS}, **recipe,
               **{key: flag_value(getattr(imported.network, key)) for key in MODEL_SETTINGS},

@@ -19,9 +19,8 @@ STRIP_COLUMNS = 10        # x̂_0 at this many evenly spaced network evaluations
 
 
 def grid_layout(num_classes):
-    """The per-epoch grid of a model of num_classes classes (None: unconditional): (class labels (N,) or None, N, its
-    columns): GRID_PER_CLASS of each class, a row each, or with more than MAX_CLASS_ROWS classes one image of each in
-    about √K columns; unconditional, GRID_UNCONDITIONAL in rows of GRID_PER_CLASS."""
+    """The per-epoch grid for num_classes classes (None: unconditional): (labels (N,) or None, N, columns):
+    GRID_PER_CLASS a class, a row each (more than MAX_CLASS_ROWS classes: one each); else GRID_UNCONDITIONAL."""
     if num_classes is None:
         return None, GRID_UNCONDITIONAL, GRID_PER_CLASS
     if num_classes > MAX_CLASS_ROWS:
@@ -42,9 +41,8 @@ def to_uint8(images):
 
 
 def tile(images, nrow, padding=2):
-    """Images in [−1, 1] (N, C, H, W) as one grid (3, H', W') in [0, 1], `nrow` a row, `padding` black pixels around
-    each: torchvision's make_grid(normalize=True, value_range=(−1, 1)) written out (tests/test_pictures.py checks the
-    two agree), so that drawing a grid does not import torchvision, whose models take a second to import."""
+    """Images in [−1, 1] (N, C, H, W) as one grid (3, H', W') in [0, 1]: torchvision's make_grid(normalize=True,
+    value_range=(−1, 1)) written out (tests check they agree), so that a grid does not import torchvision."""
     images = images.float().cpu().clamp(-1, 1).add(1).div(2)
     images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images   # grey: the same in every channel
     if len(images) == 1:
@@ -72,15 +70,14 @@ CLASS_NAME_BYTES = 100  # the most of a class name a file name takes: 'NNNNN_' +
 
 
 def file_name_part(text):
-    """A class name as it can stand in a file name: every run of characters other than letters, digits and '_'
-    becomes one '_' ('T-shirt/top' → 'T_shirt_top', '0 - zero' → '0_zero'), cut to CLASS_NAME_BYTES in UTF-8."""
+    """A class name as part of a file name: runs of other characters than letters, digits and '_' become '_'
+    ('T-shirt/top' → 'T_shirt_top'), cut to CLASS_NAME_BYTES of UTF-8."""
     part = re.sub(r"\W+", "_", text).strip("_").encode()[:CLASS_NAME_BYTES].decode(errors="ignore")
     return part or "_"
 
 
 def save_forward_strip(diffusion, image_uint8, path, count=10):
-    """One training image (C, H, W) noised by the forward process q(x_t | x_0) of `diffusion` at `count` evenly spaced
-    t, left (t = 0) to right (t = T−1)."""
+    """One training image (C, H, W) noised by q(x_t | x_0) at `count` evenly spaced t, t = 0 to T−1."""
     x0 = to_model_range(image_uint8.to(diffusion.betas.device)).expand(count, -1, -1, -1)
     t = torch.linspace(0, diffusion.timesteps - 1, count).round().long().to(x0.device)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(GRID_SEED)).to(x0.device)
@@ -88,9 +85,8 @@ def save_forward_strip(diffusion, image_uint8, path, count=10):
 
 
 def save_individual_pngs(images, folder, labels=None, classes=None):
-    """One PNG per image (mode L for 1-channel images, else RGB): NNNNN.png, or NNNNN_<class>.png when labels are
-    given. They are written to a temporary folder beside `folder` and moved in only once all are written, so a write
-    that fails leaves the earlier images as they were; then an earlier, larger batch's extra images are removed."""
+    """One PNG per image: NNNNN.png, or NNNNN_<class>.png with labels; all written into a temporary folder first, so a
+    failed write leaves the earlier images; an earlier, larger batch's extra images are removed."""
     arrays = to_uint8(images)  # (N, H, W, C); checked finite before anything is touched
     names = [f"{i:05d}{f'_{file_name_part(classes[int(labels[i])])}' if labels is not None else ''}.png"
              for i in range(len(arrays))]
@@ -161,8 +157,8 @@ def plot_loss_history(history, path, title=""):
 
 
 def plot_bound_terms(terms, prior, total, path, title=""):
-    """The variational bound's terms against the paper's t (1 … T), bits/dim on a log scale: the decoder L_0 at t = 1,
-    the KL terms L_{t−1} after it, the prior L_T as a line; the total in the legend."""
+    """The bound's terms against the paper's t (1 … T) in bits/dim, log scale: L_0 at t = 1, the KL terms after it,
+    L_T as a line, the total in the legend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -25,8 +25,7 @@ def format_bytes(n):
 
 
 def memory_of(device):
-    """(bytes, what) of memory `device` has in all: a CUDA card's, else the machine's RAM; (None, what) where the
-    system does not say."""
+    """(bytes, what) of the memory `device` has: a CUDA card's, else the machine's RAM; (None, what) when unknown."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory, f"{torch.cuda.get_device_name(device)} has"
     try:
@@ -36,9 +35,8 @@ def memory_of(device):
 
 
 def check_memory(needs, device, host_needs=()):
-    """UserError when what a run needs before it starts is more than the memory there is: needs [(bytes, what, flag)]
-    on `device`, host_needs the same in the machine's RAM (the samples kept, on a CUDA run). Lower bounds only, so
-    nothing that could run is refused; the message names the largest need and the flag that lowers it."""
+    """UserError when a run's lower-bound needs [(bytes, what, flag)] on `device` (host_needs: in the machine's RAM)
+    exceed the memory there; the message names the largest need and the flag that lowers it."""
     places = {device: list(needs)}
     places.setdefault(torch.device("cpu"), []).extend(host_needs)  # on a CPU run, the same memory
     for place, parts in places.items():
@@ -57,8 +55,8 @@ ALLOCATION_FAILURES = ("out of memory", "can't allocate memory", "not enough mem
 
 @contextlib.contextmanager
 def memory_guard(activity, remedy):
-    """Turns running out of memory inside the block (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError,
-    Python's MemoryError) into OutOfMemory: 'out of GPU memory while <activity>: <remedy>'."""
+    """Running out of memory inside the block (CUDA's, the CPU allocator's, Python's) becomes OutOfMemory: 'out of
+    GPU memory while <activity>: <remedy>'."""
     try:
         yield
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
@@ -77,17 +75,14 @@ COMPILE_CHOICES = ("auto", "on", "off")
 
 
 def cpu_bf16_instructions():
-    """The bf16 instructions this CPU has ('AVX512-BF16', 'AMX'); torch.cpu's checks are private, so a torch without
-    them finds none."""
+    """The bf16 instructions this CPU has ('AVX512-BF16', 'AMX'), by torch.cpu's private checks (none without)."""
     checks = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
     return [name for name, check in checks.items() if getattr(torch.cpu, check, lambda: False)()]
 
 
 def choose_precision(requested, device):
-    """(precision, why): what the U-Net runs in ('bf16', 'fp16' or 'fp32') for --precision `requested` on `device`,
-    and why, for the banner. auto: bf16 where the hardware has it natively (CUDA compute capability ≥ 8.0, CPUs with
-    AVX512-BF16 or AMX), fp16 with a dynamic loss scaler on older CUDA devices (no bf16 tensor cores), else float32.
-    Weights, EMA, optimizer state and checkpoints stay float32 whatever runs."""
+    """(precision, why) the U-Net runs in for --precision `requested` on `device`. auto: bf16 where the hardware has
+    it (CUDA capability ≥ 8.0, AVX512-BF16 or AMX CPUs), fp16 with a loss scaler on older CUDA devices, else fp32."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         native = major >= 8
@@ -115,8 +110,7 @@ def describe_precision(precision):
 
 
 def choose_compile(requested, device):
-    """Whether to torch.compile the U-Net for --compile `requested`: auto compiles on CUDA only (on a CPU it measured
-    no faster, after minutes of compiling: BENCHMARKS.md)."""
+    """Whether to torch.compile the U-Net: auto compiles on CUDA only (no faster on a CPU, BENCHMARKS.md)."""
     return requested == "on" or (requested == "auto" and device.type == "cuda")
 
 
@@ -134,14 +128,9 @@ def synchronize(device):
 
 
 class Denoiser:
-    """Calls ε_θ under autocast at the run's precision ('bf16', 'fp16' or 'fp32': none) and through torch.compile
-    when asked, always returning float32, with the input in the model's memory format (channels-last models — what
-    ddpm_train and ddpm_sample build — train 20 % and sample 40 % faster on the 2-core CPU, and it is the layout bf16
-    convolutions want on NVIDIA GPUs).
-
-    If compilation fails (no compiler, unsupported op), it warns once and continues eagerly:
-    the same function, only slower. Exposes the model's num_classes for classifier-free guidance.
-    """
+    """Calls ε_θ under autocast at the run's precision and through torch.compile when asked, returning float32, the
+    input in the model's memory format (channels-last: 20 % faster training, 40 % faster sampling on the 2-core CPU).
+    A failed compile warns once and runs eagerly. Exposes the model's num_classes for guidance."""
 
     def __init__(self, model, compile=False, precision="fp32"):
         self.model = model
@@ -178,9 +167,8 @@ CONTROL_GROUP = None  # under NCCL, the gloo group whose all-reduces of host num
 
 
 def init_distributed(use_cuda):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU), with a gloo group beside
-    NCCL for the ranks' decisions (max_over_ranks), and return (rank, world_size, local_rank); otherwise (0, 1, 0)
-    and nothing changes."""
+    """Under torchrun: join the process group (NCCL on CUDA with a gloo group beside it for max_over_ranks, gloo on
+    CPU); (rank, world_size, local_rank), (0, 1, 0) alone."""
     global CONTROL_GROUP
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -206,8 +194,7 @@ def all_ranks_mean(value, world_size):
 
 
 def max_over_ranks(values, world_size):
-    """The element-wise maximum of a list of numbers (or booleans) over ranks, as floats, so that every
-    rank takes the same decision: one all-reduce of a CPU tensor (through gloo, never waiting for a GPU)."""
+    """The element-wise maximum of numbers over ranks, as floats: one all-reduce of a CPU tensor through gloo."""
     if world_size == 1:
         return [float(v) for v in values]
     import torch.distributed as dist
@@ -225,10 +212,8 @@ def barrier(world_size):
 # ------------------------------------------------------------------- what a run needs
 
 def parameter_count(model_config):
-    """The parameters of the U-Net a UNetConfig describes, counted on the meta device (nothing allocated) without the
-    class embedding (its normal_ initialisation there imports torch._dynamo, a second): exact for unconditional
-    networks, a lower bound for conditional ones. Widths no machine could hold are not built even there: their count
-    is the lower bound of the middle blocks' four 3 × 3 convolutions."""
+    """The U-Net's parameters counted on the meta device, class embedding left out (a lower bound for conditional
+    networks); widths no machine could hold count the middle blocks' four 3 × 3 convolutions alone."""
     widest = model_config.dim * model_config.dim_mults[-1]
     lower_bound = 4 * 9 * widest ** 2
     if lower_bound > 2 ** 50:  # 10¹⁵ parameters: more than any machine holds, and past what meta shapes can count
@@ -243,10 +228,8 @@ ACTIVATION_BYTES = 2                    # the least a stored activation takes (b
 
 
 def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, training, evaluations=1):
-    """What a run needs in memory before it starts, as lower bounds [(bytes, what, flag that lowers it)]: the weights
-    (and for `training` their gradients, EMA and optimizer moments), the noise schedule, one sampling batch (its images
-    and the U-Net's skip connections, for each of a step's `evaluations`: both halves of a guided batch) and the
-    samples kept (float32, C × side²)."""
+    """A run's lower-bound needs [(bytes, what, flag that lowers it)]: weights (training: gradients, EMA, moments),
+    the schedule, one sampling batch of `evaluations` halves, and the samples kept."""
     params = parameter_count(model_config)
     copies = TRAINING_COPIES if training else 1
     dims = [model_config.dim * m for m in model_config.dim_mults]
@@ -264,9 +247,8 @@ def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, trai
 
 
 def check_run_memory(device, sample_batch, model_config, timesteps, side, samples, training, evaluations=1):
-    """UserError before anything is allocated when the weights, the schedule, one sampling batch (of sample_batch) and
-    the samples kept need more memory than the device (and for the samples, the machine) has: memory_needs. On CUDA a
-    batch that does not fit is halved down to one image (generate), so only one image of it must fit there."""
+    """UserError before anything is allocated when memory_needs exceed the device's (and machine's) memory; on CUDA
+    only one image of a sampling batch must fit (generate halves batches)."""
     batch = 1 if device.type == "cuda" else min(sample_batch, samples)
     needs = memory_needs(model_config, timesteps, side, batch, samples, training, evaluations)
     check_memory(needs[:3], device, needs[3:])
@@ -276,9 +258,8 @@ def check_run_memory(device, sample_batch, model_config, timesteps, side, sample
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Inside the block, SIGINT raises KeyboardInterrupt and SIGTERM StopRequested at once (a command's work, a
-    training run's set-up), each reported as one line, exit status 130; SignalFlag takes over while a run trains.
-    (Outside the main thread, where Python takes no signal handlers, nothing changes.)"""
+    """Inside the block SIGINT raises KeyboardInterrupt and SIGTERM StopRequested at once (one line, exit 130);
+    SignalFlag takes over while a run trains. Outside the main thread nothing changes."""
     def handle(signum, frame):
         raise StopRequested(signal.Signals(signum).name)
 
@@ -295,10 +276,8 @@ def stop_on_signals():
 
 
 class SignalFlag:
-    """SIGINT / SIGTERM during a run. Between training steps (between_steps) a flag, checked after every step, so
-    the step finishes and the ranks stop together; elsewhere, in a single process, a StopRequested raised at once
-    (immediate), so a long evaluation or sampler stops within seconds (under torchrun the flag, for the ranks to
-    agree on). A second signal stops at once."""
+    """SIGINT / SIGTERM during a run: between training steps a flag checked after every step, so ranks stop
+    together; elsewhere in a single process StopRequested at once (immediate). A second signal stops at once."""
 
     def __init__(self, immediate=True):
         self.received, self.previous, self.immediate = None, {}, immediate

@@ -36,12 +36,9 @@ OPTIONS = {option for kind in SAMPLERS.values() for option in kind.options}  # w
 
 
 def sampler_settings(asked, saved, timesteps, own=None, given=()):
-    """How a job samples a T-step model, the one resolver of SamplerSettings (inference, the editing jobs, a training
-    run and its grids, an import): the sampler the job always runs (`own`: SamplerSettings fields; steps its default,
-    at most T), else the checkpoint's settings `saved` (None: the defaults), with the sampling flags `asked`
-    ({field: value}) over them. A sampler other than the base one starts from its own defaults, keeping the guidance
-    and the variance. An option of another sampler (SAMPLERS) is refused when its flag is `given` (a preset's value is
-    no mistake); steps are filled in for T."""
+    """How a job samples a T-step model, the one resolver of SamplerSettings: the job's `own` sampler (steps at most
+    T), else the checkpoint's `saved` settings (None: the defaults), the flags `asked` over them. A switched sampler
+    starts from its own defaults; another sampler's option is refused when its flag is `given`."""
     base, own = saved or SamplerSettings(), dict(own or {})
     if own:
         steps = own.pop("steps", None)
@@ -70,8 +67,7 @@ def switched(settings, sampler):
 
 
 def describe_sampling(settings, guided=True):
-    """SamplerSettings as banners and metrics files say them, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance
-    1.5'; without the guidance when not guided (an unconditional model, or a conditional one with the null label)."""
+    """SamplerSettings as banners and metrics say them, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance 1.5'."""
     options = SAMPLERS[settings.sampler].options
     steps = f"{settings.steps or 'default'} steps"
     if "spacing" in options:
@@ -101,12 +97,8 @@ def seeded_rng(seed, device):
 @torch.no_grad()
 def generate(diffusion, denoiser, settings, num_images, image_size, channels=3, class_labels=None,
              batch_size=1000, seed=None, progress=False):
-    """num_images samples (num_images, channels, image_size, image_size) in [−1, 1], on the CPU, made batch_size
-    at a time; class_labels (num_images,) or None. With a seed, the noise comes from it and the caller's RNG
-    state is left as it was; without, from the caller's RNG.
-
-    A batch that runs out of device memory is tried again at half the size, down to one image, with one warning
-    line: the end of a long run is not lost to a --sample_batch the card cannot hold."""
+    """num_images samples (N, C, S, S) in [−1, 1] on the CPU, batch_size at a time; with a seed, the caller's RNG
+    is left as it was. A batch that runs out of device memory is retried at half the size, with one warning."""
     device = diffusion.betas.device
     chunks, done, warned = [], 0, False
     with seeded_rng(seed, device) if seed is not None else contextlib.nullcontext(), \
@@ -134,8 +126,7 @@ def generate(diffusion, denoiser, settings, num_images, image_size, channels=3, 
 
 
 def guidance_sweep(diffusion, denoiser, settings, scales, classes, image_size, channels, seed):
-    """A row per guidance scale in `scales`, a column per class; every row starts from the same noise and draws
-    the same per-step noise (from `seed`), so only w changes between rows. Returns (rows · columns, C, H, W)."""
+    """A row per guidance scale, a column per class, every row from the same noise: (rows · columns, C, H, W)."""
     labels = torch.tensor(classes, device=diffusion.betas.device)
     return torch.cat([generate(diffusion, denoiser, dataclasses.replace(settings, guidance_scale=w), len(classes),
                                image_size, channels, labels, batch_size=len(classes), seed=seed) for w in scales])
@@ -155,8 +146,7 @@ class Sampler:
         return self.diffusion.betas.device
 
     def sample(self, num_images, class_labels=None, seed=None, progress=False):
-        """num_images samples (generate), cut back to the data's size when the model works on padded images:
-        (num_images, C, H, W) in [−1, 1] on the CPU. class_labels (num_images,) or None: unconditional."""
+        """num_images samples (N, C, H, W) in [−1, 1] on the CPU, cut back to the data's size; class_labels or None."""
         images = generate(self.diffusion, self.denoiser, self.settings, num_images, self.config["image_size"],
                           self.config["model"]["channels"], class_labels, self.batch_size, seed, progress)
         return self.to_data_size(images)
@@ -167,8 +157,7 @@ class Sampler:
 
 
 def class_indices(items, classes):
-    """The class index of each --sample_classes item: one of the model's class names, else an index 0 … K−1 (a class
-    named by a number is taken by its name)."""
+    """The class index of each --sample_classes item: a class name of the model, else an index 0 … K−1."""
     indices = []
     for item in items:
         if item in classes:
@@ -188,8 +177,8 @@ def class_cycle(classes, n, device):
 
 
 def prepare_sampler(model, config, settings, device, precision, compile, batch_size, verbose, job):
-    """A checkpoint's network (on the CPU) as a Sampler on the device, at the precision (--precision) and compilation
-    (--compile) chosen for it; when verbose, says what it does with it: job, e.g. ('sampling', its settings)."""
+    """A checkpoint's network as a Sampler on the device at the precision and compilation chosen for it; when
+    verbose, says so: job = (what it does, its settings)."""
     precision, precision_why = choose_precision(precision, device)
     model = model.to(device, memory_format=torch.channels_last).eval()
     denoiser = Denoiser(model, choose_compile(compile, device), precision)
@@ -200,9 +189,7 @@ def prepare_sampler(model, config, settings, device, precision, compile, batch_s
 
 
 def save_samples(sampler, images, labels, files, columns, seconds, verbose):
-    """The sampler's images as samples_<run>.png (columns: a column per class when given and at most MAX_CLASS_ROWS,
-    else a square), one PNG per image (named by its class when labels are given) and the uint8 npz; files: the run's
-    RunFiles. When verbose, says where they went and that they took `seconds`."""
+    """samples_<run>.png (a column per class, else a square), a PNG per image and the uint8 npz."""
     os.makedirs(files.save_dir, exist_ok=True)
     nrow = min(columns, len(images)) if columns is not None and columns <= MAX_CLASS_ROWS else \
         math.ceil(math.sqrt(len(images)))
@@ -216,8 +203,7 @@ def save_samples(sampler, images, labels, files, columns, seconds, verbose):
 
 
 def write_guidance_sweep(sampler, scales, classes, seed, files, verbose):
-    """guidance_sweep_<run>.png, one labelled grid: a row per guidance scale, a column per class (indices; None: the
-    model's first MAX_CLASS_ROWS), every row from the same noise; the guidance interval, if any, under the grid."""
+    """guidance_sweep_<run>.png: a row per guidance scale, a column per class (None: the first MAX_CLASS_ROWS)."""
     config = sampler.config
     classes = classes or list(range(min(config["num_classes"], MAX_CLASS_ROWS)))
     images = sampler.to_data_size(guidance_sweep(sampler.diffusion, sampler.denoiser, sampler.settings, scales,
@@ -234,9 +220,8 @@ def write_guidance_sweep(sampler, scales, classes, seed, files, verbose):
 
 @torch.no_grad()
 def write_denoising_strip(sampler, rows, classes, seed, files, verbose):
-    """denoising_strip_<run>.png: a row per sample (classes: class indices cycled over the rows, class-guided; None:
-    unconditional), and in each, x̂_0 as the network predicts it at STRIP_COLUMNS evenly spaced evaluations of the
-    sampler, from the first at x_T (left) to the sample (right); each column labelled with the paper's t."""
+    """denoising_strip_<run>.png: a row per sample, x̂_0 as the network predicts it at STRIP_COLUMNS evenly
+    spaced evaluations, x_T (left) to the sample (right), each column labelled with the paper's t."""
     diffusion, config = sampler.diffusion, sampler.config
     labels = class_cycle(classes, rows, sampler.device) if classes else None
     side, trace = config["image_size"], []
@@ -264,19 +249,15 @@ def grayscale_fid_note(config, verbose):
 
 
 def fid_reference(features, config, images_uint8, data_dir, dataset, split, verbose):
-    """The Reference FID compares a model's samples with when no --fid_ref_stats are given: the statistics of the
-    `split` images (--fid_ref: images_uint8 (N, C, H, W), or those at data_dir, a `dataset`, when None), which must be
-    of the data the model was trained on (UserError). features: the InceptionFeatures."""
+    """The statistics FID compares a model's samples with: of the `split` images (images_uint8, or those at data_dir),
+    which must be the model's data."""
     return reference_statistics(features, data_dir, dataset, trained_data(config), split, images_uint8,
                                 progress=verbose and stderr_is_terminal())
 
 
 def measure_fid_and_is(sampler, num_samples, seed, features, reference, samples_path, verbose):
-    """FID and Inception Score of num_samples new samples (class-balanced when the model is conditional), from one
-    pass of the Inception network, FID against the Reference (fid_reference). The samples are saved at samples_path
-    (fid_samples_<run>.npz), so any other tool can read the very same images. Returns the entries of
-    metrics_<run>.json: fid, inception_score and its std (None when the network file has no classifier), and
-    fid_protocol, what the figures depend on."""
+    """FID and IS of num_samples new samples (class-balanced when conditional) from one Inception pass, the samples
+    saved at samples_path; returns metrics_<run>.json's entries, the protocol included."""
     if num_samples < PAPER_SAMPLES:
         print(f"warning: FID from {num_samples:,} samples reads high against published figures, which use "
               f"{PAPER_SAMPLES:,} (Ho et al. 2020; some use 10,000): compare FIDs of equal sample counts",
@@ -309,8 +290,7 @@ def measure_fid_and_is(sampler, num_samples, seed, features, reference, samples_
 
 
 def spread(images, labels, count):
-    """`count` of the images (and their labels, or None), evenly spaced over the split: in a class-sorted split (an
-    image folder) as many of each class as there are; all of them when the split holds fewer (with a note)."""
+    """`count` of the images (and labels, or None), evenly spaced over the split; all, with a note, when fewer."""
     if count > len(images):
         print(f"note: --eval_nll {count}: the test split holds {len(images)} images; using all of them",
               file=sys.stderr)
@@ -319,26 +299,15 @@ def spread(images, labels, count):
 
 
 def test_split(config, data_dir, dataset, flag):
-    """The test split of the data at data_dir (a `dataset`): uint8 images (N, C, H, W) and labels (N,). The data must
-    be what the model was trained on (a UserError naming `flag`, the job that reads it)."""
+    """The test split (images (N, C, H, W) uint8, labels) of the data at data_dir, which must be the model's."""
     data = load_dataset(data_dir, dataset)
     require_trained_data(config, data_facts(data), data_dir, flag)
     return data["test_images"], data["test_labels"]
 
 
-def nll_test_images(config, data_dir, dataset, count, with_labels):
-    """`count` test images (uint8, (N, C, H, W), spread over the split) of the data at data_dir (a `dataset`), which
-    must be what the model was trained on (UserError), and their labels (N,) when with_labels, else None."""
-    images, labels = test_split(config, data_dir, dataset, "--eval_nll")
-    return spread(images, labels if with_labels else None, count)
-
-
 def measure_nll(sampler, images_uint8, labels, variance, seed, files, verbose):
-    """The variational bound (eq. 5) of test images (N, C, H, W uint8, at the data's size; padded to the model's side)
-    in bits/dim, p_θ's σ_t² `variance` ('posterior' or 'beta'; None: the sampler's), with labels (N,) or without (the
-    null label of a conditional model). Writes each term's mean per t, the total and its standard error to
-    nll_<run>.json, and the terms against t to nll_terms_<run>.png; returns the JSON's dict. T network evaluations
-    per image, sampler.batch_size images at a time, in the sampler's precision."""
+    """The variational bound (eq. 5) of test images (N, C, H, W uint8) in bits/dim with σ_t² `variance` (None: the
+    sampler's), with labels or the null label: nll_<run>.json and nll_terms_<run>.png. T evaluations an image."""
     diffusion, config, n = sampler.diffusion, sampler.config, len(images_uint8)
     variance = variance or sampler.settings.variance  # None: the σ_t² the sampler draws with
     x = pad_to_side(to_model_range(images_uint8), config["image_size"])  # (N, C, side, side) in [−1, 1]
@@ -375,16 +344,14 @@ def measure_nll(sampler, images_uint8, labels, variance, seed, files, verbose):
 
 
 def nll_labels_text(config, labels):
-    """How the bound was conditioned, for people: an unconditional model, the images' class labels, or the null
-    label of a conditional one."""
+    """How the bound was conditioned, for people."""
     if not config["conditional"]:
         return "unconditional model"
     return "conditioned on each image's class label" if labels is not None else "null label (unconditional)"
 
 
 def whole_rows(classes):
-    """The default --num_samples: a grid of whole rows, GRID_PER_CLASS rows of a column per class (at most
-    MAX_CLASS_ROWS classes; with more, one image of each), else GRID_UNCONDITIONAL (8 × 8)."""
+    """The default --num_samples: GRID_PER_CLASS rows of a column per class, else GRID_UNCONDITIONAL."""
     if classes is None:
         return GRID_UNCONDITIONAL
     return len(classes) * GRID_PER_CLASS if len(classes) <= MAX_CLASS_ROWS else len(classes)
@@ -395,8 +362,7 @@ def whole_rows(classes):
 # model's class indices (None: not given); ddpm_main.inference prepares them (ddpm_jobs.JOBS names these).
 
 def sample_job(options, sampler, files, classes):
-    """--inference: --num_samples images (default: whole rows), class-guided with --conditional; a grid, a PNG each
-    and an npz."""
+    """--inference: --num_samples images, class-guided with --conditional; a grid, a PNG each and an npz."""
     write_samples(options, sampler, files, guided_classes(options, sampler.config, classes))
 
 
@@ -429,11 +395,10 @@ def strip_job(options, sampler, files, classes):
 
 
 def bound_job(options, sampler, files, classes):
-    """--eval_nll N: the bound of N test images of the model's data (--data_dir, else where it was trained), given
-    each image's class with --conditional."""
+    """--eval_nll N: the bound of N test images of the model's data (each image's class with --conditional)."""
     config = sampler.config
-    images, labels = nll_test_images(config, options.data_dir or config["data_dir"], options.dataset,
-                                     options.eval_nll, options.conditional)
+    images, labels = test_split(config, options.data_dir or config["data_dir"], options.dataset, "--eval_nll")
+    images, labels = spread(images, labels if options.conditional else None, options.eval_nll)
     measure_nll(sampler, images, labels, bound_variance(options, sampler.settings), options.seed, files,
                 not options.quiet)
 
@@ -448,9 +413,8 @@ def bound_banner(options, settings, config):
 
 
 def fid_job(options, sampler, files, classes):
-    """--eval_fid N: FID and IS of N class-balanced samples (metrics_<run>.json, fid_samples_<run>.npz), against the
-    reference made first (one of other data stops before anything is written); with --num_samples, those samples
-    too."""
+    """--eval_fid N: FID and IS of N class-balanced samples against the reference, made first; with --num_samples,
+    those samples too."""
     start = time.perf_counter()
     features, reference = inference_fid_reference(options, sampler)
     reference_s = time.perf_counter() - start
@@ -466,8 +430,7 @@ def fid_job(options, sampler, files, classes):
 
 
 def inference_fid_reference(options, sampler):
-    """--eval_fid's network (InceptionFeatures, fetched on first use) and Reference: --fid_ref_stats, else the
-    statistics of the --fid_ref split of the model's data (model_data)."""
+    """--eval_fid's network (fetched on first use) and Reference: --fid_ref_stats, else the model's data's."""
     config, verbose = sampler.config, not options.quiet
     features = InceptionFeatures(options.fid_inception, sampler.device, verbose=verbose)
     grayscale_fid_note(config, verbose)
@@ -478,7 +441,6 @@ def inference_fid_reference(options, sampler):
 
 
 def model_data(config, data_dir, dataset):
-    """(data_dir, dataset) of the images a job reads: data_dir (--data_dir), else the folder the model was trained
-    on, and dataset (--dataset), else the model's own where it is the model's folder (None: found from the folder)."""
+    """(data_dir, dataset) of the images a job reads: the flags, else the model's own."""
     data_dir = data_dir or config["data_dir"]
     return data_dir, dataset or (config.get("dataset") if data_dir == config["data_dir"] else None)

@@ -45,9 +45,8 @@ CPU_GRID_SAMPLER = {"sampler": "dpm++2m"}
 
 
 def check_training(options):
-    """What training checks before anything is read or written (Job.check): --tensorboard's package, and for a new
-    run its sampling flags for its T and, from the first image's header alone, that its images can be halved once per
-    U-Net stage and its model, schedule and samples fit in memory."""
+    """What training checks before anything is read (Job.check): --tensorboard's package; for a new run its sampling
+    flags, and from the first image's header that its stages and memory fit."""
     if options.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if options.resume is not None:
@@ -66,17 +65,14 @@ def check_training(options):
 
 
 def check_training_memory(options, model, timesteps, side):
-    """UserError when a run of this network (a UNetConfig), T and image side cannot fit in memory with its samples
-    (the unconditional grid or --eval_fid's): ddpm_runtime.check_run_memory."""
+    """UserError when this network (UNetConfig), T and side cannot fit in memory with the run's samples."""
     check_run_memory(device_of(options), options.sample_batch, model, timesteps, side,
                      max(GRID_UNCONDITIONAL, options.eval_fid), training=True)
 
 
 def train(options):
-    """Train: the checkpoint --resume names checked against the command line, the run set up and started or resumed,
-    epoch after epoch until --epochs, a signal (saved; exit 130) or the time budget stops it (train_epochs), then the
-    end: the final checkpoint, metrics, FID and the bound (finish). NaN or infinity stops it (exit 1) before anything
-    is written from them; so does a failed write, the last good checkpoint kept."""
+    """Train: check --resume's checkpoint, set the run up, train epochs until --epochs, a signal (saved; exit 130) or
+    the time budget stops them, then finish. NaN or a failed write stops it (exit 1), the last good checkpoint kept."""
     saved, run_name, resumed_from = resumed_checkpoint(options)
     files = RunFiles(options.models_dir, options.save_dir, run_name)
     make_way(files, {"--fid_ref_stats": options.fid_ref_stats, "--fid_inception": options.fid_inception})
@@ -94,9 +90,8 @@ def train(options):
 
 
 def resumed_checkpoint(options):
-    """(the checkpoint --resume names, the run's name, that last.pt's path) once the command line is checked against
-    it: its fixed settings unchanged (resolved_settings), memory, a time budget not spent; (None, the run's name,
-    None) for a new run. The name is --run_name, else the checkpoint's when --resume names a path, else DDPM."""
+    """(the checkpoint --resume names, the run's name, its path), checked against the command line, memory and the
+    time budget; (None, the run's name, None) for a new run."""
     if not options.resume:
         return None, options.run_name or "DDPM", None
     path, saved = load_resumable(options.resume, options.models_dir, options.run_name or "DDPM")
@@ -107,8 +102,7 @@ def resumed_checkpoint(options):
 
 
 def check_budget_left(saved, budget):
-    """UserError, saying how to give more time, when a resumed run's time budget (budget: the resolved one) is spent:
-    the time budget stopped it and the budget is not raised, or it is no more than the wall time the run has used."""
+    """UserError, saying how to give more time, when a resumed run's (resolved) time budget is spent."""
     if not budget:
         return
     used_min = TrainingClock.wall_used(saved["timing"]) / 60
@@ -175,9 +169,8 @@ class Run:
 
 
 def set_up_run(options, files, saved, resumed_from):
-    """Read the data, resolve the config (the command line's settings, or a resumed run's checkpoint `saved`: its
-    training_config), build the loaders, networks, optimizer and diffusion on the device, and start: a fresh
-    TrainingState, or the checkpoint's put back (start_or_resume)."""
+    """Read the data, resolve the config (a resumed run's from its checkpoint `saved`), build loaders and networks on
+    the device, and start afresh or from the checkpoint: the complete Run."""
     device, is_main = device_of(options), options.rank == 0
     data_dir = options.data_dir or (saved["config"]["data_dir"] if saved else DEFAULT_DATA_DIR)
     dataset = options.dataset or (saved["config"].get("dataset") if saved and not options.data_dir else None)
@@ -219,9 +212,8 @@ def set_up_run(options, files, saved, resumed_from):
 
 
 def fid_reference_of_run(options, fid_features, fid_ref_stats, config, data, data_dir):
-    """What --eval_fid compares with, made before training (its time is the set-up's, and the end of the run holds no
-    surprise): --fid_ref_stats, else the statistics of the --fid_ref split; None without FID's network (no --eval_fid,
-    or a rank other than 0)."""
+    """What --eval_fid compares with, made before training: --fid_ref_stats, else the --fid_ref split's statistics;
+    None without FID's network."""
     if fid_features is None:
         return None
     if fid_ref_stats is not None:
@@ -231,10 +223,8 @@ def fid_reference_of_run(options, fid_features, fid_ref_stats, config, data, dat
 
 
 def device_loaders(data, train_idx, val_idx, config, options, device):
-    """The training split's loader (shuffled, flipped) and the validation and test losses' {'val', 'test'}: EVAL_IMAGES
-    of each split, evenly spread (the same images every evaluation). They live on the device as uint8 tensors. A
-    batch holds an optimizer step's micro-batches, and the evaluation's batches as many images (no gradients kept), so
-    its t and ε are drawn as with one --batch_size."""
+    """The training split's loader (shuffled, flipped) and {'val', 'test'}: EVAL_IMAGES of each split, the same
+    every evaluation; uint8 on the device, a batch an optimizer step's micro-batches."""
     batch_size, side = config["batch_size"] * config["grad_accum"], config["image_size"]  # smaller images are padded
     shards = {"device": device, "rank": options.rank, "world_size": options.world_size, "side": side}
     train_loader = DeviceLoader(data["train_images"][train_idx], data["train_labels"][train_idx], batch_size,
@@ -248,8 +238,8 @@ def device_loaders(data, train_idx, val_idx, config, options, device):
 
 
 def build_networks(config, options, device):
-    """The U-Net (seeded by the config), its EMA, AdamW, the diffusion, the training step (through DDP under torchrun)
-    and the EMA's Samplers, at the precision and compilation chosen for the device: the Run's fields of those names."""
+    """The U-Net (seeded by the config), its EMA, AdamW, the diffusion, the training step (DDP under torchrun) and
+    the EMA's Samplers: the Run's fields of those names."""
     torch.manual_seed(config["seed"])
     model = build_model(config).to(device, memory_format=torch.channels_last)  # faster convolutions, GPU and CPU
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # no dropout where the EMA samples
@@ -272,17 +262,14 @@ def build_networks(config, options, device):
 
 
 def grid_settings(settings, timesteps, device):
-    """How a training run samples its grids: with the config's settings, except on a CPU when they take more than
-    CPU_GRID_STEPS network evaluations (the ddpm sampler's T: hours for the paper's network), where dpm++2m stands
-    in with the config's guidance (inference keeps the config's)."""
+    """A run's grid sampler: the config's, except on a CPU past CPU_GRID_STEPS evaluations, where dpm++2m stands in."""
     if device.type == "cuda" or settings.steps <= CPU_GRID_STEPS:
         return settings
     return sampler_settings({}, settings, timesteps, CPU_GRID_SAMPLER)
 
 
 def start_or_resume(networks, config, device, saved, resumed_from, decode_s):
-    """(TrainingState, the last good last.pt and where it stood): a fresh state, or the checkpoint's weights,
-    optimizer, RNG states and TrainingState put back into the networks."""
+    """(TrainingState, (the last good last.pt, where it stood)): fresh, or the checkpoint's put back."""
     if not saved:
         state = TrainingState()
         state.timing["decode_s"] = decode_s
@@ -295,8 +282,7 @@ def start_or_resume(networks, config, device, saved, resumed_from, decode_s):
 
 
 def introduce(run, saved):
-    """config.json, a new run's forward-process picture, and the banner: what the run trains, how it computes, how its
-    grids sample, and what a resume changes."""
+    """config.json, a new run's forward-process picture, and the banner."""
     config = run.config
     if run.is_main:
         write_config_json(config, run.files.checkpoint("config.json"))
@@ -315,10 +301,8 @@ def training_position(state):
 # ------------------------------------------------------------------------------------ the epochs
 
 def train_epochs(run, state, clock):
-    """Epoch after epoch until the config's epochs, a signal (last.pt saved, then Interrupted) or the time budget
-    (the end-of-run work's time kept back) stops training; each evaluated every --eval_every epochs and at the end,
-    last.pt saved every --checkpoint_every epochs, when evaluated, and before the end-of-run work starts. An epoch
-    the budget cuts short is not counted as done: a resume goes on from its batch."""
+    """Epoch after epoch until the config's epochs, a signal or the time budget; evaluated every --eval_every epochs
+    and at the end, last.pt every --checkpoint_every. An epoch the budget cuts short is resumed from its batch."""
     config, report, options = run.config, run.report, run.options
     for epoch in report.epochs(state.epoch, config["epochs"]):
         with memory_guard(f"training on batches of {config['batch_size']}", BATCH_REMEDY):
@@ -364,9 +348,8 @@ def end_of_run_work_text(run):
 
 
 def end_of_run_seconds(run, clock):
-    """The end-of-run work's seconds, estimated from the speeds the clock has measured: the last evaluation (its
-    losses and grid), --eval_fid's samples and Inception pass, --eval_nll's T evaluations an image, and the
-    checkpoint writes (last.pt before and after the evaluation, best.pt, ckpt.pt)."""
+    """The end-of-run work's seconds at the speeds the clock measured: the last evaluation, FID, the bound and the
+    checkpoint writes."""
     options, forward_s = run.options, clock.forward_s_per_image()
     forwards = sum(loader.num_local for loader in run.eval_loaders.values())
     if run.is_main:
@@ -377,15 +360,13 @@ def end_of_run_seconds(run, clock):
 
 
 def network_evaluations(sampler):
-    """Forward passes of one image a sample costs: the sampler's steps, twice where classifier-free guidance runs
-    both branches (counted at every step: an upper bound with a guidance interval)."""
+    """Forward passes of one image a sample costs (guidance counted at every step: an upper bound)."""
     return sampler.settings.steps * sampler.settings.evaluations_per_step(sampler.config["conditional"])
 
 
 def train_one_epoch(run, state, clock, epoch):
-    """The epoch's training steps, from where it stands to its end, or until a signal or the time budget stops
-    them (checked after every step). Losses stay on the device until a read-out (every --log_interval steps), the
-    only host syncs. Returns the epoch's training images per second."""
+    """The epoch's steps from where it stands, until its end, a signal or the time budget; losses stay on the device
+    until a read-out (every --log_interval steps). Returns training images per second."""
     config, world_size, steps_per_epoch = run.config, run.world_size, len(run.train_loader)
     run.model.train()
     loss_sum = torch.tensor(state.epoch_loss_sum, device=run.device)
@@ -430,9 +411,8 @@ def train_one_epoch(run, state, clock, epoch):
 
 
 def agree_on_stop_and_checkpoint(run, clock):
-    """Whether to stop inside the epoch (a signal, or the budget spent once the end-of-run work's time is kept
-    back), and whether last.pt is due (--checkpoint_minutes since the last one): after every step, decided by all
-    ranks together in one all-reduce of host numbers, which also agrees on the lr's progress."""
+    """(stop inside the epoch, last.pt due), decided by all ranks in one all-reduce after every step, which also
+    agrees on the lr's progress."""
     clock.keep_back(end_of_run_seconds(run, clock))
     signalled, spent, due, progress = max_over_ranks(
         [run.signals.received is not None, clock.out_of_time(), clock.checkpoint_due(run.options.checkpoint_minutes),
@@ -448,8 +428,8 @@ def check_finite(value, what):
 
 
 def save_last(run, state):
-    """last.pt where training stands (rank 0 writes it and gets the checkpoint dict back; other ranks None). Every
-    rank checks the weights (the same on all), so that NaN weights stop all ranks together and are never written."""
+    """last.pt where training stands (rank 0 writes it and returns the dict); every rank checks the weights, so
+    that NaN stops all ranks together."""
     ckpt, path, start = None, run.files.checkpoint("last.pt"), time.perf_counter()
     run.clock.stamp()
     if run.is_main:
@@ -463,8 +443,8 @@ def save_last(run, state):
 
 
 def save_mid_epoch(run, state, clock, loss_sum, skipped):
-    """last.pt inside an epoch (--checkpoint_minutes): the position, the epoch's loss sum and fp16 skips, and the
-    training time so far, so that a resume continues from this very step."""
+    """last.pt inside an epoch, with the epoch's loss sum, fp16 skips and training time so far: a resume continues
+    from this very step."""
     clock.stamp()
     timing = {**state.timing, "train_s": state.timing["train_s"] + clock.epoch_seconds()}
     snapshot = dataclasses.replace(state, epoch_loss_sum=all_ranks_mean(loss_sum, run.world_size).item(),
@@ -480,8 +460,7 @@ def save_epoch_checkpoints(run, state, is_best):
 
 
 def stop_on_signal(run, state, signal_name):
-    """Save last.pt where training stands (mid-epoch included; not again when it was just saved there), then stop
-    with the command that resumes."""
+    """Save last.pt where training stands (unless just saved there), then stop with the command that resumes."""
     if run.last_saved != (run.files.checkpoint("last.pt"), training_position(state)):
         save_last(run, state)
     barrier(run.world_size)
@@ -491,8 +470,7 @@ def stop_on_signal(run, state, signal_name):
 
 
 def resume_command(argv, **flags):
-    """The command line of this run (its arguments: argv) with each of `flags` (e.g. resume="auto") in place of
-    its value there."""
+    """This run's command line (argv) with each of `flags` (e.g. resume="auto") in place of its value."""
     replaced = {f"--{name}" for name in flags}
     kept, argv = [], iter(argv)
     for arg in argv:
@@ -504,8 +482,7 @@ def resume_command(argv, **flags):
 
 
 def evaluation_losses(run, clock, epoch):
-    """EMA validation and test losses on EVAL_IMAGES of each split (fixed t and ε, so epochs compare): {'val_loss',
-    'test_loss'}; NonFiniteError on NaN, before anything is written from them."""
+    """EMA validation and test losses ({'val_loss', 'test_loss'}, fixed t and ε); NonFiniteError on NaN."""
     config = run.config
     start = time.perf_counter()
     with clock.timed("eval_s"), memory_guard("computing the validation and test losses", "lower --batch_size"):
@@ -528,8 +505,8 @@ def write_epoch_grid(run, state, clock, epoch):
 
 
 def record_evaluation(run, state, epoch, train_loss, losses):
-    """The evaluation in the history (an epoch the time budget cut short at the fraction of it done), and on rank 0
-    the loss JSON and plot. Returns whether the validation loss is the best so far."""
+    """The evaluation in the history (a cut-short epoch at its fraction), and on rank 0 the loss JSON and plot;
+    whether the validation loss is the best so far."""
     steps_per_epoch = len(run.train_loader)
     epochs_done = epoch if state.batch_in_epoch == steps_per_epoch else \
         round(state.epoch + state.batch_in_epoch / steps_per_epoch, 3)
@@ -579,8 +556,8 @@ def finish(run, state, clock):
 
 
 def diverged_message(run, problem):
-    """What to say when training produced NaN or infinity: the problem, the last checkpoint that is really good
-    (or that there is none), and the command that continues from it with a tenth of the learning rate."""
+    """What to say when training produced NaN or infinity: the last good checkpoint, and the command that continues
+    from it with a tenth of the learning rate."""
     lower_lr = f"{run.config['lr'] / 10:g}"
     if run.last_saved is None:
         return (f"{problem}; stopped, and this run wrote no checkpoint before that. Start again with a lower --lr "
@@ -591,8 +568,7 @@ def diverged_message(run, problem):
 
 
 def write_failed_message(run, problem):
-    """What to say when a file could not be written: training stops (it does not go on as if saved), and the last
-    good checkpoint, which the failed write left as it was, is where to go on from."""
+    """What to say when a file could not be written: the last good checkpoint (untouched) is where to go on from."""
     if run.last_saved is None:
         return f"{problem}; training stopped, and this run has no checkpoint yet: make room and start it again"
     path, position = run.last_saved

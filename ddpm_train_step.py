@@ -38,14 +38,12 @@ def learning_rate(config, step, progress):
 
 
 def build_optimizer(model, lr, weight_decay=0.01):
-    """AdamW (Adam when weight_decay is 0) with its fused kernel, on the CPU too, where it trains the speedrun U-Net
-    about 10 % faster in float32 and as fast in bf16 (BENCHMARKS.md)."""
+    """AdamW (Adam when weight_decay is 0) with its fused kernel, on the CPU too (about 10 % faster in float32)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def build_loss_scaler(precision, device):
-    """fp16's dynamic loss scaler (starting at 2¹⁶, halved on overflow, doubled after 2,000 clean steps); None for
-    bf16 and fp32, whose range needs none."""
+    """fp16's dynamic loss scaler (from 2¹⁶, halved on overflow, doubled after 2,000 clean steps); None otherwise."""
     return torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE) if precision == "fp16" else None
 
 
@@ -81,9 +79,8 @@ class TrainingStep:
     scaler: torch.amp.GradScaler = None  # fp16's dynamic loss scaler; None: bf16 and fp32 need none
 
     def __call__(self, x, y, step, lr):
-        """Images x (B, C, H, W), labels y (B,), B = grad_accum micro-batches; returns (the batch's mean loss,
-        whether the scaler skipped the step: 1.0 or 0.0) as device tensors, so the caller decides when to
-        synchronise with the host."""
+        """Images x (B, C, H, W), labels y (B,) of grad_accum micro-batches → (mean loss, 1.0 when the scaler skipped
+        the step, else 0.0) as device tensors: the caller decides when to synchronise."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t, labels, noise = self.draw_randomness(x, y)
@@ -104,8 +101,8 @@ class TrainingStep:
         return (parts[0] if len(parts) == 1 else torch.stack(parts).sum()), skipped
 
     def draw_randomness(self, x, y):
-        """t (B,), the labels after the classifier-free guidance drops (B,) or None, and ε like x: drawn for the
-        global batch and sliced to this rank's images."""
+        """t (B,), the labels after the guidance drops (B,) or None, and ε like x: drawn for the global batch and
+        sliced to this rank's images."""
         n, mine = len(x) * self.world_size, slice(self.rank, None, self.world_size)
         t = torch.randint(0, self.diffusion.timesteps, (n,), device=x.device)[mine]
         labels = None
@@ -121,8 +118,7 @@ class TrainingStep:
         return no_sync() if no_sync is not None and not last else contextlib.nullcontext()
 
     def optimizer_step(self):
-        """Clip the gradient norm and step AdamW (through the scaler in fp16); returns 1.0 when the scaler
-        skipped the step for overflowing gradients, else 0.0, as a device tensor."""
+        """Clip the gradient norm, step AdamW (through the scaler in fp16); 1.0 when the scaler skipped it, else 0.0."""
         if self.scaler is None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
             self.optimizer.step()
@@ -136,9 +132,8 @@ class TrainingStep:
 
 @torch.no_grad()
 def evaluate_loss(diffusion, denoiser, loader, conditional, loss_type):
-    """Mean loss over a split with t and ε drawn from a fixed seed: comparable between epochs.
-    Under torchrun each rank takes its shard, and t, ε are drawn for the global batch and sliced, so
-    the value equals a single process's with the same global batch."""
+    """Mean loss over a split with t and ε from a fixed seed, drawn for the global batch and sliced to this rank's
+    shard: comparable between epochs, equal to one process's."""
     g = torch.Generator().manual_seed(EVAL_SEED)
     rank, world = loader.rank, loader.world_size
     total = torch.zeros((), device=loader.device)
@@ -154,15 +149,10 @@ def evaluate_loss(diffusion, denoiser, loader, conditional, loss_type):
 class TrainingClock:
     """The run's wall clock against its time budget (minutes; None: none), and where the time goes.
 
-    The budget covers the whole run: set-up, training steps, evaluations, pictures, checkpoints and the end-of-run
-    work; a resumed run goes on from the wall time its checkpoint says it used (timing['wall_s']). Training stops
-    when what is left would only cover the end-of-run work, reserve_s seconds (ddpm_train estimates it from the
-    measured speeds here), and the lr's cosine decay (progress) reaches its end there.
-
-    timing is the TrainingState's dict (decode_s, compile_s, train_s, eval_s, sample_s, wall_s; fid_s and nll_s at
-    the end), so it survives a resume. With compiles=True (torch.compile, on CUDA or asked for on the CPU), a step
-    that meets a new batch size compiles, and is timed apart as compile_s, the device's queue drained before and
-    after it."""
+    The budget covers the whole run, a resumed run's earlier wall time (timing['wall_s']) included. Training stops
+    when what is left would only cover the end-of-run work (reserve_s), where the lr's cosine decay ends. timing is
+    the TrainingState's dict, so it survives a resume; with compiles, a step meeting a new batch size is timed apart
+    as compile_s, the device's queue drained before and after it."""
 
     def __init__(self, timing, budget_min, compiles, device=torch.device("cpu"), started=None):
         self.timing, self.budget_min, self.compiles, self.device = timing, budget_min, compiles, device
@@ -250,8 +240,7 @@ class TrainingClock:
         return self.training_left_s() <= 0
 
     def progress(self, running_epoch_s=0.0):
-        """How far training is through the time it gets, in [0, 1] (0 without a budget): its seconds so far against
-        those and the training time left."""
+        """How far training is through the time it gets, in [0, 1] (0 without a budget)."""
         if not self.budget_min:
             return 0.0
         trained, left = self.timing["train_s"] + running_epoch_s, max(0.0, self.training_left_s())
@@ -262,8 +251,7 @@ class TrainingClock:
         return max(0.0, self.budget_min - self.used_s() / 60) if self.budget_min else None
 
     def forward_s_per_image(self):
-        """Seconds a no-grad forward of the network takes per image: measured by an evaluation, else a third of a
-        training step's (forward and backward: about three forwards); 0 before any step."""
+        """Seconds of a no-grad forward per image: an evaluation's, else a third of a training step's; 0 before any."""
         if self.eval_rate is not None:
             return self.eval_rate
         trained_s = self.session_train_s + self.epoch_seconds()
@@ -283,11 +271,9 @@ class TrainingClock:
 
 
 class Reporter:
-    """What a training run tells people: progress bars on a terminal, else a line per epoch and a line at read-outs
-    at most every LOG_LINE_SECONDS; with a tensorboard_dir (--tensorboard) the loss and lr at read-outs, img/s,
-    validation/test losses, FID and the per-epoch grids as TensorBoard events there. Only rank 0 speaks (is_main),
-    and nothing when quiet. Used as a context manager, so that the TensorBoard writer is closed on every way out: the
-    end, Ctrl-C / SIGTERM, a NaN stop, an error."""
+    """What a training run tells people: progress bars on a terminal, else a line per epoch and at read-outs at most
+    every LOG_LINE_SECONDS; TensorBoard events with --tensorboard. Only rank 0 speaks, nothing when quiet. A context
+    manager: the TensorBoard writer is closed on every way out."""
 
     def __init__(self, quiet, tensorboard_dir, is_main):
         self.verbose = not quiet and is_main
@@ -313,8 +299,8 @@ class Reporter:
             print(text, flush=True)
 
     def introduce(self, run, changes):
-        """The run's banner: what it trains and from where (changes: {setting: (checkpoint's value, new value)} of a
-        resume), how it computes and how its grids sample."""
+        """The run's banner: what it trains and from where (changes: a resume's {setting: (old, new)}), how it computes
+        and how its grids sample."""
         config, name, state = run.config, run.config["run_name"], run.state
         what = (f"resuming '{name}' from {run.resumed_from} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}"
                 if run.resumed_from else f"training '{name}'")
@@ -345,8 +331,7 @@ class Reporter:
         return self.batch_bar
 
     def read_out(self, step, epoch, loss, lr, images_per_s, minutes_left, skipped=None):
-        """A loss read-out; minutes_left: of the time budget (None: no budget); skipped: fp16 steps the loss scaler
-        has skipped so far (None: not fp16)."""
+        """A loss read-out; minutes_left of the budget (None: none); skipped: fp16 steps skipped (None: not fp16)."""
         postfix = {"loss": f"{loss:.4f}", "img_s": f"{images_per_s:.0f}"}
         self.batch_bar.set_postfix(postfix if skipped is None else {**postfix, "fp16_skips": skipped})
         if self.verbose and not self.bars and time.perf_counter() - self.last_line >= LOG_LINE_SECONDS:
@@ -359,8 +344,7 @@ class Reporter:
                             **({"train/fp16_skipped_steps": skipped} if skipped is not None else {})})
 
     def epoch_done(self, epoch, step, train_loss, losses, images_per_s, cut_short=None):
-        """losses: {'val_loss', 'test_loss'} on evaluated epochs, else None; cut_short: how much of the epoch the
-        time budget left done ('34 of 703 batches'), None for a whole one."""
+        """losses: {'val_loss', 'test_loss'} or None; cut_short: '34 of 703 batches' when the budget cut it short."""
         if losses:
             self.epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{losses['val_loss']:.4f}")
         if self.verbose and not self.bars:  # a line per epoch where there are no bars (logs, pipes)
@@ -394,8 +378,7 @@ def compute_description(run):
 
 
 def grid_description(run):
-    """How the run's grids (and FID's samples) are drawn, for people, and why the grids' sampler is not the config's
-    when it is not (grid_settings)."""
+    """How the run's grids (and FID's samples) are drawn, and why the grids' sampler is not the config's when not."""
     guided = run.config["conditional"]
     grids, own = run.grid_sampler.settings, run.sampler.settings
     text = f"grids: {describe_sampling(grids, guided)}"

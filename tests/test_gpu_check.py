@@ -50,7 +50,7 @@ def test_cli_part_trains_then_samples_with_each_sampler(smoke):
     assert cli["train_metrics"]["stopped_by_time_budget"] and cli["train_metrics"]["steps"] > 0
 
 
-def test_speedrun_part_reads_fid_and_exports_a_bf16_model_that_samples(smoke, tmp_path):
+def test_speedrun_part_reads_the_referees_fid_and_exports_a_bf16_model_that_samples(smoke, tmp_path):
     _, out, _ = smoke
     summary = json.loads((out / "3_speedrun.json").read_text())
     assert summary["steps"] >= 1 and summary["time_s"]["train_s"] > 0 and summary["num_fid"] == 10

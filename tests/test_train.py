@@ -91,30 +91,9 @@ def data(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("ddp_data")), per_class_train=4, per_class_test=2)
 
 
-SHARD_SCRIPT = """
-import json, os, sys, torch
-sys.path.insert(0, {root!r})
-from ddpm_data import DeviceLoader
-from ddpm_runtime import init_distributed
-rank, world, _ = init_distributed(False)
-loader = DeviceLoader(torch.zeros(50, 3, 2, 2, dtype=torch.uint8), torch.arange(50), 4, "cpu", seed=5,
-                      rank=rank, world_size=world)
-seen = [int(i) for _, y in loader.batches(epoch=2) for i in y]
-json.dump(seen, open(f"rank{{rank}}.json", "w"))
-"""
-
-
-def test_ranks_see_disjoint_shards_covering_the_epoch(tmp_path):
-    (tmp_path / "shard.py").write_text(SHARD_SCRIPT.format(root=ROOT))
-    result = torchrun(["shard.py"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert len(seen[0]) == len(seen[1]) == 25
-    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(50))
-
-
 def test_two_ranks_accumulating_match_one_process_with_the_global_batch_and_resume(data, tmp_path):
-    """2 ranks × 2 micro-batches of 2 = one process with batch 8: the same losses and weights."""
+    """2 ranks × 2 micro-batches of 2 = one process with batch 8: the same losses and weights (so the ranks' shards
+    are the single process's epoch; the loader's sharding alone: tests/test_data.py)."""
     first = torchrun([MAIN, "--data_dir", data, "--epochs", "1", "--batch_size", "2", "--grad_accum", "2",
                       "--run_name", "ddp", *COMMON], tmp_path)
     assert first.returncode == 0, first.stderr
