@@ -3,6 +3,7 @@
 noises) — the images they take (test images by index, image files), the masks, the sampler settings they run with,
 and the grids, npz and JSON they write. The maths is ddpm_diffusion's (repaint, ddim_invert, slerp, ClassMix).
 """
+import functools
 import math
 import os
 import time
@@ -35,10 +36,10 @@ class Inputs:
 
 
 def gather_inputs(items, test_split, data, classes, conditional, flag):
-    """The Inputs `items` name: test images (test_split: (images, labels), or a function loading them when needed),
+    """The Inputs `items` name: test images (test_split: a function returning (images, labels), called if needed),
     image files read as the model's `data`, seeds; labels when `conditional`: `classes` cycled, else the images' own."""
     needs_split = any(item.kind == "test" for item in items)
-    split_images, split_labels = (test_split() if callable(test_split) else test_split) if needs_split else (None,) * 2
+    split_images, split_labels = test_split() if needs_split else (None, None)
     images = []
     for item in items:
         if item.kind == "test":
@@ -172,19 +173,18 @@ def edit_inputs(options, sampler, classes, job_flag, items, items_flag):
     config = sampler.config
     data_dir, dataset = model_data(config, options.data_dir, options.dataset)
 
-    def load_split():  # only when a test image is asked for
+    @functools.cache
+    def load_split():  # only when a test image is asked for, once
         try:
             return test_split(config, data_dir, dataset, job_flag)
         except UserError as e:
             raise UserError(f"{job_flag} edits test images of the model's data, and {e}; "
                             f"{'point --data_dir at it' if options.data_dir else 'give --data_dir'} (or image files: "
                             f"{items_flag} a.png,b.png)") from None
-    split = load_split
     if items is None:
-        split = load_split()
-        chosen = evenly_spread(torch.arange(len(split[0])), options.num_samples or EDIT_IMAGES)
+        chosen = evenly_spread(torch.arange(len(load_split()[0])), options.num_samples or EDIT_IMAGES)
         items = [Item("test", i) for i in chosen.tolist()]
-    return gather_inputs(items, split, trained_data(config), classes, options.conditional, job_flag)
+    return gather_inputs(items, load_split, trained_data(config), classes, options.conditional, job_flag)
 
 
 def repaint_banner(options, settings, config):

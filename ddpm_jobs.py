@@ -75,6 +75,7 @@ INFERENCE = tuple(job.name for job in JOBS if job.inference)
 SAMPLES = ("train", *INFERENCE)                                   # training's grids, FID and the bound; inference
 FLAG_SAMPLED = ("train", "import", *(job for job in INFERENCE if JOB[job].sampler is None))  # --sampler and its options
 
+
 @dataclass(frozen=True)
 class Item:
     """One image to edit, as --images or --interpolate names it: an index into the test split ('test'), an image

@@ -157,8 +157,7 @@ class TrainingClock:
     def __init__(self, timing, budget_min, compiles, device=torch.device("cpu"), started=None):
         self.timing, self.budget_min, self.compiles, self.device = timing, budget_min, compiles, device
         self.started = time.perf_counter() if started is None else started  # this session's start
-        # wall time of the sessions before this one (older checkpoints kept no wall_s: their parts' sum)
-        self.used_before = self.wall_used(timing)
+        self.used_before = self.wall_used(timing)  # wall time of the sessions before this one
         self.compiled_batch_sizes = set()
         self.reserve_s = 0.0             # the end-of-run work's estimated seconds (keep_back)
         self.session_images, self.session_train_s = 0, 0.0  # this session's trained images and their seconds
