@@ -19,7 +19,8 @@ from ddpm_diffusion import (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLING_STEPS, LOSS
                             SCHEDULES, SPACINGS, VARIANCES, Diffusion, SamplerSettings, make_schedule)
 from ddpm_fid import IS_SPLITS, REFERENCE_SPLITS
 from ddpm_helpers import UserError
-from ddpm_jobs import EDIT_IMAGES, EDITING_STEPS, FLAG_SAMPLED, INFERENCE, JOB, MASK_SHAPES, SAMPLES, image_items
+from ddpm_jobs import (EDIT_IMAGES, EDITING_STEPS, FLAG_SAMPLED, INFERENCE, JOB, MASK_SHAPES, SAMPLES, SEED_RANGE,
+                       image_items, mask_item)
 from ddpm_model import ARCHITECTURES, RESBLOCKS, UNetConfig, build_unet
 from ddpm_presets import PRESETS
 from ddpm_runtime import COMPILE_CHOICES, PRECISIONS
@@ -206,7 +207,8 @@ class Setting:
     used_in: tuple = None     # the jobs the flag does something in (None: its section's, SECTION_JOBS)
     needs: tuple = None       # flags one of which must be given with it (None: none)
     excludes: tuple = None    # flags that cannot be given with it (None: none)
-    io: str = None            # READS: names a file read; WRITES: a folder written in (checked before anything runs)
+    io: str = None            # READS: names files read (a path, or Items); WRITES: a folder written in. Checked before
+                              # anything runs; no output is written over a file read (ddpm_helpers.make_way)
 
     @property
     def jobs(self):
@@ -240,8 +242,9 @@ class Setting:
 AT_LEAST_ONE = Range(1)
 POSITIVE = Range(0, open_low=True)
 NOT_NEGATIVE = Range(0)
+MAX_TIMESTEPS = 100_000  # T: 25 times the most published models use; the schedule's tables then take 18 MB
+MAX_JUMP_COUNT = 100  # RePaint's r: ten times Lugmayr et al.'s; the evaluations grow with it, not the results
 MAX_RES_BLOCKS = 64  # per stage: published U-Nets use 2 to 4; more would take minutes just to build
-SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch's generators take (a negative seed is taken modulo 2⁶⁴)
 
 S = Setting
 SETTINGS = (
@@ -279,8 +282,8 @@ SETTINGS = (
     S("resume", "training", "continue a last.pt ('auto': this run's) with its settings", metavar="PATH|auto",
       more="'auto' is <models_dir>/<run_name>/last.pt. What a resume may change is the 'on --resume' column."),
     # diffusion
-    S("timesteps", "diffusion", "T, the number of diffusion steps", 100, int, check=AT_LEAST_ONE, stored=FIXED,
-      metavar="T"),
+    S("timesteps", "diffusion", "T, the number of diffusion steps", 100, int, check=Range(1, MAX_TIMESTEPS),
+      stored=FIXED, metavar="T", more="Published models use 1,000 to 4,000."),
     S("schedule", "diffusion", "noise schedule β_t", "cosine", choices=SCHEDULES, stored=FIXED,
       more="cosine: Nichol & Dhariwal 2021; linear and sigmoid: Ho et al.'s range 1e-4 … 0.02 scaled by 1000/T."),
     S("prediction", "diffusion", "the network predicts ε or v = √ᾱ ε − √(1−ᾱ) x_0", "eps", choices=PREDICTIONS,
@@ -315,8 +318,8 @@ SETTINGS = (
            "(Ho et al.)."),
     S("groups", "network", "GroupNorm groups", UNetConfig.groups, int, check=AT_LEAST_ONE, stored=FIXED,
       metavar="G", more="The paper: 32; --dim must be a multiple."),
-    S("norm_eps", "network", "GroupNorm's ε (Ho et al.: 1e-6)", UNetConfig.norm_eps, float, check=POSITIVE,
-      stored=FIXED, metavar="ε"),
+    S("norm_eps", "network", "GroupNorm's ε (Ho et al.: 1e-6)", UNetConfig.norm_eps, float,
+      check=Range(0, 1, open_low=True), stored=FIXED, metavar="ε"),
     # data
     S("data_dir", "data", "an image-folder tree, or where --dataset downloads to", stored=RUN, what="a folder",
       used_in=("import", *SAMPLES), metavar="DIR",
@@ -349,7 +352,8 @@ SETTINGS = (
            "tensorboard package (tensorboard --logdir DIR)."),
     # inference
     S("inference", "inference", "sample from --model_path instead of training", False, bool),
-    S("model_path", "inference", "the checkpoint to sample from", metavar="CKPT", used_in=(*INFERENCE, "export")),
+    S("model_path", "inference", "the checkpoint to sample from", metavar="CKPT", used_in=(*INFERENCE, "export"),
+      io=READS),
     S("num_samples", "inference", "images to generate (default: whole rows)", None, int, check=AT_LEAST_ONE,
       metavar="N",
       more="Default: 8 of each class for a conditional model, else 64; with --eval_fid, only FID's samples."),
@@ -364,7 +368,8 @@ SETTINGS = (
       more="A row per sample (--num_samples of them, else a few), x̂_0 as the network predicts it at evenly spaced "
            "steps of the sampler, x_T to x_0."),
     # editing real images
-    S("inpaint", "editing", f"RePaint a region: {', '.join(MASK_SHAPES)} or a PNG", metavar="SHAPE|PNG",
+    S("inpaint", "editing", f"RePaint a region: {', '.join(MASK_SHAPES)} or a PNG", parse=mask_item,
+      metavar="SHAPE|PNG", io=READS,
       more="centre: the middle square of half the side; left: the left half; strokes: random brush strokes (from "
            "--seed); a PNG of the images' size: white is filled, black kept. RePaint (Lugmayr et al. 2022): ancestral "
            "steps whose known region is the input noised to the same level, re-noised back up at jumps. Grid: the "
@@ -372,14 +377,14 @@ SETTINGS = (
            "re-noise (docs/editing.md)."),
     S("jump_length", "editing", "RePaint's jump: levels back up", 5, int, check=AT_LEAST_ONE,
       metavar="J", used_in=("inpaint",), more="Lugmayr et al.'s j (theirs: 10)."),
-    S("jump_count", "editing", "RePaint's passes per jump (1: none)", 5, int, check=AT_LEAST_ONE,
+    S("jump_count", "editing", "RePaint's passes per jump (1: none)", 5, int, check=Range(1, MAX_JUMP_COUNT),
       metavar="R", used_in=("inpaint",), more="Lugmayr et al.'s r (theirs: 10); each adds (R − 1) · J evaluations per "
                                             "jump."),
     S("invert", "editing", "real images to x_T by DDIM and back; their PSNR", False, bool,
       more="DDIM with η = 0 run forwards (Song et al. 2021), then the DDIM sampler from the x_T it finds; w = 1 unless "
            "given. Grid (inputs, x_T, reconstructions), invert_<run>.json (PSNR) and an npz."),
     S("interpolate", "editing", "a strip between two images or seeds: A,B", parse=image_items(ends=True),
-      metavar="A,B", excludes=("num_samples",),
+      metavar="A,B", excludes=("num_samples",), io=READS,
       more="Each end a test index, an image file or seed:N (that seed's noise); images through their DDIM-inverted "
            "x_T, spherical interpolation (slerp) between the two noises, each frame decoded by DDIM. With "
            "--conditional, each end's class (a test image's own, or --sample_classes C or C1,C2): between two classes "
@@ -387,7 +392,7 @@ SETTINGS = (
     S("frames", "editing", "frames in the --interpolate strip", 8, int, check=Range(2),
       metavar="K", used_in=("interpolate",), more="Its ends included."),
     S("images", "editing", "the images to edit: test indices or image files", parse=image_items(),
-      metavar="I|FILE,...", used_in=("inpaint", "invert"), excludes=("num_samples",),
+      metavar="I|FILE,...", used_in=("inpaint", "invert"), excludes=("num_samples",), io=READS,
       more=f"Comma-separated; an index is into the test split of the model's data (its --data_dir, else the one it "
            f"was trained on). A file must be the model's image size. Default: {EDIT_IMAGES} test images spread over "
            "the split (--num_samples: how many)."),

@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw
 
 from ddpm_data import evenly_spread, open_image, pad_to_side, padding, trained_data
 from ddpm_diffusion import ClassMix, slerp
-from ddpm_helpers import UserError, atomic_open, input_file_problem, stderr_is_terminal, write_json
-from ddpm_jobs import EDIT_IMAGES, MASK_SHAPES, Item
+from ddpm_helpers import UserError, atomic_open, stderr_is_terminal, write_json
+from ddpm_jobs import EDIT_IMAGES, Item
 from ddpm_pictures import save_labelled_grid, to_model_range, to_uint8
 from ddpm_sample import describe_sampling, model_data, seeded_rng, test_split
 
@@ -130,19 +130,6 @@ def read_mask(path, data_size):
     return fill
 
 
-def check_inputs(options):
-    """What an editing job reads, checked before anything loads (Job.check): image files, --inpaint's shape or mask."""
-    for flag, items in (("--images", options.images), ("--interpolate", options.interpolate)):
-        for item in (item for item in items or () if item.kind == "file"):
-            problem = input_file_problem(item.value)
-            if problem:
-                raise UserError(f"{flag}: {item.value!r} {problem}")
-    problem = None if options.inpaint in (None, *MASK_SHAPES) else input_file_problem(options.inpaint)
-    if problem:
-        raise UserError(f"--inpaint {options.inpaint!r} is not one of {', '.join(MASK_SHAPES)}, and as a mask file it "
-                        f"{problem}")
-
-
 # --------------------------------------------------------------------------------- the jobs
 # ddpm_jobs.JOBS names these: each takes the command line's options, the Sampler of --model_path (settings: the job's
 # own sampler, ddpm_sample.sampler_settings), the run's RunFiles and --sample_classes as class indices (None: not given)
@@ -150,7 +137,7 @@ def check_inputs(options):
 def inpaint_job(options, sampler, files, classes):
     """--inpaint SHAPE|PNG: RePaint the region in the images edit_inputs finds (write_inpainting)."""
     inputs = edit_inputs(options, sampler, classes, "--inpaint", options.images, "--images")
-    fill = fill_masks(options.inpaint, len(inputs.names), trained_data(sampler.config)["data_size"], options.seed)
+    fill = fill_masks(options.inpaint.value, len(inputs.names), trained_data(sampler.config)["data_size"], options.seed)
     write_inpainting(sampler, inputs, fill, options.jump_length, options.jump_count, options.seed, files,
                      not options.quiet)
 
@@ -185,6 +172,17 @@ def edit_inputs(options, sampler, classes, job_flag, items, items_flag):
         chosen = evenly_spread(torch.arange(len(load_split()[0])), options.num_samples or EDIT_IMAGES)
         items = [Item("test", i) for i in chosen.tolist()]
     return gather_inputs(items, load_split, trained_data(config), classes, options.conditional, job_flag)
+
+
+def edits_keep(options, config, settings):
+    """What --inpaint and --invert hold (Job.keeps): each image four times (input, mask or x_T, output, npz)."""
+    return 4 * (len(options.images) if options.images else options.num_samples or EDIT_IMAGES), \
+        "--images or --num_samples"
+
+
+def frames_keep(options, config, settings):
+    """What --interpolate holds (Job.keeps): each frame's noise and image, and the npz's copies of them."""
+    return 4 * options.frames, "--frames"
 
 
 def repaint_banner(options, settings, config):

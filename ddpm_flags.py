@@ -6,7 +6,7 @@ import math
 
 from ddpm_config import FLAGS, READS, RESUME_WORDS, SAMPLING, SYNONYMS, WRITES, flag_text, preset_flags
 from ddpm_helpers import UserError, check_run_name, check_writable_folder, input_file_problem
-from ddpm_jobs import INFERENCE, JOB, JOBS, function_named
+from ddpm_jobs import INFERENCE, JOB, JOBS, Item, function_named
 from ddpm_presets import PRESETS
 
 
@@ -184,15 +184,30 @@ def check_paths(args, job):
     """The run name is a name, the files the job's flags read exist and its folders can be written."""
     if args.run_name is not None:
         check_run_name(args.run_name)
-    for setting in FLAGS:
-        path = getattr(args, setting.name)
-        if path is None or setting.io is None or job.name not in setting.jobs:
-            continue
-        problem = input_file_problem(path) if setting.io == READS else None
-        if problem:
-            raise UserError(f"--{setting.name} {path!r} {problem}")
-        if setting.io == WRITES:
-            check_writable_folder(path, f"--{setting.name}")
+    for setting in (setting for setting in FLAGS if job.name in setting.jobs):
+        value = getattr(args, setting.name)
+        for path in paths_named(setting, value):
+            problem = input_file_problem(path)
+            if problem:  # a flag that takes more than paths says what it takes
+                raise UserError(f"--{setting.name} {path!r} {problem}"
+                                + ("" if setting.parse is str else f"; --{setting.name}: {setting.help}"))
+        if setting.io == WRITES and value is not None:
+            check_writable_folder(value, f"--{setting.name}")
+
+
+def paths_named(setting, value):
+    """The files a flag that reads them (Setting.io READS) names: a path, or the files among its Items (test indices,
+    seeds and shapes name none)."""
+    if setting.io != READS or value is None:
+        return []
+    return [item.value if isinstance(item, Item) else item for item in (value if isinstance(value, list) else [value])
+            if not isinstance(item, Item) or item.kind == "file"]
+
+
+def files_read(args, job):
+    """[(flag, path)] of every file the job's flags read: what no output may be written over (make_way)."""
+    return [(f"--{setting.name}", path) for setting in FLAGS if job.name in setting.jobs
+            for path in paths_named(setting, getattr(args, setting.name))]
 
 
 def resolve_synonyms(args, given):

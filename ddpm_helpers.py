@@ -2,6 +2,7 @@
 every path a run writes."""
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -40,8 +41,9 @@ class Interrupted(Exception):
     """SIGINT / SIGTERM during training: state saved, reported with how to resume; exit status 130."""
 
 
-class StopRequested(Exception):
-    """SIGINT / SIGTERM (its name the message) outside the training steps, raised at once; exit status 130."""
+class StopRequested(BaseException):
+    """SIGINT / SIGTERM (its name the message) outside the training steps, raised at once; exit status 130. Not an
+    Exception, as KeyboardInterrupt is not: no `except Exception` (the tool's, torch's) takes it for a failure."""
 
 
 # what stops a command with a message (failure_text) and an exit status (exit_status) instead of a traceback
@@ -130,17 +132,14 @@ def atomic_write_text(text, path):
         f.write(text.encode())
 
 
-def write_folder(files, path):
-    """A folder of files ({name: bytes}) that appears at `path` (absent or empty) only once all are written; a failed
-    write is a WriteError that leaves nothing behind."""
+@contextlib.contextmanager
+def new_folder(path):
+    """A folder that appears at `path` (absent or empty) only once the block has written its files into the temporary
+    folder it is given: a failed write or a stop leaves nothing behind (WriteError for a failed one)."""
     tmp = f"{os.path.normpath(path)}.tmp{os.getpid()}"
     try:
         os.makedirs(tmp)
-        for name, data in files.items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        yield tmp
         if os.path.isdir(path):
             os.rmdir(path)  # empty: anything else was refused before
         os.replace(tmp, path)
@@ -148,6 +147,14 @@ def write_folder(files, path):
         raise WriteError(f"could not write {path} ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_folder(files, path):
+    """A new folder of files ({name: bytes}) at `path` (new_folder)."""
+    with new_folder(path) as tmp:
+        for name, data in files.items():
+            with atomic_open(os.path.join(tmp, name)) as f:
+                f.write(data)
 
 
 def write_json(obj, path):
@@ -262,6 +269,11 @@ class RunFiles:
     def ckpt_dir(self):
         return os.path.join(self.models_dir, self.run_name)
 
+    @property
+    def lock(self):
+        """<models_dir>/<run>.lock: which process holds the run (run_lock)."""
+        return os.path.join(self.models_dir, f"{self.run_name}.lock")
+
     def checkpoint(self, name):
         """<models_dir>/<run>/<name>, name one of CHECKPOINT_NAMES."""
         if name not in CHECKPOINT_NAMES:
@@ -287,9 +299,11 @@ class RunFiles:
         return folder == os.path.realpath(self.save_dir) and self.output_names().fullmatch(name) is not None
 
     def stale_temporaries(self):
-        """'<name>.tmp<pid>' files and folders of this run whose process no longer runs (kill -9, a power cut)."""
+        """'<name>.tmp<pid>' files and folders of this run (its folder's too) whose process no longer runs (kill -9, a
+        power cut)."""
         found = []
-        for folder, names in ((self.ckpt_dir, re.compile(f"(?:{'|'.join(map(re.escape, CHECKPOINT_NAMES))})"
+        for folder, names in ((self.models_dir, re.compile(re.escape(self.run_name) + r"\.tmp([0-9]+)")),
+                              (self.ckpt_dir, re.compile(f"(?:{'|'.join(map(re.escape, CHECKPOINT_NAMES))})"
                                                          r"\.tmp([0-9]+)")),
                               (self.save_dir, self.output_names(r"\.tmp([0-9]+)"))):
             for name in (os.listdir(folder) if os.path.isdir(folder) else []):
@@ -312,11 +326,70 @@ def process_running(pid):
     return True
 
 
+@contextlib.contextmanager
+def run_lock(files, held=True):
+    """The block holds the run's folder (training, resume, import; `held` False: a rank other than 0): an advisory
+    lock on RunFiles.lock, which names this process. UserError naming the process that holds it; the lock file of a
+    process that no longer runs is taken over with a note. The file goes when the block ends."""
+    if not held:
+        yield
+        return
+    with made_folders(files.models_dir), lock_file(files):
+        yield
+
+
+@contextlib.contextmanager
+def made_folders(path):
+    """`path` and the parents it lacks, created for the block; those still empty after it removed again (a run
+    refused before it wrote anything leaves nothing behind)."""
+    missing = []
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield
+    finally:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def lock_file(files):
+    """run_lock in an existing models_dir."""
+    while True:  # until the file locked is the one at the path (a holder removes it as it finishes)
+        fd = os.open(files.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"run {files.run_name!r} is in use by pid {holder} (its lock: {files.lock}): wait for it "
+                            "to finish, or give another --run_name") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(files.lock).st_ino:
+                break
+        os.close(fd)
+    left = os.read(fd, 32).decode(errors="replace").strip()
+    if left.isdigit() and not process_running(int(left)):
+        print(f"note: {files.lock} was left by pid {left}, which no longer runs; this process takes the run over",
+              file=sys.stderr)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        os.remove(files.lock)
+        os.close(fd)
+
+
 def make_way(files, inputs):
-    """Before a command writes `files`: UserError when an input {flag: path} is one of its outputs; then the temporary
-    files of killed runs of the same name go."""
-    for flag, path in inputs.items():
-        if path and files.is_output(path):
+    """Before a command writes `files`: UserError when an input [(flag, path)] is one of its outputs; then the
+    temporary files of killed runs of the same name go."""
+    for flag, path in inputs:
+        if files.is_output(path):
             raise UserError(f"{flag} {path!r} is where this command writes one of its outputs (run "
                             f"{files.run_name!r}); give another --run_name or --save_dir, or move the file")
     for path in files.stale_temporaries():

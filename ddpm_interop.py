@@ -14,12 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_checkpoint import imported_checkpoint, load_sampling_model, save_checkpoint, write_config_json
-from ddpm_config import COMMAND_LINE_SETTINGS, MODEL_SETTINGS, flag_value, training_config
+from ddpm_checkpoint import (ANY_SIZE, entries_problem, imported_checkpoint, load_sampling_model, nesting_problem,
+                             save_checkpoint, weight_tensors_problem, write_config_json)
+from ddpm_config import BY_NAME, COMMAND_LINE_SETTINGS, MODEL_SETTINGS, Range, Value, flag_value, training_config
 from ddpm_data import CIFAR10_CLASSES, DEFAULT_DATA_DIR
 from ddpm_diffusion import SamplerSettings, scaled_beta_range
 from ddpm_download import RemoteFile, fetched
-from ddpm_helpers import RunFiles, UserError, sanitized_run_name, stderr_is_terminal, write_folder
+from ddpm_flags import files_read
+from ddpm_helpers import (RunFiles, UserError, make_way, new_folder, run_lock, sanitized_run_name, stderr_is_terminal,
+                          write_folder)
+from ddpm_jobs import JOB
 from ddpm_model import DDPMUNet, UNetConfig
 from ddpm_presets import PRESETS
 from ddpm_sample import asked_sampling, describe_sampling, sampler_settings
@@ -85,6 +89,17 @@ DIFFUSERS_LAYOUT = {
 SCHEDULE_NAMES = {"linear": "linear", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}  # diffusers' → the tool's
 VARIANCE_NAMES = {"fixed_large": "beta", "fixed_small": "posterior"}
 PREDICTION_NAMES = {"epsilon": "eps", "v_prediction": "v"}
+# What the entries of diffusers' files that the tool reads may be: those with a flag, the Value that checks the flag
+BLOCK_NAMES = Value(str, many=True, what="a list of block names")
+UNET_ENTRIES = {"norm_num_groups": BY_NAME["groups"].value, "norm_eps": BY_NAME["norm_eps"].value,
+                "sample_size": ANY_SIZE, "in_channels": ANY_SIZE, "out_channels": ANY_SIZE,
+                "down_block_types": BLOCK_NAMES, "up_block_types": BLOCK_NAMES}
+SCHEDULER_ENTRIES = {"num_train_timesteps": BY_NAME["timesteps"].value,
+                     "beta_start": Value(float, Range(0, 1, open_low=True)),
+                     "beta_end": Value(float, Range(0, 1, open_low=True)),
+                     "beta_schedule": Value(str, choices=tuple(SCHEDULE_NAMES)),
+                     "variance_type": Value(str, choices=tuple(VARIANCE_NAMES)),
+                     "prediction_type": Value(str, choices=tuple(PREDICTION_NAMES))}
 
 
 @dataclass
@@ -153,10 +168,13 @@ def read_json(path, required=False):
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path!r} is not valid JSON ({type(e).__name__})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # json's parser stops at the stack's depth
+        raise UserError(f"{path!r} is not valid JSON, or nested too deep ({type(e).__name__})") from None
     if not isinstance(value, dict):
         raise UserError(f"{path!r} is not a JSON object")
+    problem = nesting_problem(value, os.path.basename(path))
+    if problem:
+        raise UserError(f"{path!r}: {problem}")
     return value
 
 
@@ -180,6 +198,9 @@ def read_tensors(path):
     if not isinstance(tensors, dict) or not tensors or not all(
             isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in tensors.items()):
         raise UserError(f"{path!r} is not a state dict (a dict of named tensors)")
+    problem = weight_tensors_problem(tensors, "weights")  # integer weights are not cast: they were never trained
+    if problem:
+        raise UserError(f"{path!r}: {problem}")
     return tensors
 
 
@@ -216,9 +237,12 @@ def foreign_network(foreign):
 def diffusers_layout(foreign, levels):
     """(image side, GroupNorm groups, ε) of a diffusers UNet2DModel whose config.json describes Ho et al.'s layout."""
     config, source = foreign.unet_config, foreign.source
+    problem = entries_problem(config, (), UNET_ENTRIES, "its config.json")
+    if problem:
+        raise UserError(f"{source!r}: {problem}")
     wrong = [f"{key} {config.get(key, default)!r} (Ho et al.: {value!r})"
              for key, (value, default) in DIFFUSERS_LAYOUT.items() if config.get(key, default) != value]
-    down_types = config.get("down_block_types") or []
+    down_types = config.get("down_block_types", [])
     if len(down_types) != levels or any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down_types):
         wrong.append(f"down_block_types {down_types!r}")
     mirrored = [t.replace("Down", "Up") for t in reversed(down_types)]
@@ -304,31 +328,25 @@ def import_weights(foreign):
 
 def foreign_diffusion(foreign):
     """The diffusion a foreign network was trained with: scheduler_config.json's, else Ho et al.'s (T = 1000, linear
-    β 1e-4 … 0.02, ε, σ_t² = β_t). UserError for a scheduler the tool cannot reproduce."""
+    β 1e-4 … 0.02, ε, σ_t² = β_t). UserError for values SCHEDULER_ENTRIES refuses or a β range the tool's schedule
+    would not reproduce."""
     scheduler = foreign.scheduler
     if not scheduler:
         return {}
+    problem = entries_problem(scheduler, (), SCHEDULER_ENTRIES, "its scheduler_config.json") or (
+        None if scheduler.get("trained_betas") is None else
+        "its scheduler_config.json has trained_betas, a schedule of its own (the tool's: linear, cosine, sigmoid)")
+    if problem:
+        raise UserError(f"{foreign.source!r}: {problem}")
     timesteps = scheduler.get("num_train_timesteps", 1000)
-    schedule = SCHEDULE_NAMES.get(scheduler.get("beta_schedule", "linear"))
-    wrong = []
-    if schedule is None or scheduler.get("trained_betas") is not None:
-        wrong.append(f"beta_schedule {scheduler.get('beta_schedule')!r} (the tool's: {', '.join(SCHEDULE_NAMES)})")
-    elif schedule != "cosine" and isinstance(timesteps, int) and timesteps > 0:
-        ends = (scheduler.get("beta_start", 1e-4), scheduler.get("beta_end", 0.02))
-        if not all(abs(a - b) < 1e-12 for a, b in zip(ends, scaled_beta_range(timesteps))):
-            wrong.append(f"β from {ends[0]} to {ends[1]} (the tool's: 1e-4 to 0.02 at T = 1000, scaled by 1000/T)")
-    variance = VARIANCE_NAMES.get(scheduler.get("variance_type", "fixed_small"))
-    prediction = PREDICTION_NAMES.get(scheduler.get("prediction_type", "epsilon"))
-    if variance is None:
-        wrong.append(f"variance_type {scheduler.get('variance_type')!r} (fixed_large or fixed_small)")
-    if prediction is None:
-        wrong.append(f"prediction_type {scheduler.get('prediction_type')!r} (epsilon or v_prediction)")
-    if not isinstance(timesteps, int) or timesteps < 1:
-        wrong.append(f"num_train_timesteps {timesteps!r}")
-    if wrong:
-        raise UserError(f"{foreign.source!r}: its scheduler_config.json is not a diffusion this tool samples: "
-                        f"{'; '.join(wrong)}")
-    return {"timesteps": timesteps, "schedule": schedule, "prediction": prediction, "variance": variance}
+    schedule = SCHEDULE_NAMES[scheduler.get("beta_schedule", "linear")]
+    ends = (scheduler.get("beta_start", 1e-4), scheduler.get("beta_end", 0.02))
+    if schedule != "cosine" and not all(abs(a - b) < 1e-12 for a, b in zip(ends, scaled_beta_range(timesteps))):
+        raise UserError(f"{foreign.source!r}: its scheduler_config.json's β runs from {ends[0]} to {ends[1]}; the "
+                        f"tool's {schedule} schedule runs from 1e-4 to 0.02 at T = 1000, scaled by 1000/T")
+    return {"timesteps": timesteps, "schedule": schedule,
+            "prediction": PREDICTION_NAMES[scheduler.get("prediction_type", "epsilon")],
+            "variance": VARIANCE_NAMES[scheduler.get("variance_type", "fixed_small")]}
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -414,15 +432,20 @@ def import_job(options):
         options.import_weights if options.import_weights in PUBLISHED else
         os.path.splitext(os.path.basename(os.path.normpath(path)))[0], fallback="imported")
     files = RunFiles(options.models_dir, options.save_dir, run_name)
-    target = files.checkpoint("ckpt.pt")
-    if os.path.exists(target):
-        raise UserError(f"{target} exists: give another --run_name (or remove that run first)")
     settings = sampler_settings(asked_sampling(options), SamplerSettings("ddpm", variance=imported.variance),
                                 imported.timesteps, given=options.given)
     config = imported_config({**vars(options), "run_name": run_name}, imported, settings)
-    os.makedirs(files.ckpt_dir, exist_ok=True)
-    save_checkpoint(imported_checkpoint(config, imported.weights, foreign.source), target)
-    write_config_json(config, files.checkpoint("config.json"))
+    target = files.checkpoint("ckpt.pt")
+    with run_lock(files):
+        make_way(files, files_read(options, JOB["import"]))
+        held = sorted(os.listdir(files.ckpt_dir)) if os.path.isdir(files.ckpt_dir) else []
+        if held or os.path.lexists(files.ckpt_dir) and not os.path.isdir(files.ckpt_dir):
+            raise UserError(f"{files.ckpt_dir} exists{' and holds ' + ', '.join(held[:3]) if held else ''}: an import "
+                            "writes a new run folder; give another --run_name (or move that run first)")
+        with new_folder(files.ckpt_dir) as folder:  # ckpt.pt and config.json appear together, or neither
+            save_checkpoint(imported_checkpoint(config, imported.weights, foreign.source),
+                            os.path.join(folder, "ckpt.pt"))
+            write_config_json(config, os.path.join(folder, "config.json"))
     if verbose:
         count = sum(w.numel() for w in imported.weights.values())
         print(f"imported Ho et al.'s network ({count:,} parameters) from {foreign.source} "

@@ -30,6 +30,8 @@ class Job:
     banner: str = None       # 'module.function' (options, settings, config) → what it runs, for the banner; None:
                              # the sampler settings
     check: str = None        # 'module.function' (options) checking what only it reads, before anything is read
+    keeps: str = "ddpm_sample.samples_keep"  # a job of a model: 'module.function' (options, config, settings) →
+                             # (the images it holds at once, the flag that lowers them), for the memory check
 
     @property
     def words(self):
@@ -52,19 +54,22 @@ EDITING_STEPS = 50  # the timesteps of RePaint's ancestral steps and of DDIM's i
 REPAINT = {"sampler": "ddim", "eta": 1.0, "steps": EDITING_STEPS}  # Ho et al.'s ancestral step on the respaced steps
 DDIM_BOTH_WAYS = {"sampler": "ddim", "eta": 0.0, "steps": EDITING_STEPS, "guidance_scale": 1.0}  # run both ways, w = 1
 OF_A_MODEL = {"under": "inference"}  # a job of --inference, on the model --model_path names
-EDIT = {**OF_A_MODEL, "check": "ddpm_editing.check_inputs"}
 JOBS = (
     Job("train", None, "ddpm_train.train", "training", check="ddpm_train.check_training"),
     Job("sample", "inference", "ddpm_sample.sample_job", "sampling", model=True),
-    Job("sweep", "guidance_sweep", "ddpm_sample.sweep_job", "sampling", classes=True, **OF_A_MODEL),
-    Job("strip", "denoising_strip", "ddpm_sample.strip_job", "sampling", **OF_A_MODEL),
+    Job("sweep", "guidance_sweep", "ddpm_sample.sweep_job", "sampling", classes=True, keeps="ddpm_sample.sweep_keep",
+        **OF_A_MODEL),
+    Job("strip", "denoising_strip", "ddpm_sample.strip_job", "sampling", keeps="ddpm_sample.strip_keep",
+        **OF_A_MODEL),
     Job("bound", "eval_nll", "ddpm_sample.bound_job", "computing the bound", banner="ddpm_sample.bound_banner",
         **OF_A_MODEL),
     Job("fid", "eval_fid", "ddpm_sample.fid_job", "sampling", **OF_A_MODEL),
     Job("inpaint", "inpaint", "ddpm_editing.inpaint_job", "inpainting", sampler=REPAINT,
-        banner="ddpm_editing.repaint_banner", **EDIT),
-    Job("invert", "invert", "ddpm_editing.invert_job", "inverting", sampler=DDIM_BOTH_WAYS, **EDIT),
-    Job("interpolate", "interpolate", "ddpm_editing.interpolate_job", "interpolating", sampler=DDIM_BOTH_WAYS, **EDIT),
+        banner="ddpm_editing.repaint_banner", keeps="ddpm_editing.edits_keep", **OF_A_MODEL),
+    Job("invert", "invert", "ddpm_editing.invert_job", "inverting", sampler=DDIM_BOTH_WAYS,
+        keeps="ddpm_editing.edits_keep", **OF_A_MODEL),
+    Job("interpolate", "interpolate", "ddpm_editing.interpolate_job", "interpolating", sampler=DDIM_BOTH_WAYS,
+        keeps="ddpm_editing.frames_keep", **OF_A_MODEL),
     Job("import", "import_weights", "ddpm_interop.import_job", "importing"),
     Job("export", "export_diffusers", "ddpm_interop.export_job", "exporting", model=True,
         check="ddpm_interop.check_export"),
@@ -78,10 +83,11 @@ FLAG_SAMPLED = ("train", "import", *(job for job in INFERENCE if JOB[job].sample
 
 @dataclass(frozen=True)
 class Item:
-    """One image to edit, as --images or --interpolate names it: an index into the test split ('test'), an image
-    file ('file') or, for --interpolate, the noise of a seed ('seed')."""
+    """What an editing flag names: an image as --images or --interpolate names it, an index into the test split
+    ('test'), an image file ('file') or, for --interpolate, the noise of a seed ('seed'); --inpaint's region, one of
+    MASK_SHAPES ('shape') or a mask file ('file')."""
     kind: str
-    value: object  # int for 'test' and 'seed', a path for 'file'
+    value: object  # int for 'test' and 'seed', a path for 'file', a name for 'shape'
 
     @property
     def name(self):
@@ -91,14 +97,18 @@ class Item:
 
 def image_items(ends=False):
     """An argparse type: images to edit as Items, comma-separated — ASCII digits a test index, anything else an image
-    file (checked by ddpm_editing.check_inputs) and, for the two ends of an interpolation (ends), seed:N a seed."""
+    file (checked with every file a flag reads: ddpm_flags.check_paths) and, for the two ends of an interpolation
+    (ends), seed:N a seed in SEED_RANGE."""
     def parse(text):
         items = []
         for part in (p.strip() for p in text.split(",")):
-            seed = re.fullmatch(r"seed:(-?[0-9]{1,19})", part)
+            seed = re.fullmatch(r"seed:(-?[0-9]{1,20})", part)
             if not part:
                 raise argparse.ArgumentTypeError(f"{text!r} has an empty item: give test indices or image files, "
                                                  "comma-separated")
+            if seed and ends and not SEED_RANGE[0] <= int(seed.group(1)) <= SEED_RANGE[1]:
+                raise argparse.ArgumentTypeError(f"{part} is past the random generator's range, {SEED_RANGE[0]} … "
+                                                 f"{SEED_RANGE[1]}")
             items.append(Item("test", int(part)) if re.fullmatch(r"[0-9]{1,9}", part) else
                          Item("seed", int(seed.group(1))) if seed and ends else Item("file", part))
         if ends and len(items) != 2:
@@ -108,5 +118,11 @@ def image_items(ends=False):
     return parse
 
 
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch's generators take (a negative seed is taken modulo 2⁶⁴)
 MASK_SHAPES = ("centre", "left", "strokes")  # what --inpaint draws besides a mask file
+
+
+def mask_item(text):
+    """An argparse type: --inpaint's region as an Item, one of MASK_SHAPES ('shape') or a mask file ('file')."""
+    return Item("shape" if text in MASK_SHAPES else "file", text)
 EDIT_IMAGES = 8  # test images the editing jobs take when --images is not given, spread over the split

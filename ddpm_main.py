@@ -27,14 +27,14 @@ import torch  # noqa: E402
 
 from ddpm_checkpoint import TOOL_VERSION, inference_run_name, load_sampling_model  # noqa: E402
 from ddpm_config import saved_sampler_settings  # noqa: E402
-from ddpm_flags import Command, build_parser, check_command, flags_given, parse_command_line  # noqa: E402
+from ddpm_flags import Command, build_parser, check_command, files_read, flags_given, parse_command_line  # noqa: E402
 from ddpm_helpers import STOPPING_ERRORS, RunFiles, UserError, exit_status, failure_text, make_way  # noqa: E402
 from ddpm_jobs import function_named  # noqa: E402
 from ddpm_model import UNetConfig  # noqa: E402
-from ddpm_pictures import MAX_CLASS_ROWS  # noqa: E402
-from ddpm_runtime import check_run_memory, device_of, init_distributed, memory_guard, stop_on_signals  # noqa: E402
+from ddpm_runtime import (check_run_memory, device_of, ignore_stops, init_distributed, memory_guard,  # noqa: E402
+                          stop_on_signals)
 from ddpm_sample import (asked_sampling, class_indices, describe_sampling, prepare_sampler,  # noqa: E402
-                         sampler_settings, whole_rows)
+                         sampler_settings)
 
 
 def inference(options, job):
@@ -44,8 +44,7 @@ def inference(options, job):
     config = ckpt["config"]
     files = RunFiles(options.models_dir, options.save_dir,
                      options.run_name or inference_run_name(options.model_path, config))
-    make_way(files, {"--model_path": options.model_path, "--fid_ref_stats": options.fid_ref_stats,
-                     "--fid_inception": options.fid_inception})
+    make_way(files, files_read(options, job))
     settings = sampler_settings(asked_sampling(options), saved_sampler_settings(config), config["timesteps"],
                                 job.sampler, options.given)
     classes = check_against_model(options, job, config, settings)
@@ -61,8 +60,7 @@ def check_against_model(options, job, config, settings):
     """What the checkpoint's config can contradict in the command (exit status 2, nothing written): its classes, and
     the memory this model sampled with these settings needs. Returns --sample_classes as the model's class indices
     (None when not given)."""
-    kept = len(options.guidance_sweep) * MAX_CLASS_ROWS if options.guidance_sweep else \
-        (options.num_samples or whole_rows(config["classes"] if options.conditional else None)) + options.eval_fid
+    kept = function_named(job.keeps)(options, config, settings)  # (images, the flag that lowers them)
     check_run_memory(device_of(options), options.sample_batch, UNetConfig.from_dict(config["model"]),
                      config["timesteps"], config["image_size"], kept, training=False,
                      evaluations=settings.evaluations_per_step(options.conditional))
@@ -89,17 +87,19 @@ def main(argv=None):
     rank, world_size, local_rank = init_distributed(torch.cuda.is_available() and not args.no_cuda) \
         if job.name == "train" else (0, 1, 0)
     options = Command(**vars(args), job=job.name, rank=rank, world_size=world_size, local_rank=local_rank)
-    try:
-        with stop_on_signals(), memory_guard(job.doing, "lower --sample_batch, --batch_size or --dim"):
-            inference(options, job) if job.inference else function_named(job.run)(options)
-    except STOPPING_ERRORS as e:
-        if options.rank == 0:
-            print(f"{parser.prog}: {failure_text(e)}", file=sys.stderr)
-        sys.exit(exit_status(e))
-    finally:
-        if options.world_size > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+    with stop_on_signals(final=argv is None):  # the command: once the job is over, stops change nothing
+        try:
+            with memory_guard(job.doing, "lower --sample_batch, --batch_size or --dim"):
+                inference(options, job) if job.inference else function_named(job.run)(options)
+        except STOPPING_ERRORS as e:
+            ignore_stops()  # the line below is the last word
+            if options.rank == 0:
+                print(f"{parser.prog}: {failure_text(e)}", file=sys.stderr)
+            sys.exit(exit_status(e))
+        finally:
+            if options.world_size > 1:
+                import torch.distributed as dist
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -227,9 +227,9 @@ TRAINING_COPIES = 5                     # weights, their gradients, the EMA and 
 ACTIVATION_BYTES = 2                    # the least a stored activation takes (bf16 / fp16 autocast)
 
 
-def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, training, evaluations=1):
+def memory_needs(model_config, timesteps, side, sample_batch, kept, training, evaluations=1):
     """A run's lower-bound needs [(bytes, what, flag that lowers it)]: weights (training: gradients, EMA, moments),
-    the schedule, one sampling batch of `evaluations` halves, and the samples kept."""
+    the schedule, one sampling batch of `evaluations` halves, and the images the job keeps, kept = (count, its flag)."""
     params = parameter_count(model_config)
     copies = TRAINING_COPIES if training else 1
     dims = [model_config.dim * m for m in model_config.dim_mults]
@@ -237,42 +237,56 @@ def memory_needs(model_config, timesteps, side, sample_batch, samples_kept, trai
     skips = model_config.dim * side ** 2 + sum(model_config.num_res_blocks * d * (side // 2 ** i) ** 2
                                                for i, d in enumerate(stage_inputs))
     image = model_config.channels * side ** 2
+    count, flag = kept
     return [(params * 4 * copies, f"for {params:,} parameters{' while training' if training else ''}",
              "--dim or --dim_mults"),
             (timesteps * SCHEDULE_BYTES_PER_STEP, f"for the noise schedule of T = {timesteps:,}", "--timesteps"),
             (sample_batch * evaluations * (skips * ACTIVATION_BYTES + 4 * image * 4),
              f"for a sampling batch of {sample_batch:,}", "--sample_batch"),
-            (samples_kept * image * 4, f"to hold {samples_kept:,} samples",
-             "--eval_fid" if training else "--num_samples or --eval_fid")]
+            (count * image * 4, f"to hold {count:,} images", flag)]
 
 
-def check_run_memory(device, sample_batch, model_config, timesteps, side, samples, training, evaluations=1):
+def check_run_memory(device, sample_batch, model_config, timesteps, side, kept, training, evaluations=1):
     """UserError before anything is allocated when memory_needs exceed the device's (and machine's) memory; on CUDA
     only one image of a sampling batch must fit (generate halves batches)."""
-    batch = 1 if device.type == "cuda" else min(sample_batch, samples)
-    needs = memory_needs(model_config, timesteps, side, batch, samples, training, evaluations)
+    batch = 1 if device.type == "cuda" else min(sample_batch, kept[0])
+    needs = memory_needs(model_config, timesteps, side, batch, kept, training, evaluations)
     check_memory(needs[:3], device, needs[3:])
 
 
 # --------------------------------------------------------------------------------- signals
 
-@contextlib.contextmanager
-def stop_on_signals():
-    """Inside the block SIGINT raises KeyboardInterrupt and SIGTERM StopRequested at once (one line, exit 130);
-    SignalFlag takes over while a run trains. Outside the main thread nothing changes."""
-    def handle(signum, frame):
-        raise StopRequested(signal.Signals(signum).name)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+
+def ignore_stops():
+    """Further SIGINT / SIGTERM change nothing: a stop is under way, or the job is over (Python, shutting down, would
+    die of one: exit status −15 instead of the job's)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_raised(signum):
+    """What a stop signal raises, later ones ignored: KeyboardInterrupt for SIGINT, StopRequested for SIGTERM."""
+    ignore_stops()
+    raise KeyboardInterrupt if signum == signal.SIGINT else StopRequested(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_signals(final=False):
+    """Inside the block SIGINT raises KeyboardInterrupt and SIGTERM StopRequested at once (one line, exit 130), the
+    first one only; SignalFlag takes over while a run trains. After it the handlers are restored, or with `final` (the
+    process ends) stops are ignored. Outside the main thread nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),  # KeyboardInterrupt
-                signal.SIGTERM: signal.signal(signal.SIGTERM, handle)}
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop_raised(signum)) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if final else handler)
 
 
 class SignalFlag:
@@ -283,14 +297,15 @@ class SignalFlag:
         self.received, self.previous, self.immediate = None, {}, immediate
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
+        second = self.received is not None
         self.received = signal.Signals(signum).name
-        signal.signal(signum, self.previous[signum])  # a second signal stops at once
-        if self.immediate:
+        if self.immediate or second:
+            ignore_stops()
             raise StopRequested(self.received)
 
     @contextlib.contextmanager

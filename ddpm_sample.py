@@ -383,6 +383,23 @@ def guided_classes(options, config, classes):
     return (classes or list(range(config["num_classes"]))) if options.conditional else None
 
 
+def samples_keep(options, config, settings):
+    """What sampling, FID and the bound hold (Job.keeps): the samples asked for (whole rows by default) and FID's."""
+    return (options.num_samples or whole_rows(config["classes"] if options.conditional else None)) + options.eval_fid, \
+        "--num_samples or --eval_fid"
+
+
+def sweep_keep(options, config, settings):
+    """What a sweep holds (Job.keeps): a row of at most MAX_CLASS_ROWS images per guidance scale."""
+    return len(options.guidance_sweep) * MAX_CLASS_ROWS, "--guidance_sweep"
+
+
+def strip_keep(options, config, settings):
+    """What a strip holds (Job.keeps): each sample's x̂_0 at every step, before the columns are picked."""
+    return (options.num_samples or STRIP_ROWS) * (settings.for_timesteps(config["timesteps"]).steps + 1), \
+        "--num_samples"
+
+
 def sweep_job(options, sampler, files, classes):
     """--guidance_sweep W,...: one grid, a row per guidance scale (write_guidance_sweep)."""
     write_guidance_sweep(sampler, options.guidance_sweep, classes, options.seed, files, not options.quiet)

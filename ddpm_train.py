@@ -27,8 +27,10 @@ from ddpm_data import (DEFAULT_DATA_DIR, DeviceLoader, check_stage_count, data_f
                        load_dataset, model_side, require_image_folder, require_trained_data, train_val_split)
 from ddpm_diffusion import Diffusion, SamplerSettings
 from ddpm_fid import InceptionFeatures, Reference, ref_statistics_file
+from ddpm_flags import files_read
 from ddpm_helpers import (Interrupted, NonFiniteError, RunFiles, StopRequested, TrainingError, UserError, WriteError,
-                          make_way, write_json)
+                          make_way, run_lock, write_json)
+from ddpm_jobs import JOB
 from ddpm_model import UNetConfig
 from ddpm_pictures import (GRID_SEED, GRID_UNCONDITIONAL, grid_layout, plot_loss_history, save_forward_strip,
                            save_grid)
@@ -67,7 +69,7 @@ def check_training(options):
 def check_training_memory(options, model, timesteps, side):
     """UserError when this network (UNetConfig), T and side cannot fit in memory with the run's samples."""
     check_run_memory(device_of(options), options.sample_batch, model, timesteps, side,
-                     max(GRID_UNCONDITIONAL, options.eval_fid), training=True)
+                     (max(GRID_UNCONDITIONAL, options.eval_fid), "--eval_fid"), training=True)
 
 
 def train(options):
@@ -75,18 +77,19 @@ def train(options):
     the time budget stops them, then finish. NaN or a failed write stops it (exit 1), the last good checkpoint kept."""
     saved, run_name, resumed_from = resumed_checkpoint(options)
     files = RunFiles(options.models_dir, options.save_dir, run_name)
-    make_way(files, {"--fid_ref_stats": options.fid_ref_stats, "--fid_inception": options.fid_inception})
-    run = set_up_run(options, files, saved, resumed_from)
-    with run.report, run.signals:
-        try:
-            train_epochs(run, run.state, run.clock)
-            finish(run, run.state, run.clock)
-        except StopRequested as e:
-            stop_on_signal(run, run.state, str(e))
-        except NonFiniteError as e:
-            raise TrainingError(diverged_message(run, e)) from None
-        except WriteError as e:
-            raise TrainingError(write_failed_message(run, e)) from None
+    with run_lock(files, held=options.rank == 0):
+        make_way(files, files_read(options, JOB["train"]))
+        run = set_up_run(options, files, saved, resumed_from)
+        with run.report, run.signals:
+            try:
+                train_epochs(run, run.state, run.clock)
+                finish(run, run.state, run.clock)
+            except StopRequested as e:
+                stop_on_signal(run, run.state, str(e))
+            except NonFiniteError as e:
+                raise TrainingError(diverged_message(run, e)) from None
+            except WriteError as e:
+                raise TrainingError(write_failed_message(run, e)) from None
 
 
 def resumed_checkpoint(options):

@@ -138,10 +138,11 @@ def test_a_new_setting_is_one_declaration(monkeypatch):
 def test_a_config_entry_of_the_wrong_type_is_named():
     config = {"model": {"dim": 8, "dim_mults": [1, 2]}, "timesteps": 10, "schedule": "cosine", "image_size": 16}
     assert config_problem(config) is None
-    assert config_problem({**config, "timesteps": "10"}) == "the config's timesteps is '10', not a whole number ≥ 1"
+    assert config_problem({**config, "timesteps": "10"}) == \
+        "the config's timesteps is '10', not a whole number in [1, 100000]"
     assert config_problem({**config, "ema_decay": 1.0}) == "the config's ema_decay is 1.0, not a number in [0, 1)"
     assert config_problem({**config, "model": {"dim": 8, "dim_mults": [1, 2], "norm_eps": 0}}) == \
-        "the config's model.norm_eps is 0, not a number > 0"
+        "the config's model.norm_eps is 0, not a number in (0, 1]"
 
 
 def test_float_list_and_int_list_refuse_what_they_cannot_read():

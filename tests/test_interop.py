@@ -217,14 +217,6 @@ def test_the_hub_folder_by_name_says_how_to_fetch_it_by_hand(tmp_path):
     assert "huggingface-cli download google/ddpm-cifar10-32" in result.stderr
 
 
-def test_an_import_never_overwrites_a_run(small_folder, tmp_path):
-    (tmp_path / "models" / "taken").mkdir(parents=True)
-    (tmp_path / "models" / "taken" / "ckpt.pt").write_bytes(b"a run's checkpoint")
-    result = run_main("--import_weights", small_folder[0], "--run_name", "taken", cwd=tmp_path)
-    assert result.returncode == 2 and "exists: give another --run_name" in result.stderr
-    assert (tmp_path / "models" / "taken" / "ckpt.pt").read_bytes() == b"a run's checkpoint"
-
-
 def test_group_norm_eps_is_a_stored_setting_older_configs_keep_1e_5():
     assert UNetConfig.from_dict({"dim": 8, "dim_mults": [1, 2]}).norm_eps == 1e-5  # a config written before it
     eps = {m.eps for m in build_unet(UNetConfig(dim=8, dim_mults=(1, 2))).modules()

@@ -339,7 +339,8 @@ def test_memory_needs_are_pinned_lower_bounds():
     config = UNetConfig(dim=8, dim_mults=(1, 2), channels=3)
     params = sum(p.numel() for p in UNet(config).parameters())
     assert parameter_count(config) == params
-    needs = memory_needs(config, timesteps=10, side=16, sample_batch=4, samples_kept=6, training=True, evaluations=2)
+    needs = memory_needs(config, timesteps=10, side=16, sample_batch=4, kept=(6, "--eval_fid"), training=True,
+                         evaluations=2)
     # skips per image: the first conv's 8 × 16² and two per stage, 2 · 8 · 16² + 2 · 8 · 8² (stage inputs 8, 8)
     skips = 8 * 256 + 2 * 8 * 256 + 2 * 8 * 64
     assert [n for n, _, _ in needs] == [params * 4 * 5,                            # weights, grads, EMA, 2 moments
@@ -377,6 +378,7 @@ def test_on_cuda_the_samples_count_against_ram_and_a_sampling_batch_may_halve_do
     with pytest.raises(UserError, match=r"and this machine has 1.0 TB: lower --num_samples$"):
         check_memory([(10, "weights", "--dim")], cuda, [(2 * 10 ** 12, "samples", "--num_samples")])
     model = UNetConfig(dim=32, dim_mults=(1, 2, 2))
-    check_run_memory(cuda, 10 ** 7, model, 1000, 32, 10 ** 7, training=False, evaluations=2)  # one image must fit
+    kept = (10 ** 7, "--num_samples")
+    check_run_memory(cuda, 10 ** 7, model, 1000, 32, kept, training=False, evaluations=2)  # one image must fit
     with pytest.raises(UserError, match="lower --sample_batch$"):
-        check_run_memory(torch.device("cpu"), 10 ** 7, model, 1000, 32, 10 ** 7, training=False, evaluations=2)
+        check_run_memory(torch.device("cpu"), 10 ** 7, model, 1000, 32, kept, training=False, evaluations=2)

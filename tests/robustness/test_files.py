@@ -184,7 +184,7 @@ def test_a_symlink_loop_as_model_path_is_named(tmp_path):
     os.symlink("b.pt", tmp_path / "a.pt")
     os.symlink("a.pt", tmp_path / "b.pt")
     line = one_line_error(run_main("--inference", "--model_path", "a.pt", "--no_cuda", cwd=tmp_path))
-    assert line == "ddpm_main.py: error: --model_path 'a.pt' is a loop of symbolic links"
+    assert line == "ddpm_main.py: error: --model_path 'a.pt' is a loop of symbolic links (see --help)"
 
 
 def test_fid_statistics_no_inception_network_gives_are_refused():
