@@ -106,6 +106,14 @@ def test_a_failed_import_leaves_nothing_and_can_be_retried(small_folder, tmp_pat
     assert sorted(os.listdir(tmp_path / "models" / "r")) == ["ckpt.pt", "config.json"]
 
 
+def test_the_folder_of_a_killed_import_is_cleared_by_the_next(small_folder, tmp_path):
+    left = tmp_path / "models" / "r.tmp4194303"  # a pid past most kernels' range: its process runs nowhere
+    left.mkdir(parents=True)
+    (left / "ckpt.pt").write_bytes(b"half a checkpoint")
+    assert run_main("--import_weights", small_folder[0], "--run_name", "r", "--quiet", cwd=tmp_path).returncode == 0
+    assert sorted(os.listdir(tmp_path / "models")) == ["r"]
+
+
 # ------------------------------------------------------------------------------------------- one process per run
 
 HOLD_LOCK = ("import sys, time; sys.path.insert(0, {root!r}); from ddpm_helpers import RunFiles, run_lock\n"
