@@ -439,7 +439,7 @@ def import_job(options):
     with run_lock(files):
         make_way(files, files_read(options, JOB["import"]))
         held = sorted(os.listdir(files.ckpt_dir)) if os.path.isdir(files.ckpt_dir) else []
-        if held or os.path.lexists(files.ckpt_dir) and not os.path.isdir(files.ckpt_dir):
+        if held or (os.path.lexists(files.ckpt_dir) and not os.path.isdir(files.ckpt_dir)):  # files, or a file
             raise UserError(f"{files.ckpt_dir} exists{' and holds ' + ', '.join(held[:3]) if held else ''}: an import "
                             "writes a new run folder; give another --run_name (or move that run first)")
         with new_folder(files.ckpt_dir) as folder:  # ckpt.pt and config.json appear together, or neither
