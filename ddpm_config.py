@@ -423,11 +423,12 @@ SETTINGS = (
       used_in=SAMPLES,
       more="A batch the GPU cannot hold is retried at half the size, with one warning line."),
     # evaluation
-    S("eval_fid", "evaluation", "FID and IS of N samples (after training, or at inference)", 0, int,
+    S("eval_fid", "evaluation", "FID, KID, precision/recall, IS and copies of N samples (after training, or at "
+                                "inference)", 0, int,
       check=Range(IS_SPLITS, zero_is_off=True, words=f"0 (off) or a sample count of at least {IS_SPLITS} (the "
                   "Inception Score's splits)"), metavar="N", used_in=("train", "fid"),
-      more="Class-balanced when conditional; one pass of torch-fidelity's Inception-v3; published figures use "
-           "50,000."),
+      more="Class-balanced when conditional; one pass of torch-fidelity's Inception-v3; FID with where a second "
+           "draw lands, and the samples' nearest training images (docs/evaluation.md); published figures use 50,000."),
     S("fid_inception", "evaluation", "the Inception weights file (default: fetched once)", metavar="PATH",
       used_in=("train", "fid"), needs=("eval_fid",), io=READS,
       more="torch-fidelity's weights file; fetched on first use into $TORCH_HOME/hub/checkpoints and checked by "

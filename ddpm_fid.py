@@ -1,20 +1,22 @@
-"""FID (Heusel et al. 2017) and the Inception Score (Salimans et al. 2016) as the standard implementations compute
-them, through torch-fidelity: its exact port of the TF Inception-v3 (2015-12-05) and of TF1's bilinear resize to
-299 × 299; FID from the 2048 pool features, IS from the classifier's 1008 logits (without its bias, as the TF graph
-has them), both from one pass over the images. The weights are torch-fidelity's file, fetched on first use and checked
-by SHA-256 (ddpm_download), or a local copy (--fid_inception), which is read with weights_only=True before
+"""The Inception metrics as the standard implementations compute them, through torch-fidelity: its exact port of the
+TF Inception-v3 (2015-12-05) and of TF1's bilinear resize to 299 × 299; from the 2048 pool features FID (Heusel et
+al. 2017) with the interval a second draw lands in (a bootstrap), KID (Bińkowski et al. 2018) and precision/recall
+(Kynkäänniemi et al. 2019); IS (Salimans et al. 2016) from the classifier's 1008 logits (without its bias, as the TF
+graph has them); all from one pass over the images. The weights are torch-fidelity's file, fetched on first use and
+checked by SHA-256 (ddpm_download), or a local copy (--fid_inception), which is read with weights_only=True before
 torch-fidelity (which unpickles with weights_only=False) is given it: a file that would run code is refused.
 
-The reference is the statistics of the training images (--fid_ref test: the test images), computed once and cached
-beside the data, or an npz; either must describe the dataset the model was trained on. The cache records which
-network made it (the SHA-256 of the weights file), from which images and of what data, and is made again when any of
-them differs. The network is run on one image as it loads, and statistics are checked (finite, mu (2048,), sigma
-(2048, 2048) symmetric) before they are cached or used. Grayscale images are repeated into Inception's three
-channels."""
+The reference is the statistics and the pool features of the training images (--fid_ref test: the test images),
+computed in one pass and cached beside the data (the features in half precision), or an npz of statistics; either
+must describe the dataset the model was trained on. Each cache records which network made it (the SHA-256 of the
+weights file), from which images and of what data, and is made again when any of them differs. The network is run on
+one image as it loads, and statistics are checked (finite, mu (2048,), sigma (2048, 2048) symmetric) before they are
+cached or used. Grayscale images are repeated into Inception's three channels."""
 import functools
 import hashlib
 import importlib.metadata
 import io
+import math
 import os
 import sys
 import tempfile
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_data import CIFAR10_CLASSES, data_facts, describe_data, load_dataset
+from ddpm_data import CIFAR10_CLASSES, data_facts, describe_data, evenly_spread, load_dataset
 from ddpm_download import RemoteFile, fetched
 from ddpm_helpers import UserError, WriteError, atomic_open, stderr_is_terminal
 
@@ -43,6 +45,12 @@ IS_SPLITS = 10                                  # the Inception Score's splits (
 # images per Inception batch: a GPU wants many; on a 2-core CPU 16 read 13.6 images/s and 250 read 10.6 (BENCHMARKS.md)
 FEATURE_BATCH = {"cuda": 250, "cpu": 16}
 REFERENCE_SPLITS = ("train", "test")            # --fid_ref
+KID_SUBSETS = 100                               # KID's subsets (torch-fidelity's default, as Bińkowski et al.)
+PRC_NEIGHBOURHOOD = 3                           # the k of precision/recall's k-NN balls (Kynkäänniemi et al. 2019)
+BOOTSTRAP_DRAWS = 100                           # resamplings of the sample features for FID's interval
+SECOND_DRAW_Z = 1.96 * math.sqrt(2)             # 95 % of the difference of two independent readings, in their std
+CACHED_FEATURES = np.float16                    # the reference features' cache: 4 KB an image (205 MB for 50,000)
+LONG_PASS_S = 60                                # a reference pass longer than this says so before it starts
 UNTAGGED_STATS = ("cifar10", 3, 32, 32)         # what an npz without a 'dataset' entry (the referee's) describes
 
 
@@ -51,9 +59,9 @@ def torch_fidelity_version():
     return importlib.metadata.version("torch-fidelity")
 
 
-def stats_cache_name(split, dataset):
-    """The reference statistics' cache beside the data: ddpm_fid_<split>_stats[_<dataset>].npz."""
-    return f"ddpm_fid_{split}_stats{'' if dataset == 'folder' else f'_{dataset}'}.npz"
+def stats_cache_name(split, dataset, kind="stats"):
+    """A reference cache beside the data: ddpm_fid_<split>_<kind>[_<dataset>].npz, kind 'stats' or 'features'."""
+    return f"ddpm_fid_{split}_{kind}{'' if dataset == 'folder' else f'_{dataset}'}.npz"
 
 
 def weights_problem(raw):
@@ -189,26 +197,38 @@ class InceptionFeatures:
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
-    def statistics(self, images_uint8, batch_size=None, progress=False, keep_logits=False):
-        """(mean (2048,), covariance (2048, 2048), logits (N, 1008) when keep_logits) as float64 numpy arrays;
-        UserError when they are not finite."""
+    def pool_features(self, images_uint8, batch_size=None, progress=False, keep_logits=False):
+        """(pool features (N, 2048) float32 on the CPU, logits (N, 1008) float64 numpy when keep_logits); UserError
+        when they are not finite."""
         batch_size = batch_size or FEATURE_BATCH.get(self.device.type, FEATURE_BATCH["cpu"])
-        total = torch.zeros(FEATURES, dtype=torch.float64, device=self.device)
-        outer = torch.zeros(FEATURES, FEATURES, dtype=torch.float64, device=self.device)
-        logits = []
-        n = len(images_uint8)
+        features, logits, n = torch.empty(len(images_uint8), FEATURES), [], len(images_uint8)
         for start in tqdm(range(0, n, batch_size), desc="Inception features", disable=not progress, leave=False):
             f, batch_logits = self(images_uint8[start:start + batch_size])
-            total += f.sum(0)
-            outer += f.T @ f
+            features[start:start + len(f)] = f.float().cpu()     # the network's float32, exactly
             if keep_logits:
                 logits.append(batch_logits.cpu())
-        mu = total / n
-        sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
-        if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        if not torch.isfinite(features).all():
             raise UserError(f"--fid_inception {self.path!r} gave NaN or infinite features for some of {n} images: the "
                             "network is broken; nothing was cached")
-        return mu.cpu().numpy(), sigma.cpu().numpy(), torch.cat(logits).numpy() if keep_logits else None
+        return features, torch.cat(logits).numpy() if keep_logits else None
+
+    def statistics(self, images_uint8, batch_size=None, progress=False, keep_logits=False):
+        """(mean (2048,), covariance (2048, 2048), logits (N, 1008) when keep_logits) as float64 numpy arrays."""
+        features, logits = self.pool_features(images_uint8, batch_size, progress, keep_logits)
+        return (*moments(features), logits)
+
+
+def moments(features, chunk=4096):
+    """(mean, covariance) float64 numpy of features (N, 2048), summed in float64 a chunk at a time."""
+    total = torch.zeros(features.shape[1], dtype=torch.float64)
+    outer = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64)
+    for part in features.split(chunk):
+        part = part.double()
+        total += part.sum(0)
+        outer += part.T @ part
+    n = len(features)
+    mu = total / n
+    return mu.numpy(), ((outer - n * torch.outer(mu, mu)) / (n - 1)).numpy()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -218,6 +238,78 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     statistics = [{"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
                   for mu, sigma in ((mu1, sigma1), (mu2, sigma2))]
     return fid_statistics_to_metric(*statistics, verbose=False)[KEY_METRIC_FID]
+
+
+def fid_second_draw(sample_features, ref_mu, ref_sigma, draws=BOOTSTRAP_DRAWS, seed=0):
+    """How far the FID of a second draw of as many samples could land from this one: ± SECOND_DRAW_Z × the standard
+    deviation of FID over `draws` resamplings with replacement of the sample features (Efron's bootstrap), 95 % of
+    the difference of two independent readings. Returns (the half-width, the readings)."""
+    f = torch.as_tensor(sample_features, dtype=torch.float64)                       # (N, 2048)
+    values, vectors = torch.linalg.eigh(torch.as_tensor(ref_sigma, dtype=torch.float64))
+    root = (vectors * values.clamp(min=0).sqrt()) @ vectors.T                       # Σ_r^½ (2048, 2048)
+    projected, ref_mu = f @ root, torch.as_tensor(ref_mu, dtype=torch.float64)     # (N, 2048): f Σ_r^½
+    ref_trace, generator = float(values.clamp(min=0).sum()), torch.Generator().manual_seed(seed)
+    readings = torch.tensor([fid_of_rows(f, projected, ref_mu, ref_trace, torch.bincount(
+        torch.randint(len(f), (len(f),), generator=generator), minlength=len(f)).double()) for _ in range(draws)])
+    return SECOND_DRAW_Z * float(readings.std()), readings
+
+
+def fid_of_rows(f, projected, ref_mu, ref_trace, counts=None):
+    """FID of features f (N, d), row i taken counts[i] times (None: once each), against the reference: tr (Σ Σ_r)^½
+    as the sum of the singular values of A = √counts (f Σ_r^½ − mean) / √(n − 1) over the rows drawn, whose squares
+    are the eigenvalues of Σ Σ_r (an m × m eigenproblem for m rows drawn, when fewer than d)."""
+    counts = torch.ones(len(f), dtype=f.dtype) if counts is None else counts
+    drawn = counts > 0
+    f, projected, counts = f[drawn], projected[drawn], counts[drawn]
+    n = counts.sum()
+    mu = counts @ f / n
+    a = (projected - counts @ projected / n) * (counts / (n - 1)).sqrt()[:, None]   # (m, d)
+    gram = a @ a.T if len(a) <= a.shape[1] else a.T @ a                             # the smaller of the two
+    trace_root = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum()
+    spread = (counts * ((f - mu) ** 2).sum(1)).sum() / (n - 1)                       # tr Σ
+    return float(((mu - ref_mu) ** 2).sum() + spread + ref_trace - 2 * trace_root)
+
+
+def kernel_inception_distance(sample_features, reference_features, seed=0):
+    """(mean, standard deviation) of the unbiased MMD² with the kernel (x·y / 2048 + 1)³ (Bińkowski et al. 2018)
+    over KID_SUBSETS random subsets of each, sized to the smaller set: torch-fidelity's implementation."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    size = min(len(sample_features), len(reference_features))
+    kid = kid_features_to_metric(torch.as_tensor(sample_features), torch.as_tensor(reference_features),
+                                 kid_subsets=KID_SUBSETS, kid_subset_size=size, rng_seed=seed, verbose=False)
+    return kid[KEY_METRIC_KID_MEAN], kid[KEY_METRIC_KID_STD]
+
+
+def precision_recall(sample_features, reference_features):
+    """(precision, recall) (Kynkäänniemi et al. 2019): the share of samples inside a reference image's ball to its
+    PRC_NEIGHBOURHOOD-th nearest reference image, and of reference images inside a sample's; torch-fidelity's
+    implementation, in batches (its memory-saving form, the same figures)."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+    prc = prc_features_to_metric(torch.as_tensor(sample_features), torch.as_tensor(reference_features),
+                                 prc_neighborhood=PRC_NEIGHBOURHOOD, save_cpu_ram=True, verbose=False)
+    return prc[KEY_METRIC_PRECISION], prc[KEY_METRIC_RECALL]
+
+
+def sample_metrics(sample_features, reference, seed=0):
+    """FID with how far a second draw could land, KID and precision/recall of sample features (N, 2048) against the
+    Reference: metrics_<run>.json's entries (KID or precision/recall None when a set is too small for them)."""
+    mu, sigma = moments(sample_features)
+    second_draw, _ = fid_second_draw(sample_features, reference.mu, reference.sigma, seed=seed)
+    n, ref = len(sample_features), reference.features
+    kid = kernel_inception_distance(sample_features, ref, seed) if min(n, len(ref)) >= 2 else (None, None)
+    ref = ref[evenly_spread(torch.arange(len(ref)), n)]                    # as many reference images as samples
+    big_enough = min(n, len(ref)) > PRC_NEIGHBOURHOOD
+    precision, recall = precision_recall(sample_features, ref) if big_enough else (None, None)
+    return {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "fid_second_draw": second_draw,
+            "kid": kid[0], "kid_std": kid[1], "precision": precision, "recall": recall}
+
+
+def metrics_protocol(samples, reference):
+    """How sample_metrics read its figures, for the JSON."""
+    return {"fid_bootstrap_draws": BOOTSTRAP_DRAWS, "kid_subsets": KID_SUBSETS,
+            "kid_subset_size": min(samples, len(reference.features)), "prc_neighbourhood": PRC_NEIGHBOURHOOD,
+            "prc_reference_images": min(samples, len(reference.features)),
+            "features_reference": reference.features_source}
 
 
 def fid_identity(facts):
@@ -263,30 +355,33 @@ def statistics_problem(entries):
     return None
 
 
-def read_statistics(path):
-    """(the npz's entries, None), or (None, what is wrong); pickled objects are never loaded."""
+def read_checked_npz(path, problem_of, what="statistics"):
+    """(the npz's entries, None), or (None, what is wrong with them: problem_of's answer); pickled objects are never
+    loaded."""
     try:
         with np.load(path) as npz:
             entries = {key: npz[key] for key in npz.files}
         stats_identity(entries)  # its dataset and shape entries, when it has them, must be readable
     except Exception as e:
-        return None, f"it is not a readable npz of statistics ({type(e).__name__})"
-    problem = statistics_problem(entries)
+        return None, f"it is not a readable npz of {what} ({type(e).__name__})"
+    problem = problem_of(entries)
     return (None, problem) if problem else (entries, None)
 
 
 @dataclass(frozen=True)
 class Reference:
-    """The statistics FID compares samples with, and where they come from (for the printed line and the JSON)."""
+    """What the samples are compared with, and where it comes from (for the printed line and the JSON)."""
     mu: np.ndarray        # (2048,) float64
     sigma: np.ndarray     # (2048, 2048) float64
     source: str           # e.g. "the train split at data/cifar10" or "--fid_ref_stats stats.npz"
     images: int = None    # how many images they describe (None: a file that does not say)
+    features: torch.Tensor = None  # (N, 2048) float32: a split's pool features, for KID and precision/recall
+    features_source: str = None    # which split they are of (the train split's with --fid_ref_stats)
 
 
 def ref_statistics_file(stats_path, model_facts):
     """The Reference of --fid_ref_stats: FID statistics of the data the model was trained on (UserError otherwise)."""
-    ref, problem = read_statistics(stats_path)
+    ref, problem = read_checked_npz(stats_path, statistics_problem)
     if problem:
         raise UserError(f"--fid_ref_stats {stats_path!r} cannot be used: {problem}")
     identity, tagged = stats_identity(ref), "dataset" in ref
@@ -300,44 +395,90 @@ def ref_statistics_file(stats_path, model_facts):
                      int(ref["n"]) if "n" in ref else None)
 
 
-def cached_statistics(cache_path, num_images, identity, fingerprint):
-    """(mu, sigma) from the cache when this network made it from these images; else (None, why it is made again)."""
-    cached, problem = read_statistics(cache_path)
-    if problem:
-        return None, f"is damaged ({problem})"
-    if "network" not in cached:
-        return None, "does not record which network made it (an older version's)"
-    if str(cached["network"]) != fingerprint:
-        return None, "was made by another --fid_inception network"
-    if "n" not in cached or int(cached["n"]) != num_images or stats_identity(cached) != identity:
-        return None, "was made from other images"
-    return (cached["mu"].astype(np.float64), cached["sigma"].astype(np.float64)), None
+def features_problem(entries):
+    """What keeps an npz's entries from being a reference features cache (None: nothing): features (N, 2048) of
+    CACHED_FEATURES, finite."""
+    features = entries.get("features")
+    if features is None or features.ndim != 2 or features.shape[1] != FEATURES or features.dtype != CACHED_FEATURES:
+        return f"it holds no features (N, {FEATURES}) of {np.dtype(CACHED_FEATURES).name}"
+    if not np.isfinite(features).all():
+        return "its features hold NaN or infinite values"
+    return None
 
 
-def reference_statistics(features, data_dir, dataset, model_facts, split="train", images_uint8=None, progress=False):
-    """The Reference without --fid_ref_stats: the statistics of the `split` images (N, C, H, W) uint8 (None: read from
-    data_dir), cached beside the data keyed by the network, the image count and the data. Other data: UserError."""
-    if images_uint8 is None:
-        data = load_dataset(data_dir, dataset)
-        facts, images_uint8 = data_facts(data), data[f"{split}_images"]
-        if fid_identity(facts) != fid_identity(model_facts) or facts["classes"] != model_facts["classes"]:
-            raise UserError(f"--data_dir {data_dir!r} holds {describe_data(facts)}, but the model was trained on "
-                            f"{describe_data(model_facts)}: FID compares with the training data; point --data_dir "
-                            "at it")
-    identity, source = fid_identity(model_facts), f"the {split} split at {data_dir}"
-    cache_path = (os.path.join(data_dir, stats_cache_name(split, model_facts["dataset"])) if os.path.isdir(data_dir)
-                  else None)
-    if cache_path and os.path.isfile(cache_path):
-        cached, why = cached_statistics(cache_path, len(images_uint8), identity, features.fingerprint)
-        if cached:
-            return Reference(*cached, source, len(images_uint8))
-        print(f"note: the FID reference statistics {cache_path} {why}: computing them again", file=sys.stderr)
-    mu, sigma, _ = features.statistics(images_uint8.permute(0, 2, 3, 1).numpy(), progress=progress)  # finite
-    if cache_path:
-        try:
-            with atomic_open(cache_path) as f:
-                np.savez(f, mu=mu, sigma=sigma.astype(np.float32), n=len(images_uint8), dataset=identity[0],
-                         shape=np.array(identity[1:]), network=features.fingerprint)
-        except WriteError:
-            pass  # a read-only or full data folder: the statistics are recomputed next time
-    return Reference(mu, sigma, source, len(images_uint8))
+CACHES = {"stats": ("the FID reference statistics", statistics_problem, "statistics"),  # kind: (what it is, its
+          "features": ("the reference features", features_problem, "features")}           # check, what it holds)
+
+
+def from_cache(path, kind, num_images, identity, fingerprint):
+    """A cache's entries when this network made it from these images; None when absent, or (with a note) stale."""
+    if not path or not os.path.isfile(path):
+        return None
+    what, problem_of, holds = CACHES[kind]
+    cached, problem = read_checked_npz(path, problem_of, holds)
+    why = (f"is damaged ({problem})" if problem else
+           "does not record which network made it (an older version's)" if "network" not in cached else
+           "was made by another --fid_inception network" if str(cached["network"]) != fingerprint else
+           "was made from other images" if "n" not in cached or int(cached["n"]) != num_images
+           or stats_identity(cached) != identity else None)
+    if why:
+        print(f"note: {what} {path} {why}: computing them again", file=sys.stderr)
+        return None
+    return cached
+
+
+def write_cache(path, identity, fingerprint, **arrays):
+    """Writes a reference cache, keyed as from_cache reads it; a read-only or full data folder is left as it is (the
+    cache is made again next time)."""
+    if not path:
+        return
+    try:
+        with atomic_open(path) as f:
+            np.savez(f, **arrays, dataset=identity[0], shape=np.array(identity[1:]), network=fingerprint)
+    except WriteError:
+        pass
+
+
+def split_reference(net, images_uint8, split, data_dir, model_facts, progress=False):
+    """(mu, sigma, features (N, 2048) float32 holding float16's values) of the `split` images (N, C, H, W) uint8:
+    each from its cache beside the data when this network made it from these images, else from one pass, then
+    cached."""
+    identity, n = fid_identity(model_facts), len(images_uint8)
+    if n < 2:
+        raise UserError(f"--eval_fid compares with the {split} split at {data_dir}, which holds {n} image: a "
+                        "covariance needs at least 2")
+    paths = {kind: os.path.join(data_dir, stats_cache_name(split, model_facts["dataset"], kind))
+             if os.path.isdir(data_dir) else None for kind in CACHES}
+    stats = from_cache(paths["stats"], "stats", n, identity, net.fingerprint)
+    stats = stats and (stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64))
+    features = from_cache(paths["features"], "features", n, identity, net.fingerprint)
+    features = features and torch.from_numpy(features["features"])
+    if stats is None or features is None:
+        announce_pass(net, n, split, paths["features"])
+        fresh, _ = net.pool_features(images_uint8.permute(0, 2, 3, 1).numpy(), progress=progress)
+        if stats is None:
+            stats = moments(fresh)
+            write_cache(paths["stats"], identity, net.fingerprint, mu=stats[0], sigma=stats[1].astype(np.float32), n=n)
+        if features is None:
+            features = torch.from_numpy(fresh.numpy().astype(CACHED_FEATURES))
+            write_cache(paths["features"], identity, net.fingerprint, features=features.numpy(), n=n)
+    return stats[0], stats[1], features.float()
+
+
+def announce_pass(net, count, split, path):
+    """Says, before a reference pass that takes more than LONG_PASS_S, how long it takes and where it is kept."""
+    seconds = count * net.seconds_per_image
+    if seconds > LONG_PASS_S:
+        kept = f", kept in {path} ({count * FEATURES * 2 / 1e6:,.0f} MB)" if path else ""
+        print(f"note: computing the Inception features of the {count:,} {split} images (once; about "
+              f"{seconds / 60:.0f} min on {net.device.type}){kept}", file=sys.stderr)
+
+
+def evaluation_data(data_dir, dataset, model_facts):
+    """The data at data_dir (load_dataset's dict), which must be the model's: the samples are compared with it."""
+    data = load_dataset(data_dir, dataset)
+    facts = data_facts(data)
+    if fid_identity(facts) != fid_identity(model_facts) or facts["classes"] != model_facts["classes"]:
+        raise UserError(f"--data_dir {data_dir!r} holds {describe_data(facts)}, but the model was trained on "
+                        f"{describe_data(model_facts)}: FID compares with the training data; point --data_dir at it")
+    return data

@@ -211,6 +211,7 @@ OUTPUT_NAMES = {
     "forward_strip": "forward_process_{run}.png", "loss_history": "loss_history_{run}.json",
     "loss_curves": "loss_curves_{run}.png", "epoch_grid": "samples_{run}_epoch{epoch:03d}.png",
     "metrics": "metrics_{run}.json", "fid_samples": "fid_samples_{run}.npz", "samples_grid": "samples_{run}.png",
+    "nearest": "nearest_training_{run}.png",
     "samples_folder": "samples_{run}", "samples_npz": "samples_{run}.npz",
     "guidance_sweep": "guidance_sweep_{run}.png", "denoising_strip": "denoising_strip_{run}.png",
     "nll": "nll_{run}.json", "nll_plot": "nll_terms_{run}.png",

@@ -22,9 +22,10 @@ from ddpm_config import SAMPLING_FLAGS, build_diffusion
 from ddpm_data import (crop_to_data, data_facts, evenly_spread, load_dataset, pad_to_side, require_trained_data,
                        trained_data)
 from ddpm_diffusion import SAMPLERS, Diffusion, SamplerSettings
-from ddpm_fid import (IS_SPLITS, InceptionFeatures, frechet_distance, inception_score, ref_statistics_file,
-                      reference_statistics, torch_fidelity_version)
+from ddpm_fid import (IS_SPLITS, InceptionFeatures, Reference, evaluation_data, inception_score, metrics_protocol,
+                      ref_statistics_file, sample_metrics, split_reference, torch_fidelity_version)
 from ddpm_helpers import UserError, atomic_open, require_finite, stderr_is_terminal, write_json
+from ddpm_memorisation import COPY_QUANTILE, copy_check, copy_protocol, training_set, write_nearest_picture
 from ddpm_pictures import (GRID_PER_CLASS, GRID_UNCONDITIONAL, MAX_CLASS_ROWS, STRIP_COLUMNS, STRIP_ROWS,
                            plot_bound_terms,
                            save_grid, save_individual_pngs, save_labelled_grid, to_model_range, to_uint8)
@@ -248,16 +249,25 @@ def grayscale_fid_note(config, verbose):
         print("FID: the grayscale images are repeated into the Inception network's three colour channels", flush=True)
 
 
-def fid_reference(features, config, images_uint8, data_dir, dataset, split, verbose):
-    """The statistics FID compares a model's samples with: of the `split` images (images_uint8, or those at data_dir),
-    which must be the model's data."""
-    return reference_statistics(features, data_dir, dataset, trained_data(config), split, images_uint8,
-                                progress=verbose and stderr_is_terminal())
+def fid_reference(features, config, data, data_dir, split, stats_file, verbose):
+    """What --eval_fid compares samples with, from the model's data (load_dataset's dict, at data_dir): the Reference
+    (the `split`'s statistics, or stats_file's Reference of --fid_ref_stats; the split's features, train's with
+    --fid_ref_stats) and the TrainingSet of the copy check (test images held out)."""
+    facts, progress = trained_data(config), verbose and stderr_is_terminal()
+    splits = {name: split_reference(features, data[f"{name}_images"], name, data_dir, facts, progress)
+              for name in ("train", "test")}
+    training = training_set(data["train_images"], splits["train"][2], data["test_images"], splits["test"][2])
+    split = "train" if stats_file else split
+    mu, sigma, split_features = splits[split]
+    source = f"the {split} split at {data_dir}"
+    stats = stats_file or Reference(mu, sigma, source, len(data[f"{split}_images"]))
+    return dataclasses.replace(stats, features=split_features, features_source=source), training
 
 
-def measure_fid_and_is(sampler, num_samples, seed, features, reference, samples_path, verbose):
-    """FID and IS of num_samples new samples (class-balanced when conditional) from one Inception pass, the samples
-    saved at samples_path; returns metrics_<run>.json's entries, the protocol included."""
+def measure_inception_metrics(sampler, num_samples, seed, features, reference, training, files, verbose):
+    """FID (with where a second draw lands), KID, precision/recall, IS and the copy check of num_samples new samples
+    (class-balanced when conditional) from one Inception pass; the samples saved as fid_samples_<run>.npz, the nearest
+    beside their training images as nearest_training_<run>.png; returns metrics_<run>.json's entries."""
     if num_samples < PAPER_SAMPLES:
         print(f"warning: FID from {num_samples:,} samples reads high against published figures, which use "
               f"{PAPER_SAMPLES:,} (Ho et al. 2020; some use 10,000): compare FIDs of equal sample counts",
@@ -265,28 +275,46 @@ def measure_fid_and_is(sampler, num_samples, seed, features, reference, samples_
     config, settings = sampler.config, sampler.settings
     labels = (torch.arange(num_samples, device=sampler.device) % config["num_classes"] if config["conditional"]
               else None)
-    images = to_uint8(sampler.sample(num_samples, labels, seed, verbose and stderr_is_terminal()))
-    with atomic_open(samples_path) as f:
+    images = to_uint8(sampler.sample(num_samples, labels, seed, verbose and stderr_is_terminal()))  # (N, H, W, C)
+    with atomic_open(files.output("fid_samples")) as f:
         np.savez(f, images=images)
-    mu, sigma, logits = features.statistics(images, progress=verbose and stderr_is_terminal(), keep_logits=True)
-    fid = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    sample_features, logits = features.pool_features(images, progress=verbose and stderr_is_terminal(),
+                                                     keep_logits=True)
+    measured = sample_metrics(sample_features, reference, seed)
     score, score_std = inception_score(logits) if features.has_classifier else (None, None)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2)                              # (N, C, H, W) uint8
+    copies, nearest_rows = copy_check(images, sample_features, training)
+    write_nearest_picture(images, training, nearest_rows, files.output("nearest"))
     protocol = {"samples": num_samples, "class_balanced": labels is not None, "seed": seed,
                 "sampler": describe_sampling(settings), "reference": reference.source,
                 "reference_images": reference.images,
                 "network_sha256": features.fingerprint, "official_network": features.official,
-                "is_splits": IS_SPLITS, "torch_fidelity": torch_fidelity_version()}
+                "is_splits": IS_SPLITS, **metrics_protocol(num_samples, reference), **copy_protocol(training),
+                "torch_fidelity": torch_fidelity_version()}
+    measured = {**measured, "inception_score": score, "inception_score_std": score_std, **copies}
     if verbose:
-        is_text = (f", IS {score:.3f} ± {score_std:.3f}" if score is not None else
-                   " (no IS: the network file's classifier layer is not finite)")
-        images_text = f" ({reference.images:,} images)" if reference.images else ""
-        print(f"FID {fid:.3f}{is_text}\n  from {num_samples:,}{' class-balanced' if labels is not None else ''} "
-              f"samples (seed {seed}, {describe_sampling(settings)}) against {reference.source}{images_text}; "
-              f"Inception weights {features.fingerprint[:8]}… ({'the' if features.official else 'not the'} official "
-              "file)",
-              flush=True)
-    return {"fid": fid, "inception_score": score, "inception_score_std": score_std, "fid_samples": num_samples,
-            "fid_sampler": describe_sampling(settings), "fid_protocol": protocol}
+        print_inception_metrics(measured, protocol, features, files.output("nearest"))
+    return {**measured, "fid_samples": num_samples, "fid_sampler": describe_sampling(settings),
+            "fid_protocol": protocol}
+
+
+def print_inception_metrics(measured, protocol, features, picture):
+    """The metrics' lines: the figures, the copy check, and the protocol they were read under."""
+    figure = lambda name, form: "n/a" if measured[name] is None else format(measured[name], form)
+    is_text = (f", IS {measured['inception_score']:.3f} ± {measured['inception_score_std']:.3f}"
+               if measured["inception_score"] is not None else
+               " (no IS: the network file's classifier layer is not finite)")
+    n, images = protocol["samples"], protocol["reference_images"]
+    print(f"FID {measured['fid']:.3f} ± {measured['fid_second_draw']:.2f} (where a second draw of {n:,} lands, "
+          f"95 %), KID {figure('kid', '.5f')} ± {figure('kid_std', '.5f')}, precision {figure('precision', '.3f')}, "
+          f"recall {figure('recall', '.3f')}{is_text}\n"
+          f"  copies: {measured['copy_share']:.1%} of the samples are nearer to a training image than "
+          f"{1 - COPY_QUANTILE:.0%} of {protocol['copy_held_out_images']:,} test images are "
+          f"(pixels: {measured['copy_share_pixels']:.1%}); the nearest beside their training images: {picture}\n"
+          f"  from {n:,}{' class-balanced' if protocol['class_balanced'] else ''} samples (seed {protocol['seed']}, "
+          f"{protocol['sampler']}) against {protocol['reference']}{f' ({images:,} images)' if images else ''}; "
+          f"Inception weights {features.fingerprint[:8]}… ({'the' if features.official else 'not the'} official "
+          "file)", flush=True)
 
 
 def spread(images, labels, count):
@@ -430,31 +458,32 @@ def bound_banner(options, settings, config):
 
 
 def fid_job(options, sampler, files, classes):
-    """--eval_fid N: FID and IS of N class-balanced samples against the reference, made first; with --num_samples,
-    those samples too."""
+    """--eval_fid N: FID, KID, precision/recall, IS and the copy check of N class-balanced samples against the
+    reference, made first; with --num_samples, those samples too."""
     start = time.perf_counter()
-    features, reference = inference_fid_reference(options, sampler)
+    features, reference, training = inference_fid_reference(options, sampler)
     reference_s = time.perf_counter() - start
     if "num_samples" in options.given:
         write_samples(options, sampler, files, guided_classes(options, sampler.config, classes))
     start = time.perf_counter()
     os.makedirs(files.save_dir, exist_ok=True)
-    measured = measure_fid_and_is(sampler, options.eval_fid, options.seed, features, reference,
-                                  files.output("fid_samples"), not options.quiet)
+    measured = measure_inception_metrics(sampler, options.eval_fid, options.seed, features, reference, training,
+                                         files, not options.quiet)
     write_json({"run_name": files.run_name, "model_path": options.model_path, **measured,
                 "conditional": options.conditional, "fid_s": reference_s + time.perf_counter() - start,
                 "device": str(sampler.device), "precision": sampler.denoiser.precision}, files.output("metrics"))
 
 
 def inference_fid_reference(options, sampler):
-    """--eval_fid's network (fetched on first use) and Reference: --fid_ref_stats, else the model's data's."""
+    """--eval_fid's network (fetched on first use), Reference (--fid_ref_stats's statistics, else the model's data's)
+    and TrainingSet."""
     config, verbose = sampler.config, not options.quiet
     features = InceptionFeatures(options.fid_inception, sampler.device, verbose=verbose)
     grayscale_fid_note(config, verbose)
-    if options.fid_ref_stats:
-        return features, ref_statistics_file(options.fid_ref_stats, trained_data(config))
+    stats_file = options.fid_ref_stats and ref_statistics_file(options.fid_ref_stats, trained_data(config))
     data_dir, dataset = model_data(config, options.data_dir, options.dataset)
-    return features, fid_reference(features, config, None, data_dir, dataset, options.fid_ref, verbose)
+    data = evaluation_data(data_dir, dataset, trained_data(config))
+    return (features, *fid_reference(features, config, data, data_dir, options.fid_ref, stats_file, verbose))
 
 
 def model_data(config, data_dir, dataset):

@@ -30,6 +30,7 @@ from ddpm_fid import InceptionFeatures, Reference, ref_statistics_file
 from ddpm_flags import files_read
 from ddpm_helpers import (Interrupted, NonFiniteError, RunFiles, StopRequested, TrainingError, UserError, WriteError,
                           make_way, run_lock, write_json)
+from ddpm_memorisation import TrainingSet
 from ddpm_jobs import JOB
 from ddpm_model import UNetConfig
 from ddpm_pictures import (GRID_SEED, GRID_UNCONDITIONAL, grid_layout, plot_loss_history, save_forward_strip,
@@ -37,13 +38,15 @@ from ddpm_pictures import (GRID_SEED, GRID_UNCONDITIONAL, grid_layout, plot_loss
 from ddpm_runtime import (Denoiser, SignalFlag, all_ranks_mean, barrier, check_run_memory, choose_compile,
                           choose_precision, device_of, max_over_ranks, memory_guard)
 from ddpm_sample import (SAMPLE_REMEDY, Sampler, asked_sampling, fid_reference, grayscale_fid_note,
-                         measure_fid_and_is, measure_nll, sampler_settings, spread)
+                         measure_inception_metrics, measure_nll, sampler_settings, spread)
 from ddpm_train_step import (EVAL_IMAGES, Reporter, TrainingClock, TrainingStep, build_loss_scaler, build_optimizer,
                              evaluate_loss, learning_rate)
 
 BATCH_REMEDY = "lower --batch_size (--grad_accum K keeps K × --batch_size images a step)"
 CPU_GRID_STEPS = 50  # on a CPU, a grid whose sampler takes more steps (ddpm's T) uses dpm++2m's default instead
 CPU_GRID_SAMPLER = {"sampler": "dpm++2m"}
+# what --eval_fid logs to TensorBoard (as in metrics_<run>.json)
+LOGGED_METRICS = ("fid", "fid_second_draw", "kid", "precision", "recall", "inception_score", "copy_share")
 
 
 def check_training(options):
@@ -144,6 +147,7 @@ class Run:
     test_images: torch.Tensor      # the test split (N, C, H, W) uint8 on the CPU: --eval_nll's images
     fid_features: InceptionFeatures = None  # --eval_fid's network, loaded and tried on one image before training
     fid_reference: Reference = None  # what --eval_fid compares with, read or computed before training
+    fid_training: TrainingSet = None  # the training images and features the copy check compares with
     last_saved: tuple = None       # (path, where training stood) of the last good last.pt; None: none yet
 
     @property
@@ -196,7 +200,7 @@ def set_up_run(options, files, saved, resumed_from):
     config = training_config({**vars(options), "run_name": files.run_name, "data_dir": data_dir, "sampling": sampling},
                              {**facts, "num_train": len(train_idx), "num_val": len(val_idx),
                               "num_test": len(data["test_images"])}, saved and saved["config"], options.given)
-    fid_ref = fid_reference_of_run(options, fid_features, fid_ref_stats, config, data, data_dir)
+    fid_ref, fid_training = fid_reference_of_run(options, fid_features, fid_ref_stats, config, data, data_dir)
     if is_main:
         os.makedirs(files.save_dir, exist_ok=True)
         os.makedirs(files.ckpt_dir, exist_ok=True)
@@ -209,20 +213,18 @@ def set_up_run(options, files, saved, resumed_from):
               clock=TrainingClock(state.timing, config["time_budget_min"], networks["train_step"].denoiser.compiled,
                                   device, options.started),
               signals=SignalFlag(immediate=options.world_size == 1), test_images=data["test_images"],
-              fid_features=fid_features, fid_reference=fid_ref, last_saved=last_saved)
+              fid_features=fid_features, fid_reference=fid_ref, fid_training=fid_training,
+              last_saved=last_saved)
     introduce(run, saved)
     return run
 
 
 def fid_reference_of_run(options, fid_features, fid_ref_stats, config, data, data_dir):
-    """What --eval_fid compares with, made before training: --fid_ref_stats, else the --fid_ref split's statistics;
-    None without FID's network."""
+    """What --eval_fid compares with, made before training (ddpm_sample.fid_reference): (Reference, TrainingSet);
+    (None, None) without FID's network."""
     if fid_features is None:
-        return None
-    if fid_ref_stats is not None:
-        return fid_ref_stats
-    return fid_reference(fid_features, config, data[f"{options.fid_ref}_images"], data_dir, None, options.fid_ref,
-                         not options.quiet)
+        return None, None
+    return fid_reference(fid_features, config, data, data_dir, options.fid_ref, fid_ref_stats, not options.quiet)
 
 
 def device_loaders(data, train_idx, val_idx, config, options, device):
@@ -531,10 +533,9 @@ def finish(run, state, clock):
     if options.eval_fid:
         with clock.timed("fid_s"), memory_guard("computing FID", SAMPLE_REMEDY):
             grayscale_fid_note(config, run.report.verbose)
-            measured = measure_fid_and_is(run.sampler, options.eval_fid, config["seed"], run.fid_features,
-                                          run.fid_reference, run.files.output("fid_samples"), run.report.verbose)
-        run.report.scalars(state.step, {name: measured[name] for name in ("fid", "inception_score")
-                                        if measured[name] is not None})
+            measured = measure_inception_metrics(run.sampler, options.eval_fid, config["seed"], run.fid_features,
+                                                 run.fid_reference, run.fid_training, run.files, run.report.verbose)
+        run.report.scalars(state.step, {name: measured[name] for name in LOGGED_METRICS if measured[name] is not None})
     if options.eval_nll:
         with clock.timed("nll_s"), memory_guard("computing the bound in bits/dim", SAMPLE_REMEDY):
             test_images, _ = spread(run.test_images, None, options.eval_nll)

@@ -37,6 +37,7 @@ from ddpm_helpers import RunFiles  # noqa: E402
 from ddpm_pictures import to_model_range, to_uint8  # noqa: E402
 from ddpm_jobs import EDITING_STEPS, JOB  # noqa: E402
 from ddpm_sample import describe_sampling, prepare_sampler, sampler_settings  # noqa: E402
+from noise import REF_STATS, noise_mark, second_draw  # noqa: E402
 
 
 def parse_args():
@@ -97,7 +98,10 @@ def referee_fid(args, images, name):
     np.savez(path, images=to_uint8(images))
     command = [sys.executable, args.referee, path] + (["--ref", args.ref_stats] if args.ref_stats else [])
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return float(re.findall(r"FID ([0-9.]+)", out)[-1])
+    fid = float(re.findall(r"FID ([0-9.]+)", out)[-1])
+    width = second_draw(path, ref_stats=args.ref_stats or REF_STATS)
+    print(f"{name}: referee FID {fid:.2f} ± {width:.2f} (where a second draw lands)", flush=True)
+    return fid, width
 
 
 def inpainting(args, ckpt, model, images, labels):
@@ -120,15 +124,19 @@ def inpainting(args, ckpt, model, images, labels):
     row.update({"baseline": f"the centre of class-guided samples ({describe_sampling(baseline_sampler.settings)})",
                 "baseline_seconds": time.perf_counter() - start, "baseline_region_rmse_8bit": baseline_rmse,
                 "baseline_region_psnr_db": baseline_psnr})
-    row["fid_completed"] = referee_fid(args, completed, "inpainted")
-    row["fid_baseline"] = referee_fid(args, pasted, "baseline")
+    row["fid_completed"], row["fid_completed_second_draw"] = referee_fid(args, completed, "inpainted") or (None, None)
+    row["fid_baseline"], row["fid_baseline_second_draw"] = referee_fid(args, pasted, "baseline") or (None, None)
+    if row["fid_completed"] is not None:
+        print(f"completed − pasted baseline: {row['fid_completed'] - row['fid_baseline']:+.2f}"
+              + noise_mark(row["fid_completed"] - row["fid_baseline"], row["fid_completed_second_draw"]), flush=True)
     print(json.dumps(row), flush=True)
     return row
 
 
 def originals(args, ckpt, model, images, labels):
     """The referee's FID of the inpainting part's test images as they are: the figure completions can approach."""
-    row = {"images": len(images), "fid": referee_fid(args, to_model_range(images), "originals")}
+    fid, width = referee_fid(args, to_model_range(images), "originals") or (None, None)
+    row = {"images": len(images), "fid": fid, "fid_second_draw": width}
     print(json.dumps(row), flush=True)
     return row
 

@@ -26,7 +26,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ddpm_data import load_dataset  # noqa: E402
-from ddpm_fid import InceptionFeatures, frechet_distance, inception_score, read_statistics  # noqa: E402
+from ddpm_fid import (InceptionFeatures, frechet_distance, inception_score, read_checked_npz,  # noqa: E402
+                      statistics_problem)
 
 
 def parse_args():
@@ -73,7 +74,7 @@ def referee_reading(a, path):
 
 def main():
     a = parse_args()
-    reference, problem = read_statistics(a.ref_stats)
+    reference, problem = read_checked_npz(a.ref_stats, statistics_problem)
     if problem:
         sys.exit(f"--ref_stats {a.ref_stats}: {problem}")
     features = InceptionFeatures(a.weights, "cpu", verbose=True)

@@ -17,6 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from noise import noise_mark, second_draw  # noqa: E402
 from recipe_study import ROOT, referee_fid, run_logged  # noqa: E402
 from ddpm_helpers import atomic_write_text  # noqa: E402
 
@@ -50,6 +51,7 @@ def measure_cell(a, w, interval, log_path):
         sampled = re.findall(r"(\d+) samples in ([0-9.]+) s on \S+?: (.*?)(?:\n|$)", log.read())
     fid, referee_s = referee_fid(a, os.path.join(a.work, f"samples_{name}.npz"), log_path)
     return {"guidance_scale": float(w), "interval": interval, "referee_fid": fid, "num_fid": a.num_samples,
+            "fid_second_draw": second_draw(os.path.join(a.work, f"samples_{name}.npz")),
             "seed": a.seed, "sampling_s": float(sampled[-1][1]) if sampled else None, "command_s": seconds,
             "referee_s": referee_s,
             "model": os.path.relpath(a.model_path, ROOT), "sampler_flags": a.sampler_flags,
@@ -57,14 +59,19 @@ def measure_cell(a, w, interval, log_path):
 
 
 def print_table(results):
+    """FID (± where a second draw lands) and sampling seconds of each cell; a cell whose difference from the best is
+    inside its interval is marked noise."""
     scales = sorted({e["guidance_scale"] for e in results})
     intervals = list(dict.fromkeys(e["interval"] for e in results))
     cell = {(e["guidance_scale"], e["interval"]): e for e in results}
+    best = min(results, key=lambda e: e["referee_fid"])
     print("| interval \\ w | " + " | ".join(f"{w:g}" for w in scales) + " |")
     print("|---" * (len(scales) + 1) + "|")
+    text = lambda e: (f"{e['referee_fid']:.2f}" + (f" ± {e['fid_second_draw']:.2f}" if "fid_second_draw" in e else "")
+                      + f" ({e['sampling_s']:.0f} s)" + ("" if e is best else noise_mark(
+                          e["referee_fid"] - best["referee_fid"], e.get("fid_second_draw"))))
     for interval in intervals:
-        row = [f"{cell[w, interval]['referee_fid']:.2f} ({cell[w, interval]['sampling_s']:.0f} s)"
-               if (w, interval) in cell else "—" for w in scales]
+        row = [text(cell[w, interval]) if (w, interval) in cell else "—" for w in scales]
         print(f"| {interval} | " + " | ".join(row) + " |")
 
 

@@ -24,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ddpm_helpers import atomic_write_text  # noqa: E402
+from noise import noise_mark, second_draw  # noqa: E402
 
 # The shipped model's recipe (BENCHMARKS.md, "The shipped model"), at today's default precision: bf16 where the CPU
 # has it natively (the shipped model itself was trained in float32, before bf16 training existed; see the fp32 row).
@@ -114,6 +115,7 @@ def run_row(a, name, flags):
     sample_wall = run_logged(sample, log_path)
     fid, referee_s = referee_fid(a, os.path.join(out, f"samples_{sample_name}.npz"), log_path)
     return {"row": name, "flags": flags, "change": ROWS[name][1], "referee_fid": fid, "num_fid": a.num_samples,
+            "fid_second_draw": second_draw(os.path.join(out, f"samples_{sample_name}.npz")),
             "steps": metrics["steps"], "batch_size": metrics["batch_size"], "num_params": metrics["num_params"],
             "precision": metrics["precision"], "train_images_per_s": metrics["train_images_per_s"],
             "train_s": metrics["timing"]["train_s"], "final_losses": metrics["final"],
@@ -127,7 +129,8 @@ def run_row(a, name, flags):
 
 def print_table(results):
     """The results as BENCHMARKS.md shows them: each row against the mean of the shipped recipe's two seeds, and
-    whether the difference is beyond the two seeds' own difference (the noise floor)."""
+    whether the difference is beyond the two seeds' own difference (the noise floor) and where a second draw of the
+    row's samples lands (rows measured since it exists)."""
     by_row = {entry["row"]: entry for entry in results}
     seeds = [by_row[n]["referee_fid"] for n in ("shipped", "shipped_seed1") if n in by_row]
     base, floor = (sum(seeds) / len(seeds), abs(seeds[0] - seeds[-1])) if seeds else (None, None)
@@ -137,9 +140,11 @@ def print_table(results):
     print("|---|---|---|---|---|---|")
     for entry in results:
         delta = entry["referee_fid"] - base if base is not None else None
+        width = entry.get("fid_second_draw")
         verdict = ("" if delta is None or entry["row"].startswith("shipped")
-                   else " (within the noise floor)" if abs(delta) <= floor else "")
-        print(f"| {entry['row']} | `{' '.join(entry['flags']) or '(none)'}` | {entry['referee_fid']:.2f} | "
+                   else " (within the noise floor)" if abs(delta) <= floor else noise_mark(delta, width))
+        fid = f"{entry['referee_fid']:.2f}" + (f" ± {width:.2f}" if width is not None else "")
+        print(f"| {entry['row']} | `{' '.join(entry['flags']) or '(none)'}` | {fid} | "
               + (f"{delta:+.1f}{verdict}" if delta is not None else "—")
               + f" | {entry['steps']:,} × {entry['batch_size']} | {entry['train_images_per_s']:.1f} |")
 

@@ -126,6 +126,8 @@ def main():
         "train_args": train_args, "preset": preset_flags("speedrun"), "sample_args": sample_args,
         "sampler": ours["fid_sampler"],
         "referee_fid": referee_fid, "project_fid": ours["fid"], "num_fid": a.num_fid,
+        **{name: ours[name] for name in ("fid_second_draw", "kid", "kid_std", "precision", "recall", "copy_share",
+                                         "copy_share_pixels")},
         "inception_score": ours["inception_score"], "fid_protocol": ours["fid_protocol"],
         "num_params": train_metrics["num_params"], "steps": train_metrics["steps"],
         "precision": train_metrics["precision"], "compiled": train_metrics["compiled"],
@@ -138,7 +140,8 @@ def main():
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
     referee_text = f"referee FID {referee_fid:.3f}" if referee_fid is not None else "no referee given"
-    print(f"{referee_text} (n={a.num_fid}); project FID {ours['fid']:.3f}; total {summary['time_s']['total']:.0f} s")
+    print(f"{referee_text} (n={a.num_fid}); project FID {ours['fid']:.3f} ± {ours['fid_second_draw']:.3f} (where a "
+          f"second draw lands); total {summary['time_s']['total']:.0f} s")
 
 
 if __name__ == "__main__":

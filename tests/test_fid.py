@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
+from PIL import Image
 
 import ddpm_fid
 from conftest import TINY_MODEL, make_image_folder, one_line_error, run_main
@@ -27,7 +28,8 @@ def test_eval_fid_alone_writes_fids_samples_and_no_grid(trained, tmp_path, fake_
                       "--eval_fid", "10", "--fid_inception", fake_inception, "--sampling_steps", "2", "--no_cuda",
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path / "outputs")) == ["fid_samples_cond.npz", "metrics_cond.json"]
+    assert sorted(os.listdir(tmp_path / "outputs")) == ["fid_samples_cond.npz", "metrics_cond.json",
+                                                        "nearest_training_cond.png"]
 
 
 def test_inception_score_of_uniform_predictions_is_one():
@@ -215,12 +217,22 @@ def test_eval_fid_and_is_after_training_and_at_inference_with_their_protocol(tmp
     assert metrics["fid_protocol"] == {
         "samples": 10, "class_balanced": True, "seed": 0, "sampler": "ddim, 2 steps, eta 0.0, guidance 3.0",
         "reference": f"the train split at {data}", "reference_images": 30,
-        "network_sha256": file_digest(fake_inception),
-        "official_network": False, "is_splits": 10, "torch_fidelity": torch_fidelity.__version__}
-    assert (f"FID {metrics['fid']:.3f}, IS {metrics['inception_score']:.3f} ± {metrics['inception_score_std']:.3f}\n"
+        "network_sha256": file_digest(fake_inception), "official_network": False, "is_splits": 10,
+        "fid_bootstrap_draws": 100, "kid_subsets": 100, "kid_subset_size": 10, "prc_neighbourhood": 3,
+        "prc_reference_images": 10, "features_reference": f"the train split at {data}",
+        "copy_held_out_images": 10, "copy_quantile": 0.01, "copy_training_images": 30, "copy_neighbours": 3,
+        "torch_fidelity": torch_fidelity.__version__}
+    picture = os.path.join("outputs", "nearest_training_f.png")
+    assert (f"FID {metrics['fid']:.3f} ± {metrics['fid_second_draw']:.2f} (where a second draw of 10 lands, 95 %), "
+            f"KID {metrics['kid']:.5f} ± {metrics['kid_std']:.5f}, precision {metrics['precision']:.3f}, recall "
+            f"{metrics['recall']:.3f}, IS {metrics['inception_score']:.3f} ± {metrics['inception_score_std']:.3f}\n"
+            f"  copies: {metrics['copy_share']:.1%} of the samples are nearer to a training image than 99% of 10 test "
+            f"images are (pixels: {metrics['copy_share_pixels']:.1%}); the nearest beside their training images: "
+            f"{picture}\n"
             f"  from 10 class-balanced samples (seed 0, ddim, 2 steps, eta 0.0, guidance 3.0) against the train split "
             f"at {data} (30 images); Inception weights {file_digest(fake_inception)[:8]}… (not the official file)") \
         in result.stdout
+    assert Image.open(tmp_path / picture).size[0] > 7 * 16  # a sample and 2 × 3 training images a row
 
     # the figures are those of the saved samples, against the cached statistics of the 30 training images
     samples = np.load(tmp_path / "outputs" / "fid_samples_f.npz")["images"]
@@ -238,6 +250,10 @@ def test_eval_fid_and_is_after_training_and_at_inference_with_their_protocol(tmp
     protocol = json.loads((tmp_path / "outputs" / "metrics_g.json").read_text())["fid_protocol"]
     assert (protocol["reference"], protocol["reference_images"]) == (f"the test split at {data}", 10)
     assert int(np.load(os.path.join(data, "ddpm_fid_test_stats.npz"))["n"]) == 10
+    for split, count in (("train", 30), ("test", 10)):  # each split's features cached beside the data, half precision
+        cached = np.load(os.path.join(data, f"ddpm_fid_{split}_features.npz"))
+        assert cached["features"].shape == (count, 2048) and cached["features"].dtype == np.float16
+        assert int(cached["n"]) == count and str(cached["network"]) == file_digest(fake_inception)
 
 
 def test_without_a_classifier_the_json_says_no_inception_score(tmp_path, fake_inception, trained):
@@ -278,17 +294,82 @@ class Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def test_fid_and_is_equal_torch_fidelity_calculate_metrics_on_the_same_images(fake_inception):
+def test_the_metrics_equal_torch_fidelity_calculate_metrics_on_the_same_images(fake_inception):
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (10, 3, 32, 32), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-60, 60, a.shape), 0, 255).astype(np.uint8)
     features = InceptionFeatures(fake_inception, "cpu")
-    mu_a, sigma_a, logits = features.statistics(a, batch_size=4, keep_logits=True)  # batches do not matter
-    mu_b, sigma_b, _ = features.statistics(b)
+    features_a, logits = features.pool_features(a, batch_size=4, keep_logits=True)  # batches do not matter
+    features_b, _ = features.pool_features(b)
     theirs = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), cuda=False, isc=True, fid=True,
-                                              samples_shuffle=False, cache=False, verbose=False, save_cpu_ram=True,
+                                              kid=True, kid_subset_size=10, prc=True, feature_layer_prc="2048",
+                                              feature_extractor="inception-v3-compat", samples_shuffle=False,
+                                              cache=False, verbose=False, save_cpu_ram=True,
                                               feature_extractor_weights_path=fake_inception)
-    assert frechet_distance(mu_a, sigma_a, mu_b, sigma_b) == pytest.approx(theirs["frechet_inception_distance"],
-                                                                           rel=1e-5)
+    reference = ddpm_fid.Reference(*ddpm_fid.moments(features_b), "b", 10, features_b)
+    ours = ddpm_fid.sample_metrics(features_a, reference)
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
+    # every subset is all 10 images, reordered: KID's spread here is float32 rounding of the reordered sums
+    assert ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
+    assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], abs=1e-6)
+    assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
     assert inception_score(logits) == pytest.approx((theirs["inception_score_mean"], theirs["inception_score_std"]),
                                                     rel=1e-6)
+
+
+def gaussian_features(rng, n, d, shift=0.0):
+    """n features (n, d) of a fixed correlated Gaussian, its mean moved by `shift`: float32, as the network gives."""
+    mixing = np.random.default_rng(99).normal(size=(d, d)) / np.sqrt(d)
+    return torch.from_numpy((rng.normal(size=(n, d)) @ mixing + shift).astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [40, 200])  # fewer samples than dimensions (an N × N eigenproblem), and more
+def test_the_bootstraps_fid_equals_torch_fidelitys_frechet_distance(n):
+    rng = np.random.default_rng(0)
+    samples, reference = gaussian_features(rng, n, 64), gaussian_features(rng, 500, 64, shift=0.3)
+    mu, sigma = ddpm_fid.moments(samples)
+    ref_mu, ref_sigma = ddpm_fid.moments(reference)
+    values, vectors = np.linalg.eigh(ref_sigma)
+    root = torch.from_numpy((vectors * np.sqrt(values.clip(0))) @ vectors.T)
+    projected, ref_mu_t = samples.double() @ root, torch.from_numpy(ref_mu)
+    ours = ddpm_fid.fid_of_rows(samples.double(), projected, ref_mu_t, values.sum())
+    assert ours == pytest.approx(frechet_distance(mu, sigma, ref_mu, ref_sigma), rel=1e-6)
+    rows = torch.from_numpy(rng.integers(0, n, n))  # a bootstrap draw: rows taken 0, 1, 2, … times
+    drawn = ddpm_fid.fid_of_rows(samples.double(), projected, ref_mu_t, values.sum(),
+                                 torch.bincount(rows, minlength=n).double())
+    assert drawn == pytest.approx(frechet_distance(*ddpm_fid.moments(samples[rows]), ref_mu, ref_sigma), rel=1e-6)
+
+
+def test_where_a_second_draw_lands_covers_second_draws():
+    """FID of n = 100 draws of one distribution against another's statistics, 40 pairs: the second draw lands within
+    the first's interval about 95 % of the time, and the interval matches the spread of the differences."""
+    rng = np.random.default_rng(1)
+    ref_mu, ref_sigma = ddpm_fid.moments(gaussian_features(rng, 5000, 16, shift=0.5))
+    readings, widths = [], []
+    for _ in range(80):
+        samples = gaussian_features(rng, 100, 16)
+        readings.append(frechet_distance(*ddpm_fid.moments(samples), ref_mu, ref_sigma))
+        widths.append(ddpm_fid.fid_second_draw(samples, ref_mu, ref_sigma, draws=100, seed=len(readings))[0])
+    differences = np.abs(np.diff(readings)[::2])                     # 40 independent pairs
+    assert np.mean(differences <= np.array(widths[::2])) >= 0.85
+    assert np.mean(widths) == pytest.approx(1.96 * np.sqrt(2) * np.std(readings), rel=0.3)
+
+
+def test_kid_of_two_draws_of_one_distribution_is_about_zero_and_of_two_is_not():
+    rng = np.random.default_rng(2)
+    first, second = gaussian_features(rng, 300, 2048), gaussian_features(rng, 1000, 2048)
+    kid, kid_std = ddpm_fid.kernel_inception_distance(first, second)
+    assert abs(kid) < 3 * kid_std + 1e-4          # unbiased: zero in expectation
+    moved, moved_std = ddpm_fid.kernel_inception_distance(gaussian_features(rng, 300, 2048, shift=0.2), second)
+    assert moved > kid + 10 * moved_std
+
+
+def test_precision_and_recall_of_point_clouds_with_known_answers():
+    """Two far clusters of 50 reference points; samples that are the first cluster's points are all real (precision
+    1) but cover half the reference (recall 0.5); and the other way round."""
+    rng = np.random.default_rng(3)
+    first = torch.from_numpy(rng.normal(size=(50, 8)).astype(np.float32))
+    both = torch.cat([first, first + 100])
+    assert ddpm_fid.precision_recall(first, both) == (1.0, 0.5)
+    assert ddpm_fid.precision_recall(both, first) == (0.5, 1.0)
+    assert ddpm_fid.precision_recall(first, first) == (1.0, 1.0)

@@ -431,8 +431,8 @@ def test_events_hold_losses_lr_speed_fid_is_and_grids(tiny_data, tmp_path, fake_
         assert [v for _, v in scalars[f"epoch/{key}"]] == pytest.approx(history[key], rel=1e-6)
     assert [s for s, _ in scalars["epoch/val_loss"]] == [steps // 2, steps]
     assert len(scalars["epoch/images_per_s"]) == 2
-    assert scalars["fid"] == [(steps, pytest.approx(metrics["fid"], rel=1e-6))]
-    assert scalars["inception_score"] == [(steps, pytest.approx(metrics["inception_score"], rel=1e-6))]
+    for name in ("fid", "fid_second_draw", "kid", "precision", "recall", "inception_score", "copy_share"):
+        assert scalars[name] == [(steps, pytest.approx(metrics[name], rel=1e-6, abs=1e-9))], name
     assert images == {"samples": 2}  # the per-epoch grid
 
 
@@ -640,7 +640,7 @@ def test_a_signal_during_the_end_of_run_work_stops_at_once_with_last_pt(where, t
                                                                         capsys, fake_inception):
     monkeypatch.chdir(tmp_path)
     module, name = {"the epoch's losses": (ddpm_train, "evaluate_loss"), "the grid": (ddpm_train, "write_epoch_grid"),
-                    "FID": (ddpm_train, "measure_fid_and_is")}[where]
+                    "FID": (ddpm_train, "measure_inception_metrics")}[where]
     went_on = signal_inside(monkeypatch, module, name)
     fid = ["--eval_fid", "10", "--fid_inception", fake_inception] if where == "FID" else []
     assert exit_status("--data_dir", tiny_data, "--epochs", "1", "--run_name", "s", *BUDGET_RUN, *fid) == 130

@@ -19,7 +19,7 @@ from conftest import (SMALL_CONFIG, TINY_MODEL, make_image_folder, one_line_erro
                       save_edited, tree)
 from ddpm_checkpoint import DIGEST_KEY, checkpoint_digest, load_checkpoint, save_checkpoint, write_checkpoint
 from ddpm_data import CACHE_NAME, load_dataset
-from ddpm_fid import (InceptionFeatures, reference_statistics, statistics_problem, stats_cache_name,
+from ddpm_fid import (InceptionFeatures, split_reference, statistics_problem, stats_cache_name,
                       write_random_inception)
 from ddpm_helpers import UserError, input_file_problem
 
@@ -301,28 +301,49 @@ def test_a_checkpoints_invalid_run_name_is_replaced_and_nothing_leaves_the_save_
     assert not os.path.exists(tmp_path.parent / "evil name")
 
 
-def test_switching_fid_networks_recomputes_the_cached_statistics(tmp_path, fake_inception, capsys):
+def test_switching_fid_networks_or_a_damaged_cache_recomputes_the_statistics_and_features(tmp_path, fake_inception, capsys):
     data = make_image_folder(str(tmp_path / "d"), per_class_train=2, num_classes=3)
     loaded = load_dataset(data)
     facts = {"dataset": "folder", "classes": loaded["classes"], "channels": 3, "data_size": [16, 16]}
     first = InceptionFeatures(fake_inception, "cpu")
     second = InceptionFeatures(write_random_inception(str(tmp_path / "b.pth"), seed=1), "cpu")  # other features
     images = loaded["train_images"].permute(0, 2, 3, 1).numpy()
-    mu_first = reference_statistics(first, data, None, facts).mu
+    reference_statistics = lambda net, *_: split_reference(net, loaded["train_images"], "train", data, facts)
+    mu_first, _, features_first = reference_statistics(first)
     cache = os.path.join(data, stats_cache_name("train", "folder"))
     assert str(np.load(cache)["network"]) == first.fingerprint
     capsys.readouterr()
-    second_reference = reference_statistics(second, data, None, facts)
-    assert capsys.readouterr().err == (f"note: the FID reference statistics {cache} was made by another "
-                                       "--fid_inception network: computing them again\n")
+    features_cache = os.path.join(data, stats_cache_name("train", "folder", "features"))
+    mu_second, sigma_second, features_second = reference_statistics(second)
+    assert capsys.readouterr().err == "".join(f"note: {what} {path} was made by another --fid_inception network: "
+                                              "computing them again\n" for what, path in (
+                                                  ("the FID reference statistics", cache),
+                                                  ("the reference features", features_cache)))
     expected_mu, expected_sigma, _ = second.statistics(images)
-    assert np.allclose(second_reference.mu, expected_mu) and not np.allclose(second_reference.mu, mu_first)
-    assert np.allclose(second_reference.sigma, expected_sigma, rtol=1e-6, atol=1e-6)
-    assert np.allclose(reference_statistics(second, data, None, facts).mu, expected_mu)  # now from the cache
+    assert np.allclose(mu_second, expected_mu) and not np.allclose(mu_second, mu_first)
+    assert np.allclose(sigma_second, expected_sigma, rtol=1e-6, atol=1e-6)
+    expected_features, _ = second.pool_features(images)  # kept in half precision
+    assert torch.equal(features_second, expected_features.half().float())
+    assert not torch.allclose(features_second, features_first)
+    mu_cached, _, features_cached = reference_statistics(second)  # now from the caches
+    assert np.allclose(mu_cached, expected_mu) and torch.equal(features_cached, features_second)
     assert capsys.readouterr().err == ""
     np.savez(cache, **{k: v for k, v in np.load(cache).items() if k != "network"})  # as an older version wrote it
-    reference_statistics(second, data, None, facts)
+    reference_statistics(second)
     assert "does not record which network made it" in capsys.readouterr().err
+    np.savez(features_cache, **{**np.load(features_cache), "features": features_second.numpy()})  # float32
+    assert torch.equal(reference_statistics(second)[2], features_second)
+    assert capsys.readouterr().err == (f"note: the reference features {features_cache} is damaged (it holds no "
+                                       "features (N, 2048) of float16): computing them again\n")
+
+
+def test_a_split_of_one_image_is_refused_before_any_pass(tmp_path, fake_inception):
+    one = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    facts = {"dataset": "folder", "classes": ["a"], "channels": 3, "data_size": [16, 16]}
+    with pytest.raises(UserError, match=r"--eval_fid compares with the test split at .*, which holds 1 image: a "
+                                        "covariance needs at least 2"):
+        split_reference(InceptionFeatures(fake_inception, "cpu"), one, "test", str(tmp_path), facts)
+    assert os.listdir(tmp_path) == []  # nothing cached
 
 
 def test_features_that_are_not_finite_are_refused_and_nothing_is_cached(tmp_path, fake_inception):
@@ -333,8 +354,8 @@ def test_features_that_are_not_finite_are_refused_and_nothing_is_cached(tmp_path
     features.net = lambda x: (torch.full((len(x), 2048), float("nan")), torch.zeros(len(x), 1008))  # ... then NaN
     with pytest.raises(UserError, match="gave NaN or infinite features for some of 6 images: the network is broken; "
                                         "nothing was cached"):
-        reference_statistics(features, data, None, facts)
-    assert not os.path.exists(os.path.join(data, stats_cache_name("train", "folder")))
+        split_reference(features, loaded["train_images"], "train", data, facts)
+    assert not any(name.startswith("ddpm_fid_") for name in os.listdir(data))
 
 
 def test_statistics_are_checked_before_they_are_used():
