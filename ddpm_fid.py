@@ -1,6 +1,6 @@
 """The Inception metrics as the standard implementations compute them, through torch-fidelity: its exact port of the
 TF Inception-v3 (2015-12-05) and of TF1's bilinear resize to 299 × 299; from the 2048 pool features FID (Heusel et
-al. 2017) with the interval a second draw lands in (a bootstrap), KID (Bińkowski et al. 2018) and precision/recall
+al. 2017) with the interval a second draw lands in (half-sampling), KID (Bińkowski et al. 2018) and precision/recall
 (Kynkäänniemi et al. 2019); IS (Salimans et al. 2016) from the classifier's 1008 logits (without its bias, as the TF
 graph has them); all from one pass over the images. The weights are torch-fidelity's file, fetched on first use and
 checked by SHA-256 (ddpm_download), or a local copy (--fid_inception), which is read with weights_only=True before
@@ -47,7 +47,7 @@ FEATURE_BATCH = {"cuda": 250, "cpu": 16}
 REFERENCE_SPLITS = ("train", "test")            # --fid_ref
 KID_SUBSETS = 100                               # KID's subsets (torch-fidelity's default, as Bińkowski et al.)
 PRC_NEIGHBOURHOOD = 3                           # the k of precision/recall's k-NN balls (Kynkäänniemi et al. 2019)
-BOOTSTRAP_DRAWS = 100                           # resamplings of the sample features for FID's interval
+HALF_SAMPLES = 100                           # half-samples of the sample features for FID's interval
 SECOND_DRAW_Z = 1.96 * math.sqrt(2)             # 95 % of the difference of two independent readings, in their std
 CACHED_FEATURES = np.float16                    # the reference features' cache: 4 KB an image (205 MB for 50,000)
 LONG_PASS_S = 60                                # a reference pass longer than this says so before it starts
@@ -240,17 +240,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return fid_statistics_to_metric(*statistics, verbose=False)[KEY_METRIC_FID]
 
 
-def fid_second_draw(sample_features, ref_mu, ref_sigma, draws=BOOTSTRAP_DRAWS, seed=0):
+def fid_second_draw(sample_features, ref_mu, ref_sigma, draws=HALF_SAMPLES, seed=0):
     """How far the FID of a second draw of as many samples could land from this one: ± SECOND_DRAW_Z × the standard
-    deviation of FID over `draws` resamplings with replacement of the sample features (Efron's bootstrap), 95 % of
-    the difference of two independent readings. Returns (the half-width, the readings)."""
+    deviation of FID over `draws` half-samples (half the rows, drawn without replacement), whose spread is the
+    spread of FID over draws of N (for a mean exactly: Var(half | data) = σ²(2/N − 1/N)); resampling N rows with
+    replacement read 3 × the real spread (BENCHMARKS.md). Returns (the half-width, the readings)."""
     f = torch.as_tensor(sample_features, dtype=torch.float64)                       # (N, 2048)
     values, vectors = torch.linalg.eigh(torch.as_tensor(ref_sigma, dtype=torch.float64))
     root = (vectors * values.clamp(min=0).sqrt()) @ vectors.T                       # Σ_r^½ (2048, 2048)
     projected, ref_mu = f @ root, torch.as_tensor(ref_mu, dtype=torch.float64)     # (N, 2048): f Σ_r^½
     ref_trace, generator = float(values.clamp(min=0).sum()), torch.Generator().manual_seed(seed)
-    readings = torch.tensor([fid_of_rows(f, projected, ref_mu, ref_trace, torch.bincount(
-        torch.randint(len(f), (len(f),), generator=generator), minlength=len(f)).double()) for _ in range(draws)])
+    half = torch.zeros(len(f), dtype=torch.float64)
+    half[:len(f) // 2] = 1
+    readings = torch.tensor([fid_of_rows(f, projected, ref_mu, ref_trace,
+                                         half[torch.randperm(len(f), generator=generator)]) for _ in range(draws)])
     return SECOND_DRAW_Z * float(readings.std()), readings
 
 
@@ -301,12 +304,12 @@ def sample_metrics(sample_features, reference, seed=0):
     big_enough = min(n, len(ref)) > PRC_NEIGHBOURHOOD
     precision, recall = precision_recall(sample_features, ref) if big_enough else (None, None)
     return {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "fid_second_draw": second_draw,
-            "kid": kid[0], "kid_std": kid[1], "precision": precision, "recall": recall}
+            "kid": kid[0], "kid_std": kid[1], "prc_precision": precision, "prc_recall": recall}
 
 
 def metrics_protocol(samples, reference):
     """How sample_metrics read its figures, for the JSON."""
-    return {"fid_bootstrap_draws": BOOTSTRAP_DRAWS, "kid_subsets": KID_SUBSETS,
+    return {"fid_half_samples": HALF_SAMPLES, "kid_subsets": KID_SUBSETS,
             "kid_subset_size": min(samples, len(reference.features)), "prc_neighbourhood": PRC_NEIGHBOURHOOD,
             "prc_reference_images": min(samples, len(reference.features)),
             "features_reference": reference.features_source}

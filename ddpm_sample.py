@@ -306,8 +306,8 @@ def print_inception_metrics(measured, protocol, features, picture):
                " (no IS: the network file's classifier layer is not finite)")
     n, images = protocol["samples"], protocol["reference_images"]
     print(f"FID {measured['fid']:.3f} ± {measured['fid_second_draw']:.2f} (where a second draw of {n:,} lands, "
-          f"95 %), KID {figure('kid', '.5f')} ± {figure('kid_std', '.5f')}, precision {figure('precision', '.3f')}, "
-          f"recall {figure('recall', '.3f')}{is_text}\n"
+          f"95 %), KID {figure('kid', '.5f')} ± {figure('kid_std', '.5f')}, precision {figure('prc_precision', '.3f')}, "
+          f"recall {figure('prc_recall', '.3f')}{is_text}\n"
           f"  copies: {measured['copy_share']:.1%} of the samples are nearer to a training image than "
           f"{1 - COPY_QUANTILE:.0%} of {protocol['copy_held_out_images']:,} test images are "
           f"(pixels: {measured['copy_share_pixels']:.1%}); the nearest beside their training images: {picture}\n"

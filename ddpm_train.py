@@ -46,7 +46,7 @@ BATCH_REMEDY = "lower --batch_size (--grad_accum K keeps K × --batch_size image
 CPU_GRID_STEPS = 50  # on a CPU, a grid whose sampler takes more steps (ddpm's T) uses dpm++2m's default instead
 CPU_GRID_SAMPLER = {"sampler": "dpm++2m"}
 # what --eval_fid logs to TensorBoard (as in metrics_<run>.json)
-LOGGED_METRICS = ("fid", "fid_second_draw", "kid", "precision", "recall", "inception_score", "copy_share")
+LOGGED_METRICS = ("fid", "fid_second_draw", "kid", "prc_precision", "prc_recall", "inception_score", "copy_share")
 
 
 def check_training(options):

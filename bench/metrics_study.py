@@ -2,7 +2,7 @@
 1. the floor: 1,000 real test images (none of the copy check's held-out ones) read as if they were samples, against
    the training split: FID ± where a second draw lands, KID, precision/recall and the copy shares;
 2. the interval against real second draws: FID of disjoint sets of 1,000 test images, their spread beside the
-   bootstrap's, and how often one set's reading lands inside another's interval;
+   half-samples', and how often one set's reading lands inside another's interval;
 3. an injected copy: the samples of --samples (the npz --eval_fid wrote), one replaced by a training image: where
    the copy check ranks it.
 It reads the reference caches an --eval_fid run left beside --data_dir (and makes them if absent).
@@ -81,12 +81,15 @@ def main():
     pairs = list(itertools.permutations(range(a.sets), 2))
     results["second_draws"] = {
         "fids": readings, "widths": widths, "fid_std": float(np.std(readings, ddof=1)),
-        "bootstrap_std": float(np.mean(widths) / SECOND_DRAW_Z),
+        "half_sample_std": float(np.mean(widths) / SECOND_DRAW_Z),
         "inside": sum(abs(readings[j] - readings[i]) <= widths[i] for i, j in pairs) / len(pairs)}
     print("second draws:", json.dumps(results["second_draws"]), flush=True)
 
     samples = torch.from_numpy(np.load(a.samples)["images"]).permute(0, 3, 1, 2).contiguous()  # 3. a copy
     sample_features, _ = timed("sample features", net.pool_features, samples.permute(0, 2, 3, 1).numpy())
+    results["samples"] = {**sample_metrics(sample_features, reference), **copy_check(samples, sample_features,
+                                                                                     training)[0]}
+    print("samples:", json.dumps(results["samples"]), flush=True)
     before, _ = copy_check(samples, sample_features, training)
     copied = int(torch.randint(len(data["train_images"]), (1,), generator=torch.Generator().manual_seed(1)))
     samples[0] = data["train_images"][copied]

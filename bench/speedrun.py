@@ -126,7 +126,7 @@ def main():
         "train_args": train_args, "preset": preset_flags("speedrun"), "sample_args": sample_args,
         "sampler": ours["fid_sampler"],
         "referee_fid": referee_fid, "project_fid": ours["fid"], "num_fid": a.num_fid,
-        **{name: ours[name] for name in ("fid_second_draw", "kid", "kid_std", "precision", "recall", "copy_share",
+        **{name: ours[name] for name in ("fid_second_draw", "kid", "kid_std", "prc_precision", "prc_recall", "copy_share",
                                          "copy_share_pixels")},
         "inception_score": ours["inception_score"], "fid_protocol": ours["fid_protocol"],
         "num_params": train_metrics["num_params"], "steps": train_metrics["steps"],

@@ -218,14 +218,15 @@ def test_eval_fid_and_is_after_training_and_at_inference_with_their_protocol(tmp
         "samples": 10, "class_balanced": True, "seed": 0, "sampler": "ddim, 2 steps, eta 0.0, guidance 3.0",
         "reference": f"the train split at {data}", "reference_images": 30,
         "network_sha256": file_digest(fake_inception), "official_network": False, "is_splits": 10,
-        "fid_bootstrap_draws": 100, "kid_subsets": 100, "kid_subset_size": 10, "prc_neighbourhood": 3,
+        "fid_half_samples": 100, "kid_subsets": 100, "kid_subset_size": 10, "prc_neighbourhood": 3,
         "prc_reference_images": 10, "features_reference": f"the train split at {data}",
         "copy_held_out_images": 10, "copy_quantile": 0.01, "copy_training_images": 30, "copy_neighbours": 3,
         "torch_fidelity": torch_fidelity.__version__}
+    assert metrics["precision"] == "fp32" and 0 <= metrics["prc_precision"] <= 1  # the run's and the samples'
     picture = os.path.join("outputs", "nearest_training_f.png")
     assert (f"FID {metrics['fid']:.3f} ± {metrics['fid_second_draw']:.2f} (where a second draw of 10 lands, 95 %), "
-            f"KID {metrics['kid']:.5f} ± {metrics['kid_std']:.5f}, precision {metrics['precision']:.3f}, recall "
-            f"{metrics['recall']:.3f}, IS {metrics['inception_score']:.3f} ± {metrics['inception_score_std']:.3f}\n"
+            f"KID {metrics['kid']:.5f} ± {metrics['kid_std']:.5f}, precision {metrics['prc_precision']:.3f}, recall "
+            f"{metrics['prc_recall']:.3f}, IS {metrics['inception_score']:.3f} ± {metrics['inception_score_std']:.3f}\n"
             f"  copies: {metrics['copy_share']:.1%} of the samples are nearer to a training image than 99% of 10 test "
             f"images are (pixels: {metrics['copy_share_pixels']:.1%}); the nearest beside their training images: "
             f"{picture}\n"
@@ -312,7 +313,7 @@ def test_the_metrics_equal_torch_fidelity_calculate_metrics_on_the_same_images(f
     # every subset is all 10 images, reordered: KID's spread here is float32 rounding of the reordered sums
     assert ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
     assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], abs=1e-6)
-    assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
+    assert (ours["prc_precision"], ours["prc_recall"]) == (theirs["precision"], theirs["recall"])
     assert inception_score(logits) == pytest.approx((theirs["inception_score_mean"], theirs["inception_score_std"]),
                                                     rel=1e-6)
 
@@ -324,7 +325,7 @@ def gaussian_features(rng, n, d, shift=0.0):
 
 
 @pytest.mark.parametrize("n", [40, 200])  # fewer samples than dimensions (an N × N eigenproblem), and more
-def test_the_bootstraps_fid_equals_torch_fidelitys_frechet_distance(n):
+def test_fid_of_chosen_rows_equals_torch_fidelitys_frechet_distance(n):
     rng = np.random.default_rng(0)
     samples, reference = gaussian_features(rng, n, 64), gaussian_features(rng, 500, 64, shift=0.3)
     mu, sigma = ddpm_fid.moments(samples)
@@ -334,7 +335,7 @@ def test_the_bootstraps_fid_equals_torch_fidelitys_frechet_distance(n):
     projected, ref_mu_t = samples.double() @ root, torch.from_numpy(ref_mu)
     ours = ddpm_fid.fid_of_rows(samples.double(), projected, ref_mu_t, values.sum())
     assert ours == pytest.approx(frechet_distance(mu, sigma, ref_mu, ref_sigma), rel=1e-6)
-    rows = torch.from_numpy(rng.integers(0, n, n))  # a bootstrap draw: rows taken 0, 1, 2, … times
+    rows = torch.from_numpy(rng.integers(0, n, n))  # rows taken 0, 1, 2, … times
     drawn = ddpm_fid.fid_of_rows(samples.double(), projected, ref_mu_t, values.sum(),
                                  torch.bincount(rows, minlength=n).double())
     assert drawn == pytest.approx(frechet_distance(*ddpm_fid.moments(samples[rows]), ref_mu, ref_sigma), rel=1e-6)

@@ -431,7 +431,7 @@ def test_events_hold_losses_lr_speed_fid_is_and_grids(tiny_data, tmp_path, fake_
         assert [v for _, v in scalars[f"epoch/{key}"]] == pytest.approx(history[key], rel=1e-6)
     assert [s for s, _ in scalars["epoch/val_loss"]] == [steps // 2, steps]
     assert len(scalars["epoch/images_per_s"]) == 2
-    for name in ("fid", "fid_second_draw", "kid", "precision", "recall", "inception_score", "copy_share"):
+    for name in ("fid", "fid_second_draw", "kid", "prc_precision", "prc_recall", "inception_score", "copy_share"):
         assert scalars[name] == [(steps, pytest.approx(metrics[name], rel=1e-6, abs=1e-9))], name
     assert images == {"samples": 2}  # the per-epoch grid
 
