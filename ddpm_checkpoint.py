@@ -38,7 +38,7 @@ from ddpm_config import (ADJUSTABLE, AT_LEAST_ONE, BY_NAME, FIXED, MODEL_SETTING
 from ddpm_diffusion import SamplerSettings
 from ddpm_download import file_digest
 from ddpm_helpers import (NonFiniteError, RUN_NAME_CHARACTERS, UserError, atomic_torch_save, input_file_problem,
-                          sanitized_run_name, write_json)
+                          new_folder, run_lock, sanitized_run_name, write_json)
 from ddpm_model import UNetConfig
 from ddpm_runtime import parameter_count
 from ddpm_train_step import WALL_PARTS
@@ -181,7 +181,7 @@ def config_problem(config, needed=SAMPLING_NEEDS):
         return "its config is not a dict"
     problem = (nesting_problem(config, "the config") or entries_problem(config, needed, CONFIG_ENTRIES, "the config")
                or entries_problem(config["model"], ("dim", "dim_mults"), MODEL_ENTRIES, "the model")
-               or sampling_problem(config.get("sampling")))
+               or sampling_problem(config.get("sampling"), config["timesteps"]))
     if problem:
         return problem
     model, classes = UNetConfig.from_dict(config["model"]), config.get("classes")
@@ -195,10 +195,10 @@ def config_problem(config, needed=SAMPLING_NEEDS):
     return image_size_problem(config, model)
 
 
-def sampling_problem(sampling):
-    """What SamplerSettings refuses in a config's sampling entry (None: nothing, or no entry)."""
+def sampling_problem(sampling, timesteps):
+    """What SamplerSettings refuses in a config's sampling entry for a T-step model (None: nothing, or no entry)."""
     try:
-        SamplerSettings(**sampling) if sampling is not None else None
+        SamplerSettings(**sampling).for_timesteps(timesteps) if sampling is not None else None
     except (TypeError, ValueError) as e:
         return f"the config's sampling is not sampler settings ({e})"
     return None
@@ -533,6 +533,25 @@ def restore_training(ckpt, model, ema_model, optimizer, use_cuda, scaler=None):
     if use_cuda and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return state
+
+
+def refuse_existing_run(files, writer):
+    """UserError where <models_dir>/<run>/ holds files, or a file stands in its place; `writer` ('an import') says
+    who would write it."""
+    held = sorted(os.listdir(files.ckpt_dir)) if os.path.isdir(files.ckpt_dir) else []
+    if held or (os.path.lexists(files.ckpt_dir) and not os.path.isdir(files.ckpt_dir)):  # files, or a file
+        raise UserError(f"{files.ckpt_dir} exists{' and holds ' + ', '.join(held[:3]) if held else ''}: {writer} "
+                        "writes a new run folder; give another --run_name (or move that run first)")
+
+
+def write_new_run(files, ckpt, config, writer):
+    """ckpt.pt and config.json of a new run folder <models_dir>/<run>/, together or neither, under the run's lock
+    (refuse_existing_run)."""
+    with run_lock(files):
+        refuse_existing_run(files, writer)
+        with new_folder(files.ckpt_dir) as folder:
+            save_checkpoint(ckpt, os.path.join(folder, "ckpt.pt"))
+            write_config_json(config, os.path.join(folder, "config.json"))
 
 
 def imported_checkpoint(config, weights, source):

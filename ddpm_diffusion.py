@@ -4,9 +4,11 @@ Notation follows the paper: β_t the noise schedule, α_t = 1 − β_t, ᾱ_t = 
 Timesteps are 0-based indices t ∈ {0, …, T−1}; index t stands for the paper's step t+1.
 Schedules are computed in float64 and stored as float32 buffers.
 
-Samplers: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), DDIM (Song et al. 2021, eq. 12) and ancestral DDPM
-(Algorithm 2), all with classifier-free guidance (Ho & Salimans 2022): ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond), at
-every step or only in an interval of noise levels (Kynkäänniemi et al. 2024).
+Samplers: DPM-Solver++(2M) and (3M) (Lu et al. 2022, Algorithm 2 and its third-order form), DDIM (Song et al.
+2021, eq. 12) and ancestral DDPM (Algorithm 2), all with classifier-free guidance (Ho & Salimans 2022):
+ε̂ = ε̂_uncond + w (ε̂_cond − ε̂_uncond), at every step or only in an interval of noise levels (Kynkäänniemi et al.
+2024). The multistep solvers' steps are spaced by a rule (in t, in λ, EDM's ρ = 7) or given (fitted to a model by
+ddpm_fit_steps).
 SAMPLERS is the table of samplers (a Diffusion method each, and the settings it takes); SamplerSettings names one way
 to sample; Diffusion.sample runs it (ddpm_sample.generate batches it for the CLI, the benchmarks and FID).
 
@@ -27,10 +29,12 @@ DEFAULT_SAMPLING_STEPS = 25   # network evaluations of dpm++2m and ddim when not
 SCHEDULES = ("linear", "cosine", "sigmoid")
 PREDICTIONS = ("eps", "v")
 LOSS_TYPES = ("l1", "l2", "huber")
-SPACINGS = ("time", "lambda")
+SPACINGS = ("time", "lambda", "karras")  # the multistep solvers' steps: even in t, even in λ, or EDM's ρ = 7
+STEP_PLACING = ("spacing", "timesteps")  # the sampler options that place its steps (sampler_timesteps)
+KARRAS_RHO = 7  # EDM's σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ (Karras et al. 2022, eq. 5)
 VARIANCES = ("posterior", "beta")  # σ_t² of p_θ(x_{t−1} | x_t), in the ancestral sampler and the bound: β̃_t or β_t
 PIXEL_HALF_BIN = 1 / 255  # half the width of a uint8 pixel's bin once pixels are scaled to [−1, 1]
-LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++(2M) with fewer steps takes its step onto the last timestep first order
+LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++ with fewer steps takes its step onto the last timestep one order lower
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,20 @@ class SamplerKind:
     options: tuple = ()
 
 
-# The samplers, by --sampler name: a new one is a Diffusion method and an entry here.
+# The samplers, by --sampler name: a new one is a Diffusion method and an entry here. 'spacing' and 'timesteps' place
+# the steps (sampler_timesteps); the other options are the method's keyword arguments.
 SAMPLERS = {
-    "dpm++2m": SamplerKind("dpm_solver_2m", options=("spacing",)),  # Lu et al. 2022, second order
+    "dpm++2m": SamplerKind("dpm_solver_2m", options=("spacing", "timesteps")),  # Lu et al. 2022, second order
+    "dpm++3m": SamplerKind("dpm_solver_3m", options=("spacing", "timesteps")),  # third order
     "ddim": SamplerKind("ddim", options=("eta",)),                  # Song et al. 2021, first order
     "ddpm": SamplerKind("ancestral", every_step=True, options=("variance",)),  # Ho et al. 2020, all T steps
 }
+
+
+def samplers_where(holds):
+    """The samplers whose SamplerKind `holds`, as a sentence names them: 'dpm++2m, dpm++3m and ddim'."""
+    names = [name for name, kind in SAMPLERS.items() if holds(kind)]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def linear_beta_schedule(beta_start, beta_end, timesteps):
@@ -95,15 +107,18 @@ class SamplerSettings:
     """One way to sample: the sampler, its steps, their spacing and noise, and the classifier-free guidance scale.
     The defaults are what a checkpoint that names no settings is sampled with: on the shipped model DPM-Solver++(2M)
     with λ spacing reads at 15 steps the FID that DDIM reads at 25 (BENCHMARKS.md)."""
-    sampler: str = "dpm++2m"     # 'dpm++2m': Lu et al. 2022; 'ddim': Song et al. 2021; 'ddpm': all T ancestral steps
-    steps: int = None            # network evaluations of dpm++2m and ddim (None: 25, or T when T < 25); ddpm runs T
+    sampler: str = "dpm++2m"     # 'dpm++2m', 'dpm++3m': Lu et al. 2022; 'ddim': Song et al. 2021; 'ddpm': all T steps
+    steps: int = None            # network evaluations of dpm++ and ddim (None: 25, or T when T < 25); ddpm runs T
     eta: float = 0.0             # DDIM noise: 0 deterministic, 1 DDPM's variance (eq. 16)
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # w: 0 unconditional, 1 conditional, > 1 stronger class
-    spacing: str = "lambda"      # dpm++2m's steps evenly spaced in λ_t = log(√ᾱ_t / √(1 − ᾱ_t)), or in t ('time')
+    spacing: str = "lambda"      # dpm++'s steps evenly spaced in λ_t = log(√ᾱ_t / √(1 − ᾱ_t)), in t ('time'), or
+                                 # EDM's ρ = 7 in σ_t ('karras')
     guidance_interval: tuple = None  # (σ_lo, σ_hi): w only where σ_lo < σ_t ≤ σ_hi, else the conditional output
                                      # (one forward of N); σ_t = √(1 − ᾱ_t)/√ᾱ_t. None: w at every step
     variance: str = "posterior"  # σ_t² of ddpm's steps: 'posterior', β̃_t (eq. 7), or 'beta', β_t (Ho et al.'s CIFAR-10
                                  # samples; improved-diffusion's FIXED_LARGE)
+    timesteps: tuple = None      # dpm++'s timesteps themselves, T−1 first, strictly decreasing (fitted to a model by
+                                 # --fit_steps); None: `steps` of them placed by `spacing`
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -118,6 +133,23 @@ class SamplerSettings:
                 raise ValueError(f"the guidance interval is two noise levels 0 ≤ σ_lo < σ_hi, got {interval}")
             # (0, ∞) is every step: stored as None, so both say the same thing the same way
             object.__setattr__(self, "guidance_interval", None if interval == (0, math.inf) else interval)
+        if self.timesteps is not None:
+            self._check_timesteps()
+
+    def _check_timesteps(self):
+        """Given timesteps: a sampler that places its steps, whole numbers ≥ 0 strictly decreasing, as many as
+        `steps` says (None: their count); kept as a tuple (a list, as JSON and checkpoints keep it)."""
+        times = tuple(self.timesteps)
+        if "timesteps" not in SAMPLERS[self.sampler].options:
+            takers = samplers_where(lambda kind: "timesteps" in kind.options)
+            raise ValueError(f"given timesteps apply to {takers}, not {self.sampler}")
+        if (not times or not all(isinstance(t, int) and not isinstance(t, bool) for t in times) or times[-1] < 0
+                or any(a <= b for a, b in zip(times, times[1:]))):
+            raise ValueError(f"timesteps must be whole numbers ≥ 0, strictly decreasing, got {list(times)}")
+        if self.steps not in (None, len(times)):
+            raise ValueError(f"{self.steps} steps but {len(times)} timesteps")
+        object.__setattr__(self, "timesteps", times)
+        object.__setattr__(self, "steps", len(times))
 
     def evaluations_per_step(self, conditional):
         """Network evaluations an image takes per step: two where classifier-free guidance runs both branches (a
@@ -133,6 +165,9 @@ class SamplerSettings:
         steps = timesteps if SAMPLERS[self.sampler].every_step else self.steps or min(DEFAULT_SAMPLING_STEPS, timesteps)
         if not 1 <= steps <= timesteps:
             raise ValueError(f"sampling steps must be in 1..{timesteps} (the model's T), got {steps}")
+        if self.timesteps is not None and self.timesteps[0] != timesteps - 1:
+            raise ValueError(f"the first timestep must be T − 1 = {timesteps - 1} (where x_T is), got "
+                             f"{self.timesteps[0]}")
         return dataclasses.replace(self, steps=steps)
 
 
@@ -211,10 +246,12 @@ def bits_per_dim(nats):
 class Diffusion(nn.Module):
     """The forward process q(x_t | x_0), the loss, and the reverse-process samplers."""
 
-    def __init__(self, timesteps, get_noise_schedule, device="cpu", prediction="eps", min_snr_gamma=None):
+    def __init__(self, timesteps, get_noise_schedule, device="cpu", prediction="eps", min_snr_gamma=None,
+                 dtype=torch.float32):
         """prediction: what the network outputs, 'eps' (ε, Ho et al.) or 'v' (v = √ᾱ ε − √(1−ᾱ) x_0,
         Salimans & Ho 2022). min_snr_gamma: weight each t's loss by min(SNR_t, γ) / SNR_t for ε
-        (/ (SNR_t + 1) for v), the Min-SNR-γ weighting of Hang et al. 2023; None: uniform."""
+        (/ (SNR_t + 1) for v), the Min-SNR-γ weighting of Hang et al. 2023; None: uniform. dtype: the buffers'
+        (float64 where a comparison needs every digit)."""
         super().__init__()
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r}; use 'eps' or 'v'")
@@ -250,7 +287,7 @@ class Diffusion(nn.Module):
             "half_log_snr": 0.5 * (alphas_cumprod.log() - (1 - alphas_cumprod).log()),
         }
         for name, value in buffers.items():
-            self.register_buffer(name, value.float(), persistent=False)
+            self.register_buffer(name, value.to(dtype), persistent=False)
         # σ_t = √(1 − ᾱ_t)/√ᾱ_t, EDM's noise level, in float64 on the host: where guidance applies, no device sync
         self.noise_levels = (1 / alphas_cumprod - 1).sqrt().tolist()
         self.to(device)
@@ -416,44 +453,62 @@ class Diffusion(nn.Module):
     @torch.no_grad()
     def dpm_solver_2m(self, model, x, steps, class_labels, guidance_scales, clip_denoised=True, progress=False,
                       trace=None):
-        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): x at timestep steps[0] through steps[1:] to x_0, one
-        network evaluation (its data prediction x̂_0) per timestep, guided by guidance_scales[i] at steps[i]. With
-        α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t) and λ_t = log(α_t/σ_t), each step s → t is
-        x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D, h = λ_t − λ_s: D = x̂_0(s) is first order (DDIM), D from the last
-        two x̂_0 second order. First order are: the first step, having one x̂_0; with fewer than 15 steps the step
-        onto the last timestep (the paper's lower-order final step, which steadies few-step sampling); and the final
-        step onto σ = 0, where e^{−h} = 0 and the step returns x̂_0. trace: a list each step's x̂_0 is appended to."""
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): dpm_solver_multistep of order 2."""
+        return self.dpm_solver_multistep(model, x, steps, class_labels, guidance_scales, clip_denoised, progress,
+                                         trace, order=2)
+
+    @torch.no_grad()
+    def dpm_solver_3m(self, model, x, steps, class_labels, guidance_scales, clip_denoised=True, progress=False,
+                      trace=None):
+        """DPM-Solver++(3M): dpm_solver_multistep of order 3, as diffusers' DPMSolverMultistepScheduler(solver_order=3,
+        algorithm_type='dpmsolver++', final_sigmas_type='zero') on the same timesteps."""
+        return self.dpm_solver_multistep(model, x, steps, class_labels, guidance_scales, clip_denoised, progress,
+                                         trace, order=3)
+
+    @torch.no_grad()
+    def dpm_solver_multistep(self, model, x, steps, class_labels, guidance_scales, clip_denoised=True,
+                             progress=False, trace=None, order=2, states=None):
+        """DPM-Solver++ multistep of `order` 2 or 3 (Lu et al. 2022): x at timestep steps[0] through steps[1:] to x_0,
+        one network evaluation (its data prediction x̂_0) per timestep, guided by guidance_scales[i] at steps[i].
+        With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t) and λ_t = log(α_t/σ_t), each step s → t extrapolates the last k x̂_0
+        (multistep_data_prediction). Lower orders: step i has i + 1 x̂_0, so k ≤ i + 1 (the warm-up); with fewer
+        than 15 steps the step onto the last timestep takes k = order − 1 (the lower-order final steps that steady
+        few-step sampling); the final step onto σ = 0, where e^{−h} = 0, returns x̂_0. trace: a list each x̂_0 is
+        appended to; states: a list each x_s is appended to, before its evaluation."""
         alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
         lam = self.half_log_snr.tolist()  # on the host once: no device sync per step
-        x_zero_prev = h_prev = None
-        for i, s in enumerate(tqdm(steps, desc="sampling (dpm++2m)", leave=False, disable=not progress)):
+        x_zeros, lams = [], []            # the last `order` x̂_0 and their λ, newest last
+        for i, s in enumerate(tqdm(steps, desc=f"sampling (dpm++{order}m)", leave=False, disable=not progress)):
             t_vec = torch.full((len(x),), s, device=x.device, dtype=torch.long)
             _, x_zero = self.model_predictions(model, x, t_vec, class_labels, guidance_scales[i], clip_denoised)
             if trace is not None:
                 trace.append(x_zero)
+            if states is not None:
+                states.append(x)
             if i + 1 == len(steps):
                 return x_zero                                          # last step, onto σ = 0: x_0 = x̂_0
+            x_zeros, lams = [*x_zeros, x_zero][-order:], [*lams, lam[s]][-order:]
             t = steps[i + 1]
-            h = lam[t] - lam[s]                                        # h_i = λ_{t_i} − λ_{t_{i−1}}
-            if x_zero_prev is None or (t == steps[-1] and len(steps) < LOWER_ORDER_FINAL_BELOW):
-                d = x_zero                                             # D = x̂_0: first order
-            else:
-                r = h_prev / h                                         # r_i = h_{i−1} / h_i
-                # D_i = (1 + 1/(2 r_i)) x̂_0(t_{i−1}) − 1/(2 r_i) x̂_0(t_{i−2})
-                d = (1 + 1 / (2 * r)) * x_zero - 1 / (2 * r) * x_zero_prev
+            final = t == steps[-1] and len(steps) < LOWER_ORDER_FINAL_BELOW
+            k = min(i + 1, order - 1 if final else order)
+            d = multistep_data_prediction(x_zeros[-k:], lams[-k:], lam[t])
             # x̃_{t_i} = (σ_{t_i} / σ_{t_{i−1}}) x̃_{t_{i−1}} − α_{t_i} (e^{−h_i} − 1) D_i
-            x = (sigma[t] / sigma[s]) * x - alpha[t] * math.expm1(-h) * d
-            x_zero_prev, h_prev = x_zero, h
+            x = (sigma[t] / sigma[s]) * x - alpha[t] * math.expm1(-(lam[t] - lam[s])) * d
 
     def sampling_timesteps(self, steps, spacing="time"):
-        """`steps` timestep indices from T−1 down to 0, evenly spaced in t (DDIM's sub-sequence τ) or in λ_t
-        (each the index nearest its even λ, moved where needed so that all are distinct)."""
+        """`steps` timestep indices from T−1 down to 0, evenly spaced in t (DDIM's sub-sequence τ), in λ_t, or in
+        σ_t^{1/ρ} (EDM's ρ = 7, 'karras'): each the index nearest its target λ, moved where needed so that all are
+        distinct."""
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"sampling steps must be in 1..{self.timesteps}, got {steps}")
         if spacing == "time":
             return torch.linspace(self.timesteps - 1, 0, steps).round().long().tolist()
         lam = self.half_log_snr.double().cpu()
-        targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+        if spacing == "lambda":
+            targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+        else:  # σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ   (Karras et al. 2022, eq. 5); λ = −log σ
+            ends = torch.tensor([self.noise_levels[-1], self.noise_levels[0]], dtype=torch.float64) ** (1 / KARRAS_RHO)
+            targets = -KARRAS_RHO * torch.linspace(ends[0].item(), ends[1].item(), steps, dtype=torch.float64).log()
         nearest = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()  # (steps,), T−1 … 0
         indices = []
         for i, index in enumerate(nearest):  # strictly decreasing, leaving room for the steps still to come
@@ -462,11 +517,13 @@ class Diffusion(nn.Module):
         return indices
 
     def sampler_timesteps(self, settings):
-        """The timestep indices a sampler evaluates the network at, T−1 first: dpm++2m's spaced as settings say,
-        DDIM's evenly in t (as the DDIM paper), all T for ddpm."""
+        """The timestep indices a sampler evaluates the network at, T−1 first: dpm++'s given ones, else spaced as
+        settings say; DDIM's evenly in t (as the DDIM paper); all T for ddpm."""
         settings, kind = settings.for_timesteps(self.timesteps), SAMPLERS[settings.sampler]
         if kind.every_step:
             return list(range(self.timesteps - 1, -1, -1))
+        if settings.timesteps is not None:
+            return list(settings.timesteps)
         return self.sampling_timesteps(settings.steps, settings.spacing if "spacing" in kind.options else "time")
 
     def guidance_scales(self, settings, steps):
@@ -488,7 +545,7 @@ class Diffusion(nn.Module):
         steps = self.sampler_timesteps(settings)
         scales = self.guidance_scales(settings, steps)  # w at each step: 1 outside the guidance interval
         kind = SAMPLERS[settings.sampler]
-        options = {name: getattr(settings, name) for name in kind.options if name != "spacing"}  # spacing: the steps
+        options = {name: getattr(settings, name) for name in kind.options if name not in STEP_PLACING}
         return getattr(self, kind.method)(model, x, steps, class_labels, scales, clip_denoised, progress, trace,
                                           **options).clamp(-1, 1)
 
@@ -565,6 +622,27 @@ class Diffusion(nn.Module):
             x_zero_hat = (x - math.sqrt(1 - alpha_bar_s) * eps) / math.sqrt(alpha_bar_s)
             x = math.sqrt(alpha_bar_t) * x_zero_hat + math.sqrt(1 - alpha_bar_t) * eps
         return x
+
+
+def multistep_data_prediction(x_zeros, lams, lam_t):
+    """DPM-Solver++'s D of a step s → t, x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D, from the last k data predictions
+    x_zeros (newest last) at half-log-SNRs lams; h = λ_t − λ_s, r = (λ_s − λ_{s₁}) / h. k = 1: D = x̂_0(s), DDIM.
+    k = 2: D = (1 + 1/(2r)) x̂_0(s) − 1/(2r) x̂_0(s₁) (Lu et al. 2022, Algorithm 2). k = 3:
+    D = x̂_0(s) − (φ/h + 1)/φ D1 + ((φ + h)/h² − 1/2)/φ D2 with φ = e^{−h} − 1 and D1, D2 the first and second
+    differences (Lu et al.'s multistep third-order code; diffusers' multistep_dpm_solver_third_order_update)."""
+    h = lam_t - lams[-1]                                               # h_i = λ_{t_i} − λ_{t_{i−1}}
+    if len(x_zeros) == 1:
+        return x_zeros[0]
+    if len(x_zeros) == 2:
+        r = (lams[1] - lams[0]) / h                                    # r_i = h_{i−1} / h_i
+        return (1 + 1 / (2 * r)) * x_zeros[1] - 1 / (2 * r) * x_zeros[0]
+    m2, m1, m0 = x_zeros                                               # x̂_0 at s₂, s₁, s
+    r0, r1 = (lams[2] - lams[1]) / h, (lams[1] - lams[0]) / h
+    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1                        # first differences, over r
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)                         # ≈ h dx̂_0/dλ
+    d2 = (d1_0 - d1_1) / (r0 + r1)                                     # ≈ h² d²x̂_0/dλ² / 2
+    phi = math.expm1(-h)
+    return m0 - (phi / h + 1) / phi * d1 + ((phi + h) / h ** 2 - 0.5) / phi * d2
 
 
 def repaint_levels(levels, jump_length, jump_count):

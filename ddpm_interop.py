@@ -15,14 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_checkpoint import (ANY_SIZE, entries_problem, imported_checkpoint, load_sampling_model, nesting_problem,
-                             save_checkpoint, weight_tensors_problem, write_config_json)
+                             weight_tensors_problem, write_new_run)
 from ddpm_config import BY_NAME, COMMAND_LINE_SETTINGS, MODEL_SETTINGS, Range, Value, flag_value, training_config
 from ddpm_data import CIFAR10_CLASSES, DEFAULT_DATA_DIR
 from ddpm_diffusion import SamplerSettings, scaled_beta_range
 from ddpm_download import RemoteFile, fetched
 from ddpm_flags import files_read
-from ddpm_helpers import (RunFiles, UserError, make_way, new_folder, run_lock, sanitized_run_name, stderr_is_terminal,
-                          write_folder)
+from ddpm_helpers import RunFiles, UserError, make_way, sanitized_run_name, stderr_is_terminal, write_folder
 from ddpm_jobs import JOB
 from ddpm_model import DDPMUNet, UNetConfig
 from ddpm_presets import PRESETS
@@ -436,16 +435,8 @@ def import_job(options):
                                 imported.timesteps, given=options.given)
     config = imported_config({**vars(options), "run_name": run_name}, imported, settings)
     target = files.checkpoint("ckpt.pt")
-    with run_lock(files):
-        make_way(files, files_read(options, JOB["import"]))
-        held = sorted(os.listdir(files.ckpt_dir)) if os.path.isdir(files.ckpt_dir) else []
-        if held or (os.path.lexists(files.ckpt_dir) and not os.path.isdir(files.ckpt_dir)):  # files, or a file
-            raise UserError(f"{files.ckpt_dir} exists{' and holds ' + ', '.join(held[:3]) if held else ''}: an import "
-                            "writes a new run folder; give another --run_name (or move that run first)")
-        with new_folder(files.ckpt_dir) as folder:  # ckpt.pt and config.json appear together, or neither
-            save_checkpoint(imported_checkpoint(config, imported.weights, foreign.source),
-                            os.path.join(folder, "ckpt.pt"))
-            write_config_json(config, os.path.join(folder, "config.json"))
+    make_way(files, files_read(options, JOB["import"]))
+    write_new_run(files, imported_checkpoint(config, imported.weights, foreign.source), config, "an import")
     if verbose:
         count = sum(w.numel() for w in imported.weights.values())
         print(f"imported Ho et al.'s network ({count:,} parameters) from {foreign.source} "

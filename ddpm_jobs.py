@@ -70,6 +70,8 @@ JOBS = (
         keeps="ddpm_editing.edits_keep", **OF_A_MODEL),
     Job("interpolate", "interpolate", "ddpm_editing.interpolate_job", "interpolating", sampler=DDIM_BOTH_WAYS,
         keeps="ddpm_editing.frames_keep", **OF_A_MODEL),
+    Job("fit", "fit_steps", "ddpm_fit_steps.fit_job", "fitting steps", banner="ddpm_fit_steps.fit_banner",
+        keeps="ddpm_fit_steps.fit_keep", **OF_A_MODEL),
     Job("import", "import_weights", "ddpm_interop.import_job", "importing"),
     Job("export", "export_diffusers", "ddpm_interop.export_job", "exporting", model=True,
         check="ddpm_interop.check_export"),

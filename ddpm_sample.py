@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ddpm_config import SAMPLING_FLAGS, build_diffusion
 from ddpm_data import (crop_to_data, data_facts, evenly_spread, load_dataset, pad_to_side, require_trained_data,
                        trained_data)
-from ddpm_diffusion import SAMPLERS, Diffusion, SamplerSettings
+from ddpm_diffusion import SAMPLERS, Diffusion, SamplerSettings, samplers_where
 from ddpm_fid import (IS_SPLITS, InceptionFeatures, Reference, evaluation_data, inception_score, metrics_protocol,
                       ref_statistics_file, sample_metrics, split_reference, torch_fidelity_version)
 from ddpm_helpers import UserError, atomic_open, require_finite, stderr_is_terminal, write_json
@@ -46,19 +46,23 @@ def sampler_settings(asked, saved, timesteps, own=None, given=()):
         base = dataclasses.replace(switched(base, own.pop("sampler")), **own, steps=steps and min(steps, timesteps))
     elif asked.get("sampler", base.sampler) != base.sampler:
         base = switched(base, asked["sampler"])
-    settings, flags = dataclasses.replace(base, **asked), {field: flag for flag, field in SAMPLING_FLAGS.items()}
-    kind = SAMPLERS[settings.sampler]
+    if asked.keys() & {"steps", "spacing", "timesteps"}:  # steps asked for replace the checkpoint's own
+        base = dataclasses.replace(base, timesteps=None, steps=None if "timesteps" in asked else base.steps)
+    flags, sampler = {field: flag for flag, field in SAMPLING_FLAGS.items()}, asked.get("sampler", base.sampler)
+    kind = SAMPLERS[sampler]
     if kind.every_step and "steps" in asked:
-        takers = " and ".join(name for name, other in SAMPLERS.items() if not other.every_step)
-        raise UserError(f"--sampling_steps applies to --sampler {takers} ({settings.sampler} always runs all T steps)")
+        takers = samplers_where(lambda other: not other.every_step)
+        raise UserError(f"--sampling_steps applies to --sampler {takers} ({sampler} always runs all T steps)")
     for option in sorted(OPTIONS - set(kind.options)):
         if flags[option] in given:
-            takers = " and ".join(name for name, other in SAMPLERS.items() if option in other.options)
-            raise UserError(f"--{flags[option]} applies to --sampler {takers} (the sampler here is {settings.sampler})")
+            takers = samplers_where(lambda other: option in other.options)
+            raise UserError(f"--{flags[option]} applies to --sampler {takers} (the sampler here is {sampler})")
     try:
-        return settings.for_timesteps(timesteps)
-    except ValueError:  # steps > T (the flags' check rejects steps < 1)
-        raise UserError(f"--sampling_steps {settings.steps} is more than the model's T = {timesteps}") from None
+        return dataclasses.replace(base, **asked).for_timesteps(timesteps)
+    except ValueError as e:  # timesteps not as the model's T needs them, or steps > T (the flags refuse steps < 1)
+        raise UserError(f"--sampling_timesteps: {e}" if "timesteps" in asked else
+                        f"--sampling_steps {asked.get('steps', base.steps)} is more than the model's T = {timesteps}") \
+            from None
 
 
 def switched(settings, sampler):
@@ -68,10 +72,13 @@ def switched(settings, sampler):
 
 
 def describe_sampling(settings, guided=True):
-    """SamplerSettings as banners and metrics say them, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance 1.5'."""
+    """SamplerSettings as banners and metrics say them, e.g. 'dpm++2m, 15 steps (lambda spacing), guidance 1.5' or
+    'dpm++3m, 3 steps at t = 999, 420, 0, guidance 3.0'."""
     options = SAMPLERS[settings.sampler].options
     steps = f"{settings.steps or 'default'} steps"
-    if "spacing" in options:
+    if settings.timesteps is not None:
+        steps += f" at t = {', '.join(map(str, settings.timesteps))}"
+    elif "spacing" in options:
         steps += f" ({settings.spacing} spacing)"
     noise = f", eta {settings.eta}" if "eta" in options else ""
     noise += ", σ_t² = β_t" if "variance" in options and settings.variance == "beta" else ""
@@ -264,6 +271,11 @@ def fid_reference(features, config, data, data_dir, split, stats_file, verbose):
     return dataclasses.replace(stats, features=split_features, features_source=source), training
 
 
+def balanced_labels(config, num_samples, device):
+    """Class labels 0, 1, …, K − 1, 0, … of num_samples images of a conditional model (None: unconditional)."""
+    return torch.arange(num_samples, device=device) % config["num_classes"] if config["conditional"] else None
+
+
 def measure_inception_metrics(sampler, num_samples, seed, features, reference, training, files, verbose):
     """FID (with where a second draw lands), KID, precision/recall, IS and the copy check of num_samples new samples
     (class-balanced when conditional) from one Inception pass; the samples saved as fid_samples_<run>.npz, the nearest
@@ -273,8 +285,7 @@ def measure_inception_metrics(sampler, num_samples, seed, features, reference, t
               f"{PAPER_SAMPLES:,} (Ho et al. 2020; some use 10,000): compare FIDs of equal sample counts",
               file=sys.stderr)
     config, settings = sampler.config, sampler.settings
-    labels = (torch.arange(num_samples, device=sampler.device) % config["num_classes"] if config["conditional"]
-              else None)
+    labels = balanced_labels(config, num_samples, sampler.device)
     images = to_uint8(sampler.sample(num_samples, labels, seed, verbose and stderr_is_terminal()))  # (N, H, W, C)
     with atomic_open(files.output("fid_samples")) as f:
         np.savez(f, images=images)

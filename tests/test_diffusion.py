@@ -1,15 +1,17 @@
-"""The method (ddpm_diffusion): schedules, the forward process, the loss, the samplers (DPM-Solver++(2M), DDIM,
-ancestral) pinned to closed forms, guidance and its interval, the bound's terms."""
+"""The method (ddpm_diffusion): schedules, the forward process, the loss, the samplers (DPM-Solver++(2M) and (3M),
+DDIM, ancestral) pinned to closed forms and to diffusers, the spacings and given timesteps, guidance and its
+interval, the bound's terms."""
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import ClassShift
-from ddpm_diffusion import (Diffusion, SamplerSettings, cosine_beta_schedule, discretized_gaussian_log_likelihood,
-                            extract, guided_prediction, linear_beta_schedule, make_schedule, normal_kl,
-                            scaled_beta_range, sigmoid_beta_schedule)
+from ddpm_diffusion import (KARRAS_RHO, Diffusion, SamplerSettings, cosine_beta_schedule,
+                            discretized_gaussian_log_likelihood, extract, guided_prediction, linear_beta_schedule,
+                            make_schedule, normal_kl, scaled_beta_range, sigmoid_beta_schedule)
 from ddpm_sample import describe_sampling
 
 
@@ -378,6 +380,94 @@ def test_lambda_spacing_gives_distinct_timesteps_down_to_zero(steps):
     assert spaced[0] == 9 and (steps == 1 or spaced[-1] == 0)
     if steps == 10:
         assert spaced == list(range(9, -1, -1))
+
+
+def linear_betas(timesteps):
+    return linear_beta_schedule(*scaled_beta_range(timesteps), timesteps)
+
+
+class Float64Torch:
+    """torch, but its float32 is float64: diffusers' DPMSolverMultistepScheduler.step casts the sample to float32."""
+
+    def __getattr__(self, name):
+        return torch.float64 if name == "float32" else getattr(torch, name)
+
+
+@pytest.mark.parametrize("steps", [[999, 700, 400, 200, 90, 30, 5, 0], 20, [999, 500, 0]])
+def test_third_order_solver_is_diffusers_dpm_solver_3m(steps, monkeypatch):
+    """dpm++3m = DPMSolverMultistepScheduler(solver_order=3, algorithm_type='dpmsolver++', final_sigmas_type='zero')
+    on the same timesteps, in float64 to 1e-12: first order on step 1, second on step 2 (the warm-up), second onto the
+    last timestep below 15 steps (lower_order_final), x̂_0 onto σ = 0. The scheduler's own float32 rounding of x and
+    of σ is taken out (its σ set from the same ᾱ in float64); dpm++2m differs by far more."""
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.schedulers import scheduling_dpmsolver_multistep
+    monkeypatch.setattr(scheduling_dpmsolver_multistep, "torch", Float64Torch())
+    d = Diffusion(1000, linear_betas, dtype=torch.float64)
+    steps = d.sampling_timesteps(steps, "lambda") if isinstance(steps, int) else steps
+    model = GaussianOptimalEps(d, MU, S)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    scheduler = DPMSolverMultistepScheduler(1000, trained_betas=linear_betas(1000).numpy(), solver_order=3,
+                                            algorithm_type="dpmsolver++", final_sigmas_type="zero")
+    scheduler.set_timesteps(timesteps=steps)
+    alpha_bar = d.alphas_cumprod[steps]
+    scheduler.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    theirs = x
+    for t in scheduler.timesteps:
+        theirs = scheduler.step(model(theirs, t.repeat(len(x))), t, theirs).prev_sample
+    ours = d.dpm_solver_3m(model, x, steps, None, [1.0] * len(steps), clip_denoised=False)
+    assert (ours - theirs).abs().max() < 1e-12
+    if len(steps) > 3:
+        second = d.dpm_solver_2m(model, x, steps, None, [1.0] * len(steps), clip_denoised=False)
+        assert (second - theirs).abs().max() > 1e-5
+
+
+def test_third_order_beats_second_on_gaussian_data_at_few_steps():
+    d = Diffusion(1000, linear_betas)
+    noise = torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    target, model = exact_flow(d, noise), GaussianOptimalEps(d, MU, S)
+    error = {sampler: (d.sample(model, noise.shape, SamplerSettings(sampler, steps=6), noise=noise,
+                                clip_denoised=False).double() - target).pow(2).mean().sqrt().item()
+             for sampler in ("dpm++2m", "dpm++3m")}
+    assert error["dpm++3m"] < error["dpm++2m"], error
+
+
+def test_karras_spacing_is_even_in_sigma_to_the_one_over_rho():
+    """EDM's σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, each the timestep nearest in λ = −log σ."""
+    d = Diffusion(1000, linear_betas)
+    sigma = torch.tensor(d.noise_levels, dtype=torch.float64)
+    ramp = torch.linspace(sigma[-1] ** (1 / KARRAS_RHO), sigma[0] ** (1 / KARRAS_RHO), 10, dtype=torch.float64)
+    expected = [int((sigma.log() - target.log() * KARRAS_RHO).abs().argmin()) for target in ramp]
+    assert d.sampling_timesteps(10, "karras") == expected
+    assert expected[0] == 999 and expected[-1] == 0 and expected == sorted(set(expected), reverse=True)
+
+
+def test_given_timesteps_are_the_steps_sampled():
+    d = Diffusion(50, cosine_beta_schedule)
+    settings = SamplerSettings("dpm++3m", timesteps=[49, 30, 12, 0])
+    assert settings.timesteps == (49, 30, 12, 0) and settings.steps == 4
+    assert d.sampler_timesteps(settings) == [49, 30, 12, 0]
+    model, x = ClassShift(), torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(d.sample(model, x.shape, settings, noise=x),
+                       d.dpm_solver_3m(model, x, [49, 30, 12, 0], None, [3.0] * 4).clamp(-1, 1))
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(timesteps=[49, 30, 30, 0]), "strictly decreasing"),
+    (dict(timesteps=[49, 30, -1]), "≥ 0"),
+    (dict(timesteps=[49, 30.0, 0]), "whole numbers"),
+    (dict(timesteps=[]), "whole numbers"),
+    (dict(timesteps=[49, 0], steps=3), "3 steps but 2 timesteps"),
+    (dict(sampler="ddim", timesteps=[49, 0]), "apply to dpm++2m and dpm++3m, not ddim"),
+])
+def test_given_timesteps_are_checked(settings, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        SamplerSettings(**settings)
+
+
+@pytest.mark.parametrize("timesteps", [[40, 20, 0], [60, 20, 0]])
+def test_given_timesteps_start_at_t_minus_one(timesteps):
+    with pytest.raises(ValueError, match="the first timestep must be T − 1 = 49"):
+        SamplerSettings(timesteps=timesteps).for_timesteps(50)
 
 
 W = 2.5

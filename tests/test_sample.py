@@ -55,7 +55,8 @@ def test_checkpoints_carry_the_settings_they_sample_with(tiny_data, tmp_path, mo
                     "--sampler", "ddim", "--sampling_steps", "3", "--guidance_scale", "2", "--quiet", *TINY_MODEL])
     ckpt = load_checkpoint("models/s/ckpt.pt")
     assert ckpt["config"]["sampling"] == {"sampler": "ddim", "steps": 3, "eta": 0.0, "guidance_scale": 2.0,
-                                          "spacing": "lambda", "guidance_interval": None, "variance": "posterior"}
+                                          "spacing": "lambda", "guidance_interval": None, "variance": "posterior",
+                                          "timesteps": None}
     export_for_inference(ckpt, "exported.pt")
     assert load_checkpoint("exported.pt")["config"]["sampling"] == ckpt["config"]["sampling"]
 

@@ -240,7 +240,7 @@ RESUME = ("cond/last.pt", ["--resume", "damaged.pt", "--epochs", "2"])
     (SAMPLE, "unknown schedule", "the config's schedule is 'quadratic', not one of linear, cosine, sigmoid"),
     (SAMPLE, "config a list", "its config is not a dict"),
     (SAMPLE, "weights not tensors", "its ema weights are not a dict of tensors"),
-    (SAMPLE, "bad sampling", "the config's sampling.sampler is 'euler', not one of dpm++2m, ddim, ddpm"),
+    (SAMPLE, "bad sampling", "the config's sampling.sampler is 'euler', not one of dpm++2m, dpm++3m, ddim, ddpm"),
     (RESUME, "fewer parameters in the optimizer", "its optimizer state is for 2 parameters, the network has "),
     (RESUME, "rng not a tensor", "the checkpoint's rng is {'cpu': [1, 2, 3], 'cuda': []}, not the generators' "
                                  "states"),
