@@ -369,10 +369,8 @@ SETTINGS = (
            "steps of the sampler, x_T to x_0."),
     S("fit_steps", "inference", "fit N sampling steps to the model: a new checkpoint", None, int, check=Range(2),
       metavar="N", excludes=("sampling_steps", "spacing", "sampling_timesteps"),
-      more="The N timesteps at which dpm++ best follows a 100-step teacher from --num_samples noises (256) at the "
-           "checkpoint's sampling settings and the flags', classes balanced (GITS: dynamic programming over the "
-           "teacher's grid, docs/sampling.md); written with those settings to <models_dir>/<run>_fit<N>/ckpt.pt "
-           "(--run_name: another name), which the plain inference command then samples with. Minutes on a CPU."),
+      more="Where dpm++ best follows a 100-step teacher from --num_samples noises (256), classes balanced (GITS, "
+           "docs/sampling.md); to <models_dir>/<run>_fit<N>/ckpt.pt (or --run_name), which inference then uses."),
     # editing real images
     S("inpaint", "editing", f"RePaint a region: {', '.join(MASK_SHAPES)} or a PNG", parse=mask_item,
       metavar="SHAPE|PNG", io=READS,
@@ -404,19 +402,19 @@ SETTINGS = (
            "the split (--num_samples: how many)."),
     # sampling
     S("sampler", "sampling", "dpm++2m (default), dpm++3m, ddim, or ddpm (all T)", choices=tuple(SAMPLERS),
-      stored=SAMPLING,
-      more="dpm++2m and dpm++3m: DPM-Solver++(2M) and (3M), second and third order (Lu et al. 2022); ddim: first order "
-           "(Song et al. 2021); ddpm: all T ancestral steps (Ho et al. 2020), slow. dpm++2m at 15 steps reads the FID "
-           "ddim reads at 25 (docs/sampling.md). A sampler other than the checkpoint's starts from its own "
-           "defaults; the guidance scale and interval and the variance stay the checkpoint's."),
+      stored=SAMPLING, more="dpm++2m and dpm++3m: DPM-Solver++(2M) and (3M), second and third order (Lu et al. "
+                            "2022); ddim: first order (Song et al. 2021); ddpm: all T ancestral steps (Ho et al. "
+                            "2020), slow. dpm++2m at 15 steps reads the FID ddim reads at 25 (docs/sampling.md). A sampler "
+                            "other than the checkpoint's starts from its own defaults; the guidance scale and interval "
+                            "and the variance stay the checkpoint's."),
     S("sampling_steps", "sampling", f"network evaluations of dpm++ and ddim ({DEFAULT_SAMPLING_STEPS})", None, int,
       check=AT_LEAST_ONE, stored=SAMPLING, optional=True, field="steps", metavar="N", used_in=("import", *SAMPLES),
       more=f"T when T is smaller. --inpaint, --invert and --interpolate: their timesteps ({EDITING_STEPS}). Given, "
            "it drops a checkpoint's fitted timesteps for --spacing's."),
     S("spacing", "sampling", "dpm++'s steps: lambda (default), time or karras", choices=SPACINGS, stored=SAMPLING,
-      metavar="RULE",
-      more="lambda: evenly in λ_t = log(√ᾱ_t / √(1−ᾱ_t)); time: in t; karras: σ_t^{1/7} evenly from the model's "
-           "σ_max to σ_min (Karras et al. 2022, ρ = 7). Given, it drops a checkpoint's fitted timesteps."),
+      metavar="RULE", more="lambda: evenly in λ_t = log(√ᾱ_t / √(1−ᾱ_t)); time: in t; karras: σ_t^{1/7} evenly "
+                           "from the model's σ_max to σ_min (Karras et al. 2022, ρ = 7). Given, it drops a "
+                           "checkpoint's fitted timesteps."),
     S("sampling_timesteps", "sampling", "dpm++'s own timesteps, e.g. 999,500,0", None, int_list, check=NOT_NEGATIVE,
       stored=SAMPLING, optional=True, field="timesteps", metavar="T", excludes=("sampling_steps", "spacing"),
       more="Strictly decreasing, the first T − 1; one network evaluation each. --fit_steps finds them for a model and "

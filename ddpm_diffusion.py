@@ -12,8 +12,8 @@ ddpm_fit_steps).
 SAMPLERS is the table of samplers (a Diffusion method each, and the settings it takes); SamplerSettings names one way
 to sample; Diffusion.sample runs it (ddpm_sample.generate batches it for the CLI, the benchmarks and FID).
 
-Editing real images: RePaint inpainting (Lugmayr et al. 2022), DDIM inversion (Song et al. 2021, η = 0 run forwards),
-spherical interpolation of noises (slerp), and ClassMix, the guided prediction of a blend of two classes.
+For editing real images: ClassMix, the guided prediction of a blend of two classes (RePaint, DDIM inversion and slerp
+are ddpm_editing's).
 """
 import dataclasses
 import math
@@ -571,59 +571,6 @@ class Diffusion(nn.Module):
                               variance=variance)
         return x
 
-    # editing real images -----------------------------------------------------------------------
-
-    def level_alpha_bars(self, steps):
-        """ᾱ at each level of a sampler's timesteps `steps` (T−1 first), on the host: level 0 is x_0 (ᾱ = 1), level k
-        the timestep steps[−k]."""
-        return [1.0] + self.alphas_cumprod[list(reversed(steps))].tolist()
-
-    @torch.no_grad()
-    def repaint(self, model, x_known, fill, steps, class_labels, guidance_scales, jump_length=10,
-                jump_count=10, noise=None, progress=False):
-        """RePaint (Lugmayr et al. 2022, Algorithm 1): images x_known (N, C, H, W) in [−1, 1] with the region where
-        `fill` (N, 1, H, W) is 1 drawn by the model, the rest kept. On the way down, each ancestral step (DDIM with
-        η = 1: Ho et al.'s posterior on the timesteps `steps`, T−1 first) draws the unknown region, and the known
-        region is x_known noised to the same level, q(x_t | x_0) (eq. 4); at the jumps (repaint_levels) x goes back
-        up, q(x_t | x_{t−1}) re-noising it, so the model harmonises the two regions. Returns x_0, the kept region
-        equal to x_known."""
-        keep = 1 - fill
-        x = torch.randn_like(x_known) if noise is None else noise
-        path, alpha_bars = repaint_levels(len(steps), jump_length, jump_count), self.level_alpha_bars(steps)
-        for here, there in tqdm(list(zip(path, path[1:])), desc="inpainting (RePaint)", leave=False,
-                                disable=not progress):
-            if there > here:                                           # back up: x_there ~ q(x_there | x_here)
-                ratio = alpha_bars[there] / alpha_bars[here]
-                x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * torch.randn_like(x)
-                continue
-            i = len(steps) - here                                      # steps[i]: the timestep of level `here`
-            t = torch.full((len(x),), steps[i], device=x.device, dtype=torch.long)
-            unknown = self.ddim_step(model, x, t, steps[i + 1] if there else -1, class_labels, guidance_scales[i],
-                                     eta=1.0)
-            alpha_bar = alpha_bars[there]                              # the known region at the same level: eq. 4
-            known = math.sqrt(alpha_bar) * x_known + math.sqrt(1 - alpha_bar) * torch.randn_like(x) if there \
-                else x_known
-            x = keep * known + fill * unknown
-        return x
-
-    @torch.no_grad()
-    def ddim_invert(self, model, x_zero, steps, class_labels, guidance_scales, progress=False):
-        """DDIM inversion: images x_0 (N, C, H, W) to the x_T that the DDIM sampler (η = 0) on the timesteps `steps`
-        (T−1 first) takes back to them, its deterministic step (eq. 12) run forwards. Each step s → t (t the higher
-        noise level) takes ε̂ from the network at the point it has, x_s, and t: x_t = √ᾱ_t x̂_0 + √(1 − ᾱ_t) ε̂ with
-        x̂_0 = (x_s − √(1 − ᾱ_s) ε̂) / √ᾱ_s — exact where ε̂ barely changes over a step, hence better with more steps.
-        guidance_scales[i] is the w at steps[i], as the sampler takes it."""
-        x, alpha_bars = x_zero, self.level_alpha_bars(steps)
-        for level in tqdm(range(1, len(steps) + 1), desc="inverting (ddim)", leave=False, disable=not progress):
-            i = len(steps) - level                                     # steps[i]: the timestep of this level
-            t = torch.full((len(x),), steps[i], device=x.device, dtype=torch.long)
-            eps, _ = self.model_predictions(model, x, t, class_labels, guidance_scales[i])
-            alpha_bar_s, alpha_bar_t = alpha_bars[level - 1], alpha_bars[level]
-            x_zero_hat = (x - math.sqrt(1 - alpha_bar_s) * eps) / math.sqrt(alpha_bar_s)
-            x = math.sqrt(alpha_bar_t) * x_zero_hat + math.sqrt(1 - alpha_bar_t) * eps
-        return x
-
-
 def multistep_data_prediction(x_zeros, lams, lam_t):
     """DPM-Solver++'s D of a step s → t, x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D, from the last k data predictions
     x_zeros (newest last) at half-log-SNRs lams; h = λ_t − λ_s, r = (λ_s − λ_{s₁}) / h. k = 1: D = x̂_0(s), DDIM.
@@ -643,29 +590,3 @@ def multistep_data_prediction(x_zeros, lams, lam_t):
     d2 = (d1_0 - d1_1) / (r0 + r1)                                     # ≈ h² d²x̂_0/dλ² / 2
     phi = math.expm1(-h)
     return m0 - (phi / h + 1) / phi * d1 + ((phi + h) / h ** 2 - 0.5) / phi * d2
-
-
-def repaint_levels(levels, jump_length, jump_count):
-    """The levels RePaint visits, from `levels` (x_T) down to 0 (x_0), one level at a time: down, except that on
-    reaching a multiple of jump_length (0 included, below levels − jump_length) it goes back up jump_length levels,
-    jump_count − 1 times, before going on down (Lugmayr et al. 2022's jump schedule, their j and r). Evaluations:
-    levels + (⌈levels / jump_length⌉ − 1) (jump_count − 1) jump_length."""
-    jumps = {level: jump_count - 1 for level in range(0, levels - jump_length, jump_length)}
-    path = [levels]
-    while path[-1] > 0:
-        path.append(path[-1] - 1)
-        if jumps.get(path[-1], 0) > 0:
-            jumps[path[-1]] -= 1
-            path += range(path[-1] + 1, path[-1] + jump_length + 1)
-    return path
-
-
-def slerp(a, b, weight):
-    """Spherical interpolation of noises a, b (C, H, W) at weight in [0, 1], in float64: sin((1−w)θ)/sin θ · a +
-    sin(wθ)/sin θ · b, θ the angle between them (Shoemake 1985); a at 0 and b at 1 exactly. Keeps a Gaussian noise's
-    norm where a straight line would shrink it."""
-    a64, b64 = a.double(), b.double()
-    theta = torch.arccos((a64.flatten() @ b64.flatten() / (a64.norm() * b64.norm())).clamp(-1, 1))
-    if theta < 1e-6:                                                   # the same direction: the line is the arc
-        return torch.lerp(a64, b64, weight).to(a.dtype)
-    return ((torch.sin((1 - weight) * theta) * a64 + torch.sin(weight * theta) * b64) / torch.sin(theta)).to(a.dtype)

@@ -27,7 +27,7 @@ from ddpm_checkpoint import load_sampling_model  # noqa: E402
 from ddpm_config import saved_sampler_settings  # noqa: E402
 from ddpm_data import evenly_spread, load_dataset  # noqa: E402
 from ddpm_diffusion import SamplerSettings  # noqa: E402
-from ddpm_editing import model_images, psnr  # noqa: E402
+from ddpm_editing import ddim_invert, model_images, psnr  # noqa: E402
 from ddpm_fit_steps import FIT_SAMPLES, cheapest_path, step_costs, teacher_trajectories  # noqa: E402
 from ddpm_helpers import atomic_write_text  # noqa: E402
 from ddpm_sample import balanced_labels, prepare_sampler  # noqa: E402
@@ -142,7 +142,7 @@ def inversion_psnr(a, counts, fit, count=100):
     for n in counts:
         for spacing, steps in (("time", diffusion.sampling_timesteps(n, "time")), ("fitted", fit["timesteps"][str(n)])):
             start, scales = time.perf_counter(), [1.0] * n
-            noises = diffusion.ddim_invert(sampler.denoiser, model_images(sampler, images), steps, labels, scales)
+            noises = ddim_invert(diffusion, sampler.denoiser, model_images(sampler, images), steps, labels, scales)
             back = sampler.to_data_size(diffusion.ddim(sampler.denoiser, noises, steps, labels, scales).clamp(-1, 1))
             scores = psnr(images, back)
             rows.append({"steps": n, "spacing": spacing, "timesteps": steps, "psnr_db_mean": float(scores.mean()),

@@ -1,4 +1,4 @@
-"""Editing real images (ddpm_editing, and RePaint, inversion and slerp in ddpm_diffusion): the maths pinned, the jobs
+"""Editing real images (ddpm_editing: RePaint, inversion and slerp, and the jobs): the maths pinned, the jobs
 end to end."""
 import math
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import run_main
-from ddpm_diffusion import ClassMix, Diffusion, cosine_beta_schedule, guided_prediction, repaint_levels, slerp
-from ddpm_editing import fill_masks, psnr
+from ddpm_diffusion import ClassMix, Diffusion, cosine_beta_schedule, guided_prediction
+from ddpm_editing import ddim_invert, fill_masks, psnr, repaint, repaint_levels, slerp
 from ddpm_jobs import image_items
 
 
@@ -58,7 +58,7 @@ def test_repaint_keeps_the_known_region_exactly_and_fills_the_rest():
     fill = fill_masks("centre", 3, (8, 8), 0)
     other = torch.full((3, 3, 8, 8), 0.5)                           # what the model believes the images are
     steps = list(range(49, -1, -5))
-    out = d.repaint(ExactModel(d, other), known, fill, steps, None, [1.0] * len(steps), jump_length=2, jump_count=3)
+    out = repaint(d, ExactModel(d, other), known, fill, steps, None, [1.0] * len(steps), jump_length=2, jump_count=3)
     assert torch.equal(out[:, :, fill[0, 0] == 0], known[:, :, fill[0, 0] == 0])
     assert torch.allclose(out[:, :, fill[0, 0] == 1], other[:, :, fill[0, 0] == 1], atol=1e-4)
 
@@ -82,7 +82,7 @@ def test_an_exact_one_image_model_inverts_and_reconstructs_within_float_toleranc
     image = torch.rand(1, 3, 8, 8) * 2 - 1
     model = ExactModel(d, image)
     steps = d.sampling_timesteps(15)
-    noise = d.ddim_invert(model, image, steps, None, [1.0] * 15)
+    noise = ddim_invert(d, model, image, steps, None, [1.0] * 15)
     back = d.ddim(model, noise, steps, None, [1.0] * 15)
     assert (back - image).abs().max() < 1e-5
 
@@ -97,7 +97,7 @@ def test_inversion_of_gaussian_data_converges_to_the_exact_ode():
     errors, round_trips = [], []
     for count in (10, 50, 250):
         steps = d.sampling_timesteps(count)
-        noise = d.ddim_invert(model, x0, steps, None, [1.0] * count)
+        noise = ddim_invert(d, model, x0, steps, None, [1.0] * count)
         errors.append(((noise - exact).norm() / exact.norm()).item())
         round_trips.append((d.ddim(model, noise, steps, None, [1.0] * count, clip_denoised=False) - x0).abs().max())
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02, errors
