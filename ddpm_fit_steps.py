@@ -5,9 +5,11 @@ teacher from the same noise, found by dynamic programming over the teacher's own
 The teacher is DPM-Solver++(3M) on TEACHER_STEPS timesteps evenly spaced in λ, run at the checkpoint's own sampling
 settings (guidance scale and interval, class-balanced labels) from FIT_SAMPLES noises; it keeps x and x̂_0 at every
 grid point. One DDIM step from the teacher's x at grid point i to grid point j costs the RMS distance of where it lands
-from the teacher's x at j: every cost comes from the teacher's evaluations, none more. The N-step path from T − 1 to
-0 (where the sampler's last x̂_0 is the image, as with every spacing) with the least summed cost is the fit:
-minutes on a CPU, and no gradient through the network (LD3's way, Tong et al. 2025, needs one per step and sample).
+from the teacher's x at j, over √σ_j (σ_j = √(1 − ᾱ_j), the noise's standard deviation in x_j): every cost comes
+from the teacher's evaluations, none more. The N-step path
+from T − 1 to 0 (where the sampler's last x̂_0 is the image, as with every spacing) with the least summed cost is the
+fit: minutes on a CPU, and no gradient through the network (LD3's way, Tong et al. 2025, needs one per step and
+sample).
 """
 import dataclasses
 import math
@@ -23,6 +25,10 @@ from ddpm_sample import balanced_labels, describe_sampling
 
 TEACHER_STEPS = 100  # the teacher's grid: the fitted steps are chosen among these timesteps
 FIT_SAMPLES = 256    # teacher trajectories by default (--num_samples)
+# A step's RMS distance is divided by σ_j^COST_SIGMA_POWER. Plain RMS (0) spends the steps at high noise, where x moves
+# most: the shipped model's 8 such steps lost detail (precision 0.68); in noise units (1) they lost variety (recall
+# 0.42); 0.5 kept both and read FID-1k 41.9 against 44.7 and 44.2 (docs/sampling.md, bench/step_table.json).
+COST_SIGMA_POWER = 0.5
 
 
 @torch.no_grad()
@@ -44,7 +50,7 @@ def teacher_trajectories(sampler, labels, num_samples, seed, progress=False):
 
 def step_costs(diffusion, grid, states, x_zeros):
     """costs (G, G): costs[i, j] the RMS distance, averaged over the samples, of one DDIM step from the teacher's x at
-    grid[i] to grid[j] (i < j; ∞ elsewhere) from the teacher's x there."""
+    grid[i] to grid[j] (i < j; ∞ elsewhere) from the teacher's x there, over σ_j^COST_SIGMA_POWER."""
     alpha, sigma = diffusion.sqrt_alphas_cumprod.double().cpu(), diffusion.sqrt_one_minus_alphas_cumprod.double().cpu()
     costs = torch.full((len(grid), len(grid)), math.inf, dtype=torch.float64)
     for i, s in enumerate(grid):
@@ -53,7 +59,8 @@ def step_costs(diffusion, grid, states, x_zeros):
             # DDIM (eq. 12, η = 0): x_t = α_t x̂_0 + σ_t (x_s − α_s x̂_0) / σ_s
             landed = (sigma[t] / sigma[s]).item() * states[i] + (alpha[t] - sigma[t] * alpha[s] / sigma[s]).item() \
                 * x_zeros[i]
-            costs[i, j] = (landed - states[j]).flatten(1).pow(2).mean(1).sqrt().mean().item()
+            rms = (landed - states[j]).flatten(1).pow(2).mean(1).sqrt().mean().item()
+            costs[i, j] = rms / sigma[t].item() ** COST_SIGMA_POWER
     return costs
 
 

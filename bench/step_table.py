@@ -5,7 +5,8 @@ the referee's), then seconds per 1,000 images timed apart, interleaved.
 
 The fitted steps come from one teacher run (ddpm_fit_steps: 256 noises, the 100-step teacher at the model's settings)
 and its cost matrix, cut for each step count — what --fit_steps N computes for one N; the fit's own seconds are
-recorded. Cells already in --results are skipped; each finished cell is written there at once.
+recorded. The rows "fitted_rms" keep the first fit's (plain RMS cost, results['fit_rms']; ddpm_fit_steps's
+COST_SIGMA_POWER now 0.5). Cells already in --results are skipped; each finished cell is written there at once.
 
     python -u bench/step_table.py --data_dir /tmp/cifar10 --steps 8,15 [--seeds 0,1,2] [--cells lambda-2m,fitted-3m]
     python -u bench/step_table.py --timing --steps 8,15 --cells fitted-3m,lambda-2m
@@ -28,11 +29,11 @@ from ddpm_config import saved_sampler_settings  # noqa: E402
 from ddpm_data import evenly_spread, load_dataset  # noqa: E402
 from ddpm_diffusion import SamplerSettings  # noqa: E402
 from ddpm_editing import ddim_invert, model_images, psnr  # noqa: E402
-from ddpm_fit_steps import FIT_SAMPLES, cheapest_path, step_costs, teacher_trajectories  # noqa: E402
+from ddpm_fit_steps import COST_SIGMA_POWER, FIT_SAMPLES, cheapest_path, step_costs, teacher_trajectories  # noqa: E402
 from ddpm_helpers import atomic_write_text  # noqa: E402
 from ddpm_sample import balanced_labels, prepare_sampler  # noqa: E402
 
-SPACINGS = ("lambda", "karras", "fitted")
+SPACINGS = ("lambda", "karras", "fitted", "fitted_rms")  # fitted_rms: the first fit (plain RMS cost), a row kept
 SOLVERS = ("2m", "3m")
 METRICS = ("fid", "fid_second_draw", "kid", "kid_std", "prc_precision", "prc_recall", "copy_share",
            "copy_share_pixels")
@@ -43,7 +44,7 @@ def build_parser():
     p.add_argument("--model_path", default=os.path.join(ROOT, "models", "cifar10_cond_speedrun", "ckpt.pt"))
     p.add_argument("--data_dir", default="/tmp/cifar10", help="the model's data (FID's reference and copy check)")
     p.add_argument("--steps", default="8,15,5,6,10", help="comma-separated step counts, run in this order")
-    p.add_argument("--cells", default=",".join(f"{s}-{o}" for s in SPACINGS for o in SOLVERS),
+    p.add_argument("--cells", default=",".join(f"{s}-{o}" for s in SPACINGS[:3] for o in SOLVERS),
                    help="comma-separated spacing-solver cells, e.g. lambda-2m,fitted-3m")
     p.add_argument("--seeds", default="0", help="comma-separated noise seeds of the samples")
     p.add_argument("--num_samples", type=int, default=1000, help="samples for FID")
@@ -77,22 +78,23 @@ def fitted_steps(a, results, counts):
     costs = step_costs(sampler.diffusion, grid, states, x_zeros)
     fit = {"timesteps": {str(n): [grid[i] for i in cheapest_path(costs, n)[0]] for n in counts},
            "teacher_s": teacher_s, "fit_s": time.perf_counter() - start, "samples": FIT_SAMPLES,
+           "cost_sigma_power": COST_SIGMA_POWER,
            "teacher_steps": len(grid), "date": time.strftime("%Y-%m-%d %H:%M")}
     results["fit"] = fit
     return fit
 
 
-def cell_flags(spacing, solver, steps, fit):
-    """The sampling flags of one cell."""
-    placed = ["--sampling_timesteps", ",".join(map(str, fit["timesteps"][str(steps)]))] if spacing == "fitted" else \
-        ["--sampling_steps", str(steps), "--spacing", spacing]
+def cell_flags(spacing, solver, steps, fits):
+    """The sampling flags of one cell (fits: the fitted timesteps of each fitted spacing)."""
+    placed = ["--sampling_timesteps", ",".join(map(str, fits[spacing]["timesteps"][str(steps)]))] \
+        if spacing in fits else ["--sampling_steps", str(steps), "--spacing", spacing]
     return ["--sampler", f"dpm++{solver}", *placed]
 
 
-def measure_cell(a, spacing, solver, steps, seed, fit, log_path):
+def measure_cell(a, spacing, solver, steps, seed, fits, log_path):
     """Sample and read one cell with --eval_fid; its results entry."""
-    name = f"{spacing}_{solver}_{steps}_seed{seed}" + "".join(a.sampler_flags.split()).replace("--", "_")
-    flags = [*cell_flags(spacing, solver, steps, fit), *a.sampler_flags.split()]
+    name = f"{spacing}_{solver}_{steps}_seed{seed}" + re.sub(r"[^A-Za-z0-9_.]", "_", "".join(a.sampler_flags.split()))
+    flags = [*cell_flags(spacing, solver, steps, fits), *a.sampler_flags.split()]
     command = [sys.executable, "-u", "ddpm_main.py", "--inference", "--conditional", "--model_path", a.model_path,
                *flags, "--eval_fid", str(a.num_samples), "--fid_inception", a.fid_inception, "--data_dir", a.data_dir,
                "--sample_batch", "500",
@@ -110,14 +112,14 @@ def measure_cell(a, spacing, solver, steps, seed, fit, log_path):
     return entry
 
 
-def time_cells(a, cells, counts, fit, log_path):
+def time_cells(a, cells, counts, fits, log_path):
     """Seconds to sample 1,000 images of each cell (one process each, --sample_batch 500), interleaved rounds."""
     times = {}
     for _ in range(a.rounds):
         for steps in counts:
             for spacing, solver in cells:
                 command = [sys.executable, "-u", "ddpm_main.py", "--inference", "--conditional", "--model_path",
-                           a.model_path, *cell_flags(spacing, solver, steps, fit), "--num_samples", "1000",
+                           a.model_path, *cell_flags(spacing, solver, steps, fits), "--num_samples", "1000",
                            "--sample_batch", "500", "--run_name", "timing", "--save_dir", a.work]
                 run_logged(command, log_path)
                 with open(log_path) as log:
@@ -191,9 +193,10 @@ def main():
     counts = [int(n) for n in a.steps.split(",")]
     cells = [tuple(cell.split("-")) for cell in a.cells.split(",")]
     fit = fitted_steps(a, results, counts) if any(spacing == "fitted" for spacing, _ in cells) else results.get("fit")
+    fits = {"fitted": fit, "fitted_rms": results.get("fit_rms")}
     atomic_write_text(json.dumps(results, indent=1) + "\n", a.results)
     if a.timing or a.inversion:
-        results["timing" if a.timing else "inversion"] = time_cells(a, cells, counts, fit, log_path) if a.timing \
+        results["timing" if a.timing else "inversion"] = time_cells(a, cells, counts, fits, log_path) if a.timing \
             else inversion_psnr(a, counts, fit)
         return atomic_write_text(json.dumps(results, indent=1) + "\n", a.results)
     for seed in (int(s) for s in a.seeds.split(",")):
@@ -204,7 +207,7 @@ def main():
                         (spacing, solver, steps, seed, a.sampler_flags)]
                 if done and (done[0].get("referee_fid") is not None or not a.referee):
                     continue
-                entry = measure_cell(a, spacing, solver, steps, seed, fit, log_path)
+                entry = measure_cell(a, spacing, solver, steps, seed, fits, log_path)
                 results["cells"] = [e for e in results.get("cells", []) if e not in done] + [entry]
                 atomic_write_text(json.dumps(results, indent=1) + "\n", a.results)
                 print(f"{time.strftime('%H:%M')} {spacing}-{solver} {steps} steps seed {seed}: FID "

@@ -351,7 +351,8 @@ def test_readme_command_samples_a_class_grid_from_the_shipped_model(tmp_path):
     result = run_cli("--inference", "--conditional", "--model_path", SHIPPED, "--num_samples", "10",
                      "--run_name", "shipped", "--no_cuda", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert ": dpm++2m, 15 steps (lambda spacing), guidance 3.0 for σ in (0.28, 2.9]" in result.stdout
+    assert ": dpm++2m, 8 steps at t = 999, 976, 889, 662, 337, 105, 26, 0, guidance 3.0 for σ in (0.28, 2.9]" \
+        in result.stdout  # the steps --fit_steps 8 fitted to it
     images = np.load(tmp_path / "outputs" / "samples_shipped.npz")["images"]
     assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
     assert images.reshape(10, -1).std(axis=1).min() > 5  # real pictures, not flat or blank tiles
