@@ -6,10 +6,9 @@ The teacher is DPM-Solver++(3M) on TEACHER_STEPS timesteps evenly spaced in λ, 
 settings (guidance scale and interval, class-balanced labels) from FIT_SAMPLES noises; it keeps x and x̂_0 at every
 grid point. One DDIM step from the teacher's x at grid point i to grid point j costs the RMS distance of where it lands
 from the teacher's x at j, over √σ_j (σ_j = √(1 − ᾱ_j), the noise's standard deviation in x_j): every cost comes
-from the teacher's evaluations, none more. The N-step path
-from T − 1 to 0 (where the sampler's last x̂_0 is the image, as with every spacing) with the least summed cost is the
-fit: minutes on a CPU, and no gradient through the network (LD3's way, Tong et al. 2025, needs one per step and
-sample).
+from the teacher's evaluations, none more. The N-step path from T − 1 to 0 (where the sampler's last x̂_0 is the
+image, as with every spacing) with the least summed cost is the fit: minutes on a CPU, and no gradient through the
+network (LD3's way, Tong et al. 2025, needs one per step and sample).
 """
 import dataclasses
 import math
