@@ -30,7 +30,7 @@ from ddpm_data import evenly_spread, load_dataset  # noqa: E402
 from ddpm_diffusion import SamplerSettings  # noqa: E402
 from ddpm_editing import ddim_invert, model_images, psnr  # noqa: E402
 from ddpm_fit_steps import COST_SIGMA_POWER, FIT_SAMPLES, cheapest_path, step_costs, teacher_trajectories  # noqa: E402
-from ddpm_helpers import atomic_write_text  # noqa: E402
+from ddpm_helpers import atomic_write_text, sanitized_run_name  # noqa: E402
 from ddpm_sample import balanced_labels, prepare_sampler  # noqa: E402
 
 SPACINGS = ("lambda", "karras", "fitted", "fitted_rms")  # fitted_rms: the first fit (plain RMS cost), a row kept
@@ -93,7 +93,7 @@ def cell_flags(spacing, solver, steps, fits):
 
 def measure_cell(a, spacing, solver, steps, seed, fits, log_path):
     """Sample and read one cell with --eval_fid; its results entry."""
-    name = f"{spacing}_{solver}_{steps}_seed{seed}" + re.sub(r"[^A-Za-z0-9_.]", "_", "".join(a.sampler_flags.split()))
+    name = sanitized_run_name(f"{spacing}_{solver}_{steps}_seed{seed}" + "".join(a.sampler_flags.split()))
     flags = [*cell_flags(spacing, solver, steps, fits), *a.sampler_flags.split()]
     command = [sys.executable, "-u", "ddpm_main.py", "--inference", "--conditional", "--model_path", a.model_path,
                *flags, "--eval_fid", str(a.num_samples), "--fid_inception", a.fid_inception, "--data_dir", a.data_dir,
